@@ -1,0 +1,14 @@
+// Registration entry points of the lorart._core module, one per binding file.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace lorart::bindings {
+
+namespace py = pybind11;
+
+void bind_core(py::module_& m);          // errors, build info
+void bind_model_config(py::module_& m);  // ModelConfig, RopeScaling
+void bind_lora(py::module_& m);          // module-id table, LoraWeights, LoraConfig, validation
+
+}  // namespace lorart::bindings

@@ -1,0 +1,8 @@
+#include "bindings/bindings.h"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "lorart core: tensors, LoRA format and validation, model configuration (C++)";
+  lorart::bindings::bind_core(m);
+  lorart::bindings::bind_model_config(m);
+  lorart::bindings::bind_lora(m);
+}

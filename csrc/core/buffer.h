@@ -1,0 +1,55 @@
+// Buffer: an owning, move-only allocation on the host (64-byte aligned) or on a CUDA device.
+// It is the only thing in the core that allocates tensor memory; Tensors are views into it.
+// Thread-compatible: distinct Buffers may be used from distinct threads.
+#pragma once
+
+#include <cstddef>
+#include <initializer_list>
+
+#include "core/device.h"
+#include "core/tensor.h"
+
+namespace lorart {
+
+class Buffer {
+ public:
+  Buffer() = default;
+  // Uninitialised memory of `bytes` on `device`. Throws DeviceError when a CUDA device is asked
+  // for and this build has no CUDA backend or the machine has no such device.
+  static Buffer allocate(size_t bytes, Device device = Device::cpu());
+  // An owning copy of a contiguous tensor, placed on `device`.
+  static Buffer copy_of(const Tensor& src, Device device);
+
+  ~Buffer();
+  Buffer(Buffer&& other) noexcept;
+  Buffer& operator=(Buffer&& other) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  void* data() const { return data_; }
+  size_t size() const { return bytes_; }
+  Device device() const { return device_; }
+
+  void zero();
+  // Copies `bytes` from `src` (on `src_device`) to the start of this buffer.
+  void copy_from(const void* src, Device src_device, size_t bytes);
+  // A contiguous view of the first numel*dtype_size bytes.
+  Tensor view(DType dtype, std::initializer_list<int64_t> shape) const;
+
+ private:
+  Buffer(void* data, size_t bytes, Device device) : data_(data), bytes_(bytes), device_(device) {}
+  void release() noexcept;
+
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  Device device_ = Device::cpu();
+};
+
+// Copies between any two devices (host<->host, host<->device, device<->device).
+void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes);
+
+// Number of CUDA devices visible (0 when the build has no CUDA backend or no driver/GPU).
+int cuda_device_count();
+bool cuda_backend_built();
+
+}  // namespace lorart

@@ -1,0 +1,73 @@
+#include <cuda_runtime.h>
+
+#include "core/cuda/device_memory.h"
+#include "core/errors.h"
+
+namespace lorart::cuda {
+
+namespace {
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are not poisoned
+    raise<DeviceError>(what, " failed: ", cudaGetErrorName(status), " (",
+                       cudaGetErrorString(status), ")");
+  }
+}
+
+// Restores the caller's current device on scope exit.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace
+
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+std::string runtime_version() {
+  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+}
+
+void* malloc_on(int device, size_t bytes) {
+  DeviceGuard guard(device);
+  void* ptr = nullptr;
+  check(cudaMalloc(&ptr, bytes), "cudaMalloc");
+  return ptr;
+}
+
+void free_on(int device, void* ptr) noexcept {
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess) return;
+  cudaSetDevice(device);
+  cudaFree(ptr);
+  cudaSetDevice(previous);
+}
+
+void memset_zero(int device, void* ptr, size_t bytes) {
+  DeviceGuard guard(device);
+  check(cudaMemset(ptr, 0, bytes), "cudaMemset");
+}
+
+void memcpy_any(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes) {
+  const cudaMemcpyKind kind =
+      dst_on_device ? (src_on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
+                    : (src_on_device ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost);
+  check(cudaMemcpy(dst, src, bytes, kind), "cudaMemcpy");
+}
+
+}  // namespace lorart::cuda

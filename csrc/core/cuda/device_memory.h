@@ -1,0 +1,21 @@
+// Thin wrappers over the CUDA runtime for device memory. Compiled only when the CUDA backend is
+// built (LORART_WITH_CUDA); callers go through Buffer, which checks the device first. Every
+// failure throws DeviceError with the CUDA error string.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace lorart::cuda {
+
+// Visible devices; 0 when there is no driver or no GPU (never throws for that case).
+int device_count();
+// "13.0"-style runtime version this backend was built against.
+std::string runtime_version();
+void* malloc_on(int device, size_t bytes);
+void free_on(int device, void* ptr) noexcept;
+void memset_zero(int device, void* ptr, size_t bytes);
+// Synchronous copy; the flags say which side is device memory.
+void memcpy_any(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes);
+
+}  // namespace lorart::cuda

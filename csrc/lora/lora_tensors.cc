@@ -1,0 +1,99 @@
+#include "lora/lora_tensors.h"
+
+#include "core/buffer.h"
+#include "core/errors.h"
+
+namespace lorart {
+
+namespace {
+
+// Checks the common form rules and returns the 2-D view. `field` names the argument.
+Tensor as_rows(const Tensor& t, const char* field, const char* layout) {
+  if (!t.device().is_cpu()) {
+    raise<LoraError>(field, " must be in host memory, got a tensor on ", t.device().str());
+  }
+  if (t.dim() == 3) {
+    if (t.size(0) != 1) {
+      raise<LoraError>(field, " must be ", layout, " or [1, ", layout + 1, "; got ", t.shape_str(),
+                       " (the leading dim of the 3-D form must be 1)");
+    }
+  } else if (t.dim() != 2) {
+    raise<LoraError>(field, " must be ", layout, " or [1, ", layout + 1, "; got ", t.shape_str());
+  }
+  if (!t.is_contiguous()) raise<LoraError>(field, " must be contiguous (row-major)");
+  return t.dim() == 3 ? t.reshape({t.size(1), t.size(2)}) : t;
+}
+
+}  // namespace
+
+LoraConfig::LoraConfig(const Tensor& table, std::shared_ptr<const void> owner)
+    : owner_(std::move(owner)) {
+  if (table.dtype() != DType::kInt32) {
+    raise<LoraError>("lora_config must have dtype int32, got ", dtype_name(table.dtype()));
+  }
+  table_ = as_rows(table, "lora_config", "[rows, 3]");
+  if (table_.size(1) != kColumns) {
+    raise<LoraError>("lora_config must have 3 columns [module_id, layer_idx, adapter_size], got ",
+                     table_.size(1), " (shape ", table.shape_str(), ")");
+  }
+}
+
+LoraConfig LoraConfig::from_rows(const std::vector<LoraConfigRow>& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  auto buffer = std::make_shared<Buffer>(Buffer::allocate(n * kColumns * sizeof(int32_t)));
+  auto* out = static_cast<int32_t*>(buffer->data());
+  for (int64_t i = 0; i < n; ++i) {
+    out[i * kColumns + 0] = rows[i].module_id;
+    out[i * kColumns + 1] = rows[i].layer_idx;
+    out[i * kColumns + 2] = rows[i].adapter_size;
+  }
+  return LoraConfig(buffer->view(DType::kInt32, {n, kColumns}), buffer);
+}
+
+LoraConfigRow LoraConfig::row(int64_t i) const {
+  if (i < 0 || i >= num_rows()) {
+    raise<InvalidArgument>("lora_config row ", i, " out of range [0, ", num_rows(), ")");
+  }
+  const int32_t* r = table_.data_as<const int32_t>() + i * kColumns;
+  return {r[0], r[1], r[2]};
+}
+
+LoraWeights::LoraWeights(const Tensor& rows, std::shared_ptr<const void> owner)
+    : owner_(std::move(owner)) {
+  if (!is_floating(rows.dtype())) {
+    raise<LoraError>("lora_weights must have dtype float32, float16 or bfloat16, got ",
+                     dtype_name(rows.dtype()));
+  }
+  rows_ = as_rows(rows, "lora_weights", "[rows, max_row]");
+}
+
+LoraWeights LoraWeights::copy_of(const Tensor& rows) {
+  const Tensor checked = LoraWeights(rows, nullptr).tensor();
+  auto buffer = std::make_shared<Buffer>(Buffer::copy_of(checked, Device::cpu()));
+  return LoraWeights(buffer->view(checked.dtype(), {checked.size(0), checked.size(1)}), buffer);
+}
+
+float LoraWeights::value(int64_t i, int64_t j) const {
+  const int64_t offset = i * row_size() + j;
+  switch (dtype()) {
+    case DType::kFloat32:
+      return rows_.data_as<const float>()[offset];
+    case DType::kFloat16:
+      return half_to_float(rows_.data_as<const uint16_t>()[offset]);
+    default:
+      return bfloat16_to_float(rows_.data_as<const uint16_t>()[offset]);
+  }
+}
+
+LoraWeights LoraWeights::to(DType dtype) const {
+  if (!is_floating(dtype)) {
+    raise<LoraError>("lora_weights can only be converted to float32, float16 or bfloat16, not ",
+                     dtype_name(dtype));
+  }
+  auto buffer = std::make_shared<Buffer>(
+      Buffer::allocate(static_cast<size_t>(rows_.numel()) * dtype_size(dtype)));
+  convert_floats(rows_.data(), rows_.dtype(), buffer->data(), dtype, rows_.numel());
+  return LoraWeights(buffer->view(dtype, {num_rows(), row_size()}), buffer);
+}
+
+}  // namespace lorart

@@ -1,0 +1,60 @@
+// ModelConfig: the shape of a Llama-family model (what an HF config.json says), plus the questions
+// LoRA validation asks of it (which module ids exist, each module's in/out sizes). Filled by
+// lorart.hf.load_config in Python or directly in C++; plain value type.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace lorart {
+
+struct RopeScaling {
+  std::string rope_type = "default";  // "default" | "linear" | "llama3"
+  double factor = 1.0;
+  double low_freq_factor = 1.0;                  // llama3 only
+  double high_freq_factor = 4.0;                 // llama3 only
+  int64_t original_max_position_embeddings = 0;  // llama3 only
+};
+
+struct LoraModuleDims {
+  int64_t in = 0;   // Hi: columns of A
+  int64_t out = 0;  // Ho: rows of B
+};
+
+struct ModelConfig {
+  std::string architecture = "LlamaForCausalLM";
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;    // q/k/v (and o) carry biases: Qwen2
+  int64_t sliding_window = 0;     // 0 = full attention
+  DType dtype = DType::kFloat32;  // the checkpoint's stored dtype
+  int64_t bos_token_id = -1;
+  std::vector<int64_t> eos_token_ids;
+
+  static const std::vector<std::string>& supported_architectures();
+
+  // Throws InvalidArgument naming the first field that is missing or inconsistent.
+  void validate() const;
+  // Module ids a LoRA adapter may target on this model, ascending.
+  std::vector<int32_t> lora_module_ids() const;
+  bool has_lora_module(int32_t module_id) const;
+  // Throws LoraError when the model has no such module.
+  LoraModuleDims lora_module_dims(int32_t module_id) const;
+  // "attn_qkv, attn_q, ..." for messages.
+  std::string lora_module_names() const;
+};
+
+}  // namespace lorart

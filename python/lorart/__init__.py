@@ -1,0 +1,33 @@
+"""lorart: a multi-LoRA LLM inference runtime (C++ core, thin Python layer).
+
+The compiled core lives in ``lorart._core``; this package re-exports its public types.
+"""
+
+from lorart import hf, lora
+from lorart._core import (
+    DeviceError,
+    LoraConfig,
+    LoraError,
+    LoraWeights,
+    ModelConfig,
+    RopeScaling,
+    build_info,
+)
+from lorart.lora import LORA_MODULES, LoraModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LORA_MODULES",
+    "DeviceError",
+    "LoraConfig",
+    "LoraError",
+    "LoraModule",
+    "LoraWeights",
+    "ModelConfig",
+    "RopeScaling",
+    "__version__",
+    "build_info",
+    "hf",
+    "lora",
+]
