@@ -34,15 +34,16 @@ void check_cuda_device(Device device) {
 }  // namespace
 
 Buffer Buffer::allocate(size_t bytes, Device device) {
-  if (bytes == 0) return Buffer(nullptr, 0, device);
   if (device.is_cpu()) {
+    if (bytes == 0) return Buffer(nullptr, 0, device);
     const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
     void* data = std::aligned_alloc(kHostAlignment, rounded);
     if (data == nullptr) raise<Error>("host allocation of ", bytes, " bytes failed");
     return Buffer(data, bytes, device);
   }
 #if LORART_WITH_CUDA
-  check_cuda_device(device);
+  check_cuda_device(device);  // even for 0 bytes: a Buffer on a missing device is a bug
+  if (bytes == 0) return Buffer(nullptr, 0, device);
   return Buffer(cuda::malloc_on(device.index, bytes), bytes, device);
 #else
   no_cuda_backend("CUDA memory");

@@ -40,6 +40,7 @@ void ModelConfig::validate() const {
   require_positive("num_attention_heads", num_attention_heads);
   require_positive("num_key_value_heads", num_kv_heads);
   require_positive("head_dim", head_dim);
+  require_positive("max_position_embeddings", max_position_embeddings);
   if (num_attention_heads % num_kv_heads != 0) {
     raise<InvalidArgument>("model config: num_attention_heads (", num_attention_heads,
                            ") must be a multiple of num_key_value_heads (", num_kv_heads, ")");
@@ -66,6 +67,11 @@ void ModelConfig::validate() const {
   if (rope == "llama3" && rope_scaling.original_max_position_embeddings <= 0) {
     raise<InvalidArgument>(
         "model config: llama3 rope_scaling needs original_max_position_embeddings > 0");
+  }
+  if (rope == "llama3" && !(rope_scaling.high_freq_factor > rope_scaling.low_freq_factor)) {
+    raise<InvalidArgument>("model config: llama3 rope_scaling needs high_freq_factor (",
+                           rope_scaling.high_freq_factor, ") > low_freq_factor (",
+                           rope_scaling.low_freq_factor, ")");
   }
   if (sliding_window < 0) {
     raise<InvalidArgument>("model config: sliding_window must be >= 0, got ", sliding_window);

@@ -1,0 +1,177 @@
+"""Tiny random HF models and PEFT adapters for the Python tests.
+
+Everything is built from seeded random weights; nothing is downloaded. torch, transformers and
+peft are imported lazily so that modules which only need numpy stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# HF projection name -> TensorRT-LLM module id (DESIGN.md, "The LoRA tensor format").
+# Note gate_proj -> 5 (mlp_h_to_4h) and up_proj -> 7 (mlp_gate), as TensorRT-LLM maps them.
+MODULE_IDS = {
+    "q_proj": 1,
+    "k_proj": 2,
+    "v_proj": 3,
+    "o_proj": 4,
+    "gate_proj": 5,
+    "down_proj": 6,
+    "up_proj": 7,
+}
+MODULE_NAMES = {v: k for k, v in MODULE_IDS.items()}
+ALL_PROJECTIONS = list(MODULE_IDS)
+COLUMN_MODULES = {1, 2, 3, 5, 7}  # weight split by output features under TP: split B by rows
+ROW_MODULES = {4, 6}  # weight split by input features under TP: split A by columns
+
+# The default tiny Llama: GQA (4 query heads, 2 KV heads), head_dim 16.
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Projection sizes of a Llama-family model, derived independently of lorart."""
+
+    hidden: int
+    intermediate: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_kwargs(cls, kw: dict) -> Dims:
+        heads = kw["num_attention_heads"]
+        return cls(
+            hidden=kw["hidden_size"],
+            intermediate=kw["intermediate_size"],
+            num_layers=kw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kw.get("num_key_value_heads", heads),
+            head_dim=kw.get("head_dim") or kw["hidden_size"] // heads,
+        )
+
+    def module_dims(self, module_id: int) -> tuple[int, int]:
+        """(in_features, out_features) of the projection with this TensorRT-LLM module id."""
+        h, i = self.hidden, self.intermediate
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            1: (h, q),
+            2: (h, kv),
+            3: (h, kv),
+            4: (q, h),
+            5: (h, i),
+            6: (i, h),
+            7: (h, i),
+        }[module_id]
+
+
+def build_llama(out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random LlamaForCausalLM (config.json + model.safetensors) to out_dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = {**TINY_LLAMA, **overrides}
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_dims(model_dir: Path) -> Dims:
+    """Dims of a saved model, read straight from its config.json (not through lorart)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return Dims.from_kwargs(cfg)
+
+
+def make_peft_adapter(model_dir, out_dir, seed: int = 1234, std: float = 0.5, **lora_kwargs):
+    """Wrap the model in model_dir with a PEFT LoRA, randomize it, save it to out_dir.
+
+    PEFT initialises lora_B to zero, so every lora_A / lora_B parameter is re-drawn from a seeded
+    normal distribution (otherwise B*scaling would be all zeros and prove nothing).
+    Returns the PeftModel.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    lora_kwargs.setdefault("r", 8)
+    lora_kwargs.setdefault("lora_alpha", 16)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_" in name:
+                torch.nn.init.normal_(param, 0.0, std, generator=gen)
+    peft_model.save_pretrained(str(out_dir))
+    return peft_model
+
+
+def peft_reference(peft_model) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """{(module_id, layer_idx): (A [r, Hi], B * scaling [Ho, r])} read from PEFT's own modules."""
+    ref = {}
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or "default" not in lora_a:
+            continue
+        m = _LAYER_RE.search(name)
+        assert m is not None, name
+        layer, proj = int(m.group(1)), m.group(2)
+        a = module.lora_A["default"].weight.detach().double().numpy()
+        b = module.lora_B["default"].weight.detach().double().numpy()
+        scaling = float(module.scaling["default"])
+        ref[(MODULE_IDS[proj], layer)] = (a, b * scaling)
+    assert ref, "the PEFT model has no LoRA layers"
+    return ref
+
+
+def peft_scalings(peft_model) -> dict[tuple[int, int], float]:
+    """{(module_id, layer_idx): PEFT's scaling} for every LoRA layer."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or "default" not in lora_a:
+            continue
+        m = _LAYER_RE.search(name)
+        out[(MODULE_IDS[m.group(2)], int(m.group(1)))] = float(module.scaling["default"])
+    return out
+
+
+def parse_rows(
+    w: np.ndarray, c: np.ndarray, dims_of
+) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Split LoraWeights rows by hand (independently of lorart.lora.unpack).
+
+    dims_of(module_id) -> (Hi, Ho) of the stored A [r, Hi] and B [Ho, r].
+    Returns [(module_id, layer, A, B)] in row order, and asserts the padding is zero.
+    """
+    assert w.ndim == 2 and c.ndim == 2 and c.shape[1] == 3
+    assert w.shape[0] == c.shape[0]
+    out = []
+    for row, (mid, layer, r) in zip(w, c, strict=True):
+        hi, ho = dims_of(int(mid))
+        na, nb = int(r) * hi, ho * int(r)
+        assert na + nb <= row.shape[0]
+        a = row[:na].reshape(int(r), hi)
+        b = row[na : na + nb].reshape(ho, int(r))
+        pad = row[na + nb :]
+        assert np.all(pad.astype(np.float32) == 0), f"nonzero padding in row {(mid, layer, r)}"
+        out.append((int(mid), int(layer), a, b))
+    return out
