@@ -10,5 +10,6 @@ namespace py = pybind11;
 void bind_core(py::module_& m);          // errors, build info
 void bind_model_config(py::module_& m);  // ModelConfig, RopeScaling
 void bind_lora(py::module_& m);          // module-id table, LoraWeights, LoraConfig, validation
+void bind_model(py::module_& m);         // weights builder, KV cache, LoRA adapter, forward
 
 }  // namespace lorart::bindings

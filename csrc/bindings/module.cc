@@ -5,4 +5,5 @@ PYBIND11_MODULE(_core, m) {
   lorart::bindings::bind_core(m);
   lorart::bindings::bind_model_config(m);
   lorart::bindings::bind_lora(m);
+  lorart::bindings::bind_model(m);
 }

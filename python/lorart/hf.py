@@ -118,3 +118,44 @@ def _dtype(name: str, source: str) -> str:
             "(supported: float32, float16, bfloat16)"
         )
     return name
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of an HF checkpoint: ``model.safetensors`` or the shards listed in
+    ``model.safetensors.index.json``."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{model_dir}: shard(s) listed in the index are missing: {', '.join(missing)}"
+            )
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json (lorart reads "
+        "safetensors checkpoints; re-save a .bin checkpoint with save_pretrained)"
+    )
+
+
+# Checkpoint entries that carry no parameters of the model (recomputed buffers).
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def iter_weights(model_dir: str | Path, config: ModelConfig):
+    """Yield ``(name, array)`` for every parameter tensor, memory-mapped (no copies), shard by
+    shard. A tied ``lm_head.weight`` and recomputed buffers are skipped."""
+    from lorart._safetensors import read_safetensors
+
+    for path in checkpoint_files(model_dir):
+        for name, array in read_safetensors(path).items():
+            if name.endswith(_SKIPPED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            yield name, array

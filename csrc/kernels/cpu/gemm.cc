@@ -1,0 +1,82 @@
+// Dense GEMM (BLAS) and the grouped LoRA GEMM (shrink x @ A^T, expand @ B^T per adapter segment).
+#include <omp.h>
+
+#include <vector>
+
+#include "kernels/cpu/blas.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace lorart::cpu {
+
+void linear(const float* x, int64_t x_stride, const float* w, int64_t m, int64_t n, int64_t k,
+            float beta, float* y, int64_t y_stride) {
+  sgemm(/*b_transposed=*/true, m, n, k, 1.0f, x, x_stride, w, k, beta, y, y_stride);
+}
+
+namespace {
+
+// Below this many tokens a segment is a handful of dot products: a BLAS call costs more than the
+// work, so small segments run as plain loops, in parallel across segments.
+constexpr int32_t kBlasMinTokens = 16;
+
+void lora_segment_loops(const LoraGemmParams& p, const LoraSegment& seg, float* tmp) {
+  const int32_t r = seg.pair.rank;
+  for (int32_t t = seg.begin; t < seg.end; ++t) {
+    const float* x = p.x + t * p.x_stride;
+    float* h = tmp + static_cast<int64_t>(t - seg.begin) * r;
+    for (int32_t j = 0; j < r; ++j) {
+      const float* a = seg.pair.a + j * p.in;
+      float dot = 0.0f;
+      for (int64_t i = 0; i < p.in; ++i) dot += x[i] * a[i];
+      h[j] = dot;
+    }
+    float* y = p.y + t * p.y_stride;
+    for (int64_t o = 0; o < p.out; ++o) {
+      const float* b = seg.pair.b + o * r;
+      float dot = 0.0f;
+      for (int32_t j = 0; j < r; ++j) dot += h[j] * b[j];
+      y[o] += dot;
+    }
+  }
+}
+
+}  // namespace
+
+void lora_gemm(const LoraGemmParams& p) {
+  // Scratch offsets: each segment owns (end - begin) * rank floats, so segments are independent.
+  thread_local std::vector<int64_t> offset_storage;  // read by the workers through `offsets`
+  offset_storage.resize(p.num_segments);
+  int64_t* offsets = offset_storage.data();
+  int64_t used = 0;
+  for (int32_t i = 0; i < p.num_segments; ++i) {
+    offsets[i] = used;
+    used += static_cast<int64_t>(p.segments[i].end - p.segments[i].begin) * p.segments[i].pair.rank;
+  }
+#pragma omp parallel for schedule(dynamic)
+  for (int32_t i = 0; i < p.num_segments; ++i) {
+    const LoraSegment& seg = p.segments[i];
+    if (seg.pair.rank > 0 && seg.end - seg.begin < kBlasMinTokens) {
+      lora_segment_loops(p, seg, p.scratch + offsets[i]);
+    }
+  }
+  for (int32_t i = 0; i < p.num_segments; ++i) {
+    const LoraSegment& seg = p.segments[i];
+    const int64_t n = seg.end - seg.begin;
+    if (seg.pair.rank == 0 || n < kBlasMinTokens) continue;
+    float* tmp = p.scratch + offsets[i];
+    const int32_t r = seg.pair.rank;
+    sgemm(true, n, r, p.in, 1.0f, p.x + seg.begin * p.x_stride, p.x_stride, seg.pair.a, p.in, 0.0f,
+          tmp, r);
+    sgemm(true, n, p.out, r, 1.0f, tmp, r, seg.pair.b, r, 1.0f, p.y + seg.begin * p.y_stride,
+          p.y_stride);
+  }
+}
+
+void set_num_threads(int threads) {
+  omp_set_num_threads(threads);
+  set_blas_threads(threads);
+}
+
+int num_threads() { return omp_get_max_threads(); }
+
+}  // namespace lorart::cpu

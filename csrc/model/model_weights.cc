@@ -1,0 +1,129 @@
+#include "model/model_weights.h"
+
+#include "core/errors.h"
+
+namespace lorart {
+
+namespace {
+
+Buffer floats(int64_t count) {
+  Buffer b = Buffer::allocate(static_cast<size_t>(count) * sizeof(float));
+  b.zero();
+  return b;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+}  // namespace
+
+ModelWeightsBuilder::ModelWeightsBuilder(const ModelConfig& config) : config_(config) {
+  config_.validate();
+  const int64_t h = config.hidden_size, inter = config.intermediate_size;
+  const int64_t q_out = config.num_attention_heads * config.head_dim;
+  const int64_t kv_out = config.num_kv_heads * config.head_dim;
+  const int64_t qkv_out = q_out + 2 * kv_out;
+  embed_ = floats(config.vocab_size * h);
+  final_norm_ = floats(h);
+  expect("model.embed_tokens.weight", &embed_, 0, {config.vocab_size, h}, true);
+  expect("model.norm.weight", &final_norm_, 0, {h}, true);
+  if (!config.tie_word_embeddings) {
+    lm_head_ = floats(config.vocab_size * h);
+    expect("lm_head.weight", &lm_head_, 0, {config.vocab_size, h}, true);
+  }
+  layers_.resize(config.num_layers);
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    LayerWeights& l = layers_[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    l.input_norm = floats(h);
+    l.post_norm = floats(h);
+    l.qkv = floats(qkv_out * h);
+    l.o = floats(h * q_out);
+    l.gate_up = floats(2 * inter * h);
+    l.down = floats(h * inter);
+    expect(p + "input_layernorm.weight", &l.input_norm, 0, {h}, true);
+    expect(p + "post_attention_layernorm.weight", &l.post_norm, 0, {h}, true);
+    expect(p + "self_attn.q_proj.weight", &l.qkv, 0, {q_out, h}, true);
+    expect(p + "self_attn.k_proj.weight", &l.qkv, q_out, {kv_out, h}, true);
+    expect(p + "self_attn.v_proj.weight", &l.qkv, q_out + kv_out, {kv_out, h}, true);
+    expect(p + "self_attn.o_proj.weight", &l.o, 0, {h, q_out}, true);
+    expect(p + "mlp.gate_proj.weight", &l.gate_up, 0, {inter, h}, true);
+    expect(p + "mlp.up_proj.weight", &l.gate_up, inter, {inter, h}, true);
+    expect(p + "mlp.down_proj.weight", &l.down, 0, {h, inter}, true);
+    if (config.attention_bias) {
+      l.qkv_bias = floats(qkv_out);
+      expect(p + "self_attn.q_proj.bias", &l.qkv_bias, 0, {q_out}, true);
+      expect(p + "self_attn.k_proj.bias", &l.qkv_bias, q_out, {kv_out}, true);
+      expect(p + "self_attn.v_proj.bias", &l.qkv_bias, q_out + kv_out, {kv_out}, true);
+      if (config.architecture == "LlamaForCausalLM") {  // Llama's attention_bias covers o too
+        l.o_bias = floats(h);
+        expect(p + "self_attn.o_proj.bias", &l.o_bias, 0, {h}, true);
+      }
+    }
+  }
+}
+
+void ModelWeightsBuilder::expect(const std::string& name, Buffer* dst, int64_t row_offset,
+                                 std::vector<int64_t> shape, bool required) {
+  slots_[name] = Slot{dst, row_offset, std::move(shape), required};
+}
+
+void ModelWeightsBuilder::add(const std::string& name, const Tensor& tensor) {
+  auto it = slots_.find(name);
+  if (it == slots_.end()) {
+    raise<InvalidArgument>("checkpoint tensor '", name, "' is not part of a ", config_.architecture,
+                           " model with this config.json (unexpected weight)");
+  }
+  Slot& slot = it->second;
+  bool same = tensor.dim() == static_cast<int>(slot.shape.size());
+  for (int i = 0; same && i < tensor.dim(); ++i) same = tensor.size(i) == slot.shape[i];
+  if (!same) {
+    raise<InvalidArgument>("checkpoint tensor '", name, "' has shape ", tensor.shape_str(),
+                           ", config.json implies ", shape_str(slot.shape));
+  }
+  if (!is_floating(tensor.dtype()) || !tensor.device().is_cpu() || !tensor.is_contiguous()) {
+    raise<InvalidArgument>("checkpoint tensor '", name, "' must be a contiguous host float ",
+                           "tensor, got ", tensor.describe());
+  }
+  const int64_t row_width = slot.shape.size() == 2 ? slot.shape[1] : 1;
+  auto* dst = static_cast<float*>(slot.dst->data()) + slot.row_offset * row_width;
+  convert_floats(tensor.data(), tensor.dtype(), dst, DType::kFloat32, tensor.numel());
+  slot.filled = true;
+}
+
+std::vector<std::string> ModelWeightsBuilder::missing() const {
+  std::vector<std::string> out;
+  for (const auto& [name, slot] : slots_) {
+    if (slot.required && !slot.filled) out.push_back(name);
+  }
+  return out;
+}
+
+ModelWeights::ModelWeights(ModelWeightsBuilder&& builder) {
+  const std::vector<std::string> missing = builder.missing();
+  if (!missing.empty()) {
+    raise<InvalidArgument>("checkpoint is missing ", missing.size(), " tensor(s), first: '",
+                           missing.front(), "'");
+  }
+  const ModelConfig& c = builder.config_;
+  embed_ = std::move(builder.embed_);
+  final_norm_ = std::move(builder.final_norm_);
+  lm_head_ = std::move(builder.lm_head_);
+  layers_ = std::move(builder.layers_);
+  builder.slots_.clear();  // its pointers aimed at the buffers we now own
+  embed_view_ = embed_.view(DType::kFloat32, {c.vocab_size, c.hidden_size});
+  lm_head_view_ = c.tie_word_embeddings
+                      ? embed_view_
+                      : lm_head_.view(DType::kFloat32, {c.vocab_size, c.hidden_size});
+  final_norm_view_ = final_norm_.view(DType::kFloat32, {c.hidden_size});
+  nbytes_ = embed_.size() + final_norm_.size() + lm_head_.size();
+  for (const LayerWeights& l : layers_) {
+    nbytes_ += l.input_norm.size() + l.qkv.size() + l.qkv_bias.size() + l.o.size() +
+               l.o_bias.size() + l.post_norm.size() + l.gate_up.size() + l.down.size();
+  }
+}
+
+}  // namespace lorart
