@@ -108,8 +108,16 @@ class Model:
         lengths = [len(c.token_ids) for c in chunks]
         starts = np.zeros(len(chunks) + 1, dtype=np.int32)
         np.cumsum(lengths, out=starts[1:])
+        for i, c in enumerate(chunks):
+            needed = -(-(c.context_len + len(c.token_ids)) // self.block_size)
+            if len(c.block_table) < needed:
+                raise ValueError(
+                    f"chunk {i}: block_table has {len(c.block_table)} blocks but positions up to "
+                    f"{c.context_len + len(c.token_ids)} need {needed} (block_size "
+                    f"{self.block_size})"
+                )
         width = max(1, *(len(c.block_table) for c in chunks))
-        tables = np.zeros((len(chunks), width), dtype=np.int32)
+        tables = np.full((len(chunks), width), -1, dtype=np.int32)  # -1: never a valid block
         for i, c in enumerate(chunks):
             tables[i, : len(c.block_table)] = c.block_table
         picks = [
