@@ -23,7 +23,7 @@ inline void sgemm(bool b_transposed, int64_t m, int64_t n, int64_t k, float alph
        static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
 }
 
-// Threads the BLAS may use (OpenBLAS keeps its own pool next to OpenMP's).
+// Threads the BLAS may use (lorart keeps it at 1 and parallelises around it with OpenMP).
 inline void set_blas_threads(int threads) {
 #if LORART_CBLAS_PREFIX_SCIPY
   scipy_openblas_set_num_threads(threads);

@@ -1,6 +1,7 @@
 // Dense GEMM (BLAS) and the grouped LoRA GEMM (shrink x @ A^T, expand @ B^T per adapter segment).
 #include <omp.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "kernels/cpu/blas.h"
@@ -8,9 +9,36 @@
 
 namespace lorart::cpu {
 
+namespace {
+
+// One thread pool for everything: OpenMP. OpenBLAS keeps its own pthreads pool, and two pools
+// spin-waiting on the same cores slow each other down many times over, so the BLAS runs
+// single-threaded and linear() splits the output columns across OpenMP threads instead.
+[[maybe_unused]] const bool kBlasSingleThreaded = (set_blas_threads(1), true);
+
+// Column blocks are multiples of this, so every thread's block keeps BLAS's wide kernels busy.
+constexpr int64_t kColumnAlign = 64;
+
+}  // namespace
+
 void linear(const float* x, int64_t x_stride, const float* w, int64_t m, int64_t n, int64_t k,
             float beta, float* y, int64_t y_stride) {
-  sgemm(/*b_transposed=*/true, m, n, k, 1.0f, x, x_stride, w, k, beta, y, y_stride);
+  const int threads = omp_get_max_threads();
+  if (threads == 1 || m * n * k < (int64_t{1} << 20)) {
+    sgemm(/*b_transposed=*/true, m, n, k, 1.0f, x, x_stride, w, k, beta, y, y_stride);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t per = (n + threads - 1) / threads;
+    const int64_t block = (per + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+    const int64_t begin = std::min<int64_t>(n, omp_get_thread_num() * block);
+    const int64_t end = std::min<int64_t>(n, begin + block);
+    if (begin < end) {
+      sgemm(true, m, end - begin, k, 1.0f, x, x_stride, w + begin * k, k, beta, y + begin,
+            y_stride);
+    }
+  }
 }
 
 namespace {
@@ -55,16 +83,14 @@ void lora_gemm(const LoraGemmParams& p) {
 #pragma omp parallel for schedule(dynamic)
   for (int32_t i = 0; i < p.num_segments; ++i) {
     const LoraSegment& seg = p.segments[i];
-    if (seg.pair.rank > 0 && seg.end - seg.begin < kBlasMinTokens) {
-      lora_segment_loops(p, seg, p.scratch + offsets[i]);
-    }
-  }
-  for (int32_t i = 0; i < p.num_segments; ++i) {
-    const LoraSegment& seg = p.segments[i];
     const int64_t n = seg.end - seg.begin;
-    if (seg.pair.rank == 0 || n < kBlasMinTokens) continue;
-    float* tmp = p.scratch + offsets[i];
     const int32_t r = seg.pair.rank;
+    float* tmp = p.scratch + offsets[i];
+    if (r == 0) continue;
+    if (n < kBlasMinTokens) {
+      lora_segment_loops(p, seg, tmp);
+      continue;
+    }
     sgemm(true, n, r, p.in, 1.0f, p.x + seg.begin * p.x_stride, p.x_stride, seg.pair.a, p.in, 0.0f,
           tmp, r);
     sgemm(true, n, p.out, r, 1.0f, tmp, r, seg.pair.b, r, 1.0f, p.y + seg.begin * p.y_stride,
@@ -72,10 +98,7 @@ void lora_gemm(const LoraGemmParams& p) {
   }
 }
 
-void set_num_threads(int threads) {
-  omp_set_num_threads(threads);
-  set_blas_threads(threads);
-}
+void set_num_threads(int threads) { omp_set_num_threads(threads); }
 
 int num_threads() { return omp_get_max_threads(); }
 
