@@ -53,6 +53,13 @@ ModelWeightsBuilder::ModelWeightsBuilder(const ModelConfig& config) : config_(co
     expect(p + "mlp.gate_proj.weight", &l.gate_up, 0, {inter, h}, true);
     expect(p + "mlp.up_proj.weight", &l.gate_up, inter, {inter, h}, true);
     expect(p + "mlp.down_proj.weight", &l.down, 0, {h, inter}, true);
+    expect(p + "self_attn.qkv_proj.weight", &l.qkv, 0, {qkv_out, h}, false);
+    expect(p + "mlp.gate_up_proj.weight", &l.gate_up, 0, {2 * inter, h}, false);
+    allow_fused(p + "self_attn.qkv_proj.weight",
+                {p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                 p + "self_attn.v_proj.weight"});
+    allow_fused(p + "mlp.gate_up_proj.weight",
+                {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"});
     if (config.attention_bias) {
       l.qkv_bias = floats(qkv_out);
       expect(p + "self_attn.q_proj.bias", &l.qkv_bias, 0, {q_out}, true);
@@ -69,6 +76,10 @@ ModelWeightsBuilder::ModelWeightsBuilder(const ModelConfig& config) : config_(co
 void ModelWeightsBuilder::expect(const std::string& name, Buffer* dst, int64_t row_offset,
                                  std::vector<int64_t> shape, bool required) {
   slots_[name] = Slot{dst, row_offset, std::move(shape), required};
+}
+
+void ModelWeightsBuilder::allow_fused(const std::string& fused, std::vector<std::string> parts) {
+  for (std::string& part : parts) fused_for_[std::move(part)] = fused;
 }
 
 void ModelWeightsBuilder::add(const std::string& name, const Tensor& tensor) {
@@ -97,7 +108,10 @@ void ModelWeightsBuilder::add(const std::string& name, const Tensor& tensor) {
 std::vector<std::string> ModelWeightsBuilder::missing() const {
   std::vector<std::string> out;
   for (const auto& [name, slot] : slots_) {
-    if (slot.required && !slot.filled) out.push_back(name);
+    if (!slot.required || slot.filled) continue;
+    const auto fused = fused_for_.find(name);
+    if (fused != fused_for_.end() && slots_.at(fused->second).filled) continue;
+    out.push_back(name);
   }
   return out;
 }

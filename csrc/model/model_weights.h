@@ -1,6 +1,7 @@
 // ModelWeights: the base model's parameters in the compute dtype (float32), owned in Buffers on the
 // model's device. Built once at load from HF-named tensors of any float dtype (converted on the
-// way in, one copy); q/k/v and gate/up are fused row-wise so each is one GEMM.
+// way in, one copy); q/k/v and gate/up are fused row-wise so each is one GEMM. Checkpoints that
+// already fuse them (self_attn.qkv_proj, mlp.gate_up_proj) load as they are.
 #pragma once
 
 #include <map>
@@ -43,9 +44,12 @@ class ModelWeightsBuilder {
   };
   void expect(const std::string& name, Buffer* dst, int64_t row_offset, std::vector<int64_t> shape,
               bool required);
+  // `fused` (e.g. qkv_proj) may stand in for all of `parts` (q_proj, k_proj, v_proj).
+  void allow_fused(const std::string& fused, std::vector<std::string> parts);
 
   ModelConfig config_;
   std::map<std::string, Slot> slots_;
+  std::map<std::string, std::string> fused_for_;  // part name -> fused name that covers it
   Buffer embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
 };

@@ -1,0 +1,129 @@
+"""Checkpoint loading: fused projections, shards, stored dtypes, and the load-time errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from lorart.model import Model, SequenceChunk
+
+PROMPT = list(range(3, 40))
+
+
+def logits(model_dir: Path) -> np.ndarray:
+    model = Model.from_pretrained(model_dir, max_num_tokens=64, num_kv_blocks=8)
+    return model.forward([SequenceChunk(PROMPT, 0, [0, 1, 2], all_logits=True)])[0]
+
+
+def rewrite(src: Path, dst: Path, tensors: dict[str, np.ndarray], config_edit=None) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    if config_edit:
+        config_edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def split_weights(llama_dir) -> dict[str, np.ndarray]:
+    return load_file(str(llama_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir) -> np.ndarray:
+    return logits(llama_dir)
+
+
+def test_fused_qkv_and_gate_up_checkpoint_equals_split(
+    llama_dir, split_weights, reference, tmp_path
+):
+    fused = {}
+    for name, value in split_weights.items():
+        if ".q_proj." in name:
+            parts = [
+                split_weights[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")
+            ]
+            fused[name.replace("q_proj", "qkv_proj")] = np.concatenate(parts)
+        elif ".gate_proj." in name:
+            parts = [value, split_weights[name.replace("gate_proj", "up_proj")]]
+            fused[name.replace("gate_proj", "gate_up_proj")] = np.concatenate(parts)
+        elif not any(p in name for p in (".k_proj.", ".v_proj.", ".up_proj.")):
+            fused[name] = value
+    np.testing.assert_array_equal(logits(rewrite(llama_dir, tmp_path, fused)), reference)
+
+
+def test_sharded_checkpoint_equals_single_file(llama_dir, split_weights, reference, tmp_path):
+    names = sorted(split_weights)
+    halves = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
+    weight_map = {}
+    for shard, shard_names in halves.items():
+        save_file({n: split_weights[n] for n in shard_names}, str(tmp_path / shard))
+        weight_map.update({n: shard for n in shard_names})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    np.testing.assert_array_equal(logits(tmp_path), reference)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        logits(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoint_is_converted_exactly(llama_dir, split_weights, tmp_path, dtype):
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    low = {n: v.astype(np_dtype) for n, v in split_weights.items()}
+    widened = {n: v.astype(np.float32) for n, v in low.items()}
+    got = logits(
+        rewrite(
+            llama_dir, tmp_path / "low", low, lambda c: c.update(torch_dtype=dtype, dtype=dtype)
+        )
+    )
+    expected = logits(rewrite(llama_dir, tmp_path / "f32", widened))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_load_errors_name_the_problem(llama_dir, split_weights, tmp_path):
+    missing = dict(split_weights)
+    del missing["model.layers.1.mlp.down_proj.weight"]
+    with pytest.raises(ValueError, match="missing 1 tensor.*model.layers.1.mlp.down_proj.weight"):
+        logits(rewrite(llama_dir, tmp_path / "missing", missing))
+    extra = dict(split_weights, **{"model.layers.0.mlp.experts.weight": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.experts.weight' is not part of"):
+        logits(rewrite(llama_dir, tmp_path / "extra", extra))
+    bad = dict(split_weights)
+    bad["model.norm.weight"] = np.zeros(7, np.float32)
+    with pytest.raises(
+        ValueError,
+        match=r"'model.norm.weight' has shape \[7\], config.json "
+        r"implies \[64\]",
+    ):
+        logits(rewrite(llama_dir, tmp_path / "shape", bad))
+    with pytest.raises(
+        ValueError,
+        match="architecture 'GPT2LMHeadModel' is not supported "
+        r"\(supported: LlamaForCausalLM",
+    ):
+        logits(
+            rewrite(
+                llama_dir,
+                tmp_path / "arch",
+                split_weights,
+                lambda c: c.update(architectures=["GPT2LMHeadModel"]),
+            )
+        )
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(llama_dir / "config.json", no_weights / "config.json")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index"):
+        logits(no_weights)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        logits(tmp_path / "nowhere")
