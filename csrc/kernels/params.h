@@ -54,7 +54,7 @@ struct LoraGemmParams {
   int64_t out;
   const LoraSegment* segments;  // [num_segments]
   int32_t num_segments;
-  float* scratch;  // >= max over segments of (end - begin) * rank floats
+  float* scratch;  // >= sum over segments of (end - begin) * rank floats (one block each)
 };
 
 }  // namespace lorart

@@ -156,6 +156,10 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
     }
   }
   const int64_t n_out = b.logits_indices.size(0);
+  if (n_out > max_num_tokens_) {  // the rows are gathered into a max_num_tokens workspace
+    raise<InvalidArgument>("logits_indices asks for ", n_out,
+                           " rows; at most max_num_tokens = ", max_num_tokens_);
+  }
   const int32_t* idx = b.logits_indices.data_as<const int32_t>();
   for (int64_t i = 0; i < n_out; ++i) {
     if (idx[i] < 0 || idx[i] >= num_tokens) {

@@ -1,0 +1,233 @@
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "core/errors.h"
+#include "kernels/ops.h"
+#include "kernels/params.h"
+#include "test_util.h"
+
+namespace lorart {
+namespace {
+
+constexpr int32_t kBlockSize = 4;
+constexpr int32_t kNumBlocks = 40;
+constexpr int32_t kHeadDim = 8;
+
+struct Shape {
+  int32_t num_heads, num_kv_heads, sliding_window;
+  int64_t q_width() const { return int64_t{num_heads} * kHeadDim; }
+  int64_t kv_width() const { return int64_t{num_kv_heads} * kHeadDim; }
+  // A packed row as the model lays it out: q, then k, then v.
+  int64_t row_width() const { return q_width() + 2 * kv_width(); }
+};
+
+// One sequence's full q/k/v, in the packed row layout, and the cache blocks it owns.
+struct Sequence {
+  int32_t length;
+  std::vector<float> rows;  // [length, row_width]
+  std::vector<int32_t> blocks;
+};
+
+// A chunk of a sequence in one call: positions [begin, end); begin is its context length.
+struct Chunk {
+  const Sequence* seq;
+  int32_t begin, end;
+};
+
+struct Cache {
+  explicit Cache(const Shape& shape)
+      : k(size_t{kNumBlocks} * kBlockSize * shape.kv_width()), v(k.size()) {}
+  std::vector<float> k, v;
+};
+
+// Sequences of the given lengths with random rows and blocks drawn from a shuffled pool, so no
+// block table is contiguous or in order.
+std::vector<Sequence> make_sequences(const Shape& shape, const std::vector<int32_t>& lengths) {
+  std::mt19937 rng(42);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<int32_t> pool(kNumBlocks);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), rng);
+  std::vector<Sequence> seqs;
+  size_t next_block = 0;
+  for (int32_t length : lengths) {
+    Sequence s{length, std::vector<float>(length * shape.row_width()), {}};
+    for (float& x : s.rows) x = dist(rng);
+    for (int32_t b = 0; b * kBlockSize < length; ++b) s.blocks.push_back(pool.at(next_block++));
+    seqs.push_back(std::move(s));
+  }
+  return seqs;
+}
+
+// Runs one paged_attention call over the packed chunks; returns out [tokens, heads * head_dim].
+std::vector<float> run(const Shape& shape, const std::vector<Chunk>& chunks, Cache& cache) {
+  const int64_t width = shape.row_width();
+  std::vector<float> rows;
+  std::vector<int32_t> starts = {0}, context_lens, tables;
+  size_t max_blocks = 1;
+  for (const Chunk& c : chunks) max_blocks = std::max(max_blocks, c.seq->blocks.size());
+  for (const Chunk& c : chunks) {
+    rows.insert(rows.end(), c.seq->rows.begin() + c.begin * width,
+                c.seq->rows.begin() + c.end * width);
+    starts.push_back(starts.back() + c.end - c.begin);
+    context_lens.push_back(c.begin);
+    std::vector<int32_t> table = c.seq->blocks;
+    table.resize(max_blocks, -1);
+    tables.insert(tables.end(), table.begin(), table.end());
+  }
+  const int64_t tokens = starts.back();
+  std::vector<float> out(tokens * shape.q_width());
+  const int64_t kv_shape[2] = {tokens, shape.kv_width()};
+  const int64_t strides[2] = {width, 1};
+  const Tensor k(rows.data() + shape.q_width(), DType::kFloat32, 2, kv_shape, strides);
+  const Tensor v(rows.data() + shape.q_width() + shape.kv_width(), DType::kFloat32, 2, kv_shape,
+                 strides);
+  PagedAttentionParams p{};
+  p.q = rows.data();
+  p.q_stride = width;
+  p.out = out.data();
+  p.k_cache = cache.k.data();
+  p.v_cache = cache.v.data();
+  p.seq_starts = starts.data();
+  p.context_lens = context_lens.data();
+  p.block_tables = tables.data();
+  p.num_seqs = static_cast<int32_t>(chunks.size());
+  p.max_blocks_per_seq = static_cast<int32_t>(max_blocks);
+  p.block_size = kBlockSize;
+  p.num_heads = shape.num_heads;
+  p.num_kv_heads = shape.num_kv_heads;
+  p.head_dim = kHeadDim;
+  p.sliding_window = shape.sliding_window;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
+  ops::paged_attention(k, v, p, cache.k.data(), cache.v.data(), Device::cpu());
+  return out;
+}
+
+// Plain causal attention over the contiguous sequence, in double: [length, heads * head_dim].
+std::vector<double> reference(const Shape& shape, const Sequence& s) {
+  const int64_t width = shape.row_width();
+  const int32_t group = shape.num_heads / shape.num_kv_heads;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(kHeadDim));
+  std::vector<double> out(s.length * shape.q_width(), 0.0);
+  for (int32_t pos = 0; pos < s.length; ++pos) {
+    const int32_t first =
+        shape.sliding_window > 0 ? std::max(0, pos - shape.sliding_window + 1) : 0;
+    for (int32_t h = 0; h < shape.num_heads; ++h) {
+      const float* q = &s.rows[pos * width + h * kHeadDim];
+      const int64_t k_off = shape.q_width() + (h / group) * kHeadDim;
+      const int64_t v_off = k_off + shape.kv_width();
+      std::vector<double> w;
+      for (int32_t j = first; j <= pos; ++j) {
+        double dot = 0.0;
+        for (int32_t d = 0; d < kHeadDim; ++d) dot += double{q[d]} * s.rows[j * width + k_off + d];
+        w.push_back(dot * scale);
+      }
+      const double max_w = *std::max_element(w.begin(), w.end());
+      double total = 0.0;
+      for (double& x : w) total += (x = std::exp(x - max_w));
+      double* o = &out[(pos * shape.num_heads + h) * kHeadDim];
+      for (int32_t j = first; j <= pos; ++j) {
+        for (int32_t d = 0; d < kHeadDim; ++d) {
+          o[d] += w[j - first] / total * s.rows[j * width + v_off + d];
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// Checks the rows of `out` that belong to `chunks` against each sequence's reference.
+void expect_matches_reference(const Shape& shape, const std::vector<Chunk>& chunks,
+                              const std::vector<float>& out) {
+  const int64_t q_width = shape.q_width();
+  int64_t row = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const std::vector<double> ref = reference(shape, *chunks[c].seq);
+    for (int32_t pos = chunks[c].begin; pos < chunks[c].end; ++pos, ++row) {
+      for (int64_t i = 0; i < q_width; ++i) {
+        ASSERT_NEAR(out[row * q_width + i], ref[pos * q_width + i], 1e-5)
+            << "chunk " << c << ", position " << pos << ", element " << i;
+      }
+    }
+  }
+}
+
+// A first call prefills some sequences; a second call packs decode tokens, a chunked-prefill
+// continuation and a fresh prefill, each reading the context the first call cached.
+void check_prefill_then_mixed_step(const Shape& shape) {
+  const std::vector<Sequence> seqs = make_sequences(shape, {10, 13, 13, 15, 1});
+  Cache cache(shape);
+  const std::vector<Chunk> prefill = {{&seqs[0], 0, 9}, {&seqs[2], 0, 6}, {&seqs[3], 0, 14}};
+  expect_matches_reference(shape, prefill, run(shape, prefill, cache));
+  const std::vector<Chunk> step = {{&seqs[0], 9, 10},
+                                   {&seqs[1], 0, 13},
+                                   {&seqs[2], 6, 13},
+                                   {&seqs[3], 14, 15},
+                                   {&seqs[4], 0, 1}};
+  expect_matches_reference(shape, step, run(shape, step, cache));
+}
+
+TEST(PagedAttentionTest, GroupedQueryAttentionMatchesContiguousReference) {
+  check_prefill_then_mixed_step({4, 2, 0});
+}
+
+TEST(PagedAttentionTest, MultiQueryAttentionMatchesContiguousReference) {
+  check_prefill_then_mixed_step({4, 1, 0});
+}
+
+TEST(PagedAttentionTest, MultiHeadAttentionMatchesContiguousReference) {
+  check_prefill_then_mixed_step({2, 2, 0});
+}
+
+TEST(PagedAttentionTest, SlidingWindowAttendsToTheLastWindowPositions) {
+  check_prefill_then_mixed_step({4, 2, 5});
+  check_prefill_then_mixed_step({4, 1, 1});  // a window of 1: each token sees only itself
+}
+
+TEST(PagedAttentionTest, SequenceResultDoesNotDependOnItsBatchNeighbours) {
+  const Shape shape{4, 2, 0};
+  const std::vector<Sequence> seqs = make_sequences(shape, {12, 7, 9});
+  Cache cache(shape);
+  run(shape, {{&seqs[0], 0, 10}, {&seqs[2], 0, 8}}, cache);
+  const std::vector<float> alone = run(shape, {{&seqs[0], 10, 12}}, cache);
+  // Re-running the same chunk rewrites identical K/V into the same slots.
+  const std::vector<float> packed =
+      run(shape, {{&seqs[1], 0, 7}, {&seqs[0], 10, 12}, {&seqs[2], 8, 9}}, cache);
+  const int64_t offset = 7 * shape.q_width();
+  ASSERT_EQ(alone.size(), 2 * shape.q_width());
+  for (size_t i = 0; i < alone.size(); ++i) EXPECT_EQ(alone[i], packed[offset + i]) << i;
+}
+
+TEST(PagedAttentionTest, WritesChunkKeysAndValuesToTheirSlots) {
+  const Shape shape{4, 2, 0};
+  const std::vector<Sequence> seqs = make_sequences(shape, {7});
+  Cache cache(shape);
+  run(shape, {{&seqs[0], 0, 3}}, cache);
+  run(shape, {{&seqs[0], 3, 7}}, cache);
+  const int64_t kv = shape.kv_width();
+  for (int32_t pos = 0; pos < 7; ++pos) {
+    const int64_t slot = int64_t{seqs[0].blocks[pos / kBlockSize]} * kBlockSize + pos % kBlockSize;
+    const float* row = &seqs[0].rows[pos * shape.row_width() + shape.q_width()];
+    for (int64_t i = 0; i < kv; ++i) {
+      EXPECT_EQ(cache.k[slot * kv + i], row[i]) << pos;
+      EXPECT_EQ(cache.v[slot * kv + i], row[kv + i]) << pos;
+    }
+  }
+}
+
+TEST(PagedAttentionTest, CudaHasNoImplementationYet) {
+  std::vector<float> buf(16);
+  const Tensor kv(buf.data(), DType::kFloat32, {1, 16});
+  PagedAttentionParams p{};
+  testing_util::expect_error<DeviceError>(
+      [&] { ops::paged_attention(kv, kv, p, buf.data(), buf.data(), Device::cuda()); },
+      "paged_attention: no cuda:0 implementation in this build yet");
+}
+
+}  // namespace
+}  // namespace lorart

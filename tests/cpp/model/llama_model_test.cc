@@ -1,0 +1,423 @@
+#include "model/llama_model.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/errors.h"
+#include "lora/module_ids.h"
+#include "test_util.h"
+
+namespace lorart {
+namespace {
+
+using testing_util::expect_error;
+
+constexpr int64_t kVocab = 64, kMaxTokens = 20, kMaxRank = 8, kNumBlocks = 40, kBlockSize = 4;
+
+// q 4 x 8 = 32, kv 2 x 8 = 16 (GQA), hidden 32, intermediate 48, 2 layers.
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.vocab_size = kVocab;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  return c;
+}
+
+struct Param {
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+  Tensor tensor() {
+    const int64_t* s = shape.data();
+    return shape.size() == 1 ? Tensor(values.data(), DType::kFloat32, {s[0]})
+                             : Tensor(values.data(), DType::kFloat32, {s[0], s[1]});
+  }
+};
+using Checkpoint = std::map<std::string, Param>;
+
+Checkpoint random_checkpoint(const ModelConfig& c) {
+  std::mt19937 rng(7);
+  Checkpoint ckpt;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, float lo, float hi) {
+    std::uniform_real_distribution<float> dist(lo, hi);
+    std::vector<float> values(shape[0] * (shape.size() > 1 ? shape[1] : 1));
+    for (float& v : values) v = dist(rng);
+    ckpt[name] = Param{std::move(shape), std::move(values)};
+  };
+  const int64_t h = c.hidden_size, inter = c.intermediate_size;
+  const int64_t q = c.num_attention_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  add("model.embed_tokens.weight", {c.vocab_size, h}, -1.0f, 1.0f);
+  add("model.norm.weight", {h}, 0.8f, 1.2f);
+  add("lm_head.weight", {c.vocab_size, h}, -0.3f, 0.3f);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {h}, 0.8f, 1.2f);
+    add(p + "post_attention_layernorm.weight", {h}, 0.8f, 1.2f);
+    add(p + "self_attn.q_proj.weight", {q, h}, -0.3f, 0.3f);
+    add(p + "self_attn.k_proj.weight", {kv, h}, -0.3f, 0.3f);
+    add(p + "self_attn.v_proj.weight", {kv, h}, -0.3f, 0.3f);
+    add(p + "self_attn.o_proj.weight", {h, q}, -0.3f, 0.3f);
+    add(p + "mlp.gate_proj.weight", {inter, h}, -0.3f, 0.3f);
+    add(p + "mlp.up_proj.weight", {inter, h}, -0.3f, 0.3f);
+    add(p + "mlp.down_proj.weight", {h, inter}, -0.3f, 0.3f);
+  }
+  return ckpt;
+}
+
+std::unique_ptr<LlamaModel> build_model(const ModelConfig& c, Checkpoint ckpt) {
+  ModelWeightsBuilder builder(c);
+  for (auto& [name, param] : ckpt) builder.add(name, param.tensor());
+  return std::make_unique<LlamaModel>(c, ModelWeights(std::move(builder)), kMaxTokens, kMaxRank);
+}
+
+struct Seq {
+  std::vector<int32_t> tokens;
+  int32_t context;
+  std::vector<int32_t> blocks;
+  int32_t slot = -1;
+};
+
+// Owns the int32 arrays a ForwardBatch views.
+struct Batch {
+  std::vector<int32_t> token_ids, seq_starts{0}, context_lens, block_tables, lora_slots,
+      logits_indices;
+  int64_t max_blocks = 1;
+  ForwardBatch view() {
+    auto vec = [](std::vector<int32_t>& v) {
+      return Tensor(v.data(), DType::kInt32, {static_cast<int64_t>(v.size())});
+    };
+    const int64_t rows = static_cast<int64_t>(block_tables.size()) / max_blocks;
+    return {vec(token_ids),    vec(seq_starts),
+            vec(context_lens), Tensor(block_tables.data(), DType::kInt32, {rows, max_blocks}),
+            vec(lora_slots),   vec(logits_indices)};
+  }
+};
+
+// Logits of every token when `all_logits`, else of each sequence's last token.
+Batch pack(const std::vector<Seq>& seqs, bool all_logits = false) {
+  Batch b;
+  for (const Seq& s : seqs) b.max_blocks = std::max<int64_t>(b.max_blocks, s.blocks.size());
+  for (const Seq& s : seqs) {
+    const int32_t begin = b.seq_starts.back();
+    b.token_ids.insert(b.token_ids.end(), s.tokens.begin(), s.tokens.end());
+    b.seq_starts.push_back(begin + static_cast<int32_t>(s.tokens.size()));
+    for (int32_t t = all_logits ? begin : b.seq_starts.back() - 1; t < b.seq_starts.back(); ++t) {
+      b.logits_indices.push_back(t);
+    }
+    b.context_lens.push_back(s.context);
+    b.lora_slots.push_back(s.slot);
+    std::vector<int32_t> table = s.blocks;
+    table.resize(b.max_blocks, -1);
+    b.block_tables.insert(b.block_tables.end(), table.begin(), table.end());
+  }
+  return b;
+}
+
+std::vector<int32_t> random_tokens(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> ids(n);
+  for (int32_t& id : ids) id = static_cast<int32_t>(rng() % kVocab);
+  return ids;
+}
+
+// `count` rows of `actual` [*, vocab] from `row` against rows of `expected` from `expected_row`.
+void expect_rows_near(const std::vector<float>& actual, int64_t row,
+                      const std::vector<float>& expected, int64_t expected_row = 0,
+                      int64_t count = 1, double tol = 1e-5) {
+  ASSERT_GE(actual.size(), static_cast<size_t>(row + count) * kVocab);
+  ASSERT_GE(expected.size(), static_cast<size_t>(expected_row + count) * kVocab);
+  for (int64_t i = 0; i < count * kVocab; ++i) {
+    const float want = expected[expected_row * kVocab + i];
+    ASSERT_NEAR(actual[row * kVocab + i], want, tol * std::max(1.0f, std::abs(want)))
+        << "row " << row + i / kVocab << ", col " << i % kVocab;
+  }
+}
+
+// An adapter's rows (module, layer, rank): A and B random, or B zero.
+struct AdapterData {
+  LoraWeights weights;
+  LoraConfig config;
+};
+AdapterData adapter_data(const ModelConfig& c, const std::vector<LoraConfigRow>& rows,
+                         bool zero_b = false) {
+  int64_t row_size = 0;
+  for (const LoraConfigRow& r : rows) {
+    const LoraModuleDims d = c.lora_module_dims(r.module_id);
+    row_size = std::max(row_size, r.adapter_size * (d.in + d.out));
+  }
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> dist(-0.2f, 0.2f);
+  std::vector<float> values(rows.size() * row_size, 0.0f);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t a_size = rows[i].adapter_size * c.lora_module_dims(rows[i].module_id).in;
+    for (int64_t j = 0; j < row_size; ++j) {
+      if (j < a_size || !zero_b) values[i * row_size + j] = dist(rng);
+    }
+  }
+  const int64_t n = static_cast<int64_t>(rows.size());
+  return {LoraWeights::copy_of(Tensor(values.data(), DType::kFloat32, {n, row_size})),
+          LoraConfig::from_rows(rows)};
+}
+
+// Logits [logits_indices, vocab].
+std::vector<float> run_forward(LlamaModel& model, KvCache& cache, Batch& b,
+                               const std::vector<const LoraAdapter*>& adapters = {}) {
+  const int64_t rows = static_cast<int64_t>(b.logits_indices.size());
+  std::vector<float> logits(rows * kVocab);
+  model.forward(b.view(), cache, adapters, Tensor(logits.data(), DType::kFloat32, {rows, kVocab}));
+  return logits;
+}
+
+// One row per supported module, mixing ranks and layers.
+const std::vector<LoraConfigRow> kAdapterRows = {
+    {lora_module::kAttnQkv, 1, 2},  {lora_module::kAttnQ, 0, 2},     {lora_module::kAttnK, 1, 4},
+    {lora_module::kAttnV, 0, 4},    {lora_module::kAttnDense, 1, 8}, {lora_module::kMlpHTo4H, 0, 2},
+    {lora_module::kMlp4HToH, 1, 4}, {lora_module::kMlpGate, 1, 8}};
+
+class LlamaModelTest : public ::testing::Test {
+ protected:
+  LlamaModelTest()
+      : config_(tiny_config()),
+        model_(build_model(config_, random_checkpoint(config_))),
+        cache_(config_, kNumBlocks, kBlockSize) {}
+
+  std::vector<float> forward(Batch b, const std::vector<const LoraAdapter*>& adapters = {}) {
+    return run_forward(*model_, cache_, b, adapters);
+  }
+
+  ModelConfig config_;
+  std::unique_ptr<LlamaModel> model_;
+  KvCache cache_;
+};
+
+TEST(ModelWeightsBuilderTest, RejectsUnknownNamesWrongShapesAndMissingTensors) {
+  const ModelConfig config = tiny_config();
+  ModelWeightsBuilder builder(config);
+  std::vector<float> buf(kVocab * 48);
+  auto add = [&](const char* name, const Tensor& t) {
+    return [&builder, name, t] { builder.add(name, t); };
+  };
+  expect_error<InvalidArgument>(
+      add("model.layers.2.mlp.up_proj.weight", Tensor(buf.data(), DType::kFloat32, {48, 32})),
+      "checkpoint tensor 'model.layers.2.mlp.up_proj.weight' is not part "
+      "of a LlamaForCausalLM model with this config.json (unexpected weight)");
+  expect_error<InvalidArgument>(
+      add("model.layers.0.self_attn.q_proj.bias", Tensor(buf.data(), DType::kFloat32, {32})),
+      "checkpoint tensor 'model.layers.0.self_attn.q_proj.bias' is not part");
+  expect_error<InvalidArgument>(
+      add("model.layers.0.self_attn.k_proj.weight", Tensor(buf.data(), DType::kFloat32, {32, 32})),
+      "checkpoint tensor 'model.layers.0.self_attn.k_proj.weight' has shape "
+      "[32, 32], config.json implies [16, 32]");
+  expect_error<InvalidArgument>(add("model.norm.weight", Tensor(buf.data(), DType::kInt32, {32})),
+                                "checkpoint tensor 'model.norm.weight' must be a contiguous host "
+                                "float tensor, got [32] int32 cpu");
+
+  Checkpoint ckpt = random_checkpoint(config);
+  ckpt.erase("lm_head.weight");
+  ckpt.erase("model.layers.1.mlp.down_proj.weight");
+  for (auto& [name, param] : ckpt) builder.add(name, param.tensor());
+  EXPECT_EQ(builder.missing(),
+            (std::vector<std::string>{"lm_head.weight", "model.layers.1.mlp.down_proj.weight"}));
+  expect_error<InvalidArgument>([&] { ModelWeights weights(std::move(builder)); },
+                                "checkpoint is missing 2 tensor(s), first: 'lm_head.weight'");
+}
+
+TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
+  const Seq good{random_tokens(6, 1), 0, {5, 2}};
+  const std::vector<float> before = forward(pack({good}));
+  std::vector<char> snapshot(cache_.nbytes());
+  std::memcpy(snapshot.data(), cache_.keys(0), snapshot.size());
+  const AdapterData big = adapter_data(config_, {{lora_module::kAttnQ, 0, 16}});
+  const LoraAdapter rank16(big.weights, big.config, config_, 16);
+
+  // Each case breaks one field of a 6-token batch whose blocks are still empty.
+  struct Case {
+    std::function<void(Batch&)> mutate;
+    std::string needle;
+    std::vector<const LoraAdapter*> adapters;
+  };
+  const std::vector<Case> cases = {
+      {[](Batch& b) { b = pack({{random_tokens(21, 3), 0, {20, 21, 22, 23, 24, 25}}}); },
+       "batch has 21 tokens; it must have 1 to max_num_tokens = 20"},
+      {[](Batch& b) { b.token_ids[2] = 64; },
+       "token_ids[2] = 64 is out of range [0, vocab_size = 64)"},
+      {[](Batch& b) { b.token_ids[0] = -1; }, "token_ids[0] = -1 is out of range"},
+      {[](Batch& b) { b.seq_starts = {1, 6}; },
+       "seq_starts must start at 0 and end at the token count 6"},
+      {[](Batch& b) {
+         b = pack({{random_tokens(2, 4), 0, {20}}, {random_tokens(4, 5), 0, {21}}});
+         b.seq_starts = {0, 0, 6};
+       },
+       "seq_starts must increase: sequence 0 has no tokens"},
+      {[](Batch& b) { b.lora_slots.push_back(-1); },
+       "seq_starts must have S + 1 entries and context_lens, lora_slots, block_tables S rows (S = "
+       "1)"},
+      {[](Batch& b) { b.context_lens[0] = -1; }, "context_lens[0] = -1 is negative"},
+      {[](Batch& b) { b.context_lens[0] = 4; },
+       "block_tables row 0 has 2 blocks but positions up to 10 need 3 (block_size 4)"},
+      {[](Batch& b) { b.block_tables[1] = 40; },
+       "block_tables[0, 1] = 40 is out of range [0, num_kv_blocks = 40)"},
+      {[](Batch& b) { b.lora_slots[0] = 0; },
+       "lora_slots[0] = 0 names no loaded adapter (0 slot(s); -1 = base model)"},
+      {[](Batch& b) { b.lora_slots[0] = 0; },
+       "lora_slots[0] = 0 names no loaded adapter (1 slot(s)",
+       {nullptr}},
+      {[](Batch& b) { b.lora_slots[0] = -2; },
+       "lora_slots[0] = -2 names no loaded adapter",
+       {&rank16}},
+      {[](Batch& b) { b.lora_slots[0] = 0; },
+       "lora_slots[0]: adapter rank 16 exceeds max_lora_rank = 8",
+       {&rank16}},
+      {[](Batch& b) { b.logits_indices = {3, 6}; }, "logits_indices[1] = 6 is out of range [0, 6)"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.needle);
+    Batch b = pack({{random_tokens(6, 2), 0, {20, 21}}});
+    c.mutate(b);
+    expect_error<InvalidArgument>([&] { forward(b, c.adapters); }, c.needle);
+    EXPECT_EQ(std::memcmp(snapshot.data(), cache_.keys(0), snapshot.size()), 0);
+  }
+
+  Batch b = pack({{random_tokens(6, 2), 0, {20, 21}}});
+  std::vector<float> logits(kVocab);
+  const Tensor narrow(logits.data(), DType::kFloat32, {1, kVocab - 1});
+  expect_error<InvalidArgument>(
+      [&] { model_->forward(b.view(), cache_, {}, narrow); },
+      "logits must be contiguous float32 [1, 64], got [1, 63] float32 cpu");
+  ForwardBatch wide_ids = b.view();
+  std::vector<int64_t> ids64(6);
+  wide_ids.token_ids = Tensor(ids64.data(), DType::kInt64, {6});
+  expect_error<InvalidArgument>(
+      [&] {
+        model_->forward(wide_ids, cache_, {}, Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
+      },
+      "token_ids must be a contiguous host int32 tensor with 1 dim(s), got [6] int64 cpu");
+  EXPECT_EQ(std::memcmp(snapshot.data(), cache_.keys(0), snapshot.size()), 0);
+
+  const std::vector<float> after = forward(pack({good}));
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ(after[i], before[i]) << i;
+}
+
+// Disabled until LlamaModel::validate bounds the logits_indices count by max_num_tokens (a bug):
+// today the extra rows are copied past the end of the normed_ workspace (ASan: heap overflow).
+TEST_F(LlamaModelTest, MoreLogitsRowsThanMaxNumTokensAreRejected) {
+  Batch b = pack({{random_tokens(4, 1), 0, {0}}});
+  b.logits_indices.assign(kMaxTokens + 1, 0);
+  expect_error<InvalidArgument>([&] { forward(b); }, "logits_indices");
+}
+
+TEST_F(LlamaModelTest, IncrementalDecodingMatchesFullPrefill) {
+  const std::vector<int32_t> ids = random_tokens(10, 3);
+  const std::vector<float> full = forward(pack({{ids, 0, {7, 1, 12}}}, /*all_logits=*/true));
+  // Same tokens in other blocks: a 4-token prefill, then one decode step per token, crossing
+  // two block boundaries.
+  const std::vector<int32_t> blocks = {30, 4, 19};
+  const std::vector<int32_t> head(ids.begin(), ids.begin() + 4);
+  expect_rows_near(forward(pack({{head, 0, blocks}}, true)), 0, full, 0, 4);
+  for (int32_t n = 4; n < 10; ++n) {
+    SCOPED_TRACE(n);
+    expect_rows_near(forward(pack({{{ids[n]}, n, blocks}})), 0, full, n);
+  }
+}
+
+TEST_F(LlamaModelTest, SequenceLogitsDoNotDependOnPackingOrBlockPlacement) {
+  const std::vector<int32_t> a = random_tokens(7, 4), b = random_tokens(5, 5);
+  const std::vector<float> alone = forward(pack({{a, 0, {0, 1}}}, true));
+  const std::vector<float> packed = forward(pack({{b, 0, {2, 3}}, {a, 0, {9, 6}}}, true));
+  for (int64_t t = 0; t < 7; ++t) expect_rows_near(packed, 5 + t, alone, t);
+
+  const std::vector<float> step_alone = forward(pack({{{17}, 7, {0, 1}}}));
+  const std::vector<float> step_packed = forward(pack({{{17}, 7, {9, 6}}, {{40}, 5, {2, 3}}}));
+  expect_rows_near(step_packed, 0, step_alone);
+}
+
+// W + B @ A for every adapted module, so a base model with these weights must match the adapter.
+Checkpoint merged_checkpoint(const ModelConfig& c, const AdapterData& adapter) {
+  static const std::map<int32_t, std::vector<std::string>> kTargets = {
+      {lora_module::kAttnQkv, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
+      {lora_module::kAttnQ, {"self_attn.q_proj"}},
+      {lora_module::kAttnK, {"self_attn.k_proj"}},
+      {lora_module::kAttnV, {"self_attn.v_proj"}},
+      {lora_module::kAttnDense, {"self_attn.o_proj"}},
+      {lora_module::kMlpHTo4H, {"mlp.gate_proj"}},
+      {lora_module::kMlp4HToH, {"mlp.down_proj"}},
+      {lora_module::kMlpGate, {"mlp.up_proj"}}};
+  Checkpoint ckpt = random_checkpoint(c);
+  for (int64_t i = 0; i < adapter.config.num_rows(); ++i) {
+    const LoraConfigRow row = adapter.config.row(i);
+    const LoraModuleDims d = c.lora_module_dims(row.module_id);
+    const int64_t r = row.adapter_size;
+    int64_t out_row = 0;  // attn_qkv's B rows run through q, then k, then v
+    for (const std::string& target : kTargets.at(row.module_id)) {
+      Param& w =
+          ckpt.at("model.layers." + std::to_string(row.layer_idx) + "." + target + ".weight");
+      for (int64_t o = 0; o < w.shape[0]; ++o, ++out_row) {
+        for (int64_t k = 0; k < d.in; ++k) {
+          double delta = 0.0;
+          for (int64_t j = 0; j < r; ++j) {
+            delta += double{adapter.weights.value(i, r * d.in + out_row * r + j)} *
+                     adapter.weights.value(i, j * d.in + k);
+          }
+          w.values[o * d.in + k] += static_cast<float>(delta);
+        }
+      }
+    }
+  }
+  return ckpt;
+}
+
+TEST_F(LlamaModelTest, AdapterBatchMatchesMergedWeightsAndEachSequenceAlone) {
+  const AdapterData data = adapter_data(config_, kAdapterRows);
+  const LoraAdapter adapter(data.weights, data.config, config_, kMaxRank);
+  const AdapterData zero_data = adapter_data(config_, kAdapterRows, /*zero_b=*/true);
+  const LoraAdapter zero_b(zero_data.weights, zero_data.config, config_, kMaxRank);
+  // x and z are neighbours with one adapter, so they share a 17-token segment (the BLAS path of
+  // the LoRA GEMM); the base-model y separates w, a 1-token segment (the loop path).
+  const std::vector<Seq> seqs = {{random_tokens(16, 6), 0, {0, 1, 2, 3}, 0},
+                                 {{9}, 0, {4}, 0},
+                                 {random_tokens(2, 7), 0, {5}, -1},
+                                 {{33}, 0, {6}, 0}};
+  std::vector<Seq> base_seqs = seqs;
+  for (Seq& s : base_seqs) s.slot = -1;
+  const std::vector<float> base = forward(pack(base_seqs));
+  const std::vector<float> lora = forward(pack(seqs), {&adapter});
+  const std::vector<float> zero = forward(pack(seqs), {&zero_b});
+  for (size_t i = 0; i < base.size(); ++i) EXPECT_EQ(zero[i], base[i]) << i;
+
+  auto merged = build_model(config_, merged_checkpoint(config_, data));
+  KvCache cache(config_, kNumBlocks, kBlockSize);
+  Batch merged_batch = pack(base_seqs);
+  const std::vector<float> want = run_forward(*merged, cache, merged_batch);
+  for (int64_t s = 0; s < 4; ++s) {
+    SCOPED_TRACE(s);
+    float max_diff = 0.0f;
+    for (int64_t i = 0; i < kVocab; ++i) {
+      max_diff = std::max(max_diff, std::abs(lora[s * kVocab + i] - base[s * kVocab + i]));
+    }
+    if (s == 2) {
+      expect_rows_near(lora, s, base, s);
+    } else {
+      EXPECT_GT(max_diff, 0.1f);
+      expect_rows_near(lora, s, want, s, 1, 1e-4);
+    }
+    // Slot 1 alone: slots index the adapter list.
+    Seq alone = seqs[s];
+    alone.slot = alone.slot < 0 ? -1 : 1;
+    expect_rows_near(lora, s, forward(pack({alone}), {nullptr, &adapter}));
+  }
+}
+
+}  // namespace
+}  // namespace lorart
