@@ -1,0 +1,174 @@
+#include "executor/lora_cache.h"
+
+#include "core/errors.h"
+#include "lora/lora_validation.h"
+
+namespace lorart {
+
+namespace {
+
+[[noreturn]] void not_found(uint64_t task_id) {
+  raise<LoraError>("LoRA task ", task_id,
+                   " not found in cache; send lora_weights and lora_config with the request");
+}
+
+}  // namespace
+
+LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
+                     DType dtype)
+    : model_(model), config_(config), max_lora_rank_(max_lora_rank), dtype_(dtype) {
+  if (config.host_cache_bytes <= 0 || config.device_cache_bytes <= 0) {
+    raise<InvalidArgument>("LoraCacheConfig: host_cache_bytes and device_cache_bytes must be > 0, ",
+                           "got ", config.host_cache_bytes, " and ", config.device_cache_bytes);
+  }
+}
+
+int64_t LoraCache::host_bytes_of(const LoraWeights& weights) const {
+  return weights.num_rows() * weights.row_size() * static_cast<int64_t>(dtype_size(dtype_));
+}
+
+int64_t LoraCache::device_bytes_of(const LoraWeights& weights) const {
+  return weights.num_rows() * weights.row_size() * static_cast<int64_t>(sizeof(float));
+}
+
+void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config) {
+  const int64_t host_bytes = host_bytes_of(weights);
+  const int64_t device_bytes = device_bytes_of(weights);
+  if (host_bytes > config_.host_cache_bytes) {
+    raise<LoraError>("LoRA task ", task_id, " needs ", host_bytes,
+                     " bytes, more than the whole host level (host_cache_bytes = ",
+                     config_.host_cache_bytes, ")");
+  }
+  if (device_bytes > config_.device_cache_bytes) {
+    raise<LoraError>("LoRA task ", task_id, " needs ", device_bytes,
+                     " bytes on the device level, more than all of it (device_cache_bytes = ",
+                     config_.device_cache_bytes, ")");
+  }
+  // Convert and validate outside the lock: both are O(adapter size).
+  LoraWeights converted =
+      weights.dtype() == dtype_ ? LoraWeights::copy_of(weights.tensor()) : weights.to(dtype_);
+  validate_lora(&converted, &config, model_, LoraLimits{max_lora_rank_, dtype_});
+  LoraConfig config_copy = LoraConfig::from_rows([&] {
+    std::vector<LoraConfigRow> rows;
+    for (int64_t i = 0; i < config.num_rows(); ++i) rows.push_back(config.row(i));
+    return rows;
+  }());
+
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = host_.find(task_id);
+  if (it != host_.end()) {
+    if (it->second.refs > 0 || device_.count(task_id)) {
+      // A request in flight may use these weights; keep them (same task id, same adapter).
+      host_lru_.splice(host_lru_.end(), host_lru_, it->second.lru);
+      return;
+    }
+    stats_.host_bytes -= it->second.bytes;
+    host_lru_.erase(it->second.lru);
+    host_.erase(it);
+  }
+  if (!make_host_room(host_bytes)) {
+    raise<LoraError>("LoRA task ", task_id, " needs ", host_bytes, " bytes but the host level (",
+                     config_.host_cache_bytes, " bytes) is full of adapters that queued or ",
+                     "running requests use; retry when they finish or raise host_cache_bytes");
+  }
+  host_lru_.push_back(task_id);
+  host_.emplace(task_id, HostEntry{std::move(converted), std::move(config_copy), host_bytes, 0,
+                                   std::prev(host_lru_.end())});
+  stats_.host_bytes += host_bytes;
+}
+
+bool LoraCache::make_host_room(int64_t bytes) {
+  for (auto it = host_lru_.begin();
+       stats_.host_bytes + bytes > config_.host_cache_bytes && it != host_lru_.end();) {
+    HostEntry& entry = host_.at(*it);
+    if (entry.refs > 0 || device_.count(*it)) {
+      ++it;
+      continue;
+    }
+    stats_.host_bytes -= entry.bytes;
+    ++stats_.host_evictions;
+    host_.erase(*it);
+    it = host_lru_.erase(it);
+  }
+  return stats_.host_bytes + bytes <= config_.host_cache_bytes;
+}
+
+void LoraCache::ref(uint64_t task_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = host_.find(task_id);
+  if (it == host_.end()) not_found(task_id);
+  ++it->second.refs;
+  host_lru_.splice(host_lru_.end(), host_lru_, it->second.lru);
+}
+
+void LoraCache::unref(uint64_t task_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = host_.find(task_id);
+  if (it != host_.end() && it->second.refs > 0) --it->second.refs;
+}
+
+std::shared_ptr<const LoraAdapter> LoraCache::acquire(uint64_t task_id) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  auto resident = device_.find(task_id);
+  if (resident != device_.end()) {
+    ++stats_.hits;
+    ++resident->second.pins;
+    device_lru_.splice(device_lru_.end(), device_lru_, resident->second.lru);
+    return resident->second.adapter;
+  }
+  auto host = host_.find(task_id);
+  if (host == host_.end()) not_found(task_id);
+  const int64_t bytes = device_bytes_of(host->second.weights);
+  if (!make_device_room(bytes)) return nullptr;
+  ++stats_.misses;
+  // The host->device copy runs under the lock so the host entry cannot be replaced or evicted
+  // meanwhile; it copies one adapter, the size of which put() already bounded.
+  auto adapter = std::make_shared<const LoraAdapter>(host->second.weights, host->second.config,
+                                                     model_, max_lora_rank_);
+  device_lru_.push_back(task_id);
+  device_.emplace(task_id, DeviceEntry{adapter, bytes, 1, std::prev(device_lru_.end())});
+  stats_.device_bytes += bytes;
+  return adapter;
+}
+
+bool LoraCache::make_device_room(int64_t bytes) {
+  for (auto it = device_lru_.begin();
+       stats_.device_bytes + bytes > config_.device_cache_bytes && it != device_lru_.end();) {
+    DeviceEntry& entry = device_.at(*it);
+    if (entry.pins > 0) {
+      ++it;
+      continue;
+    }
+    stats_.device_bytes -= entry.bytes;
+    ++stats_.device_evictions;
+    device_.erase(*it);
+    it = device_lru_.erase(it);
+  }
+  return stats_.device_bytes + bytes <= config_.device_cache_bytes;
+}
+
+void LoraCache::unpin(uint64_t task_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = device_.find(task_id);
+  if (it != device_.end() && it->second.pins > 0) --it->second.pins;
+}
+
+bool LoraCache::contains(uint64_t task_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return host_.count(task_id) > 0;
+}
+
+bool LoraCache::is_on_device(uint64_t task_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return device_.count(task_id) > 0;
+}
+
+LoraCacheStats LoraCache::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LoraCacheStats out = stats_;
+  out.host_tasks = static_cast<int64_t>(host_.size());
+  out.device_tasks = static_cast<int64_t>(device_.size());
+  return out;
+}
+
+}  // namespace lorart

@@ -1,0 +1,98 @@
+// LoraCache: the two-level LoRA cache of the seed documents ("fixed size, 2-level LoRA cache …
+// host … GPU"). Thread-safe (requests are enqueued from any thread; the scheduler acquires on the
+// loop thread).
+//
+// - Host level: task_id -> the adapter's validated rows in the model dtype, bounded by
+//   host_cache_bytes. A task is referenced while any queued or running request names it and is
+//   then never evicted; otherwise least-recently-used entries are evicted to make room.
+// - Device level: task_id -> LoraAdapter (compute dtype, indexed by layer and module) on the
+//   model's device, bounded by device_cache_bytes. On the CPU backend this is a separate pool in
+//   host memory behind the same code path. A task is pinned while a running request uses it;
+//   eviction takes the least recently used unpinned task; when every resident task is pinned,
+//   acquire() says "not now" and the request waits. In-use weights are never evicted.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "lora/lora_tensors.h"
+#include "model/lora_adapter.h"
+#include "model/model_config.h"
+
+namespace lorart {
+
+struct LoraCacheConfig {
+  int64_t host_cache_bytes = int64_t{1} << 30;
+  int64_t device_cache_bytes = int64_t{256} << 20;
+};
+
+struct LoraCacheStats {
+  int64_t hits = 0;    // acquire() found the task resident on the device level
+  int64_t misses = 0;  // acquire() had to load it from the host level
+  int64_t device_evictions = 0;
+  int64_t host_evictions = 0;
+  int64_t host_bytes = 0;    // bytes held by the host level
+  int64_t device_bytes = 0;  // bytes held by the device level
+  int64_t host_tasks = 0;
+  int64_t device_tasks = 0;
+};
+
+class LoraCache {
+ public:
+  LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
+            DType dtype);
+
+  // Validates (every rule of validate_lora, after converting to the model dtype) and stores the
+  // task on the host level, replacing an unreferenced older copy. Throws LoraError when invalid,
+  // when the adapter is larger than a whole level (both sizes in the message), or when the host
+  // level is full of referenced tasks.
+  void put(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config);
+  // A queued/running request names the task: keep it on the host level. Throws LoraError
+  // "LoRA task <id> not found in cache; …" when the host level does not hold it.
+  void ref(uint64_t task_id);
+  void unref(uint64_t task_id);
+
+  // Makes the task resident on the device level and pins it. Returns null when the device level
+  // has no room that eviction of unpinned tasks could make (the caller retries later).
+  std::shared_ptr<const LoraAdapter> acquire(uint64_t task_id);
+  void unpin(uint64_t task_id);
+
+  bool contains(uint64_t task_id) const;      // host level
+  bool is_on_device(uint64_t task_id) const;  // device level
+  LoraCacheStats stats() const;
+  // Bytes `weights` would take on each level, for admission and messages.
+  int64_t host_bytes_of(const LoraWeights& weights) const;
+  int64_t device_bytes_of(const LoraWeights& weights) const;
+
+ private:
+  struct HostEntry {
+    LoraWeights weights;
+    LoraConfig config;
+    int64_t bytes;
+    int64_t refs = 0;
+    std::list<uint64_t>::iterator lru;
+  };
+  struct DeviceEntry {
+    std::shared_ptr<const LoraAdapter> adapter;
+    int64_t bytes;
+    int64_t pins = 0;
+    std::list<uint64_t>::iterator lru;
+  };
+  bool make_host_room(int64_t bytes);    // evicts LRU unreferenced host entries
+  bool make_device_room(int64_t bytes);  // evicts LRU unpinned device entries
+
+  const ModelConfig model_;
+  const LoraCacheConfig config_;
+  const int64_t max_lora_rank_;
+  const DType dtype_;
+  mutable std::mutex mutex_;
+  std::unordered_map<uint64_t, HostEntry> host_;
+  std::unordered_map<uint64_t, DeviceEntry> device_;
+  std::list<uint64_t> host_lru_, device_lru_;  // front = least recently used
+  LoraCacheStats stats_;
+};
+
+}  // namespace lorart

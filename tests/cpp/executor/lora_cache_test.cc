@@ -1,0 +1,170 @@
+#include "executor/lora_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "core/errors.h"
+#include "test_util.h"
+
+namespace lorart {
+namespace {
+
+using testing_util::expect_error;
+
+// hidden 8, 2 layers: an attn_q row of rank r holds r*8 + 8*r = 16r values.
+ModelConfig tiny_model() {
+  ModelConfig c;
+  c.vocab_size = 16;
+  c.hidden_size = 8;
+  c.intermediate_size = 16;
+  c.num_layers = 2;
+  c.num_attention_heads = 2;
+  c.num_kv_heads = 2;
+  c.head_dim = 4;
+  return c;
+}
+
+struct Adapter {
+  LoraWeights weights;
+  LoraConfig config;
+};
+
+// One attn_q row of rank `rank` filled with `value`: 16 * rank floats = 64 * rank bytes.
+Adapter adapter(int32_t rank, float value = 0.5f) {
+  std::vector<float> values(16 * rank, value);
+  LoraWeights w = LoraWeights::copy_of(
+      Tensor(values.data(), DType::kFloat32, {1, static_cast<int64_t>(values.size())}));
+  return {w, LoraConfig::from_rows({{1, 0, rank}})};
+}
+
+// A cache whose device level holds exactly `device_adapters` rank-1 adapters (64 bytes each).
+LoraCache cache(int64_t device_adapters, int64_t host_adapters = 100) {
+  return LoraCache(tiny_model(), LoraCacheConfig{host_adapters * 64, device_adapters * 64}, 8,
+                   DType::kFloat32);
+}
+
+TEST(LoraCacheTest, PutThenAcquireMissThenHit) {
+  LoraCache c = cache(2);
+  const Adapter a = adapter(1);
+  c.put(7, a.weights, a.config);
+  EXPECT_TRUE(c.contains(7));
+  EXPECT_FALSE(c.is_on_device(7));
+  auto first = c.acquire(7);
+  ASSERT_NE(first, nullptr);
+  EXPECT_TRUE(c.is_on_device(7));
+  EXPECT_EQ(first->pair(0, 1).rank, 1);
+  EXPECT_EQ(first->pair(0, 1).a[3], 0.5f);
+  EXPECT_EQ(first->pair(1, 1).rank, 0);
+  auto second = c.acquire(7);
+  EXPECT_EQ(second, first);
+  const LoraCacheStats s = c.stats();
+  EXPECT_EQ(s.misses, 1);
+  EXPECT_EQ(s.hits, 1);
+  EXPECT_EQ(s.device_bytes, 64);
+  EXPECT_EQ(s.host_bytes, 64);
+}
+
+TEST(LoraCacheTest, EvictsLeastRecentlyUsedUnpinned) {
+  LoraCache c = cache(2);
+  for (uint64_t id : {1, 2, 3}) {
+    const Adapter a = adapter(1, static_cast<float>(id));
+    c.put(id, a.weights, a.config);
+  }
+  ASSERT_NE(c.acquire(1), nullptr);
+  ASSERT_NE(c.acquire(2), nullptr);
+  c.unpin(1);
+  c.unpin(2);
+  ASSERT_NE(c.acquire(1), nullptr);  // 1 becomes most recent; 2 is now the LRU
+  c.unpin(1);
+  ASSERT_NE(c.acquire(3), nullptr);
+  EXPECT_TRUE(c.is_on_device(1));
+  EXPECT_FALSE(c.is_on_device(2));
+  EXPECT_TRUE(c.is_on_device(3));
+  EXPECT_EQ(c.stats().device_evictions, 1);
+  EXPECT_TRUE(c.contains(2));  // still on the host level
+}
+
+TEST(LoraCacheTest, PinnedTasksAreNeverEvictedAndNewOnesWait) {
+  LoraCache c = cache(2);
+  for (uint64_t id : {1, 2, 3}) {
+    const Adapter a = adapter(1);
+    c.put(id, a.weights, a.config);
+  }
+  auto one = c.acquire(1);
+  auto two = c.acquire(2);
+  EXPECT_EQ(c.acquire(3), nullptr);  // full of pinned tasks: wait
+  EXPECT_TRUE(c.is_on_device(1));
+  EXPECT_TRUE(c.is_on_device(2));
+  EXPECT_EQ(c.stats().device_evictions, 0);
+  c.unpin(2);
+  ASSERT_NE(c.acquire(3), nullptr);
+  EXPECT_FALSE(c.is_on_device(2));
+  EXPECT_EQ(one->pair(0, 1).rank, 1);  // the pinned adapter's memory is intact
+}
+
+TEST(LoraCacheTest, UnknownTaskMessage) {
+  LoraCache c = cache(2);
+  const std::string message =
+      "LoRA task 42 not found in cache; send lora_weights and lora_config with the request";
+  expect_error<LoraError>([&] { c.acquire(42); }, message);
+  expect_error<LoraError>([&] { c.ref(42); }, message);
+}
+
+TEST(LoraCacheTest, AdapterLargerThanALevelIsRejectedWithBothSizes) {
+  LoraCache c = cache(2, 3);       // device 128 bytes, host 192 bytes
+  const Adapter big = adapter(4);  // 256 bytes
+  expect_error<LoraError>([&] { c.put(1, big.weights, big.config); },
+                          "LoRA task 1 needs 256 bytes, more than the whole host level "
+                          "(host_cache_bytes = 192)");
+  LoraCache wide_host = cache(2, 10);
+  const Adapter three = adapter(3);  // 192 bytes > 128 device bytes
+  expect_error<LoraError>([&] { wide_host.put(1, three.weights, three.config); },
+                          "needs 192 bytes on the device level, more than all of it "
+                          "(device_cache_bytes = 128)");
+  EXPECT_FALSE(wide_host.contains(1));
+}
+
+TEST(LoraCacheTest, InvalidAdapterIsRejectedAndNotStored) {
+  LoraCache c = cache(2);
+  std::vector<float> values(16, 0.5f);
+  LoraWeights w = LoraWeights::copy_of(Tensor(values.data(), DType::kFloat32, {1, 16}));
+  expect_error<LoraError>([&] { c.put(5, w, LoraConfig::from_rows({{1, 2, 1}})); },
+                          "layer_idx 2 is out of range [0, 2)");
+  EXPECT_FALSE(c.contains(5));
+  EXPECT_EQ(c.stats().host_bytes, 0);
+}
+
+TEST(LoraCacheTest, HostLevelKeepsReferencedTasksAndEvictsTheRest) {
+  LoraCache c = cache(1, 2);
+  const Adapter a = adapter(1);
+  c.put(1, a.weights, a.config);
+  c.put(2, a.weights, a.config);
+  c.ref(1);
+  c.put(3, a.weights, a.config);  // evicts 2 (unreferenced), never 1
+  EXPECT_TRUE(c.contains(1));
+  EXPECT_FALSE(c.contains(2));
+  EXPECT_TRUE(c.contains(3));
+  EXPECT_EQ(c.stats().host_evictions, 1);
+  c.ref(3);
+  expect_error<LoraError>([&] { c.put(4, a.weights, a.config); },
+                          "the host level (128 bytes) is full of adapters that queued or running "
+                          "requests use");
+  c.unref(3);
+  c.put(4, a.weights, a.config);
+  EXPECT_FALSE(c.contains(3));
+}
+
+TEST(LoraCacheTest, ConvertsToTheModelDtypeOnce) {
+  LoraCache c(tiny_model(), LoraCacheConfig{1 << 20, 1 << 20}, 8, DType::kFloat16);
+  const Adapter a = adapter(2, 0.1f);
+  c.put(9, a.weights, a.config);
+  EXPECT_EQ(c.stats().host_bytes, 2 * 32);  // fp16 on the host level
+  auto adapter_on_device = c.acquire(9);
+  ASSERT_NE(adapter_on_device, nullptr);
+  EXPECT_EQ(adapter_on_device->pair(0, 1).a[0], half_to_float(float_to_half(0.1f)));
+  EXPECT_EQ(c.stats().device_bytes, 2 * 64);  // float32 compute copy
+}
+
+}  // namespace
+}  // namespace lorart
