@@ -65,10 +65,11 @@ void bind_model(py::module_& m) {
       .def_property_readonly("max_rank", &LoraAdapter::max_rank)
       .def_property_readonly("nbytes", &LoraAdapter::nbytes);
 
-  py::class_<LlamaModel>(m, "LlamaModel", "Llama-family forward over a packed, paged batch.")
+  py::class_<LlamaModel, std::shared_ptr<LlamaModel>>(
+      m, "LlamaModel", "Llama-family forward over a packed, paged batch.")
       .def(py::init([](const ModelConfig& config, ModelWeightsBuilder& builder,
                        int64_t max_num_tokens, int64_t max_lora_rank) {
-             return std::make_unique<LlamaModel>(config, ModelWeights(std::move(builder)),
+             return std::make_shared<LlamaModel>(config, ModelWeights(std::move(builder)),
                                                  max_num_tokens, max_lora_rank);
            }),
            py::arg("config"), py::arg("weights"), py::arg("max_num_tokens") = 2048,

@@ -6,4 +6,5 @@ PYBIND11_MODULE(_core, m) {
   lorart::bindings::bind_model_config(m);
   lorart::bindings::bind_lora(m);
   lorart::bindings::bind_model(m);
+  lorart::bindings::bind_executor(m);
 }

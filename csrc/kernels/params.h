@@ -57,4 +57,11 @@ struct LoraGemmParams {
   float* scratch;  // >= sum over segments of (end - begin) * rank floats (one block each)
 };
 
+// How one request picks its next token from a row of logits.
+struct SamplingParams {
+  int32_t top_k;      // 0 = whole vocabulary; 1 = greedy
+  float top_p;        // keep the smallest set of top tokens whose probability reaches top_p
+  float temperature;  // 0 = greedy
+};
+
 }  // namespace lorart

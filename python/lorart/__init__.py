@@ -6,13 +6,20 @@ The compiled core lives in ``lorart._core``; this package re-exports its public 
 from lorart import hf, lora
 from lorart._core import (
     DeviceError,
+    ExecutorConfig,
+    InferenceRequest,
+    KvCacheConfig,
+    LoraCacheConfig,
     LoraConfig,
     LoraError,
     LoraWeights,
     ModelConfig,
+    Response,
     RopeScaling,
+    SamplingConfig,
     build_info,
 )
+from lorart.executor import Executor
 from lorart.lora import LORA_MODULES, LoraModule
 
 __version__ = "0.1.0"
@@ -20,12 +27,19 @@ __version__ = "0.1.0"
 __all__ = [
     "LORA_MODULES",
     "DeviceError",
+    "Executor",
+    "ExecutorConfig",
+    "InferenceRequest",
+    "KvCacheConfig",
+    "LoraCacheConfig",
     "LoraConfig",
     "LoraError",
     "LoraModule",
     "LoraWeights",
     "ModelConfig",
+    "Response",
     "RopeScaling",
+    "SamplingConfig",
     "__version__",
     "build_info",
     "hf",

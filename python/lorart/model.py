@@ -20,6 +20,33 @@ from lorart import _core, hf
 from lorart._core import LoraConfig, LoraWeights, ModelConfig
 
 
+def load_core_model(
+    model_dir: str | Path, max_num_tokens: int, max_lora_rank: int, progress: bool | None = None
+) -> _core.LlamaModel:
+    """Read an HF checkpoint into the C++ model (weights converted to float32 once, from
+    memory-mapped files); prints a progress line for checkpoints over 256 MiB."""
+    config = hf.load_config(model_dir)
+    builder = _core.ModelWeightsBuilder(config)
+    tensors = list(hf.iter_weights(model_dir, config))
+    total = sum(a.nbytes for _, a in tensors)
+    show = progress if progress is not None else total > 256 * 2**20
+    done, start = 0, time.monotonic()
+    for i, (name, array) in enumerate(tensors):
+        builder.add(name, array)
+        done += array.nbytes
+        if show and (i + 1 == len(tensors) or i % 16 == 0):
+            print(
+                f"\rloading {Path(model_dir).name}: {done / 2**20:,.0f} / {total / 2**20:,.0f} MiB"
+                f" ({time.monotonic() - start:.1f} s)",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+    if show:
+        print(file=sys.stderr)
+    return _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
+
+
 @dataclass
 class SequenceChunk:
     """Part of one sequence in a forward: ``token_ids`` get positions ``context_len ...``.
@@ -67,26 +94,7 @@ class Model:
         """
         if threads is not None:
             _core.set_num_threads(threads)
-        config = hf.load_config(model_dir)
-        builder = _core.ModelWeightsBuilder(config)
-        tensors = list(hf.iter_weights(model_dir, config))
-        total = sum(a.nbytes for _, a in tensors)
-        show = progress if progress is not None else total > 256 * 2**20
-        done, start = 0, time.monotonic()
-        for i, (name, array) in enumerate(tensors):
-            builder.add(name, array)
-            done += array.nbytes
-            if show and (i + 1 == len(tensors) or i % 16 == 0):
-                print(
-                    f"\rloading {Path(model_dir).name}: {done / 2**20:,.0f} / "
-                    f"{total / 2**20:,.0f} MiB ({time.monotonic() - start:.1f} s)",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        if show:
-            print(file=sys.stderr)
-        core = _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
+        core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress)
         return cls(core, num_kv_blocks, block_size)
 
     @property

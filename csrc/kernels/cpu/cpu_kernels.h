@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "kernels/params.h"
 
@@ -34,6 +35,11 @@ void lora_gemm(const LoraGemmParams& p);
 // y[M, N] (+)= x[M, K] @ w[N, K]^T
 void linear(const float* x, int64_t x_stride, const float* w, int64_t m, int64_t n, int64_t k,
             float beta, float* y, int64_t y_stride);
+// Picks a token from logits [vocab] (greedy, or temperature / top-k / top-p sampling drawing
+// from the caller's RNG state, advanced once per sampled token). `log_prob` receives log p(token)
+// under the unmodified distribution (temperature 1). `scratch` holds vocab (index, value) pairs.
+int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& params,
+                     uint64_t* rng_state, float* log_prob, std::pair<float, int32_t>* scratch);
 void set_num_threads(int threads);
 int num_threads();
 

@@ -1,0 +1,108 @@
+// Executor: the GptManager of the seed documents. A background loop thread runs in-flight
+// batching over one LlamaModel: each step it admits requests (scheduler), runs one forward over
+// the mixed batch, samples, and emits responses. Public methods are thread-safe; the model, the
+// scheduler and every Sequence belong to the loop thread.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "executor/kv_cache_manager.h"
+#include "executor/lora_cache.h"
+#include "executor/request.h"
+#include "executor/scheduler.h"
+#include "model/kv_cache.h"
+#include "model/llama_model.h"
+
+namespace lorart {
+
+struct ExecutorStats {
+  int64_t queued = 0;  // waiting for admission
+  int64_t running = 0;
+  int64_t completed = 0;  // final responses produced (any reason)
+  int64_t steps = 0;
+  int64_t preemptions = 0;
+  int64_t prompt_tokens = 0;  // tokens run through prefill
+  int64_t generated_tokens = 0;
+  double busy_seconds = 0.0;       // time spent in steps
+  double tokens_per_second = 0.0;  // (prompt + generated) / busy_seconds
+  int64_t free_kv_blocks = 0;
+  int64_t total_kv_blocks = 0;
+  LoraCacheStats lora;
+};
+
+class Executor {
+ public:
+  Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& config);
+  ~Executor();
+
+  // Validates the request on the calling thread (a bad request gets its error as a final
+  // response, never an exception) and queues it. Returns at once with the request id.
+  uint64_t enqueue_request(InferenceRequest request);
+  // Blocks until at least one response of `id` is ready (or `timeout` passes: then returns
+  // none). Throws InvalidArgument for an id that is unknown or already finished and collected.
+  std::vector<Response> await_responses(uint64_t id,
+                                        std::optional<std::chrono::milliseconds> timeout);
+  void cancel_request(uint64_t id);
+  ExecutorStats stats() const;
+  // Stops the loop; requests not finished end with finish reason `cancelled`. Idempotent.
+  void shutdown();
+
+  const ModelConfig& model_config() const { return model_->config(); }
+  const ExecutorConfig& config() const { return config_; }
+  LoraCache& lora_cache() { return lora_cache_; }
+
+ private:
+  struct Channel {
+    std::deque<Response> responses;
+    bool streaming = false;
+  };
+  std::optional<std::string> validate(InferenceRequest& request);
+  void loop();
+  bool has_work() const;
+  void step();
+  void finish(Sequence* seq, FinishReason reason, const std::string& error = "");
+  void emit(Response response);
+  void on_sampled(Sequence& seq, int32_t token);
+  static bool ends_with_stop(const Sequence& seq, const std::vector<int32_t>& stop);
+
+  std::shared_ptr<LlamaModel> model_;
+  const ExecutorConfig config_;
+  KvCache kv_cache_;
+  KvCacheManager kv_manager_;
+  LoraCache lora_cache_;
+  Scheduler scheduler_;
+
+  mutable std::mutex queue_mutex_;  // guards incoming_, cancels_, stop_
+  std::condition_variable queue_cv_;
+  std::vector<std::unique_ptr<Sequence>> incoming_;
+  std::vector<uint64_t> cancels_;
+  bool stop_ = false;
+
+  mutable std::mutex channel_mutex_;  // guards channels_
+  std::condition_variable channel_cv_;
+  std::unordered_map<uint64_t, Channel> channels_;
+
+  std::atomic<uint64_t> next_id_{1};
+  std::unordered_map<uint64_t, Sequence*> live_;  // loop thread: admitted sequences by id
+
+  mutable std::mutex stats_mutex_;
+  ExecutorStats stats_;
+
+  // Per-step scratch (loop thread), grown once to the configured maxima.
+  std::vector<int32_t> token_ids_, seq_starts_, context_lens_, block_tables_, lora_slots_,
+      logits_indices_;
+  std::vector<float> logits_;
+  std::vector<std::pair<float, int32_t>> sample_scratch_;
+  std::thread thread_;
+};
+
+}  // namespace lorart

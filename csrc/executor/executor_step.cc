@@ -1,0 +1,182 @@
+// The executor's step: build one packed batch from the scheduler's plan, run the forward, sample,
+// and emit responses. Loop thread only.
+#include <algorithm>
+#include <chrono>
+
+#include "core/errors.h"
+#include "executor/executor.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace lorart {
+
+namespace {
+
+// Where a chunk's rows sit in the step's logits.
+struct ChunkRows {
+  int64_t first_context_row = 0;  // rows of prompt positions collected as context logits
+  int64_t context_rows = 0;
+  int64_t sample_row = -1;  // row whose logits pick the next token
+};
+
+}  // namespace
+
+void Executor::step() {
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<ScheduledChunk> plan = scheduler_.schedule();
+  if (plan.empty()) return;
+  // Neighbours with one adapter form one LoRA segment.
+  std::stable_sort(plan.begin(), plan.end(), [](const ScheduledChunk& a, const ScheduledChunk& b) {
+    return a.seq->adapter.get() < b.seq->adapter.get();
+  });
+  const ModelConfig& m = model_->config();
+  const int64_t width = kv_manager_.blocks_for(config_.max_seq_len);
+  const int64_t num_seqs = static_cast<int64_t>(plan.size());
+  token_ids_.clear();
+  seq_starts_.assign(1, 0);
+  context_lens_.clear();
+  lora_slots_.clear();
+  logits_indices_.clear();
+  block_tables_.assign(static_cast<size_t>(num_seqs * width), -1);
+  std::vector<const LoraAdapter*> adapters;
+  std::vector<ChunkRows> rows(plan.size());
+  int64_t prompt_tokens = 0;
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    Sequence& seq = *plan[i].seq;
+    const int64_t begin = plan[i].begin, end = begin + plan[i].count;
+    token_ids_.insert(token_ids_.end(), seq.tokens.begin() + begin, seq.tokens.begin() + end);
+    seq_starts_.push_back(static_cast<int32_t>(token_ids_.size()));
+    context_lens_.push_back(static_cast<int32_t>(begin));
+    std::copy(seq.blocks.begin(), seq.blocks.end(), block_tables_.begin() + i * width);
+    int32_t slot = -1;
+    if (seq.adapter) {
+      auto found = std::find(adapters.begin(), adapters.end(), seq.adapter.get());
+      slot = static_cast<int32_t>(found - adapters.begin());
+      if (found == adapters.end()) adapters.push_back(seq.adapter.get());
+    }
+    lora_slots_.push_back(slot);
+    const int64_t first_token = seq_starts_[i];
+    if (seq.request.return_context_logits && seq.context_rows < seq.prompt_len) {
+      // Prompt positions of this chunk not collected yet (a recompute after preemption skips).
+      const int64_t from = std::max(begin, seq.context_rows);
+      const int64_t to = std::min(end, seq.prompt_len);
+      rows[i].first_context_row = static_cast<int64_t>(logits_indices_.size());
+      for (int64_t p = from; p < to; ++p) {
+        logits_indices_.push_back(static_cast<int32_t>(first_token + p - begin));
+      }
+      rows[i].context_rows = std::max<int64_t>(0, to - from);
+    }
+    if (plan[i].samples) {
+      rows[i].sample_row = static_cast<int64_t>(logits_indices_.size());
+      logits_indices_.push_back(static_cast<int32_t>(first_token + plan[i].count - 1));
+    }
+    prompt_tokens += std::max<int64_t>(0, std::min(end, seq.prompt_len) - begin);
+  }
+  const int64_t n_out = static_cast<int64_t>(logits_indices_.size());
+  logits_.resize(static_cast<size_t>(std::max<int64_t>(n_out, 1) * m.vocab_size));
+  const int64_t num_tokens = static_cast<int64_t>(token_ids_.size());
+  ForwardBatch batch;
+  batch.token_ids = Tensor(token_ids_.data(), DType::kInt32, {num_tokens});
+  batch.seq_starts = Tensor(seq_starts_.data(), DType::kInt32, {num_seqs + 1});
+  batch.context_lens = Tensor(context_lens_.data(), DType::kInt32, {num_seqs});
+  batch.block_tables = Tensor(block_tables_.data(), DType::kInt32, {num_seqs, width});
+  batch.lora_slots = Tensor(lora_slots_.data(), DType::kInt32, {num_seqs});
+  batch.logits_indices = Tensor(logits_indices_.data(), DType::kInt32, {n_out});
+  try {
+    model_->forward(batch, kv_cache_, adapters,
+                    Tensor(logits_.data(), DType::kFloat32, {n_out, m.vocab_size}));
+  } catch (const std::exception& e) {
+    // A failed step fails its requests alone; the loop and every other request go on.
+    for (const ScheduledChunk& chunk : plan) {
+      finish(chunk.seq, FinishReason::kError, std::string("forward failed: ") + e.what());
+    }
+    return;
+  }
+  int64_t sampled = 0;
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    Sequence& seq = *plan[i].seq;
+    scheduler_.advance(plan[i]);
+    if (rows[i].context_rows > 0) {
+      const float* src = logits_.data() + rows[i].first_context_row * m.vocab_size;
+      seq.pending.context_logits.insert(seq.pending.context_logits.end(), src,
+                                        src + rows[i].context_rows * m.vocab_size);
+      seq.context_rows += rows[i].context_rows;
+    }
+    if (rows[i].sample_row < 0) continue;
+    const float* row = logits_.data() + rows[i].sample_row * m.vocab_size;
+    const SamplingConfig& s = seq.request.sampling_config;
+    float log_prob = 0.0f;
+    const int32_t token = cpu::sample_token(
+        row, m.vocab_size, SamplingParams{s.top_k, s.top_p, s.temperature}, &seq.rng_state,
+        seq.request.return_log_probs ? &log_prob : nullptr, sample_scratch_.data());
+    if (seq.request.return_log_probs) seq.pending.log_probs.push_back(log_prob);
+    if (seq.request.return_generation_logits) {
+      seq.pending.generation_logits.insert(seq.pending.generation_logits.end(), row,
+                                           row + m.vocab_size);
+    }
+    ++sampled;
+    on_sampled(seq, token);
+  }
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  ++stats_.steps;
+  stats_.prompt_tokens += prompt_tokens;
+  stats_.generated_tokens += sampled;
+  stats_.busy_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  stats_.preemptions = scheduler_.preemptions();
+  stats_.running = static_cast<int64_t>(scheduler_.running().size());
+  stats_.queued = static_cast<int64_t>(scheduler_.waiting().size());
+  stats_.free_kv_blocks = kv_manager_.free_blocks();
+}
+
+void Executor::on_sampled(Sequence& seq, int32_t token) {
+  const InferenceRequest& r = seq.request;
+  if (r.end_id && token == *r.end_id) {  // the end id ends the output and is not part of it
+    finish(&seq, FinishReason::kEndId);
+    return;
+  }
+  seq.tokens.push_back(token);
+  FinishReason reason = FinishReason::kNotFinished;
+  for (const auto& stop : r.stop_token_ids) {
+    if (ends_with_stop(seq, stop)) reason = FinishReason::kStop;
+  }
+  if (reason == FinishReason::kNotFinished && seq.generated() >= r.max_new_tokens) {
+    reason = FinishReason::kLength;
+  }
+  if (reason != FinishReason::kNotFinished) {
+    finish(&seq, reason);
+    return;
+  }
+  if (r.streaming) {
+    Response out = std::move(seq.pending);
+    seq.pending = Response{};
+    out.request_id = seq.id;
+    out.output_token_ids.assign(seq.tokens.begin() + seq.prompt_len + seq.emitted,
+                                seq.tokens.end());
+    seq.emitted = seq.generated();
+    emit(std::move(out));
+  }
+}
+
+bool Executor::ends_with_stop(const Sequence& seq, const std::vector<int32_t>& stop) {
+  const int64_t n = static_cast<int64_t>(stop.size());
+  if (seq.generated() < n) return false;
+  return std::equal(stop.begin(), stop.end(), seq.tokens.end() - n);
+}
+
+void Executor::finish(Sequence* seq, FinishReason reason, const std::string& error) {
+  live_.erase(seq->id);
+  std::unique_ptr<Sequence> owned = scheduler_.remove(seq);
+  if (owned && owned->request.lora_task_id) lora_cache_.unref(*owned->request.lora_task_id);
+  Response out = std::move(seq->pending);
+  out.request_id = seq->id;
+  out.finish_reason = reason;
+  out.error = error;
+  out.is_final = true;
+  const int64_t from = seq->request.streaming ? seq->emitted : 0;
+  out.output_token_ids.assign(seq->tokens.begin() + seq->prompt_len + from, seq->tokens.end());
+  emit(std::move(out));
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  ++stats_.completed;
+}
+
+}  // namespace lorart

@@ -1,0 +1,72 @@
+// The executor's public value types (names as in DESIGN.md, "Public API"): what a request asks
+// for, how to sample, what comes back, and how the executor is sized. Plain data; copied freely.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "executor/lora_cache.h"
+#include "lora/lora_tensors.h"
+
+namespace lorart {
+
+struct SamplingConfig {
+  int32_t top_k = 0;             // 0 = no limit; 1 = greedy
+  float top_p = 1.0f;            // nucleus mass in (0, 1]
+  float temperature = 1.0f;      // 0 = greedy
+  std::optional<uint64_t> seed;  // same seed -> same tokens, whatever the batch; unset = random
+  // Throws InvalidArgument naming the field and its allowed range.
+  void validate() const;
+};
+
+struct InferenceRequest {
+  std::vector<int32_t> input_token_ids;
+  int32_t max_new_tokens = 16;
+  SamplingConfig sampling_config;
+  std::optional<int32_t> end_id;
+  std::vector<std::vector<int32_t>> stop_token_ids;  // stop when the output ends with any of these
+  std::optional<uint64_t> lora_task_id;
+  std::optional<LoraWeights> lora_weights;  // first request of a task: weights + config
+  std::optional<LoraConfig> lora_config;
+  bool streaming = false;
+  bool return_context_logits = false;
+  bool return_generation_logits = false;
+  bool return_log_probs = false;
+};
+
+enum class FinishReason : int8_t { kNotFinished, kLength, kEndId, kStop, kCancelled, kError };
+const char* finish_reason_name(FinishReason reason);  // "length", "end_id", ...
+
+struct Response {
+  uint64_t request_id = 0;
+  // Non-streaming: every generated token. Streaming: the tokens new since the last response.
+  std::vector<int32_t> output_token_ids;
+  FinishReason finish_reason = FinishReason::kNotFinished;
+  std::string error;  // empty unless finish_reason == kError
+  bool is_final = false;
+  std::vector<float> context_logits;     // [prompt_len, vocab] when asked for (final response)
+  std::vector<float> generation_logits;  // [n, vocab] for this response's tokens when asked for
+  std::vector<float> log_probs;          // [n] log p(token) under the model, when asked for
+  int64_t vocab_size = 0;                // row width of the logits arrays
+};
+
+struct KvCacheConfig {
+  int64_t block_size = 16;
+  int64_t max_tokens = 16384;  // pool capacity in tokens (rounded up to whole blocks)
+};
+
+struct ExecutorConfig {
+  std::string device = "cpu";     // the CPU backend; CUDA executors arrive with the CUDA kernels
+  std::string dtype = "float32";  // compute dtype (float32 on CPU)
+  int64_t max_batch_size = 8;
+  int64_t max_num_tokens = 2048;  // tokens one step may run (prefill chunks + decodes)
+  int64_t max_seq_len = 2048;     // prompt + generated, per request
+  int64_t max_lora_rank = 64;
+  LoraCacheConfig lora_cache;
+  KvCacheConfig kv_cache;
+  void validate() const;
+};
+
+}  // namespace lorart

@@ -1,0 +1,68 @@
+"""``lorart.Executor``: the in-flight batching loop (C++, background thread) over one model.
+
+Names follow DESIGN.md's public API: ``enqueue_request`` returns a request id at once,
+``await_responses`` blocks (the GIL released) until responses arrive, ``cancel_request``,
+``stats`` and ``shutdown``. Bad requests never raise here: they come back as a final
+:class:`Response` with ``finish_reason == "error"`` and the message in ``error``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorart import _core
+from lorart._core import ExecutorConfig, InferenceRequest, ModelConfig, Response
+from lorart.model import load_core_model
+
+
+class Executor:
+    """Loads an HF checkpoint directory and serves :class:`InferenceRequest` s on it."""
+
+    def __init__(self, model_dir: str | Path, config: ExecutorConfig | None = None) -> None:
+        config = config if config is not None else ExecutorConfig()
+        model = load_core_model(model_dir, config.max_num_tokens, config.max_lora_rank)
+        self._core = _core.Executor(model, config)
+        self.config = config
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._core.model_config
+
+    def enqueue_request(self, request: InferenceRequest) -> int:
+        """Queue a request (thread-safe, returns at once); the result comes from
+        :meth:`await_responses`."""
+        return self._core.enqueue_request(request)
+
+    def await_responses(self, request_id: int, timeout: float | None = None) -> list[Response]:
+        """Responses of ``request_id`` ready so far, waiting for at least one (or ``timeout``
+        seconds: then an empty list). The last one of a request has ``is_final=True``; a
+        streaming request yields one per generated step before it."""
+        return self._core.await_responses(request_id, timeout)
+
+    def cancel_request(self, request_id: int) -> None:
+        """Stop a request; its final response has ``finish_reason == "cancelled"``."""
+        self._core.cancel_request(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Queue lengths, steps, tokens and tokens/s, KV blocks, and LoRA cache hits, misses,
+        evictions and bytes per level."""
+        return self._core.stats()
+
+    def contains_lora_task(self, task_id: int) -> bool:
+        """Whether the host level of the LoRA cache holds ``task_id``."""
+        return self._core.contains_lora_task(task_id)
+
+    def lora_task_on_device(self, task_id: int) -> bool:
+        """Whether ``task_id`` is resident on the device level of the LoRA cache."""
+        return self._core.lora_task_on_device(task_id)
+
+    def shutdown(self) -> None:
+        """Stop the loop; unfinished requests end with ``finish_reason == "cancelled"``."""
+        self._core.shutdown()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
