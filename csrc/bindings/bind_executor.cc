@@ -100,7 +100,12 @@ void bind_executor(py::module_& m) {
       .def_readwrite("end_id", &InferenceRequest::end_id)
       .def_readwrite("stop_token_ids", &InferenceRequest::stop_token_ids)
       .def_readwrite("lora_task_id", &InferenceRequest::lora_task_id)
-      .def_readwrite("streaming", &InferenceRequest::streaming);
+      .def_readwrite("lora_weights", &InferenceRequest::lora_weights)
+      .def_readwrite("lora_config", &InferenceRequest::lora_config)
+      .def_readwrite("streaming", &InferenceRequest::streaming)
+      .def_readwrite("return_context_logits", &InferenceRequest::return_context_logits)
+      .def_readwrite("return_generation_logits", &InferenceRequest::return_generation_logits)
+      .def_readwrite("return_log_probs", &InferenceRequest::return_log_probs);
 
   py::class_<Response>(m, "Response", "A (partial or final) result of one request.")
       .def_readonly("request_id", &Response::request_id)
