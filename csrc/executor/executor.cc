@@ -130,6 +130,8 @@ uint64_t Executor::enqueue_request(InferenceRequest request) {
     r.finish_reason = FinishReason::kCancelled;
     r.is_final = true;
     emit(std::move(r));
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    ++stats_.completed;
   }
   queue_cv_.notify_one();
   return id;
@@ -225,9 +227,11 @@ void Executor::loop() {
       if (it != live_.end()) finish(it->second, FinishReason::kCancelled);
     }
     if (has_work()) step();
+    publish_state();
   }
   // Shutdown: everything still queued or running ends as cancelled.
   while (!live_.empty()) finish(live_.begin()->second, FinishReason::kCancelled);
+  publish_state();
 }
 
 }  // namespace lorart

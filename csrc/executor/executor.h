@@ -69,6 +69,7 @@ class Executor {
   void loop();
   bool has_work() const;
   void step();
+  void publish_state();  // queue lengths and free blocks into stats_ (after every iteration)
   void finish(Sequence* seq, FinishReason reason, const std::string& error = "");
   void emit(Response response);
   void on_sampled(Sequence& seq, int32_t token);

@@ -66,8 +66,18 @@ void Executor::step() {
       rows[i].context_rows = std::max<int64_t>(0, to - from);
     }
     if (plan[i].samples) {
-      rows[i].sample_row = static_cast<int64_t>(logits_indices_.size());
-      logits_indices_.push_back(static_cast<int32_t>(first_token + plan[i].count - 1));
+      const int64_t last = end - 1;
+      const int64_t collected_from =
+          rows[i].context_rows > 0 ? std::max(begin, seq.context_rows) : end;
+      if (rows[i].context_rows > 0 && last >= collected_from &&
+          last < collected_from + rows[i].context_rows) {
+        // The last prompt row is already a context row: sample from it rather than asking the
+        // model for the same row twice (which could exceed max_num_tokens rows).
+        rows[i].sample_row = rows[i].first_context_row + (last - collected_from);
+      } else {
+        rows[i].sample_row = static_cast<int64_t>(logits_indices_.size());
+        logits_indices_.push_back(static_cast<int32_t>(first_token + plan[i].count - 1));
+      }
     }
     prompt_tokens += std::max<int64_t>(0, std::min(end, seq.prompt_len) - begin);
   }
@@ -122,6 +132,10 @@ void Executor::step() {
   stats_.generated_tokens += sampled;
   stats_.busy_seconds +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+void Executor::publish_state() {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.preemptions = scheduler_.preemptions();
   stats_.running = static_cast<int64_t>(scheduler_.running().size());
   stats_.queued = static_cast<int64_t>(scheduler_.waiting().size());

@@ -46,7 +46,9 @@ struct Response {
   FinishReason finish_reason = FinishReason::kNotFinished;
   std::string error;  // empty unless finish_reason == kError
   bool is_final = false;
-  std::vector<float> context_logits;     // [prompt_len, vocab] when asked for (final response)
+  // [prompt_len, vocab] when asked for: in the final response, or in the first response of a
+  // streaming request.
+  std::vector<float> context_logits;
   std::vector<float> generation_logits;  // [n, vocab] for this response's tokens when asked for
   std::vector<float> log_probs;          // [n] log p(token) under the model, when asked for
   int64_t vocab_size = 0;                // row width of the logits arrays

@@ -53,7 +53,13 @@ void paged_attention(const PagedAttentionParams& p) {
   const int64_t num_tokens = p.seq_starts[p.num_seqs];
   const int32_t group = p.num_heads / p.num_kv_heads;
   const int64_t work = num_tokens * p.num_heads;
-#pragma omp parallel
+  // Multiply-adds of the whole call; below ~1M, waking the thread team costs more than it saves.
+  int64_t flops = 0;
+  for (int32_t s = 0; s < p.num_seqs; ++s) {
+    const int64_t n = p.seq_starts[s + 1] - p.seq_starts[s];
+    flops += n * (p.context_lens[s] + n) * p.num_heads * p.head_dim * 2;
+  }
+#pragma omp parallel if (flops > (int64_t{1} << 20))
   {
     thread_local std::vector<float> scores;
 #pragma omp for schedule(dynamic, 4)

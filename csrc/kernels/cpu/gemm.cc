@@ -80,7 +80,8 @@ void lora_gemm(const LoraGemmParams& p) {
     offsets[i] = used;
     used += static_cast<int64_t>(p.segments[i].end - p.segments[i].begin) * p.segments[i].pair.rank;
   }
-#pragma omp parallel for schedule(dynamic)
+  const int64_t flops = used * (p.in + p.out);  // multiply-adds of shrink + expand
+#pragma omp parallel for schedule(dynamic) if (p.num_segments > 1 && flops > (int64_t{1} << 18))
   for (int32_t i = 0; i < p.num_segments; ++i) {
     const LoraSegment& seg = p.segments[i];
     const int64_t n = seg.end - seg.begin;

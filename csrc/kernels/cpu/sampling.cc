@@ -42,11 +42,12 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     };
     std::partial_sort(scratch, scratch + k, scratch + vocab, higher);
-    const float inv_t = 1.0f / params.temperature;
-    const float top = scratch[0].first;
+    // In double: 1 / temperature overflows float for temperatures below ~3e-39.
+    const double inv_t = 1.0 / static_cast<double>(params.temperature);
+    const double top = scratch[0].first;
     double total = 0.0;
     for (int64_t i = 0; i < k; ++i) {
-      scratch[i].first = static_cast<float>(std::exp(static_cast<double>((scratch[i].first - top) * inv_t)));
+      scratch[i].first = static_cast<float>(std::exp((scratch[i].first - top) * inv_t));
       total += scratch[i].first;
     }
     // Nucleus: the shortest prefix whose mass reaches top_p (at least one token).
