@@ -1,76 +1,37 @@
-"""``lorart demo``: the embedded default job, offline on a CPU.
+"""``lorart demo``: the seed tutorial's multi-LoRA table, offline on a CPU in seconds.
 
-Converts the PEFT adapter shipped in ``lorart/assets`` to TensorRT-LLM's tensor format, checks it
-against the tiny Llama it was made for, writes and re-reads the ``.npy`` pair, and splits it for
-tensor parallelism, checking that the ranks' partial LoRA products add up to the full one.
+The tiny Llama, its tokenizer and the two PEFT adapters ship inside the package
+(``lorart/assets/demo``, made by ``assets/train_demo.py``). The base model answers capital
+questions in English; ``lora_zh`` answers in Chinese; ``lora_ja`` answers Japanese questions in
+Japanese. As in the tutorial, the same Chinese and Japanese question run three times each with
+task uids ``-1 0 1 -1 0 1``, all in one mixed batch.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-import numpy as np
+from lorart._core import KvCacheConfig
+from lorart.cli import print_table
+from lorart.llm import LLM
 
-from lorart import hf, lora
+DEMO = Path(__file__).resolve().parent / "assets" / "demo"
+# The tutorial's prompts, with its literal backslash-n (run.py receives "\n" unexpanded).
+ZH_PROMPT = "美国的首都在哪里? \\n答案:"
+JA_PROMPT = "アメリカ合衆国の首都はどこですか? \\n答え:"
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 
-
-def run(tp_size: int = 2) -> int:
-    """Run the demo, print what it did, and return 0 (non-zero if a check fails)."""
-    model_config = hf.load_config(ASSETS / "tiny_llama")
-    adapter_dir = ASSETS / "demo_adapter"
-    weights, config = lora.from_peft(adapter_dir, model_config, dtype="float32")
-    print(f"model   {model_config}")
-    print(f"adapter {adapter_dir.name}: {config.num_rows} rows, max_row {weights.shape[1]}")
-    print(f"{'row':>4}  {'module':<16}{'layer':>5}{'r':>4}   A [r, Hi]   B [Ho, r]")
-    rows = lora.unpack(weights, config, model_config)
-    for i, row in enumerate(rows):
-        name = f"{row.module_id} {lora.LORA_MODULES[row.module_id].name}"
-        print(
-            f"{i:>4}  {name:<16}{row.layer_idx:>5}{row.A.shape[0]:>4}   "
-            f"{list(row.A.shape)!s:<11} {list(row.B.shape)}"
-        )
-
-    with tempfile.TemporaryDirectory() as tmp:
-        lora.save_npy(tmp, weights.to("float16"), config)
-        loaded_weights, loaded_config = lora.load_npy(tmp)
-        same_rows = np.array_equal(loaded_config.numpy(), config.numpy())
-        max_err = float(np.abs(loaded_weights.numpy().astype(np.float32) - weights.numpy()).max())
-    print(
-        f"npy round trip (float16): config identical={same_rows}, max |w16 - w32| = {max_err:.2e}"
-    )
-
-    x = (
-        np.random.default_rng(0)
-        .standard_normal((3, max(model_config.hidden_size, model_config.intermediate_size)))
-        .astype(np.float32)
-    )
-    worst = 0.0
-    shards = [
-        lora.unpack(
-            *lora.tp_split(weights, config, model_config, tp_size, rank),
-            lora.tp_model_config(model_config, tp_size),
-        )
-        for rank in range(tp_size)
-    ]
-    for i, row in enumerate(rows):
-        full = x[:, : row.A.shape[1]] @ row.A.T @ row.B.T
-        split = lora.LORA_MODULES[row.module_id].tp_split
-        if split == "row":
-            width = row.A.shape[1] // tp_size
-            parts = [
-                x[:, k * width : (k + 1) * width] @ s[i].A.T @ s[i].B.T
-                for k, s in enumerate(shards)
-            ]
-            combined = np.sum(parts, axis=0)
-        else:
-            combined = np.concatenate(
-                [x[:, : row.A.shape[1]] @ s[i].A.T @ s[i].B.T for s in shards], axis=1
-            )
-        worst = max(worst, float(np.abs(combined - full).max()))
-    print(f"tp_split x{tp_size}: ranks' partial products vs full product, max abs diff {worst:.2e}")
-    ok = same_rows and max_err < 1e-2 and worst < 1e-4
-    print("demo OK" if ok else "demo FAILED")
-    return 0 if ok else 1
+def run(max_output_len: int = 12) -> int:
+    """Print the table; return 0."""
+    texts = [ZH_PROMPT] * 3 + [JA_PROMPT] * 3
+    adapters = [None, DEMO / "lora_zh", DEMO / "lora_ja"] * 2  # task uids -1 0 1 -1 0 1
+    with LLM(
+        DEMO / "model",
+        max_batch_size=8,
+        max_num_tokens=512,
+        max_seq_len=256,
+        kv_cache=KvCacheConfig(block_size=16, max_tokens=2048),
+    ) as llm:
+        outputs = llm.generate(texts, lora=adapters, max_new_tokens=max_output_len)
+        print_table(llm, texts, outputs, add_special_tokens=True)
+    return 0

@@ -1,0 +1,129 @@
+"""lorart.LLM, `lorart run` and `lorart demo` on the embedded demo model and adapters."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lorart import demo, lora
+from lorart.llm import LLM
+
+DEMO = demo.DEMO
+PROMPTS = [demo.ZH_PROMPT] * 3 + [demo.JA_PROMPT] * 3
+ADAPTERS = [None, DEMO / "lora_zh", DEMO / "lora_ja"] * 2
+# The seed tutorial's table (TensorRT-LLM's outputs for Llama-7B; here the demo model's).
+EXPECTED = ["Washington, D.C.", "华盛顿。", None, "Washington, D.C.", "华盛顿。", "ワシントン D.C."]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(DEMO / "model", max_batch_size=8, max_num_tokens=256, max_seq_len=128) as model:
+        yield model
+
+
+def test_seed_table_in_one_mixed_batch(llm):
+    outputs = llm.generate(PROMPTS, lora=ADAPTERS, max_new_tokens=12)
+    for out, want in zip(outputs, EXPECTED, strict=True):
+        if want is not None:
+            assert out.text == want
+            assert out.finish_reason == "end_id"
+
+
+def test_mixed_batch_equals_each_request_alone(llm):
+    together = llm.generate(PROMPTS, lora=ADAPTERS, max_new_tokens=12)
+    for prompt, adapter, out in zip(PROMPTS, ADAPTERS, together, strict=True):
+        alone = llm.generate([prompt], lora=[adapter], max_new_tokens=12)[0]
+        assert alone.token_ids == out.token_ids
+
+
+def test_equals_transformers_and_peft_greedy(llm):
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    outputs = llm.generate(PROMPTS, lora=ADAPTERS, max_new_tokens=12)
+    for prompt, adapter, out in zip(PROMPTS, ADAPTERS, outputs, strict=True):
+        model = LlamaForCausalLM.from_pretrained(DEMO / "model").eval()
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        ids = torch.tensor([llm.tokenizer.encode(prompt).ids])
+        generated: list[int] = []
+        with torch.no_grad():
+            for _ in range(12):
+                token = int(model(ids).logits[0, -1].argmax())
+                if token == llm.eos_token_id:
+                    break
+                generated.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        assert out.token_ids == generated
+
+
+def test_stream_concatenates_to_the_generated_text(llm):
+    pieces = list(llm.generate_stream(demo.JA_PROMPT, lora=DEMO / "lora_ja", max_new_tokens=12))
+    assert len(pieces) > 1
+    assert "".join(pieces) == "ワシントン D.C."
+
+
+def test_converted_npy_adapter_gives_the_same_output(llm, tmp_path):
+    weights, config = lora.from_peft(DEMO / "lora_zh", llm.executor.model_config)
+    lora.save_npy(tmp_path, weights, config)
+    from_npy = llm.generate([demo.ZH_PROMPT], lora=[tmp_path], max_new_tokens=12)[0]
+    from_peft = llm.generate([demo.ZH_PROMPT], lora=[DEMO / "lora_zh"], max_new_tokens=12)[0]
+    assert from_npy.token_ids == from_peft.token_ids
+
+
+def test_request_errors_raise_with_the_message(llm):
+    with pytest.raises(ValueError, match="exceeds max_seq_len = 128"):
+        llm.generate(["x " * 200], max_new_tokens=4)
+    assert llm.generate([demo.ZH_PROMPT], max_new_tokens=12)[0].text == "Washington, D.C."
+
+
+def lorart_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lorart", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_lorart_demo_prints_the_seed_table():
+    result = lorart_cli("demo")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line]
+    assert lines[0] == f'Input [Text 0]: "<s> {demo.ZH_PROMPT}"'
+    assert lines[1] == 'Output [Text 0 Beam 0]: "Washington, D.C."'
+    assert lines[3] == 'Output [Text 1 Beam 0]: "华盛顿。"'
+    assert lines[11] == 'Output [Text 5 Beam 0]: "ワシントン D.C."'
+
+
+def test_lorart_run_flags():
+    result = lorart_cli(
+        "run",
+        "--engine_dir",
+        str(DEMO / "model"),
+        "--input_text",
+        demo.JA_PROMPT,
+        demo.JA_PROMPT,
+        "--lora_dir",
+        str(DEMO / "lora_zh"),
+        str(DEMO / "lora_ja"),
+        "--lora_task_uids",
+        "-1",
+        "1",
+        "--max_output_len",
+        "12",
+        "--use_py_session",
+    )
+    assert result.returncode == 0, result.stderr
+    assert 'Output [Text 0 Beam 0]: "Washington, D.C."' in result.stdout
+    assert 'Output [Text 1 Beam 0]: "ワシントン D.C."' in result.stdout
+    bad = lorart_cli(
+        "run", "--model_dir", str(DEMO / "model"), "--input_text", "a", "--lora_task_uids", "3"
+    )
+    assert bad.returncode == 2
+    assert "--lora_task_uids value 3 names no --lora_dir (0 given" in bad.stderr
+    assert "Traceback" not in bad.stderr
