@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import (
+    build_causal_lm,
     build_llama,
     make_peft_adapter,
     peft_reference,
@@ -90,3 +91,94 @@ def all_proj_adapter(make_adapter, llama_dir) -> Adapter:
     from tiny_models import ALL_PROJECTIONS
 
     return make_adapter(llama_dir, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of each family for the model forward (weights with std 0.1, random norms/biases).
+
+# Sizes every lorart.model.Model in the tests is built with.
+MODEL_KW = dict(max_num_tokens=256, num_kv_blocks=96, block_size=16)
+
+
+@pytest.fixture(scope="session")
+def gqa_llama_dir(tmp_path_factory) -> Path:
+    """Llama, GQA (4 heads, 2 KV heads), 3 layers, vocab 160."""
+    return build_causal_lm(tmp_path_factory.mktemp("gqa_llama"), "llama", seed=10, vocab_size=160)
+
+
+@pytest.fixture(scope="session")
+def llama3_tied_dir(tmp_path_factory) -> Path:
+    """Llama with llama3 rope scaling (original context 32, so it matters at short positions) and
+    tied embeddings; 2 layers, vocab 256."""
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    return build_causal_lm(
+        tmp_path_factory.mktemp("llama3_tied"),
+        "llama",
+        seed=11,
+        num_hidden_layers=2,
+        vocab_size=256,
+        tie_word_embeddings=True,
+        rope_parameters=rope,
+    )
+
+
+@pytest.fixture(scope="session")
+def mistral_mqa_dir(tmp_path_factory) -> Path:
+    """Mistral, MQA (4 heads, 1 KV head), sliding window 8; 2 layers, vocab 200."""
+    return build_causal_lm(
+        tmp_path_factory.mktemp("mistral_mqa"),
+        "mistral",
+        seed=12,
+        num_hidden_layers=2,
+        num_key_value_heads=1,
+        sliding_window=8,
+        vocab_size=200,
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen2_bias_dir(tmp_path_factory) -> Path:
+    """Qwen2 (random, non-zero q/k/v biases), GQA 4/2; 2 layers, vocab 152."""
+    return build_causal_lm(
+        tmp_path_factory.mktemp("qwen2_bias"), "qwen2", seed=13, num_hidden_layers=2, vocab_size=152
+    )
+
+
+@pytest.fixture(scope="session")
+def lorart_model():
+    """Factory: lorart_model(model_dir) -> lorart.model.Model, one per checkpoint (MODEL_KW)."""
+    cache: dict = {}
+
+    def load(model_dir):
+        from lorart.model import Model
+
+        key = str(model_dir)
+        if key not in cache:
+            cache[key] = Model.from_pretrained(key, **MODEL_KW)
+        return cache[key]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def adapter_slot():
+    """Factory: adapter_slot(model, adapter_dir) -> the slot of that PEFT adapter, added once."""
+    import lorart
+
+    cache: dict = {}
+
+    def slot(model, adapter_dir) -> int:
+        key = (id(model), str(adapter_dir))
+        if key not in cache:
+            weights, config = lorart.lora.from_peft(str(adapter_dir), model.config)
+            cache[key] = model.add_adapter(weights, config)
+        return cache[key]
+
+    return slot

@@ -175,3 +175,82 @@ def parse_rows(
         assert np.all(pad.astype(np.float32) == 0), f"nonzero padding in row {(mid, layer, r)}"
         out.append((int(mid), int(layer), a, b))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of every supported family, for comparing the model forward with transformers.
+
+_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def build_causal_lm(out_dir: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random checkpoint of a Llama-family model (float32) to out_dir.
+
+    Unlike build_llama, the weights are drawn with std ``initializer_range`` (default 0.1, not
+    HF's 0.02) so that attention is far from uniform and positions, rope scaling and masks change
+    the logits by far more than the tolerances; RMSNorm weights (HF: all ones) and attention
+    biases (HF: zeros) are randomized so that a runtime which skips them is caught. No BOS/EOS
+    ids, so greedy generation never stops early.
+    """
+    import torch
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in _FAMILIES[family])
+    kw = {
+        **TINY_LLAMA,
+        "initializer_range": 0.1,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        **overrides,
+    }
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kw))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
+            elif name.endswith(".bias"):
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_hf(model_dir, dtype: str = "float32"):
+    """The saved checkpoint as a transformers model in eval mode (eager attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=getattr(torch, dtype), attn_implementation="eager"
+    )
+    return model.eval()
+
+
+def hf_logits(model, token_ids) -> np.ndarray:
+    """[len(token_ids), vocab] logits of one sequence (float64 numpy, whatever the model dtype)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([list(token_ids)], dtype=torch.long)).logits
+    return out[0].double().numpy()
+
+
+def hf_greedy(model, prompt, max_new_tokens: int) -> tuple[list[int], float]:
+    """Greedy tokens by full recomputation (no KV cache) and the smallest top-1/top-2 gap seen."""
+    ids = list(prompt)
+    out, min_gap = [], float("inf")
+    for _ in range(max_new_tokens):
+        last = hf_logits(model, ids)[-1]
+        top2 = np.sort(last)[-2:]
+        min_gap = min(min_gap, float(top2[1] - top2[0]))
+        tok = int(np.argmax(last))
+        out.append(tok)
+        ids.append(tok)
+    return out, min_gap
