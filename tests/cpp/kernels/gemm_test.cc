@@ -183,14 +183,14 @@ class LoraGemmTest : public ::testing::Test {
   std::vector<std::pair<int32_t, int32_t>> ranges_;
 };
 
-TEST_F(LoraGemmTest, MixedRanksLoopAndBlasPathsMatchReference) {
-  add_segment(0, 5, 2);     // loop path
-  add_segment(5, 25, 8);    // BLAS path
+TEST_F(LoraGemmTest, MixedRanksAndSegmentLengthsMatchReference) {
+  add_segment(0, 5, 2);     // short (decode-like) segment
+  add_segment(5, 25, 8);    // prefill-like segment
   add_segment(25, 30, 0);   // adapter without this module: skipped, null pointers never read
-  add_segment(33, 40, 16);  // loop path; tokens 30..32 belong to no segment
-  add_segment(40, 56, 2);   // exactly 16 tokens: the first BLAS size
-  add_segment(56, 71, 16);  // 15 tokens: the last loop size
-  add_segment(75, 95, 16);  // BLAS path; 71..74 and 95..99 belong to no segment
+  add_segment(33, 40, 16);  // tokens 30..32 belong to no segment
+  add_segment(40, 56, 2);
+  add_segment(56, 57, 16);  // a single token: BLAS's one-row (GEMV) path
+  add_segment(75, 95, 16);  // 57..74 and 95..99 belong to no segment
   run_and_check();
 }
 

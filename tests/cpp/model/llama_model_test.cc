@@ -383,8 +383,8 @@ TEST_F(LlamaModelTest, AdapterBatchMatchesMergedWeightsAndEachSequenceAlone) {
   const LoraAdapter adapter(data.weights, data.config, config_, kMaxRank);
   const AdapterData zero_data = adapter_data(config_, kAdapterRows, /*zero_b=*/true);
   const LoraAdapter zero_b(zero_data.weights, zero_data.config, config_, kMaxRank);
-  // x and z are neighbours with one adapter, so they share a 17-token segment (the BLAS path of
-  // the LoRA GEMM); the base-model y separates w, a 1-token segment (the loop path).
+  // x and z are neighbours with one adapter, so they share a 17-token segment of the LoRA GEMM;
+  // the base-model y separates w, a 1-token segment.
   const std::vector<Seq> seqs = {{random_tokens(16, 6), 0, {0, 1, 2, 3}, 0},
                                  {{9}, 0, {4}, 0},
                                  {random_tokens(2, 7), 0, {5}, -1},
