@@ -7,7 +7,24 @@
 #include <string>
 #include <typeinfo>
 
+#include "model/model_config.h"
+
 namespace lorart::testing_util {
+
+// A LlamaForCausalLM configuration of the given shape (everything else default).
+inline ModelConfig llama_config(int64_t vocab, int64_t hidden, int64_t intermediate, int64_t layers,
+                                int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.vocab_size = vocab;
+  c.hidden_size = hidden;
+  c.intermediate_size = intermediate;
+  c.num_layers = layers;
+  c.num_attention_heads = heads;
+  c.num_kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  return c;
+}
 
 // Runs `fn`, expects it to throw exactly `E` (not a subclass: LoraError is an InvalidArgument),
 // and checks that the message contains `needle`.

@@ -13,17 +13,7 @@ namespace {
 using testing_util::expect_error;
 
 // hidden 8, 2 layers: an attn_q row of rank r holds r*8 + 8*r = 16r values.
-ModelConfig tiny_model() {
-  ModelConfig c;
-  c.vocab_size = 16;
-  c.hidden_size = 8;
-  c.intermediate_size = 16;
-  c.num_layers = 2;
-  c.num_attention_heads = 2;
-  c.num_kv_heads = 2;
-  c.head_dim = 4;
-  return c;
-}
+ModelConfig tiny_model() { return testing_util::llama_config(16, 8, 16, 2, 2, 2, 4); }
 
 struct Adapter {
   LoraWeights weights;

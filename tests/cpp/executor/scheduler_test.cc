@@ -8,22 +8,13 @@
 
 #include "executor/kv_cache_manager.h"
 #include "executor/lora_cache.h"
+#include "test_util.h"
 
 namespace lorart {
 namespace {
 
 // hidden 8, 2 layers: an attn_q row of rank 1 holds 16 floats = 64 bytes.
-ModelConfig tiny_model() {
-  ModelConfig c;
-  c.vocab_size = 16;
-  c.hidden_size = 8;
-  c.intermediate_size = 16;
-  c.num_layers = 2;
-  c.num_attention_heads = 2;
-  c.num_kv_heads = 2;
-  c.head_dim = 4;
-  return c;
-}
+ModelConfig tiny_model() { return testing_util::llama_config(16, 8, 16, 2, 2, 2, 4); }
 
 constexpr int64_t kAdapterBytes = 64;  // one rank-1 attn_q row, float32
 

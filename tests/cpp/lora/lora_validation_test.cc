@@ -18,17 +18,7 @@ namespace {
 using testing_util::expect_error;
 
 // hidden 64, intermediate 128, q 4x16 = 64, kv 2x16 = 32, 3 layers.
-ModelConfig small_llama() {
-  ModelConfig config;
-  config.vocab_size = 100;
-  config.hidden_size = 64;
-  config.intermediate_size = 128;
-  config.num_layers = 3;
-  config.num_attention_heads = 4;
-  config.num_kv_heads = 2;
-  config.head_dim = 16;
-  return config;
-}
+ModelConfig small_llama() { return testing_util::llama_config(100, 64, 128, 3, 4, 2, 16); }
 
 constexpr int64_t kRowSize = 260;
 constexpr float kNan = std::numeric_limits<float>::quiet_NaN();

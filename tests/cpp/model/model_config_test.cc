@@ -16,18 +16,7 @@ namespace {
 
 using testing_util::expect_error;
 
-ModelConfig small_llama() {
-  ModelConfig config;
-  config.architecture = "LlamaForCausalLM";
-  config.vocab_size = 100;
-  config.hidden_size = 64;
-  config.intermediate_size = 128;
-  config.num_layers = 3;
-  config.num_attention_heads = 4;
-  config.num_kv_heads = 2;
-  config.head_dim = 16;
-  return config;
-}
+ModelConfig small_llama() { return testing_util::llama_config(100, 64, 128, 3, 4, 2, 16); }
 
 // Breaks one field of a valid config and expects validate() to name it.
 void expect_invalid(const std::function<void(ModelConfig&)>& mutate, const std::string& needle) {
