@@ -55,25 +55,22 @@ void Executor::step() {
     }
     lora_slots_.push_back(slot);
     const int64_t first_token = seq_starts_[i];
+    int64_t context_end = begin;  // context rows cover prompt positions [.., context_end)
     if (seq.request.return_context_logits && seq.context_rows < seq.prompt_len) {
       // Prompt positions of this chunk not collected yet (a recompute after preemption skips).
       const int64_t from = std::max(begin, seq.context_rows);
-      const int64_t to = std::min(end, seq.prompt_len);
+      context_end = std::max(from, std::min(end, seq.prompt_len));
       rows[i].first_context_row = static_cast<int64_t>(logits_indices_.size());
-      for (int64_t p = from; p < to; ++p) {
+      for (int64_t p = from; p < context_end; ++p) {
         logits_indices_.push_back(static_cast<int32_t>(first_token + p - begin));
       }
-      rows[i].context_rows = std::max<int64_t>(0, to - from);
+      rows[i].context_rows = context_end - from;
     }
     if (plan[i].samples) {
-      const int64_t last = end - 1;
-      const int64_t collected_from =
-          rows[i].context_rows > 0 ? std::max(begin, seq.context_rows) : end;
-      if (rows[i].context_rows > 0 && last >= collected_from &&
-          last < collected_from + rows[i].context_rows) {
-        // The last prompt row is already a context row: sample from it rather than asking the
-        // model for the same row twice (which could exceed max_num_tokens rows).
-        rows[i].sample_row = rows[i].first_context_row + (last - collected_from);
+      if (rows[i].context_rows > 0 && context_end == end) {
+        // The chunk's last token is already a context row: sample from it rather than asking
+        // the model for the same row twice (which could exceed max_num_tokens rows).
+        rows[i].sample_row = rows[i].first_context_row + rows[i].context_rows - 1;
       } else {
         rows[i].sample_row = static_cast<int64_t>(logits_indices_.size());
         logits_indices_.push_back(static_cast<int32_t>(first_token + plan[i].count - 1));

@@ -12,6 +12,25 @@ namespace {
                    " not found in cache; send lora_weights and lora_config with the request");
 }
 
+// Evicts the least recently used entries that `in_use(id, entry)` does not protect until `bytes`
+// more fit within `budget`; true when they fit. One rule for both levels.
+template <class Entries, class InUse>
+bool evict_lru(Entries& entries, std::list<uint64_t>& lru, int64_t& used, int64_t budget,
+               int64_t bytes, int64_t& evictions, InUse in_use) {
+  for (auto it = lru.begin(); used + bytes > budget && it != lru.end();) {
+    const auto& entry = entries.at(*it);
+    if (in_use(*it, entry)) {
+      ++it;
+      continue;
+    }
+    used -= entry.bytes;
+    ++evictions;
+    entries.erase(*it);
+    it = lru.erase(it);
+  }
+  return used + bytes <= budget;
+}
+
 }  // namespace
 
 LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
@@ -78,19 +97,10 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
 }
 
 bool LoraCache::make_host_room(int64_t bytes) {
-  for (auto it = host_lru_.begin();
-       stats_.host_bytes + bytes > config_.host_cache_bytes && it != host_lru_.end();) {
-    HostEntry& entry = host_.at(*it);
-    if (entry.refs > 0 || device_.count(*it)) {
-      ++it;
-      continue;
-    }
-    stats_.host_bytes -= entry.bytes;
-    ++stats_.host_evictions;
-    host_.erase(*it);
-    it = host_lru_.erase(it);
-  }
-  return stats_.host_bytes + bytes <= config_.host_cache_bytes;
+  return evict_lru(host_, host_lru_, stats_.host_bytes, config_.host_cache_bytes, bytes,
+                   stats_.host_evictions, [&](uint64_t id, const HostEntry& entry) {
+                     return entry.refs > 0 || device_.count(id) > 0;  // named, or on device
+                   });
 }
 
 void LoraCache::ref(uint64_t task_id) {
@@ -123,8 +133,8 @@ std::shared_ptr<const LoraAdapter> LoraCache::acquire(uint64_t task_id) {
   ++stats_.misses;
   // The host->device copy runs under the lock so the host entry cannot be replaced or evicted
   // meanwhile; it copies one adapter, the size of which put() already bounded.
-  auto adapter = std::make_shared<const LoraAdapter>(host->second.weights, host->second.config,
-                                                     model_, max_lora_rank_);
+  auto adapter = std::make_shared<const LoraAdapter>(
+      LoraAdapter::from_validated(host->second.weights, host->second.config, model_));
   device_lru_.push_back(task_id);
   device_.emplace(task_id, DeviceEntry{adapter, bytes, 1, std::prev(device_lru_.end())});
   stats_.device_bytes += bytes;
@@ -132,19 +142,9 @@ std::shared_ptr<const LoraAdapter> LoraCache::acquire(uint64_t task_id) {
 }
 
 bool LoraCache::make_device_room(int64_t bytes) {
-  for (auto it = device_lru_.begin();
-       stats_.device_bytes + bytes > config_.device_cache_bytes && it != device_lru_.end();) {
-    DeviceEntry& entry = device_.at(*it);
-    if (entry.pins > 0) {
-      ++it;
-      continue;
-    }
-    stats_.device_bytes -= entry.bytes;
-    ++stats_.device_evictions;
-    device_.erase(*it);
-    it = device_lru_.erase(it);
-  }
-  return stats_.device_bytes + bytes <= config_.device_cache_bytes;
+  return evict_lru(device_, device_lru_, stats_.device_bytes, config_.device_cache_bytes, bytes,
+                   stats_.device_evictions,
+                   [](uint64_t, const DeviceEntry& entry) { return entry.pins > 0; });
 }
 
 void LoraCache::unpin(uint64_t task_id) {

@@ -17,6 +17,8 @@ class KvCache {
 
   int64_t num_blocks() const { return num_blocks_; }
   int64_t block_size() const { return block_size_; }
+  int64_t num_layers() const { return num_layers_; }
+  int64_t kv_width() const { return kv_width_; }  // num_kv_heads * head_dim
   size_t nbytes() const { return buffer_.size(); }
   float* keys(int64_t layer) const { return base(layer, 0); }
   float* values(int64_t layer) const { return base(layer, 1); }

@@ -172,8 +172,14 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
     raise<InvalidArgument>("logits must be contiguous float32 [", n_out, ", ", config_.vocab_size,
                            "], got ", logits.describe());
   }
-  if (cache.device() != Device::cpu() || KvCache::bytes_per_token(config_) == 0) {
+  if (cache.device() != Device::cpu()) {
     raise<InvalidArgument>("kv cache must be on the model's device (cpu)");
+  }
+  if (cache.num_layers() != config_.num_layers ||
+      cache.kv_width() != config_.num_kv_heads * config_.head_dim) {
+    raise<InvalidArgument>("kv cache was built for ", cache.num_layers(), " layers of width ",
+                           cache.kv_width(), "; this model has ", config_.num_layers,
+                           " layers of width ", config_.num_kv_heads * config_.head_dim);
   }
 }
 

@@ -7,11 +7,30 @@
 
 namespace lorart {
 
+namespace {
+
+// Validates before any copy is made; returns its argument for use in a member initializer.
+const LoraWeights& validated(const LoraWeights& weights, const LoraConfig& lora_config,
+                             const ModelConfig& config, int64_t max_lora_rank) {
+  validate_lora(&weights, &lora_config, config, LoraLimits{max_lora_rank, std::nullopt});
+  return weights;
+}
+
+}  // namespace
+
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
                          const ModelConfig& config, int64_t max_lora_rank)
+    : LoraAdapter(validated(weights, lora_config, config, max_lora_rank), lora_config, config) {}
+
+LoraAdapter LoraAdapter::from_validated(const LoraWeights& weights, const LoraConfig& lora_config,
+                                        const ModelConfig& config) {
+  return LoraAdapter(weights, lora_config, config);
+}
+
+LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
+                         const ModelConfig& config)
     : weights_(weights.to(DType::kFloat32)),
       table_(static_cast<size_t>(config.num_layers) * lora_module::kCount) {
-  validate_lora(&weights, &lora_config, config, LoraLimits{max_lora_rank, std::nullopt});
   const float* base = weights_.tensor().data_as<const float>();
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
     const LoraConfigRow row = lora_config.row(i);

@@ -13,10 +13,14 @@ namespace lorart {
 
 class LoraAdapter {
  public:
-  // Validates against `config` (max_lora_rank, every rule of validate_lora) and converts to
+  // Validates against `config` (max_lora_rank, every rule of validate_lora), then converts to
   // float32.
   LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config,
               int64_t max_lora_rank);
+  // For rows that already passed validate_lora against this `config` (the LoRA cache's host
+  // level): converts and indexes without checking them again.
+  static LoraAdapter from_validated(const LoraWeights& weights, const LoraConfig& lora_config,
+                                    const ModelConfig& config);
 
   // rank 0 when the adapter leaves that module alone.
   const LoraPair& pair(int64_t layer, int32_t module_id) const;
@@ -24,6 +28,8 @@ class LoraAdapter {
   size_t nbytes() const { return weights_.nbytes(); }
 
  private:
+  LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config);
+
   LoraWeights weights_;          // float32 copy
   std::vector<LoraPair> table_;  // [num_layers * lora_module::kCount]
   int64_t max_rank_ = 0;

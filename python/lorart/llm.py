@@ -58,10 +58,6 @@ class LLM:
         eos = self.executor.model_config.eos_token_ids
         return eos[0] if eos else None
 
-    def adapter_task_id(self, adapter_dir: str | Path) -> int:
-        """The task id of an adapter directory, converting it on first use."""
-        return self._adapter(adapter_dir)[0]
-
     def _adapter(self, adapter_dir: str | Path) -> tuple[int, LoraWeights, LoraConfig]:
         path = Path(adapter_dir).resolve()
         with self._lock:

@@ -127,3 +127,20 @@ def test_load_errors_name_the_problem(llama_dir, split_weights, tmp_path):
         logits(no_weights)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         logits(tmp_path / "nowhere")
+
+
+def test_kv_cache_of_another_shape_is_refused(llama_dir):
+    from lorart import _core
+
+    model = Model.from_pretrained(llama_dir, max_num_tokens=64, num_kv_blocks=8)
+    other = model.config.copy()
+    other.num_layers = model.config.num_layers - 1
+    good = model.kv_cache
+    model.kv_cache = _core.KvCache(other, 8, 16)
+    with pytest.raises(ValueError, match=r"kv cache was built for \d+ layers"):
+        model.forward([SequenceChunk(PROMPT[:4], 0, [0])])
+    model.kv_cache = good
+    assert model.forward([SequenceChunk(PROMPT[:4], 0, [0])])[0].shape == (
+        1,
+        model.config.vocab_size,
+    )
