@@ -58,12 +58,18 @@ void bind_model(py::module_& m) {
       .def_static("bytes_per_token", &KvCache::bytes_per_token, py::arg("config"));
 
   py::class_<LoraAdapter, std::shared_ptr<LoraAdapter>>(
-      m, "LoraAdapter", "A validated adapter in the compute dtype, indexed for the forward.")
+      m, "LoraAdapter",
+      "A validated adapter laid out for the forward, in its own storage dtype (float32, float16 "
+      "or bfloat16; widened to float32 as the kernels read it).")
       .def(py::init<const LoraWeights&, const LoraConfig&, const ModelConfig&, int64_t>(),
            py::arg("weights"), py::arg("config"), py::arg("model_config"),
            py::arg("max_lora_rank") = 64)
       .def_property_readonly("max_rank", &LoraAdapter::max_rank)
-      .def_property_readonly("nbytes", &LoraAdapter::nbytes);
+      .def_property_readonly(
+          "dtype", [](const LoraAdapter& a) { return std::string(dtype_name(a.dtype())); })
+      .def_property_readonly("nbytes", &LoraAdapter::nbytes,
+                             "Bytes it holds: rank * (in + out) values per adapted module; this "
+                             "is what it costs on the LoRA cache's device level.");
 
   py::class_<LlamaModel, std::shared_ptr<LlamaModel>>(
       m, "LlamaModel", "Llama-family forward over a packed, paged batch.")

@@ -29,7 +29,7 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
       config_(config),
       kv_cache_(model_->config(), kv_blocks(config.kv_cache), config.kv_cache.block_size),
       kv_manager_(kv_blocks(config.kv_cache), config.kv_cache.block_size),
-      lora_cache_(model_->config(), config.lora_cache, config.max_lora_rank, DType::kFloat32),
+      lora_cache_(model_->config(), config.lora_cache, config.max_lora_rank),
       scheduler_(config.max_batch_size, config.max_num_tokens, kv_manager_, lora_cache_) {
   if (model_->max_num_tokens() < config.max_num_tokens ||
       model_->max_lora_rank() < config.max_lora_rank) {

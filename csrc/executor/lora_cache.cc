@@ -33,26 +33,20 @@ bool evict_lru(Entries& entries, std::list<uint64_t>& lru, int64_t& used, int64_
 
 }  // namespace
 
-LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
-                     DType dtype)
-    : model_(model), config_(config), max_lora_rank_(max_lora_rank), dtype_(dtype) {
+LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank)
+    : model_(model), config_(config), max_lora_rank_(max_lora_rank) {
   if (config.host_cache_bytes <= 0 || config.device_cache_bytes <= 0) {
     raise<InvalidArgument>("LoraCacheConfig: host_cache_bytes and device_cache_bytes must be > 0, ",
                            "got ", config.host_cache_bytes, " and ", config.device_cache_bytes);
   }
 }
 
-int64_t LoraCache::host_bytes_of(const LoraWeights& weights) const {
-  return weights.num_rows() * weights.row_size() * static_cast<int64_t>(dtype_size(dtype_));
-}
-
-int64_t LoraCache::device_bytes_of(const LoraWeights& weights) const {
-  return weights.num_rows() * weights.row_size() * static_cast<int64_t>(sizeof(float));
-}
-
 void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config) {
-  const int64_t host_bytes = host_bytes_of(weights);
-  const int64_t device_bytes = device_bytes_of(weights);
+  // Copy and validate outside the lock: both are O(adapter size).
+  LoraWeights copy = LoraWeights::copy_of(weights.tensor());
+  validate_lora(&copy, &config, model_, LoraLimits{max_lora_rank_, std::nullopt});
+  const auto host_bytes = static_cast<int64_t>(copy.nbytes());
+  const int64_t device_bytes = LoraAdapter::storage_bytes(config, model_, copy.dtype());
   if (host_bytes > config_.host_cache_bytes) {
     raise<LoraError>("LoRA task ", task_id, " needs ", host_bytes,
                      " bytes, more than the whole host level (host_cache_bytes = ",
@@ -63,10 +57,6 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
                      " bytes on the device level, more than all of it (device_cache_bytes = ",
                      config_.device_cache_bytes, ")");
   }
-  // Convert and validate outside the lock: both are O(adapter size).
-  LoraWeights converted =
-      weights.dtype() == dtype_ ? LoraWeights::copy_of(weights.tensor()) : weights.to(dtype_);
-  validate_lora(&converted, &config, model_, LoraLimits{max_lora_rank_, dtype_});
   LoraConfig config_copy = LoraConfig::from_rows([&] {
     std::vector<LoraConfigRow> rows;
     for (int64_t i = 0; i < config.num_rows(); ++i) rows.push_back(config.row(i));
@@ -91,8 +81,8 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
                      "running requests use; retry when they finish or raise host_cache_bytes");
   }
   host_lru_.push_back(task_id);
-  host_.emplace(task_id, HostEntry{std::move(converted), std::move(config_copy), host_bytes, 0,
-                                   std::prev(host_lru_.end())});
+  host_.emplace(task_id, HostEntry{std::move(copy), std::move(config_copy), host_bytes,
+                                   device_bytes, 0, std::prev(host_lru_.end())});
   stats_.host_bytes += host_bytes;
 }
 
@@ -128,7 +118,7 @@ std::shared_ptr<const LoraAdapter> LoraCache::acquire(uint64_t task_id) {
   }
   auto host = host_.find(task_id);
   if (host == host_.end()) not_found(task_id);
-  const int64_t bytes = device_bytes_of(host->second.weights);
+  const int64_t bytes = host->second.device_bytes;
   if (!make_device_room(bytes)) return nullptr;
   ++stats_.misses;
   // The host->device copy runs under the lock so the host entry cannot be replaced or evicted

@@ -2,10 +2,11 @@
 // host … GPU"). Thread-safe (requests are enqueued from any thread; the scheduler acquires on the
 // loop thread).
 //
-// - Host level: task_id -> the adapter's validated rows in the model dtype, bounded by
-//   host_cache_bytes. A task is referenced while any queued or running request names it and is
-//   then never evicted; otherwise least-recently-used entries are evicted to make room.
-// - Device level: task_id -> LoraAdapter (compute dtype, indexed by layer and module) on the
+// - Host level: task_id -> the adapter's validated rows in the dtype they arrived in (float32,
+//   float16 or bfloat16; never narrowed, so never rounded), bounded by host_cache_bytes. A task is
+//   referenced while any queued or running request names it and is then never evicted; otherwise
+//   least-recently-used entries are evicted to make room.
+// - Device level: task_id -> LoraAdapter (same dtype, indexed by layer and module) on the
 //   model's device, bounded by device_cache_bytes. On the CPU backend this is a separate pool in
 //   host memory behind the same code path. A task is pinned while a running request uses it;
 //   eviction takes the least recently used unpinned task; when every resident task is pinned,
@@ -42,10 +43,9 @@ struct LoraCacheStats {
 
 class LoraCache {
  public:
-  LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
-            DType dtype);
+  LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank);
 
-  // Validates (every rule of validate_lora, after converting to the model dtype) and stores the
+  // Validates (every rule of validate_lora) and stores the
   // task on the host level, replacing an unreferenced older copy. Throws LoraError when invalid,
   // when the adapter is larger than a whole level (both sizes in the message), or when the host
   // level is full of referenced tasks.
@@ -63,15 +63,13 @@ class LoraCache {
   bool contains(uint64_t task_id) const;      // host level
   bool is_on_device(uint64_t task_id) const;  // device level
   LoraCacheStats stats() const;
-  // Bytes `weights` would take on each level, for admission and messages.
-  int64_t host_bytes_of(const LoraWeights& weights) const;
-  int64_t device_bytes_of(const LoraWeights& weights) const;
 
  private:
   struct HostEntry {
     LoraWeights weights;
     LoraConfig config;
     int64_t bytes;
+    int64_t device_bytes;  // LoraAdapter::storage_bytes of these rows
     int64_t refs = 0;
     std::list<uint64_t>::iterator lru;
   };
@@ -87,7 +85,6 @@ class LoraCache {
   const ModelConfig model_;
   const LoraCacheConfig config_;
   const int64_t max_lora_rank_;
-  const DType dtype_;
   mutable std::mutex mutex_;
   std::unordered_map<uint64_t, HostEntry> host_;
   std::unordered_map<uint64_t, DeviceEntry> device_;

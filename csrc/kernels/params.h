@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "core/dtype.h"
+
 namespace lorart {
 
 // Causal attention over a paged KV cache for a packed batch of sequence chunks. The chunk's own
@@ -29,11 +31,14 @@ struct PagedAttentionParams {
   float scale;             // usually 1 / sqrt(head_dim)
 };
 
-// One adapter's pair for one (layer, module): A [rank, in] and B [out, rank], row-major, scaling
-// already folded into B.
+// One adapter's pair for one (layer, module), in the adapter's storage dtype (float32, float16 or
+// bfloat16; kernels widen to float32 as they read): A [rank, in] and B transposed, [rank, out],
+// both row-major, scaling already folded into B. B is kept transposed so that the expand step
+// streams rank rows of `out` contiguous values.
 struct LoraPair {
-  const float* a = nullptr;
-  const float* b = nullptr;
+  const void* a = nullptr;
+  const void* b_t = nullptr;
+  DType dtype = DType::kFloat32;
   int32_t rank = 0;  // 0: this adapter does not adapt the module
 };
 

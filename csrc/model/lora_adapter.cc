@@ -1,6 +1,7 @@
 #include "model/lora_adapter.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "lora/lora_validation.h"
 #include "lora/module_ids.h"
@@ -16,6 +17,15 @@ const LoraWeights& validated(const LoraWeights& weights, const LoraConfig& lora_
   return weights;
 }
 
+// dst [rank, out] = src [out, rank]^T for elements of `size` bytes (2 or 4).
+void transpose(const char* src, int64_t out, int64_t rank, size_t size, char* dst) {
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t r = 0; r < rank; ++r) {
+      std::memcpy(dst + (r * out + o) * size, src + (o * rank + r) * size, size);
+    }
+  }
+}
+
 }  // namespace
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
@@ -27,19 +37,40 @@ LoraAdapter LoraAdapter::from_validated(const LoraWeights& weights, const LoraCo
   return LoraAdapter(weights, lora_config, config);
 }
 
-LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
-                         const ModelConfig& config)
-    : weights_(weights.to(DType::kFloat32)),
-      table_(static_cast<size_t>(config.num_layers) * lora_module::kCount) {
-  const float* base = weights_.tensor().data_as<const float>();
+int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
+                                   DType dtype) {
+  int64_t elements = 0;
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
     const LoraConfigRow row = lora_config.row(i);
     const LoraModuleDims dims = config.lora_module_dims(row.module_id);
+    elements += static_cast<int64_t>(row.adapter_size) * (dims.in + dims.out);
+  }
+  return elements * static_cast<int64_t>(dtype_size(dtype));
+}
+
+LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
+                         const ModelConfig& config)
+    : storage_(Buffer::allocate(storage_bytes(lora_config, config, weights.dtype()))),
+      table_(static_cast<size_t>(config.num_layers) * lora_module::kCount),
+      dtype_(weights.dtype()) {
+  const size_t size = dtype_size(dtype_);
+  const auto* rows = static_cast<const char*>(weights.tensor().data());
+  char* dst = static_cast<char*>(storage_.data());
+  for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
+    const LoraConfigRow row = lora_config.row(i);
+    const LoraModuleDims dims = config.lora_module_dims(row.module_id);
+    const int64_t rank = row.adapter_size;
+    const char* a = rows + i * weights.row_size() * size;  // A [rank, in] then B [out, rank]
     LoraPair& pair = table_[row.layer_idx * lora_module::kCount + row.module_id];
-    pair.a = base + i * weights_.row_size();
-    pair.b = pair.a + static_cast<int64_t>(row.adapter_size) * dims.in;
+    pair.a = dst;
+    std::memcpy(dst, a, rank * dims.in * size);
+    dst += rank * dims.in * size;
+    pair.b_t = dst;
+    transpose(a + rank * dims.in * size, dims.out, rank, size, dst);
+    dst += rank * dims.out * size;
+    pair.dtype = dtype_;
     pair.rank = row.adapter_size;
-    max_rank_ = std::max<int64_t>(max_rank_, row.adapter_size);
+    max_rank_ = std::max<int64_t>(max_rank_, rank);
   }
 }
 

@@ -1,10 +1,14 @@
-// LoraAdapter: one validated adapter in the compute dtype, indexed by (layer, module) so the
-// forward finds each module's A/B pointers in O(1). Owns its float32 copy of the rows; immutable
-// and shareable across threads. The LoRA cache stores these.
+// LoraAdapter: one validated adapter laid out for the forward, indexed by (layer, module) so the
+// forward finds each module's pair in O(1). Owns one buffer with every pair's A [rank, in] and
+// B^T [rank, out] in the adapter's own storage dtype (float32, float16 or bfloat16): the kernels
+// widen to float32 as they read, which is exact, so a 16-bit adapter costs half the memory and
+// half the reads of a float32 one and computes the same values. Immutable and shareable across
+// threads. The LoRA cache's device level stores these.
 #pragma once
 
 #include <vector>
 
+#include "core/buffer.h"
 #include "kernels/params.h"
 #include "lora/lora_tensors.h"
 #include "model/model_config.h"
@@ -13,25 +17,29 @@ namespace lorart {
 
 class LoraAdapter {
  public:
-  // Validates against `config` (max_lora_rank, every rule of validate_lora), then converts to
-  // float32.
+  // Validates against `config` (max_lora_rank, every rule of validate_lora), then lays out.
   LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config,
               int64_t max_lora_rank);
   // For rows that already passed validate_lora against this `config` (the LoRA cache's host
-  // level): converts and indexes without checking them again.
+  // level): lays out without checking them again.
   static LoraAdapter from_validated(const LoraWeights& weights, const LoraConfig& lora_config,
                                     const ModelConfig& config);
+  // Bytes a LoraAdapter built from validated rows of this `lora_config` and `dtype` holds.
+  static int64_t storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
+                               DType dtype);
 
   // rank 0 when the adapter leaves that module alone.
   const LoraPair& pair(int64_t layer, int32_t module_id) const;
   int64_t max_rank() const { return max_rank_; }
-  size_t nbytes() const { return weights_.nbytes(); }
+  DType dtype() const { return dtype_; }
+  size_t nbytes() const { return storage_.size(); }
 
  private:
   LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config);
 
-  LoraWeights weights_;          // float32 copy
+  Buffer storage_;               // per config row: A rows then B^T rows, in dtype_
   std::vector<LoraPair> table_;  // [num_layers * lora_module::kCount]
+  DType dtype_;
   int64_t max_rank_ = 0;
 };
 

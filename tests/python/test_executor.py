@@ -16,6 +16,7 @@ import pytest
 from tiny_models import ALL_PROJECTIONS, hf_greedy, hf_logits, load_hf
 
 import lorart
+import lorart.hf
 from lorart.model import SequenceChunk
 
 VOCAB = 160
@@ -172,10 +173,10 @@ def hf_base(gqa_llama_dir):
     return load_hf(gqa_llama_dir)
 
 
-def adapter_bytes(tensors) -> int:
-    weights, _ = tensors[0]
-    rows, max_row = weights.shape
-    return rows * max_row * 4
+def adapter_bytes(tensors, model_config) -> int:
+    """What adapter 0 costs on the device level (used values only, no row padding)."""
+    weights, config = tensors[0]
+    return lorart._core.LoraAdapter(weights, config, model_config, 16).nbytes
 
 
 # ---------------------------------------------------------------------- the seed's mixed batch
@@ -255,7 +256,7 @@ def test_first_request_carries_weights_later_ones_only_the_id(gqa_llama_dir, ten
 @pytest.fixture(scope="module")
 def small_cache_exe(gqa_llama_dir, tensors):
     """A device level that holds exactly two adapters."""
-    budget = 2 * adapter_bytes(tensors)
+    budget = 2 * adapter_bytes(tensors, lorart.hf.load_config(gqa_llama_dir))
     executor = lorart.Executor(
         gqa_llama_dir,
         config(lora_cache=lorart.LoraCacheConfig(device_cache_bytes=budget)),
@@ -290,28 +291,22 @@ def test_two_adapter_device_cache_serves_six_adapters(small_cache_exe, tensors, 
     assert stats["misses"] > NUM_ADAPTERS, stats
 
 
-def test_adapter_larger_than_device_level_is_an_error(small_cache_exe, tensors, client, alone):
-    exe, budget = small_cache_exe
-    hidden = exe.model_config.hidden_size
-    row = budget // 4 + 64  # one row, zero-padded past the whole device level
-    values = np.zeros((1, row), np.float32)
-    values[0, : 8 * hidden * 2] = np.random.default_rng(0).normal(0, 0.1, 8 * hidden * 2)
-    big = lorart.LoraWeights(values)
-    big_cfg = lorart.LoraConfig(np.array([[1, 0, 8]], dtype=np.int32))
-    r = final(
-        exe,
-        exe.enqueue_request(
-            lorart.InferenceRequest(
-                PROMPTS["A"], lora_task_id=900, lora_weights=big, lora_config=big_cfg
-            )
-        ),
+def test_adapter_larger_than_device_level_is_an_error(gqa_llama_dir, tensors, alone):
+    need = adapter_bytes(tensors, lorart.hf.load_config(gqa_llama_dir))
+    exe = lorart.Executor(
+        gqa_llama_dir, config(lora_cache=lorart.LoraCacheConfig(device_cache_bytes=need - 1))
     )
-    assert r.finish_reason == "error"
-    assert str(row * 4) in r.error, r.error
-    assert str(budget) in r.error, r.error
-    assert not exe.contains_lora_task(900)
-    # The executor goes on serving.
-    assert Client(exe, tensors).tokens(PROMPTS["B"], 0) == alone("B", 0)
+    try:
+        client = Client(exe, tensors)
+        r = final(exe, client.submit(PROMPTS["A"], 0))
+        assert r.finish_reason == "error"
+        assert f"needs {need} bytes on the device level" in r.error, r.error
+        assert f"device_cache_bytes = {need - 1}" in r.error, r.error
+        assert not exe.contains_lora_task(0)
+        # The executor goes on serving.
+        assert client.tokens(PROMPTS["B"]) == alone("B", None)
+    finally:
+        exe.shutdown()
 
 
 # ------------------------------------------------------------------------------------ threads

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cpu/skinny_gemm.h"
 
 namespace lorart::cpu {
 
@@ -52,7 +53,10 @@ void paged_attention(const PagedAttentionParams& p) {
   const int32_t* seq_of = seq_storage.data();
   const int64_t num_tokens = p.seq_starts[p.num_seqs];
   const int32_t group = p.num_heads / p.num_kv_heads;
-  const int64_t work = num_tokens * p.num_heads;
+  const int64_t kv_width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  // One item per (token, kv head): the `group` query heads that share a KV head read each K and
+  // V row once, as the rows of one skinny GEMM.
+  const int64_t work = num_tokens * p.num_kv_heads;
   // Multiply-adds of the whole call; below ~1M, waking the thread team costs more than it saves.
   int64_t flops = 0;
   for (int32_t s = 0; s < p.num_seqs; ++s) {
@@ -61,37 +65,50 @@ void paged_attention(const PagedAttentionParams& p) {
   }
 #pragma omp parallel if (flops > (int64_t{1} << 20))
   {
-    thread_local std::vector<float> scores;
+    thread_local std::vector<float> scores;  // [group, keys]
 #pragma omp for schedule(dynamic, 4)
     for (int64_t item = 0; item < work; ++item) {
-      const int64_t t = item / p.num_heads;
-      const int32_t h = static_cast<int32_t>(item % p.num_heads);
+      const int64_t t = item / p.num_kv_heads;
+      const int32_t kv_head = static_cast<int32_t>(item % p.num_kv_heads);
       const int32_t s = seq_of[t];
       const int32_t pos = p.context_lens[s] + static_cast<int32_t>(t - p.seq_starts[s]);
       const int32_t first = p.sliding_window > 0 ? std::max(0, pos - p.sliding_window + 1) : 0;
+      const int64_t keys = pos - first + 1;
       const int32_t* table = p.block_tables + static_cast<int64_t>(s) * p.max_blocks_per_seq;
-      const float* q = p.q + t * p.q_stride + static_cast<int64_t>(h) * p.head_dim;
-      const int32_t kv_head = h / group;
-      scores.resize(pos - first + 1);
-      float max_score = -INFINITY;
-      for (int32_t j = first; j <= pos; ++j) {
+      const int32_t h0 = kv_head * group;
+      const float* q = p.q + t * p.q_stride + static_cast<int64_t>(h0) * p.head_dim;
+      float* out = p.out + (t * p.num_heads + h0) * p.head_dim;
+      scores.resize(group * keys);
+      // Scores, one block (a run of contiguous cache rows) at a time.
+      for (int32_t j = first; j <= pos;) {
+        const int32_t run = std::min(pos + 1, (j / p.block_size + 1) * p.block_size) - j;
         const float* k = cache_row(p.k_cache, p, table, j, kv_head);
-        float dot = 0.0f;
-        for (int32_t d = 0; d < p.head_dim; ++d) dot += q[d] * k[d];
-        scores[j - first] = dot * p.scale;
-        max_score = std::max(max_score, scores[j - first]);
+        skinny_gemm_nt(DType::kFloat32, group, 0, run, p.head_dim, q, p.head_dim, k, kv_width, 0.0f,
+                       scores.data() + (j - first), keys);
+        j += run;
       }
-      float total = 0.0f;
-      for (float& score : scores) {
-        score = std::exp(score - max_score);
-        total += score;
+      for (int32_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * keys;
+        float max_score = -INFINITY;
+        for (int64_t j = 0; j < keys; ++j) {
+          row[j] *= p.scale;
+          max_score = std::max(max_score, row[j]);
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < keys; ++j) {
+          row[j] = std::exp(row[j] - max_score);
+          total += row[j];
+        }
+        const float inv_total = 1.0f / total;
+        for (int64_t j = 0; j < keys; ++j) row[j] *= inv_total;
       }
-      float* out = p.out + (t * p.num_heads + h) * p.head_dim;
-      std::fill(out, out + p.head_dim, 0.0f);
-      for (int32_t j = first; j <= pos; ++j) {
-        const float weight = scores[j - first] / total;
+      std::fill(out, out + static_cast<int64_t>(group) * p.head_dim, 0.0f);
+      for (int32_t j = first; j <= pos;) {
+        const int32_t run = std::min(pos + 1, (j / p.block_size + 1) * p.block_size) - j;
         const float* v = cache_row(p.v_cache, p, table, j, kv_head);
-        for (int32_t d = 0; d < p.head_dim; ++d) out[d] += weight * v[d];
+        skinny_gemm_nn(DType::kFloat32, group, 0, p.head_dim, run, scores.data() + (j - first),
+                       keys, v, kv_width, out, p.head_dim);
+        j += run;
       }
     }
   }

@@ -30,8 +30,7 @@ Adapter adapter(int32_t rank, float value = 0.5f) {
 
 // A cache whose device level holds exactly `device_adapters` rank-1 adapters (64 bytes each).
 LoraCache cache(int64_t device_adapters, int64_t host_adapters = 100) {
-  return LoraCache(tiny_model(), LoraCacheConfig{host_adapters * 64, device_adapters * 64}, 8,
-                   DType::kFloat32);
+  return LoraCache(tiny_model(), LoraCacheConfig{host_adapters * 64, device_adapters * 64}, 8);
 }
 
 TEST(LoraCacheTest, PutThenAcquireMissThenHit) {
@@ -44,7 +43,7 @@ TEST(LoraCacheTest, PutThenAcquireMissThenHit) {
   ASSERT_NE(first, nullptr);
   EXPECT_TRUE(c.is_on_device(7));
   EXPECT_EQ(first->pair(0, 1).rank, 1);
-  EXPECT_EQ(first->pair(0, 1).a[3], 0.5f);
+  EXPECT_EQ(static_cast<const float*>(first->pair(0, 1).a)[3], 0.5f);
   EXPECT_EQ(first->pair(1, 1).rank, 0);
   auto second = c.acquire(7);
   EXPECT_EQ(second, first);
@@ -145,15 +144,33 @@ TEST(LoraCacheTest, HostLevelKeepsReferencedTasksAndEvictsTheRest) {
   EXPECT_FALSE(c.contains(3));
 }
 
-TEST(LoraCacheTest, ConvertsToTheModelDtypeOnce) {
-  LoraCache c(tiny_model(), LoraCacheConfig{1 << 20, 1 << 20}, 8, DType::kFloat16);
-  const Adapter a = adapter(2, 0.1f);
-  c.put(9, a.weights, a.config);
-  EXPECT_EQ(c.stats().host_bytes, 2 * 32);  // fp16 on the host level
-  auto adapter_on_device = c.acquire(9);
-  ASSERT_NE(adapter_on_device, nullptr);
-  EXPECT_EQ(adapter_on_device->pair(0, 1).a[0], half_to_float(float_to_half(0.1f)));
-  EXPECT_EQ(c.stats().device_bytes, 2 * 64);  // float32 compute copy
+// Adapters stay in the dtype they arrive in on both levels (never rounded), and the device level
+// lays B out transposed.
+TEST(LoraCacheTest, KeepsEachAdapterInItsOwnDtype) {
+  LoraCache c(tiny_model(), LoraCacheConfig{1 << 20, 1 << 20}, 8);
+  // attn_q rank 2: A [2, 8] then B [8, 2], values 0..31 exact in bfloat16.
+  std::vector<uint16_t> words(32);
+  for (int i = 0; i < 32; ++i) words[i] = float_to_bfloat16(static_cast<float>(i));
+  c.put(9, LoraWeights::copy_of(Tensor(words.data(), DType::kBFloat16, {1, 32})),
+        LoraConfig::from_rows({{1, 0, 2}}));
+  c.put(10, adapter(2, 0.1f).weights, adapter(2, 0.1f).config);
+  EXPECT_EQ(c.stats().host_bytes, 32 * 2 + 32 * 4);
+  auto bf16 = c.acquire(9);
+  auto fp32 = c.acquire(10);
+  ASSERT_NE(bf16, nullptr);
+  ASSERT_NE(fp32, nullptr);
+  EXPECT_EQ(c.stats().device_bytes, 32 * 2 + 32 * 4);
+  EXPECT_EQ(bf16->dtype(), DType::kBFloat16);
+  const LoraPair& pair = bf16->pair(0, 1);
+  EXPECT_EQ(pair.dtype, DType::kBFloat16);
+  const auto* a = static_cast<const uint16_t*>(pair.a);
+  const auto* b_t = static_cast<const uint16_t*>(pair.b_t);
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(a[i], words[i]) << "A " << i;
+  for (int r = 0; r < 2; ++r) {
+    for (int o = 0; o < 8; ++o) EXPECT_EQ(b_t[r * 8 + o], words[16 + o * 2 + r]) << r << "," << o;
+  }
+  EXPECT_EQ(fp32->pair(0, 1).dtype, DType::kFloat32);
+  EXPECT_EQ(static_cast<const float*>(fp32->pair(0, 1).b_t)[5], 0.1f);
 }
 
 }  // namespace

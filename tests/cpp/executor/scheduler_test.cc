@@ -24,8 +24,8 @@ struct Harness {
   Harness(int64_t max_batch_size, int64_t max_num_tokens, int64_t num_blocks,
           int64_t device_adapters = 4)
       : kv(num_blocks, 4),
-        lora(tiny_model(), LoraCacheConfig{100 * kAdapterBytes, device_adapters * kAdapterBytes}, 8,
-             DType::kFloat32),
+        lora(tiny_model(), LoraCacheConfig{100 * kAdapterBytes, device_adapters * kAdapterBytes},
+             8),
         scheduler(max_batch_size, max_num_tokens, kv, lora) {
     std::vector<float> values(16, 0.25f);
     LoraWeights w = LoraWeights::copy_of(Tensor(values.data(), DType::kFloat32, {1, 16}));

@@ -4,8 +4,10 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "core/errors.h"
 #include "kernels/ops.h"
 #include "kernels/params.h"
@@ -70,9 +72,12 @@ void check_linear(int64_t m, int64_t n, int64_t k, float beta) {
 TEST(LinearTest, MatchesNaiveLoopOnStridedViews) {
   for (float beta : {0.0f, 1.0f}) {
     check_linear(5, 7, 33, beta);
-    // Past 2^20 multiply-adds linear() splits the columns across threads; 200 is not a multiple
+    // Past 2^18 multiply-adds linear() splits the columns across threads; 200 is not a multiple
     // of the split's 64-column alignment.
     check_linear(24, 200, 300, beta);
+    // Up to 16 rows the skinny kernel runs instead of the BLAS, threaded past 2^18.
+    check_linear(16, 200, 300, beta);
+    check_linear(1, 1000, 70, beta);
   }
 }
 
@@ -108,20 +113,35 @@ TEST(LinearTest, CudaTensorsHaveNoImplementationYet) {
                             "linear: no cuda:0 implementation in this build yet");
 }
 
+// Values in `dtype` storage: the float32 values the kernels will see after widening, and the raw
+// words (float32 bits, or 16-bit words) they read.
+struct Stored {
+  std::vector<float> values;
+  std::vector<uint8_t> raw;
+};
+
+Stored store(const std::vector<float>& values, DType dtype) {
+  Stored s{std::vector<float>(values.size()),
+           std::vector<uint8_t>(values.size() * dtype_size(dtype))};
+  convert_floats(values.data(), DType::kFloat32, s.raw.data(), dtype, values.size());
+  convert_floats(s.raw.data(), dtype, s.values.data(), DType::kFloat32, values.size());
+  return s;
+}
+
 // One adapter pair with its own storage.
 struct Pair {
   int32_t rank;
-  std::vector<float> a, b;  // [rank, in], [out, rank]
+  Stored a, b_t;  // [rank, in], [rank, out] (B transposed, as LoraAdapter lays it out)
 };
 
-class LoraGemmTest : public ::testing::Test {
+class LoraGemmTest : public ::testing::TestWithParam<DType> {
  protected:
   static constexpr int64_t kTokens = 100, kIn = 24, kOut = 20;
   static constexpr int64_t kXStride = 29, kYStride = 50, kOutOffset = 13;
 
   void add_segment(int32_t begin, int32_t end, int32_t rank) {
-    Pair pair{rank, random_floats(rank * kIn, 100 + begin), random_floats(kOut * rank, 200 + end)};
-    pairs_.push_back(std::move(pair));
+    pairs_.push_back({rank, store(random_floats(rank * kIn, 100 + begin), GetParam()),
+                      store(random_floats(rank * kOut, 200 + end), GetParam())});
     ranges_.push_back({begin, end});
   }
 
@@ -133,7 +153,7 @@ class LoraGemmTest : public ::testing::Test {
     for (size_t i = 0; i < pairs_.size(); ++i) {
       const Pair& p = pairs_[i];
       LoraPair pair;
-      if (p.rank > 0) pair = {p.a.data(), p.b.data(), p.rank};
+      if (p.rank > 0) pair = {p.a.raw.data(), p.b_t.raw.data(), GetParam(), p.rank};
       segments.push_back({ranges_[i].first, ranges_[i].second, pair});
       scratch_size += (ranges_[i].second - ranges_[i].first) * p.rank;
     }
@@ -163,7 +183,7 @@ class LoraGemmTest : public ::testing::Test {
       std::vector<double> h(p != nullptr ? p->rank : 0);
       for (size_t j = 0; j < h.size(); ++j) {
         for (int64_t i = 0; i < kIn; ++i)
-          h[j] += static_cast<double>(x[t * kXStride + i]) * p->a[j * kIn + i];
+          h[j] += static_cast<double>(x[t * kXStride + i]) * p->a.values[j * kIn + i];
       }
       for (int64_t col = 0; col < kYStride; ++col) {
         const int64_t o = col - kOutOffset;
@@ -173,7 +193,7 @@ class LoraGemmTest : public ::testing::Test {
           continue;
         }
         double ref = before[idx];
-        for (size_t j = 0; j < h.size(); ++j) ref += h[j] * p->b[o * p->rank + j];
+        for (size_t j = 0; j < h.size(); ++j) ref += h[j] * p->b_t.values[j * kOut + o];
         expect_close(y[idx], ref, t, o);
       }
     }
@@ -183,23 +203,28 @@ class LoraGemmTest : public ::testing::Test {
   std::vector<std::pair<int32_t, int32_t>> ranges_;
 };
 
-TEST_F(LoraGemmTest, MixedRanksAndSegmentLengthsMatchReference) {
+INSTANTIATE_TEST_SUITE_P(StorageDtypes, LoraGemmTest,
+                         ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+TEST_P(LoraGemmTest, MixedRanksAndSegmentLengthsMatchReference) {
   add_segment(0, 5, 2);     // short (decode-like) segment
-  add_segment(5, 25, 8);    // prefill-like segment
+  add_segment(5, 25, 8);    // prefill-like segment (BLAS, 16-bit weights widened first)
   add_segment(25, 30, 0);   // adapter without this module: skipped, null pointers never read
   add_segment(33, 40, 16);  // tokens 30..32 belong to no segment
   add_segment(40, 56, 2);
-  add_segment(56, 57, 16);  // a single token: BLAS's one-row (GEMV) path
-  add_segment(75, 95, 16);  // 57..74 and 95..99 belong to no segment
+  add_segment(56, 57, 16);  // a single token (skinny kernels)
+  add_segment(57, 73, 3);   // 16 tokens: the longest segment the skinny kernels take
+  add_segment(75, 95, 16);  // 73..74 and 95..99 belong to no segment
   run_and_check();
 }
 
-TEST_F(LoraGemmTest, SingleTokenSegmentsAsInDecode) {
+TEST_P(LoraGemmTest, SingleTokenSegmentsAsInDecode) {
   for (int32_t t = 0; t < 12; ++t) add_segment(2 * t, 2 * t + 1, t % 3 == 0 ? 16 : 1 + t % 8);
   run_and_check();
 }
 
-TEST_F(LoraGemmTest, NoSegmentsLeavesOutputUntouched) { run_and_check(); }
+TEST_P(LoraGemmTest, NoSegmentsLeavesOutputUntouched) { run_and_check(); }
 
 TEST(LoraGemmDeviceTest, CudaHasNoImplementationYet) {
   LoraGemmParams params{};
