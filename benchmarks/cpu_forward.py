@@ -10,12 +10,17 @@ weights with the same thread count:
   (lorart: paged KV cache; transformers: its DynamicCache);
 
 each with LoRA off and with LoRA on (every sequence its own adapter; transformers+peft runs the
-mixed batch through ``adapter_names``). Prefill is the best of 5 runs, decode the median step of
-32, so that a busy neighbour on a shared machine skews the numbers less. Before timing,
-last-token logits of the prefill and of two decode steps are checked against transformers.
-Prints a table and appends JSON lines to benchmarks/results/cpu_forward.jsonl (ratio = lorart /
-transformers, and LoRA overhead rows with ratio = LoRA on / LoRA off). ``--quick`` runs a tiny
-configuration in seconds.
+mixed batch through ``adapter_names``). lorart runs the adapters twice: stored in float32, and
+stored in bfloat16 as TensorRT-LLM-style LoraWeights usually arrive (the adapters' values are
+drawn bf16-exact with scaling 2, so both runs, and peft's float32 run, compute with the same
+values; lorart widens bf16 to float32 in its kernels).
+
+All variants of a case are timed round-robin (one prefill, or one decode step, of each in turn),
+so a busy neighbour on a shared machine slows them alike; prefill keeps the best of 5 rounds,
+decode the median of 32 steps. Before timing, last-token logits of the prefill and of two decode
+steps are checked against transformers. Prints a table and appends JSON lines to
+benchmarks/results/cpu_forward.jsonl (ratio = lorart / transformers, and LoRA overhead rows with
+ratio = LoRA on / LoRA off). ``--quick`` runs a tiny configuration in seconds.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ def build_adapters(model_dir: Path, out_dir: Path, num: int, rank: int):
         for name, param in sorted(peft_model.named_parameters()):
             if "lora_" in name:
                 param.normal_(0.0, 0.05, generator=gen)
+                param.copy_(param.to(torch.bfloat16).float())  # bf16-exact; scaling 2 keeps it
     dirs = []
     for i in range(num):
         peft_model.save_pretrained(str(out_dir), selected_adapters=[f"a{i}"])
@@ -125,22 +131,27 @@ def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 
 class Lorart:
+    """lorart with LoRA off (slots None) or each sequence on its slot; owns KV blocks
+    [first_block, first_block + len(slots) * blocks_per_seq) so variants can interleave."""
+
     name = "lorart"
 
-    def __init__(self, model: Model, slots: list[int], max_len: int):
+    def __init__(self, model: Model, num_seqs: int, slots, first_block: int, per_seq: int):
         self.model, self.slots = model, slots
-        per_seq = -(-max_len // BLOCK)
-        self.tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(slots))]
+        self.lora = slots is not None
+        self.tables = [
+            list(range(first_block + i * per_seq, first_block + (i + 1) * per_seq))
+            for i in range(num_seqs)
+        ]
 
-    def prefill(self, prompts, lora: bool) -> np.ndarray:
+    def prefill(self, prompts) -> np.ndarray:
         self.ctx = [len(p) for p in prompts]
-        self.lora = lora
         chunks = [
             SequenceChunk(
                 token_ids=p,
                 context_len=0,
                 block_table=self.tables[i],
-                lora_slot=self.slots[i] if lora else -1,
+                lora_slot=self.slots[i] if self.lora else -1,
                 all_logits=False,
             )
             for i, p in enumerate(prompts)
@@ -164,15 +175,16 @@ class Lorart:
 
 
 class Transformers:
+    """transformers with LoRA off (model = the base) or peft with one adapter per sequence."""
+
     name = "transformers"
 
-    def __init__(self, base, peft_model, adapter_names: list[str]):
-        self.base, self.peft_model, self.names = base, peft_model, adapter_names
+    def __init__(self, model, adapter_names: list[str] | None):
+        self.model, self.names = model, adapter_names
 
     @torch.inference_mode()
-    def prefill(self, prompts, lora: bool) -> np.ndarray:
-        self.model = self.peft_model if lora else self.base
-        self.kw = {"adapter_names": self.names[: len(prompts)]} if lora else {}
+    def prefill(self, prompts) -> np.ndarray:
+        self.kw = {"adapter_names": self.names[: len(prompts)]} if self.names else {}
         ids = torch.tensor(prompts, dtype=torch.long)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self.kw)
         self.cache = out.past_key_values
@@ -189,11 +201,10 @@ class Transformers:
 # ----------------------------------------------------------------------------- check, then time
 
 
-def check(runners, prompts, lora: bool, what: str) -> None:
+def check(ours, ref, prompts, what: str) -> None:
     """Last-token logits of the prefill and of two decode steps agree with transformers."""
-    ours, ref = runners
     tol = 1e-3
-    a, b = ours.prefill(prompts, lora), ref.prefill(prompts, lora)
+    a, b = ours.prefill(prompts), ref.prefill(prompts)
     errs = [float(np.max(np.abs(a - b)))]
     for _ in range(2):
         tokens = np.argmax(b, axis=-1)
@@ -207,27 +218,33 @@ def check(runners, prompts, lora: bool, what: str) -> None:
     )
 
 
-def time_prefill(runner, prompts, lora: bool, repeats: int) -> float:
-    """Tokens/s of the fastest of `repeats` runs (after a warm-up)."""
-    runner.prefill(prompts, lora)
-    times = []
+def time_prefill(variants: dict, prompts, repeats: int) -> dict[str, float]:
+    """Tokens/s of each variant's fastest of `repeats` round-robin runs (after a warm-up)."""
+    for runner in variants.values():
+        runner.prefill(prompts)
+    times: dict[str, list[float]] = {key: [] for key in variants}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.prefill(prompts, lora)
-        times.append(time.perf_counter() - t0)
-    return sum(len(p) for p in prompts) / min(times)
+        for key, runner in variants.items():
+            t0 = time.perf_counter()
+            runner.prefill(prompts)
+            times[key].append(time.perf_counter() - t0)
+    tokens = sum(len(p) for p in prompts)
+    return {key: tokens / min(t) for key, t in times.items()}
 
 
-def time_decode(runner, prompts, lora: bool, steps: int) -> float:
-    """Tokens/s from the median step time (robust to a stray busy neighbour on a shared CPU)."""
-    logits = runner.prefill(prompts, lora)
-    logits = runner.decode(np.argmax(logits, axis=-1))  # warm-up step
-    times = []
+def time_decode(variants: dict, prompts, steps: int) -> dict[str, float]:
+    """Tokens/s of each variant from its median step time, the steps taken round-robin."""
+    logits = {}
+    for key, runner in variants.items():
+        first = runner.prefill(prompts)
+        logits[key] = runner.decode(np.argmax(first, axis=-1))  # warm-up step
+    times: dict[str, list[float]] = {key: [] for key in variants}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        logits = runner.decode(np.argmax(logits, axis=-1))
-        times.append(time.perf_counter() - t0)
-    return len(prompts) / statistics.median(times)
+        for key, runner in variants.items():
+            t0 = time.perf_counter()
+            logits[key] = runner.decode(np.argmax(logits[key], axis=-1))
+            times[key].append(time.perf_counter() - t0)
+    return {key: len(prompts) / statistics.median(t) for key, t in times.items()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -275,19 +292,21 @@ def main() -> None:
 
         hf_base = AutoModelForCausalLM.from_pretrained(str(tmp / "model"), dtype=torch.float32)
         hf_base.eval()
+        per_seq = -(-max_len // BLOCK)
+        lorart_variants = ("base", "lora", "lora_bf16")
         model = Model.from_pretrained(
             str(tmp / "model"),
             max_num_tokens=max(n * length, 256),
-            num_kv_blocks=n * -(-max_len // BLOCK) + 1,
+            num_kv_blocks=len(lorart_variants) * n * per_seq + 1,
             block_size=BLOCK,
         )
-        slots = []
+        slots: dict[str, list[int]] = {"lora": [], "lora_bf16": []}
         for d in adapter_dirs:
-            weights, config = lorart.lora.from_peft(str(d), model.config)
-            slots.append(model.add_adapter(weights, config))
+            for key, dtype in (("lora", "float32"), ("lora_bf16", "bfloat16")):
+                weights, config = lorart.lora.from_peft(str(d), model.config, dtype=dtype)
+                slots[key].append(model.add_adapter(weights, config))
         # Sequence i uses adapter i (mod the number of adapters) on both sides.
-        seq_slots = [slots[i % len(slots)] for i in range(n)]
-        names = [f"a{i % len(slots)}" for i in range(n)]
+        names = [f"a{i % len(adapter_dirs)}" for i in range(n)]
         setup_s = time.perf_counter() - t0
         print(
             f"model: {num_params / 1e6:.1f}M parameters, {cfg['num_adapters']} adapters of rank "
@@ -298,25 +317,57 @@ def main() -> None:
         if load > 0.5:
             print(f"warning: load average {load:.2f} before timing; other work may skew results")
 
-        runners = (Lorart(model, seq_slots, max_len), Transformers(hf_base, peft_model, names))
+        def variants() -> dict:
+            """Fresh runners, one per variant, each on its own KV blocks / cache."""
+            out = {}
+            for j, key in enumerate(lorart_variants):
+                seq_slots = None
+                if key != "base":
+                    seq_slots = [slots[key][i % len(adapter_dirs)] for i in range(n)]
+                out[("lorart", key)] = Lorart(model, n, seq_slots, j * n * per_seq, per_seq)
+            out[("transformers", "base")] = Transformers(hf_base, None)
+            out[("transformers", "lora")] = Transformers(peft_model, names)
+            return out
+
         vocab = cfg["model"]["vocab_size"]
         prompts = prompts_for(n, length, vocab)
-        for lora in (False, True):
-            check(runners, prompts, lora, "LoRA" if lora else "base")
+        v = variants()
+        for key, what in (("base", "base"), ("lora", "LoRA fp32"), ("lora_bf16", "LoRA bf16")):
+            ref = v[("transformers", "lora" if key != "base" else "base")]
+            check(v[("lorart", key)], ref, prompts, what)
 
-        rows = []  # (case, metric, unit, {runner: value})
-        for lora in (False, True):
-            tag = f"{len(set(names))} adapters r{cfg['rank']}" if lora else "base"
-            vals = {r.name: time_prefill(r, prompts, lora, cfg["repeats"]) for r in runners}
-            rows.append((f"prefill {n}x{length} {tag}", "prefill_throughput", "tokens/s", vals))
-            for batch in cfg["decode_batches"]:
-                decode_prompts = prompts_for(batch, length, vocab, seed=batch)
-                vals = {r.name: time_decode(r, decode_prompts, lora, steps) for r in runners}
-                tag_b = f"{batch} adapters r{cfg['rank']}" if lora and batch > 1 else tag
-                if lora and batch == 1:
-                    tag_b = f"1 adapter r{cfg['rank']}"
+        a = cfg["num_adapters"]
+        cases = [("prefill", f"prefill {n}x{length}", n, "prefill_throughput")]
+        cases += [
+            ("decode", f"decode b{b} ctx{length}", b, "decode_throughput")
+            for b in cfg["decode_batches"]
+        ]
+        rows = []  # (case, variant, metric, {runner: value})
+        for kind, label, batch, metric in cases:
+            case_prompts = (
+                prompts if kind == "prefill" else prompts_for(batch, length, vocab, batch)
+            )
+            if kind == "prefill":
+                vals = time_prefill(variants(), case_prompts, cfg["repeats"])
+            else:
+                vals = time_decode(variants(), case_prompts, steps)
+            adapters = min(batch, a)
+            lora_tag = f"{adapters} adapter{'s' if adapters > 1 else ''} r{cfg['rank']}"
+            for key in lorart_variants:
+                tag = (
+                    "base" if key == "base" else lora_tag + (" bf16" if key == "lora_bf16" else "")
+                )
+                ref_key = "base" if key == "base" else "lora"
                 rows.append(
-                    (f"decode b{batch} ctx{length} {tag_b}", "decode_throughput", "tokens/s", vals)
+                    (
+                        f"{label} {tag}",
+                        key,
+                        metric,
+                        {
+                            "lorart": vals[("lorart", key)],
+                            "transformers": vals[("transformers", ref_key)],
+                        },
+                    )
                 )
 
     report(rows, bench, device, baseline, args.out)
@@ -324,10 +375,10 @@ def main() -> None:
 
 def report(rows, bench: str, device: str, baseline: str, out: Path) -> None:
     records = []
-    print(f"\n{'case':<40} {'lorart':>12} {'transformers':>13} {'ratio':>7}")
-    for case, metric, unit, vals in rows:
+    print(f"\n{'case':<44} {'lorart':>10} {'transformers':>13} {'ratio':>7}")
+    for case, _, metric, vals in rows:
         ours, ref = vals["lorart"], vals["transformers"]
-        print(f"{case:<40} {ours:>12.1f} {ref:>13.1f} {ours / ref:>7.2f}   {unit}")
+        print(f"{case:<44} {ours:>10.1f} {ref:>13.1f} {ours / ref:>7.2f}   tokens/s")
         records.append(
             dict(
                 bench=bench,
@@ -335,31 +386,32 @@ def report(rows, bench: str, device: str, baseline: str, out: Path) -> None:
                 device=device,
                 metric=metric,
                 value=round(ours, 3),
-                unit=unit,
+                unit="tokens/s",
                 baseline=baseline,
                 baseline_value=round(ref, 3),
                 ratio=round(ours / ref, 4),
             )
         )
-    # LoRA overhead: each LoRA row against the base row of the same shape.
-    half = len(rows) // 2
-    print(f"\n{'LoRA on / LoRA off (throughput)':<40} {'lorart':>12} {'transformers':>13}")
-    for (case_b, metric, unit, base), (case_l, _, _, with_lora) in zip(
-        rows[:half], rows[half:], strict=True
-    ):
-        ours = with_lora["lorart"] / base["lorart"]
-        ref = with_lora["transformers"] / base["transformers"]
-        print(f"{case_l:<40} {ours:>12.2f} {ref:>13.2f}")
+    # LoRA overhead: each LoRA row against the base row of the same case (the row before it).
+    print(f"\n{'LoRA on / LoRA off (throughput)':<44} {'lorart':>10} {'transformers':>13}")
+    base = None
+    for case, variant, metric, vals in rows:
+        if variant == "base":
+            base = (case, vals)
+            continue
+        ours = vals["lorart"] / base[1]["lorart"]
+        ref = vals["transformers"] / base[1]["transformers"]
+        print(f"{case:<44} {ours:>10.2f} {ref:>13.2f}")
         records.append(
             dict(
                 bench=bench,
-                case=f"{case_l} vs base",
+                case=f"{case} vs base",
                 device=device,
                 metric=f"lora_overhead_{metric}",
-                value=round(with_lora["lorart"], 3),
-                unit=unit,
-                baseline=f"lorart {case_b}",
-                baseline_value=round(base["lorart"], 3),
+                value=round(vals["lorart"], 3),
+                unit="tokens/s",
+                baseline=f"lorart {base[0]}",
+                baseline_value=round(base[1]["lorart"], 3),
                 ratio=round(ours, 4),
             )
         )
