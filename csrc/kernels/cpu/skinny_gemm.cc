@@ -7,7 +7,8 @@
 
 // GCC/Clang vector extensions: portable source that each clone below compiles to its own ISA
 // (AVX-512, AVX2 + FMA + F16C, or baseline SSE2), picked at load time by the CPU it runs on.
-#if defined(__x86_64__) && defined(__GNUC__)
+// Clang builds (and non-x86 ones) get one baseline copy.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LORART_CPU_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -26,6 +27,15 @@ constexpr int kLanes = 16;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint16_t Vec16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t VecU32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// Two-vector lane shuffle: __builtin_shufflevector needs GCC 12; __builtin_shuffle is GCC's older
+// spelling (GCC 11 is Ubuntu 22.04's compiler).
+#if defined(__clang__)
+#define LORART_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t VecI32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+#define LORART_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VecI32{__VA_ARGS__})
+#endif
 
 // Storage tags for the 16-bit weight types (both are raw uint16_t words in memory).
 struct Half {
@@ -90,21 +100,17 @@ LORART_INLINE void store_partial(float* p, Vec v, int64_t count) { std::memcpy(p
 template <int W>
 LORART_INLINE Vec fold(Vec a, Vec b) {
   if constexpr (W == 8) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                   31);
+    return LORART_SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           LORART_SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   } else if constexpr (W == 4) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                   31);
+    return LORART_SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           LORART_SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   } else if constexpr (W == 2) {
-    return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                   31);
+    return LORART_SHUFFLE(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           LORART_SHUFFLE(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
   } else {
-    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
-                                   30) +
-           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return LORART_SHUFFLE(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           LORART_SHUFFLE(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   }
 }
 
