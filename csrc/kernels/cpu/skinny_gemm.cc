@@ -8,9 +8,12 @@
 // GCC/Clang vector extensions: portable source that each clone below compiles to its own ISA
 // (AVX-512, AVX2 + FMA + F16C, or baseline SSE2), picked at load time by the CPU it runs on.
 // Clang builds (and non-x86 ones) get one baseline copy.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define LORART_CPU_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 11 has no x86-64-vN levels in target_clones; AVX-512F brings its own FMA.
+#define LORART_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define LORART_CPU_CLONES
 #endif
@@ -30,10 +33,10 @@ typedef uint32_t VecU32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 // Two-vector lane shuffle: __builtin_shufflevector needs GCC 12; __builtin_shuffle is GCC's older
 // spelling (GCC 11 is Ubuntu 22.04's compiler).
+typedef int32_t VecI32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #if defined(__clang__)
 #define LORART_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-typedef int32_t VecI32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #define LORART_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VecI32{__VA_ARGS__})
 #endif
 
@@ -62,22 +65,29 @@ LORART_INLINE Vec load(const BFloat16* p) {
 }
 
 LORART_INLINE Vec load(const Half* p) {
-  // Exact widening with integer ops and one multiply, which every clone vectorises (GCC turns a
-  // _Float16 vector conversion into per-element library calls without AVX512-FP16): moving the
-  // 15 magnitude bits up by 13 gives a float32 whose exponent is 112 too small, subnormals
-  // included; inf / nan get their float32 exponent directly.
+  // Exact widening that every clone vectorises (GCC turns a _Float16 vector conversion into
+  // per-element library calls without AVX512-FP16), with no float32 subnormal anywhere, so a DAZ
+  // mode set by another library cannot flush half subnormals to zero: normals move their 15
+  // magnitude bits up by 13 and rebias the exponent (+112); inf / nan get the float32 all-ones
+  // exponent. (About 2x slower per element than float32 loads; bfloat16 is the fast 16-bit type.)
   Vec16 h;
   std::memcpy(&h, p, sizeof(h));
   const VecU32 u = __builtin_convertvector(h, VecU32);
-  const VecU32 magnitude = (u & 0x7fffu) << 13;
-  const VecU32 sign = (u & 0x8000u) << 16;
-  Vec scaled;
-  std::memcpy(&scaled, &magnitude, sizeof(scaled));
-  scaled *= 0x1p112f;
-  VecU32 bits;
-  std::memcpy(&bits, &scaled, sizeof(bits));
-  bits = (u & 0x7c00u) == 0x7c00u ? (magnitude | 0x7f800000u) : bits;
-  bits |= sign;
+  const VecU32 exponent = u & 0x7c00u;
+  const VecU32 shifted = (u & 0x7fffu) << 13;
+  // Subnormal m * 2^-24 as (2^-14 * (1 + m / 1024)) - 2^-14: both operands normal, result exact.
+  const VecU32 sub_biased = shifted + (113u << 23);
+  Vec sub;
+  std::memcpy(&sub, &sub_biased, sizeof(sub));
+  sub -= 0x1p-14f;
+  VecU32 sub_bits;
+  std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
+  // Comparisons give all-ones / all-zeros lanes: blend with bit masks.
+  const VecU32 is_sub = VecU32(exponent == 0u), is_special = VecU32(exponent == 0x7c00u);
+  const VecU32 normal = shifted + (112u << 23);
+  VecU32 bits = (sub_bits & is_sub) | (normal & ~is_sub);
+  bits = ((shifted | 0x7f800000u) & is_special) | (bits & ~is_special);
+  bits |= (u & 0x8000u) << 16;
   Vec v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
@@ -155,7 +165,7 @@ LORART_INLINE void nt_block(int64_t k, const float* x, int64_t ldx, const T* w, 
   for (int g = 0; g < G; ++g) {
     float* yg = y + g * ldy + c0;
     for (int64_t r = 0; r < rows; ++r) {
-      yg[r] = beta == 0.0f ? sums[r * G + g] : yg[r] + sums[r * G + g];
+      yg[r] = beta == 0.0f ? sums[r * G + g] : beta * yg[r] + sums[r * G + g];
     }
   }
 }

@@ -17,7 +17,7 @@
 namespace lorart::cpu {
 
 // Columns n_begin <= c < n_end of y[M, N] = x[M, K] @ w[N, K]^T + beta * y, with w in `w_dtype`
-// (float32, float16 or bfloat16) and row stride ldw. beta is 0 or 1.
+// (float32, float16 or bfloat16) and row stride ldw. beta == 0 never reads y.
 void skinny_gemm_nt(DType w_dtype, int64_t m, int64_t n_begin, int64_t n_end, int64_t k,
                     const float* x, int64_t ldx, const void* w, int64_t ldw, float beta, float* y,
                     int64_t ldy);

@@ -62,7 +62,7 @@ void check_linear(int64_t m, int64_t n, int64_t k, float beta) {
         ASSERT_EQ(y[i], before[i]) << "outside the view: row " << r << ", col " << col;
         continue;
       }
-      double ref = beta == 0.0f ? 0.0 : before[i];
+      double ref = beta == 0.0f ? 0.0 : double{beta} * before[i];
       for (int64_t c = 0; c < k; ++c) ref += double{x[r * x_stride + x_offset + c]} * w[j * k + c];
       ASSERT_NEAR(y[i], ref, 1e-5 * std::max(1.0, std::abs(ref))) << "row " << r << ", col " << j;
     }
@@ -70,7 +70,7 @@ void check_linear(int64_t m, int64_t n, int64_t k, float beta) {
 }
 
 TEST(LinearTest, MatchesNaiveLoopOnStridedViews) {
-  for (float beta : {0.0f, 1.0f}) {
+  for (float beta : {0.0f, 1.0f, 0.5f}) {
     check_linear(5, 7, 33, beta);
     // Past 2^18 multiply-adds linear() splits the columns across threads; 200 is not a multiple
     // of the split's 64-column alignment.

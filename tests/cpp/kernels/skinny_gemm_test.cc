@@ -11,6 +11,10 @@
 
 #include "core/dtype.h"
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace lorart::cpu {
 namespace {
 
@@ -138,7 +142,7 @@ TEST_P(SkinnyGemmTest, ResultsDoNotDependOnBatchOrSplit) {
 }
 
 // Widening is exact for every class of 16-bit value: x = e_i picks out weight i unchanged.
-TEST(SkinnyGemmWidenTest, SixteenBitSpecialValuesWidenExactly) {
+void check_special_values() {
   // (-0 is left out: a sum that starts at +0 turns it into +0, as any float dot product does.)
   const std::vector<float> specials = {0.0f,           1.0f,
                                        -2.5f,          65504.0f,
@@ -168,6 +172,19 @@ TEST(SkinnyGemmWidenTest, SixteenBitSpecialValuesWidenExactly) {
     EXPECT_EQ(y, -std::numeric_limits<float>::infinity()) << dtype_name(dtype);
   }
 }
+
+TEST(SkinnyGemmWidenTest, SixteenBitSpecialValuesWidenExactly) { check_special_values(); }
+
+#if defined(__SSE__)
+// Another library in the process (or torch.set_flush_denormal) may set denormals-are-zero; fp16
+// subnormals must still widen exactly, since float32 holds them as normal numbers.
+TEST(SkinnyGemmWidenTest, WideningIgnoresDenormalsAreZero) {
+  const unsigned int saved = _mm_getcsr();
+  _mm_setcsr(saved | 0x8040u);  // DAZ | FTZ
+  check_special_values();
+  _mm_setcsr(saved);
+}
+#endif
 
 }  // namespace
 }  // namespace lorart::cpu
