@@ -41,9 +41,7 @@ int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelCon
                                    DType dtype) {
   int64_t elements = 0;
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
-    const LoraConfigRow row = lora_config.row(i);
-    const LoraModuleDims dims = config.lora_module_dims(row.module_id);
-    elements += static_cast<int64_t>(row.adapter_size) * (dims.in + dims.out);
+    elements += lora_row_values(config, lora_config.row(i));
   }
   return elements * static_cast<int64_t>(dtype_size(dtype));
 }

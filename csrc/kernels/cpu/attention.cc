@@ -20,6 +20,11 @@ inline const float* cache_row(const float* cache, const PagedAttentionParams& p,
   return cache + (slot * p.num_kv_heads + kv_head) * p.head_dim;
 }
 
+// Positions j..(the end of j's block, or pos) sit in consecutive cache rows.
+inline int32_t block_run(int32_t j, int32_t pos, int32_t block_size) {
+  return std::min(pos + 1, (j / block_size + 1) * block_size) - j;
+}
+
 // Sequence index of every token, so one flat parallel loop covers the packed batch.
 void token_sequences(const PagedAttentionParams& p, std::vector<int32_t>& seq_of) {
   seq_of.resize(p.seq_starts[p.num_seqs]);
@@ -81,7 +86,7 @@ void paged_attention(const PagedAttentionParams& p) {
       scores.resize(group * keys);
       // Scores, one block (a run of contiguous cache rows) at a time.
       for (int32_t j = first; j <= pos;) {
-        const int32_t run = std::min(pos + 1, (j / p.block_size + 1) * p.block_size) - j;
+        const int32_t run = block_run(j, pos, p.block_size);
         const float* k = cache_row(p.k_cache, p, table, j, kv_head);
         skinny_gemm_nt(DType::kFloat32, group, 0, run, p.head_dim, q, p.head_dim, k, kv_width, 0.0f,
                        scores.data() + (j - first), keys);
@@ -104,7 +109,7 @@ void paged_attention(const PagedAttentionParams& p) {
       }
       std::fill(out, out + static_cast<int64_t>(group) * p.head_dim, 0.0f);
       for (int32_t j = first; j <= pos;) {
-        const int32_t run = std::min(pos + 1, (j / p.block_size + 1) * p.block_size) - j;
+        const int32_t run = block_run(j, pos, p.block_size);
         const float* v = cache_row(p.v_cache, p, table, j, kv_head);
         skinny_gemm_nn(DType::kFloat32, group, 0, p.head_dim, run, scores.data() + (j - first),
                        keys, v, kv_width, out, p.head_dim);

@@ -21,7 +21,7 @@ namespace {
 [[maybe_unused]] const bool kBlasSingleThreaded = (set_blas_threads(1), true);
 
 // Up to this many rows the skinny kernels beat the BLAS (which packs the whole weight first):
-// measured 1.3-2.7x at 1-16 rows on AVX-512 and AVX2 machines.
+// measured 1.3-2.7x at 1-16 rows on an AVX-512 machine (benchmarks/README figures).
 constexpr int64_t kSkinnyMaxRows = 16;
 
 // Column blocks are multiples of this, so every thread's block keeps the wide kernels busy.
@@ -70,16 +70,21 @@ constexpr int64_t kExpandColumns = 256;
 constexpr int64_t kBlasTokens = 64;
 
 // A and B^T of `pair` as float32: the stored rows when they are float32, else widened into
-// `storage` (per thread; reused across items).
+// `storage` (per thread). `widened_from` remembers whose rows `storage` holds, so a thread that
+// takes several token blocks of one segment widens its adapter once.
 std::pair<const float*, const float*> float32_pair(const LoraPair& pair, int64_t in, int64_t out,
-                                                   std::vector<float>& storage) {
+                                                   std::vector<float>& storage,
+                                                   const void*& widened_from) {
   if (pair.dtype == DType::kFloat32) {
     return {static_cast<const float*>(pair.a), static_cast<const float*>(pair.b_t)};
   }
   const size_t a_size = static_cast<size_t>(pair.rank) * in, b_size = size_t(pair.rank) * out;
-  storage.resize(a_size + b_size);
-  convert_floats(pair.a, pair.dtype, storage.data(), DType::kFloat32, a_size);
-  convert_floats(pair.b_t, pair.dtype, storage.data() + a_size, DType::kFloat32, b_size);
+  if (widened_from != pair.a) {
+    storage.resize(a_size + b_size);
+    convert_floats(pair.a, pair.dtype, storage.data(), DType::kFloat32, a_size);
+    convert_floats(pair.b_t, pair.dtype, storage.data() + a_size, DType::kFloat32, b_size);
+    widened_from = pair.a;
+  }
   return {storage.data(), storage.data() + a_size};
 }
 
@@ -127,6 +132,7 @@ void lora_gemm(const LoraGemmParams& p) {
 #pragma omp parallel if (parallel)
   {
     thread_local std::vector<float> widened;
+    const void* widened_from = nullptr;  // per call: adapters may be freed between calls
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < num_shrink; ++i) {
       const LoraItem& item = shrink[i];
@@ -139,7 +145,7 @@ void lora_gemm(const LoraGemmParams& p) {
                        p.in, 0.0f, tmp, r);
         continue;
       }
-      const auto [a, b_t] = float32_pair(seg.pair, p.in, p.out, widened);
+      const auto [a, b_t] = float32_pair(seg.pair, p.in, p.out, widened, widened_from);
       const int64_t rows = item.end - item.begin;
       float* tmp_rows = tmp + item.begin * r;
       sgemm(/*b_transposed=*/true, rows, r, p.in, 1.0f, x + item.begin * p.x_stride, p.x_stride, a,

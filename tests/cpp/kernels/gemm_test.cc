@@ -224,6 +224,12 @@ TEST_P(LoraGemmTest, SingleTokenSegmentsAsInDecode) {
   run_and_check();
 }
 
+// 100 tokens: two BLAS token blocks of one segment, which may share a thread's widened copy.
+TEST_P(LoraGemmTest, LongSegmentSpansSeveralBlasBlocks) {
+  add_segment(0, 100, 8);
+  run_and_check();
+}
+
 TEST_P(LoraGemmTest, NoSegmentsLeavesOutputUntouched) { run_and_check(); }
 
 TEST(LoraGemmDeviceTest, CudaHasNoImplementationYet) {
