@@ -50,6 +50,12 @@ py::dict stats_dict(const ExecutorStats& s) {
 }  // namespace
 
 void bind_executor(py::module_& m) {
+  // Python defaults come from the C++ structs' own, so the two cannot drift apart.
+  const SamplingConfig sampling;
+  const InferenceRequest request;
+  const LoraCacheConfig lora_cache;
+  const KvCacheConfig kv_cache;
+  const ExecutorConfig executor;
   py::class_<SamplingConfig>(m, "SamplingConfig", "How a request picks tokens.")
       .def(
           py::init([](int32_t top_k, float top_p, float temperature, std::optional<uint64_t> seed) {
@@ -57,8 +63,8 @@ void bind_executor(py::module_& m) {
             c.validate();
             return c;
           }),
-          py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("temperature") = 1.0f,
-          py::arg("seed") = py::none())
+          py::arg("top_k") = sampling.top_k, py::arg("top_p") = sampling.top_p,
+          py::arg("temperature") = sampling.temperature, py::arg("seed") = py::none())
       .def_readwrite("top_k", &SamplingConfig::top_k)
       .def_readwrite("top_p", &SamplingConfig::top_p)
       .def_readwrite("temperature", &SamplingConfig::temperature)
@@ -87,7 +93,7 @@ void bind_executor(py::module_& m) {
                  r.return_log_probs = return_log_probs;
                  return r;
                }),
-           py::arg("input_token_ids"), py::arg("max_new_tokens") = 16,
+           py::arg("input_token_ids"), py::arg("max_new_tokens") = request.max_new_tokens,
            py::arg("sampling_config") = py::none(), py::arg("end_id") = py::none(),
            py::arg("stop_token_ids") = std::vector<std::vector<int32_t>>{},
            py::arg("lora_task_id") = py::none(), py::arg("lora_weights") = py::none(),
@@ -134,8 +140,8 @@ void bind_executor(py::module_& m) {
 
   py::class_<LoraCacheConfig>(m, "LoraCacheConfig", "Byte budgets of the two LoRA cache levels.")
       .def(py::init([](int64_t host, int64_t device) { return LoraCacheConfig{host, device}; }),
-           py::arg("host_cache_bytes") = int64_t{1} << 30,
-           py::arg("device_cache_bytes") = int64_t{256} << 20)
+           py::arg("host_cache_bytes") = lora_cache.host_cache_bytes,
+           py::arg("device_cache_bytes") = lora_cache.device_cache_bytes)
       .def_readwrite("host_cache_bytes", &LoraCacheConfig::host_cache_bytes)
       .def_readwrite("device_cache_bytes", &LoraCacheConfig::device_cache_bytes);
 
@@ -143,7 +149,7 @@ void bind_executor(py::module_& m) {
       .def(py::init([](int64_t block_size, int64_t max_tokens) {
              return KvCacheConfig{block_size, max_tokens};
            }),
-           py::arg("block_size") = 16, py::arg("max_tokens") = 16384)
+           py::arg("block_size") = kv_cache.block_size, py::arg("max_tokens") = kv_cache.max_tokens)
       .def_readwrite("block_size", &KvCacheConfig::block_size)
       .def_readwrite("max_tokens", &KvCacheConfig::max_tokens);
 
@@ -164,9 +170,11 @@ void bind_executor(py::module_& m) {
              c.validate();
              return c;
            }),
-           py::arg("device") = "cpu", py::arg("dtype") = "float32", py::arg("max_batch_size") = 8,
-           py::arg("max_num_tokens") = 2048, py::arg("max_seq_len") = 2048,
-           py::arg("max_lora_rank") = 64, py::arg("lora_cache") = py::none(),
+           py::arg("device") = executor.device, py::arg("dtype") = executor.dtype,
+           py::arg("max_batch_size") = executor.max_batch_size,
+           py::arg("max_num_tokens") = executor.max_num_tokens,
+           py::arg("max_seq_len") = executor.max_seq_len,
+           py::arg("max_lora_rank") = executor.max_lora_rank, py::arg("lora_cache") = py::none(),
            py::arg("kv_cache") = py::none())
       .def_readwrite("device", &ExecutorConfig::device)
       .def_readwrite("dtype", &ExecutorConfig::dtype)

@@ -28,7 +28,7 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
     : model_((config.validate(), std::move(model))),
       config_(config),
       kv_cache_(model_->config(), kv_blocks(config.kv_cache), config.kv_cache.block_size),
-      kv_manager_(kv_blocks(config.kv_cache), config.kv_cache.block_size),
+      kv_manager_(kv_cache_.num_blocks(), kv_cache_.block_size()),
       lora_cache_(model_->config(), config.lora_cache, config.max_lora_rank),
       scheduler_(config.max_batch_size, config.max_num_tokens, kv_manager_, lora_cache_) {
   if (model_->max_num_tokens() < config.max_num_tokens ||
@@ -115,8 +115,8 @@ uint64_t Executor::enqueue_request(InferenceRequest request) {
   }
   auto seq = std::make_unique<Sequence>();
   seq->id = id;
-  seq->tokens = request.input_token_ids;
   seq->prompt_len = static_cast<int64_t>(request.input_token_ids.size());
+  seq->tokens = std::move(request.input_token_ids);  // validated above; read only from tokens
   seq->rng_state = request.sampling_config.seed.value_or(fresh_seed());
   seq->request = std::move(request);
   {

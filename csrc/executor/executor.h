@@ -103,6 +103,14 @@ class Executor {
       logits_indices_;
   std::vector<float> logits_;
   std::vector<std::pair<float, int32_t>> sample_scratch_;
+  // Where a chunk's rows sit in the step's logits.
+  struct ChunkRows {
+    int64_t first_context_row = 0;  // rows of prompt positions collected as context logits
+    int64_t context_rows = 0;
+    int64_t sample_row = -1;  // row whose logits pick the next token
+  };
+  std::vector<ChunkRows> step_rows_;               // one per scheduled chunk
+  std::vector<const LoraAdapter*> step_adapters_;  // the step's adapters, by LoRA slot
   std::thread thread_;
 };
 

@@ -9,17 +9,6 @@
 
 namespace lorart {
 
-namespace {
-
-// Where a chunk's rows sit in the step's logits.
-struct ChunkRows {
-  int64_t first_context_row = 0;  // rows of prompt positions collected as context logits
-  int64_t context_rows = 0;
-  int64_t sample_row = -1;  // row whose logits pick the next token
-};
-
-}  // namespace
-
 void Executor::step() {
   const auto start = std::chrono::steady_clock::now();
   std::vector<ScheduledChunk> plan = scheduler_.schedule();
@@ -37,8 +26,10 @@ void Executor::step() {
   lora_slots_.clear();
   logits_indices_.clear();
   block_tables_.assign(static_cast<size_t>(num_seqs * width), -1);
-  std::vector<const LoraAdapter*> adapters;
-  std::vector<ChunkRows> rows(plan.size());
+  std::vector<const LoraAdapter*>& adapters = step_adapters_;
+  adapters.clear();
+  std::vector<ChunkRows>& rows = step_rows_;
+  rows.assign(plan.size(), ChunkRows{});
   int64_t prompt_tokens = 0;
   for (int64_t i = 0; i < num_seqs; ++i) {
     Sequence& seq = *plan[i].seq;

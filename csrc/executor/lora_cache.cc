@@ -57,11 +57,7 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
                      " bytes on the device level, more than all of it (device_cache_bytes = ",
                      config_.device_cache_bytes, ")");
   }
-  LoraConfig config_copy = LoraConfig::from_rows([&] {
-    std::vector<LoraConfigRow> rows;
-    for (int64_t i = 0; i < config.num_rows(); ++i) rows.push_back(config.row(i));
-    return rows;
-  }());
+  LoraConfig config_copy = LoraConfig::copy_of(config.tensor());
 
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = host_.find(task_id);

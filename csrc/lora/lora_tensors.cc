@@ -50,6 +50,12 @@ LoraConfig LoraConfig::from_rows(const std::vector<LoraConfigRow>& rows) {
   return LoraConfig(buffer->view(DType::kInt32, {n, kColumns}), buffer);
 }
 
+LoraConfig LoraConfig::copy_of(const Tensor& table) {
+  const Tensor checked = LoraConfig(table, nullptr).tensor();
+  auto buffer = std::make_shared<Buffer>(Buffer::copy_of(checked, Device::cpu()));
+  return LoraConfig(buffer->view(DType::kInt32, {checked.size(0), kColumns}), buffer);
+}
+
 LoraConfigRow LoraConfig::row(int64_t i) const {
   if (i < 0 || i >= num_rows()) {
     raise<InvalidArgument>("lora_config row ", i, " out of range [0, ", num_rows(), ")");

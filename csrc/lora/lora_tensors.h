@@ -30,6 +30,8 @@ class LoraConfig {
   // `table`: host, contiguous, int32, [rows, 3] or [1, rows, 3]. Throws LoraError otherwise.
   LoraConfig(const Tensor& table, std::shared_ptr<const void> owner);
   static LoraConfig from_rows(const std::vector<LoraConfigRow>& rows);
+  // An owning, contiguous copy of `table` (same accepted forms).
+  static LoraConfig copy_of(const Tensor& table);
 
   int64_t num_rows() const { return table_.size(0); }
   LoraConfigRow row(int64_t i) const;

@@ -242,8 +242,9 @@ void LlamaModel::attention_block(int64_t layer, int64_t n, const ForwardBatch& b
   const Tensor k = rows(qkv_, n, kv_out, q_out, qkv_out);
   const Tensor v = rows(qkv_, n, kv_out, q_out + kv_out, qkv_out);
   const Tensor positions = positions_.view(DType::kInt32, {n});
-  ops::rope(q, static_cast<int32_t>(hd), positions, vec(inv_freq_, hd / 2));
-  ops::rope(k, static_cast<int32_t>(hd), positions, vec(inv_freq_, hd / 2));
+  // q and k heads sit side by side in each qkv row: one pass rotates both.
+  ops::rope(rows(qkv_, n, q_out + kv_out, 0, qkv_out), static_cast<int32_t>(hd), positions,
+            vec(inv_freq_, hd / 2));
 
   PagedAttentionParams p{};
   p.q = q.data_as<const float>();
