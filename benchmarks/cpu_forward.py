@@ -132,44 +132,31 @@ def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 class Lorart:
     """lorart with LoRA off (slots None) or each sequence on its slot; owns KV blocks
-    [first_block, first_block + len(slots) * blocks_per_seq) so variants can interleave."""
+    [first_block, first_block + num_seqs * per_seq) so variants can interleave."""
 
     name = "lorart"
 
     def __init__(self, model: Model, num_seqs: int, slots, first_block: int, per_seq: int):
-        self.model, self.slots = model, slots
-        self.lora = slots is not None
+        self.model = model
+        self.slots = slots if slots is not None else [-1] * num_seqs
         self.tables = [
             list(range(first_block + i * per_seq, first_block + (i + 1) * per_seq))
             for i in range(num_seqs)
         ]
 
-    def prefill(self, prompts) -> np.ndarray:
-        self.ctx = [len(p) for p in prompts]
+    def _forward(self, token_lists, context_lens) -> np.ndarray:
         chunks = [
-            SequenceChunk(
-                token_ids=p,
-                context_len=0,
-                block_table=self.tables[i],
-                lora_slot=self.slots[i] if self.lora else -1,
-                all_logits=False,
-            )
-            for i, p in enumerate(prompts)
+            SequenceChunk(ids, ctx, self.tables[i], self.slots[i], all_logits=False)
+            for i, (ids, ctx) in enumerate(zip(token_lists, context_lens, strict=True))
         ]
         return np.concatenate(self.model.forward(chunks))
 
+    def prefill(self, prompts) -> np.ndarray:
+        self.ctx = [len(p) for p in prompts]
+        return self._forward(prompts, [0] * len(prompts))
+
     def decode(self, next_tokens) -> np.ndarray:
-        chunks = [
-            SequenceChunk(
-                token_ids=[int(t)],
-                context_len=self.ctx[i],
-                block_table=self.tables[i],
-                lora_slot=self.slots[i] if self.lora else -1,
-                all_logits=False,
-            )
-            for i, t in enumerate(next_tokens)
-        ]
-        out = np.concatenate(self.model.forward(chunks))
+        out = self._forward([[int(t)] for t in next_tokens], self.ctx)
         self.ctx = [c + 1 for c in self.ctx]
         return out
 

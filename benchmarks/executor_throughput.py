@@ -23,20 +23,12 @@ from pathlib import Path
 import numpy as np
 
 import lorart
+import lorart.demo
 from lorart import lora
 from lorart.model import Model
 
 RESULTS = Path(__file__).parent / "results" / "executor_throughput.jsonl"
-DEMO_MODEL = Path(lorart.__file__).parent / "assets" / "demo" / "model"
-BIG = dict(
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_key_value_heads=12,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-)
+DEMO_MODEL = lorart.demo.DEMO / "model"
 
 
 def random_adapters(config: lorart.ModelConfig, count: int, rank: int, seed: int):
@@ -91,7 +83,7 @@ def bench_model(name: str, model_dir: Path, args) -> list[dict]:
     config = lorart.hf.load_config(model_dir)
     counts = [1, 8] if args.quick else [1, 8, 64, 512]
     adapters = random_adapters(config, max(counts), args.rank, seed=0)
-    adapter_bytes = adapters[0][0].shape[0] * adapters[0][0].shape[1] * 4
+    adapter_bytes = adapters[0][0].nbytes
     rng = np.random.default_rng(1)
     prompts = [
         rng.integers(3, config.vocab_size, args.prompt_len).tolist() for _ in range(args.requests)
@@ -173,11 +165,9 @@ def main() -> None:
     models = [("demo", DEMO_MODEL)]
     with tempfile.TemporaryDirectory() as tmp:
         if not (args.quick or args.skip_big):
-            import torch
-            from transformers import LlamaConfig, LlamaForCausalLM
+            from cpu_forward import FULL, build_model  # torch only when the big model runs
 
-            torch.manual_seed(0)
-            LlamaForCausalLM(LlamaConfig(**BIG)).save_pretrained(tmp)
+            build_model(Path(tmp), {**FULL["model"], "tie_word_embeddings": False})
             models.append(("llama-100m", Path(tmp)))
         rows = [row for name, path in models for row in bench_model(name, path, args)]
     print(

@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"({len(args.lora_dir)} given; -1 = base model)"
             )
         adapters.append(None if index == -1 else args.lora_dir[index])
-    top_k = args.top_k if args.top_k > 0 else 0
+    top_k = max(args.top_k, 0)
     top_p = args.top_p if args.top_p > 0 else 1.0
     with LLM(args.model_dir, args.tokenizer_dir, device=args.device) as llm:
         outputs = llm.generate(

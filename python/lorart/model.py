@@ -71,8 +71,6 @@ class Model:
         self._core = core
         self.config: ModelConfig = core.config
         self.kv_cache = _core.KvCache(self.config, num_kv_blocks, block_size)
-        self.block_size = block_size
-        self.num_kv_blocks = num_kv_blocks
         self._adapters: list[_core.LoraAdapter] = []
 
     @classmethod
@@ -96,6 +94,14 @@ class Model:
             _core.set_num_threads(threads)
         core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress)
         return cls(core, num_kv_blocks, block_size)
+
+    @property
+    def block_size(self) -> int:
+        return self.kv_cache.block_size
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache.num_blocks
 
     @property
     def max_num_tokens(self) -> int:
