@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <exception>
+#include <random>
 #include <string>
 #include <typeinfo>
+#include <vector>
 
+#include "core/tensor.h"
 #include "model/model_config.h"
 
 namespace lorart::testing_util {
@@ -24,6 +27,23 @@ inline ModelConfig llama_config(int64_t vocab, int64_t hidden, int64_t intermedi
   c.num_kv_heads = kv_heads;
   c.head_dim = head_dim;
   return c;
+}
+
+// n floats drawn uniformly from [lo, hi) by a seeded mt19937 (the same values on every run).
+inline std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -1.0f,
+                                        float hi = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> values(n);
+  for (float& v : values) v = dist(rng);
+  return values;
+}
+
+// [rows, cols] float32 view of `data` with row stride `stride`.
+inline Tensor rows_view(float* data, int64_t rows, int64_t cols, int64_t stride) {
+  const int64_t shape[2] = {rows, cols};
+  const int64_t strides[2] = {stride, 1};
+  return Tensor(data, DType::kFloat32, 2, shape, strides);
 }
 
 // Runs `fn`, expects it to throw exactly `E` (not a subclass: LoraError is an InvalidArgument),

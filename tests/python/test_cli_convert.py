@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from tiny_models import bits, run_lorart_cli
 
 import lorart
-
-
-def run_cli(*args, exe=None):
-    cmd = [exe] if exe else [sys.executable, "-m", "lorart"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, check=False)
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
 @pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
 def test_convert_matches_from_peft(all_proj_adapter, tmp_path, storage):
     out = tmp_path / "out"
-    res = run_cli(
+    res = run_lorart_cli(
         "convert", "-i", str(all_proj_adapter.dir), "-o", str(out), "--storage-type", storage
     )
     assert res.returncode == 0, res.stderr
@@ -43,7 +33,7 @@ def test_convert_matches_from_peft(all_proj_adapter, tmp_path, storage):
 
 def test_convert_default_storage_type(all_proj_adapter, tmp_path):
     out = tmp_path / "out"
-    res = run_cli("convert", "-i", str(all_proj_adapter.dir), "-o", str(out))
+    res = run_lorart_cli("convert", "-i", str(all_proj_adapter.dir), "-o", str(out))
     assert res.returncode == 0, res.stderr
     w, c = lorart.lora.load_npy(str(out))
     ref_w, ref_c = lorart.lora.from_peft(str(all_proj_adapter.dir), dtype=str(w.numpy().dtype))
@@ -54,7 +44,7 @@ def test_convert_default_storage_type(all_proj_adapter, tmp_path):
 @pytest.mark.skipif(shutil.which("lorart") is None, reason="lorart console script not on PATH")
 def test_console_script(all_proj_adapter, tmp_path):
     out = tmp_path / "out"
-    res = run_cli(
+    res = run_lorart_cli(
         "convert",
         "-i",
         str(all_proj_adapter.dir),
@@ -71,7 +61,7 @@ def test_console_script(all_proj_adapter, tmp_path):
 
 def test_convert_bad_input_dir(tmp_path):
     missing = tmp_path / "does_not_exist"
-    res = run_cli("convert", "-i", str(missing), "-o", str(tmp_path / "out"))
+    res = run_lorart_cli("convert", "-i", str(missing), "-o", str(tmp_path / "out"))
     assert res.returncode != 0
     assert res.stderr.strip()
     assert "Traceback" not in res.stderr
@@ -81,14 +71,14 @@ def test_convert_bad_input_dir(tmp_path):
 
 def test_convert_dora_adapter_fails_cleanly(make_adapter, llama_dir, tmp_path):
     ad = make_adapter(llama_dir, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
-    res = run_cli("convert", "-i", str(ad.dir), "-o", str(tmp_path / "out"))
+    res = run_lorart_cli("convert", "-i", str(ad.dir), "-o", str(tmp_path / "out"))
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert "dora" in res.stderr.lower()
 
 
 def test_convert_bad_storage_type(all_proj_adapter, tmp_path):
-    res = run_cli(
+    res = run_lorart_cli(
         "convert",
         "-i",
         str(all_proj_adapter.dir),
@@ -102,7 +92,7 @@ def test_convert_bad_storage_type(all_proj_adapter, tmp_path):
 
 
 def test_convert_checks_against_model_dir(all_proj_adapter, llama_dir, llama_other_dir, tmp_path):
-    ok = run_cli(
+    ok = run_lorart_cli(
         "convert",
         "-i",
         str(all_proj_adapter.dir),
@@ -118,7 +108,7 @@ def test_convert_checks_against_model_dir(all_proj_adapter, llama_dir, llama_oth
     ref_w, _ = lorart.lora.from_peft(str(all_proj_adapter.dir))
     np.testing.assert_array_equal(w.numpy(), ref_w.numpy())
 
-    bad = run_cli(
+    bad = run_lorart_cli(
         "convert",
         "-i",
         str(all_proj_adapter.dir),

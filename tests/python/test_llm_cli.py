@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from tiny_models import run_lorart_cli
 
 from lorart import demo, lora
 from lorart.llm import LLM
@@ -44,10 +42,14 @@ def test_equals_transformers_and_peft_greedy(llm):
     from transformers import LlamaForCausalLM
 
     outputs = llm.generate(PROMPTS, lora=ADAPTERS, max_new_tokens=12)
+    models: dict = {}  # one HF model per adapter, not per prompt
     for prompt, adapter, out in zip(PROMPTS, ADAPTERS, outputs, strict=True):
-        model = LlamaForCausalLM.from_pretrained(DEMO / "model").eval()
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, adapter).eval()
+        if adapter not in models:
+            model = LlamaForCausalLM.from_pretrained(DEMO / "model").eval()
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, adapter).eval()
+            models[adapter] = model
+        model = models[adapter]
         ids = torch.tensor([llm.tokenizer.encode(prompt).ids])
         generated: list[int] = []
         with torch.no_grad():
@@ -80,18 +82,8 @@ def test_request_errors_raise_with_the_message(llm):
     assert llm.generate([demo.ZH_PROMPT], max_new_tokens=12)[0].text == "Washington, D.C."
 
 
-def lorart_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorart", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_lorart_demo_prints_the_seed_table():
-    result = lorart_cli("demo")
+    result = run_lorart_cli("demo")
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line]
     assert lines[0] == f'Input [Text 0]: "<s> {demo.ZH_PROMPT}"'
@@ -101,7 +93,7 @@ def test_lorart_demo_prints_the_seed_table():
 
 
 def test_lorart_run_flags():
-    result = lorart_cli(
+    result = run_lorart_cli(
         "run",
         "--engine_dir",
         str(DEMO / "model"),
@@ -121,7 +113,7 @@ def test_lorart_run_flags():
     assert result.returncode == 0, result.stderr
     assert 'Output [Text 0 Beam 0]: "Washington, D.C."' in result.stdout
     assert 'Output [Text 1 Beam 0]: "ワシントン D.C."' in result.stdout
-    bad = lorart_cli(
+    bad = run_lorart_cli(
         "run", "--model_dir", str(DEMO / "model"), "--input_text", "a", "--lora_task_uids", "3"
     )
     assert bad.returncode == 2

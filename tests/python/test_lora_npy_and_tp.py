@@ -11,6 +11,7 @@ from tiny_models import (
     ROW_MODULES,
     TINY_LLAMA,
     Dims,
+    bits,
     parse_rows,
 )
 
@@ -18,11 +19,6 @@ import lorart
 
 DIMS = Dims.from_kwargs(TINY_LLAMA)
 MHA_DIMS = Dims.from_kwargs({**TINY_LLAMA, "num_key_value_heads": 4})
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    """Bit pattern of an array, so that bfloat16/float16 compare exactly."""
-    return np.ascontiguousarray(a).view(np.dtype(f"u{a.dtype.itemsize}"))
 
 
 @pytest.fixture(scope="module")

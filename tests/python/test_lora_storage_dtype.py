@@ -8,7 +8,6 @@ import pytest
 from tiny_models import ALL_PROJECTIONS
 
 import lorart
-import lorart.hf
 from lorart.model import SequenceChunk
 
 DTYPES = ["float16", "bfloat16"]
@@ -23,12 +22,17 @@ def rounded_pair(weights, config, model_config, dtype: str):
 
 
 @pytest.fixture(scope="module")
-def adapter(gqa_llama_dir, make_adapter):
+def gqa_config(gqa_llama_dir, lorart_model):
+    return lorart_model(gqa_llama_dir).config
+
+
+@pytest.fixture(scope="module")
+def adapter(gqa_llama_dir, gqa_config, make_adapter):
+    # The rank-8 adapter test_model_batching builds too (make_adapter caches it).
     a = make_adapter(
-        gqa_llama_dir, seed=77, std=0.1, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS
+        gqa_llama_dir, seed=208, std=0.1, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS
     )
-    model_config = lorart.hf.load_config(gqa_llama_dir)
-    return lorart.lora.from_peft(str(a.dir), model_config)
+    return lorart.lora.from_peft(str(a.dir), gqa_config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,8 +66,8 @@ def test_model_logits_bitwise_equal_to_float32_copy(gqa_llama_dir, lorart_model,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_executor_keeps_dtype_and_matches_float32_copy(gqa_llama_dir, adapter, dtype):
-    model_config = lorart.hf.load_config(gqa_llama_dir)
+def test_executor_keeps_dtype_and_matches_float32_copy(gqa_llama_dir, gqa_config, adapter, dtype):
+    model_config = gqa_config
     low, widened = rounded_pair(*adapter, model_config, dtype)
     exe = lorart.Executor(gqa_llama_dir, lorart.ExecutorConfig(max_batch_size=4))
     try:

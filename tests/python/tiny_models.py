@@ -6,8 +6,9 @@ peft are imported lazily so that modules which only need numpy stay cheap to imp
 
 from __future__ import annotations
 
-import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,6 @@ MODULE_IDS = {
     "down_proj": 6,
     "up_proj": 7,
 }
-MODULE_NAMES = {v: k for k, v in MODULE_IDS.items()}
 ALL_PROJECTIONS = list(MODULE_IDS)
 COLUMN_MODULES = {1, 2, 3, 5, 7}  # weight split by output features under TP: split B by rows
 ROW_MODULES = {4, 6}  # weight split by input features under TP: split A by columns
@@ -92,12 +92,6 @@ def build_llama(out_dir: Path, seed: int = 0, **overrides) -> Path:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     return out_dir
-
-
-def read_dims(model_dir: Path) -> Dims:
-    """Dims of a saved model, read straight from its config.json (not through lorart)."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return Dims.from_kwargs(cfg)
 
 
 def make_peft_adapter(model_dir, out_dir, seed: int = 1234, std: float = 0.5, **lora_kwargs):
@@ -254,3 +248,14 @@ def hf_greedy(model, prompt, max_new_tokens: int) -> tuple[list[int], float]:
         out.append(tok)
         ids.append(tok)
     return out, min_gap
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """Bit pattern of an array, so that bfloat16/float16 compare exactly."""
+    return np.ascontiguousarray(a).view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+def run_lorart_cli(*args: str, exe: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m lorart ARGS`` (or the installed ``exe``), output captured, never raising."""
+    cmd = [exe] if exe else [sys.executable, "-m", "lorart"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, check=False)

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <random>
 #include <vector>
 
 #include "core/errors.h"
@@ -13,20 +12,8 @@ namespace lorart {
 namespace {
 
 using testing_util::expect_error;
-
-std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> values(n);
-  for (float& v : values) v = dist(rng);
-  return values;
-}
-
-Tensor rows_view(float* data, int64_t rows, int64_t cols, int64_t stride) {
-  const int64_t shape[2] = {rows, cols};
-  const int64_t strides[2] = {stride, 1};
-  return Tensor(data, DType::kFloat32, 2, shape, strides);
-}
+using testing_util::random_floats;
+using testing_util::rows_view;
 
 std::vector<float> inv_freq(int32_t head_dim) {
   std::vector<float> inv(head_dim / 2);

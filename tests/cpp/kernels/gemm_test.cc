@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -17,21 +16,8 @@ namespace lorart {
 namespace {
 
 using testing_util::expect_error;
-
-std::vector<float> random_floats(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  std::vector<float> values(n);
-  for (float& v : values) v = dist(rng);
-  return values;
-}
-
-// [rows, cols] float32 view with row stride `stride`.
-Tensor rows_view(float* data, int64_t rows, int64_t cols, int64_t stride) {
-  const int64_t shape[2] = {rows, cols};
-  const int64_t strides[2] = {stride, 1};
-  return Tensor(data, DType::kFloat32, 2, shape, strides);
-}
+using testing_util::random_floats;
+using testing_util::rows_view;
 
 void expect_close(float actual, double expected, int64_t row, int64_t col) {
   EXPECT_NEAR(actual, expected, 1e-5 * std::max(1.0, std::abs(expected)))

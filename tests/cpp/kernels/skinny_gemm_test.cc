@@ -5,11 +5,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "core/dtype.h"
+#include "test_util.h"
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -25,19 +25,14 @@ struct Weights {
 };
 
 Weights make_weights(int64_t count, DType dtype, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  std::vector<float> f(count);
-  for (float& v : f) v = dist(rng);
+  const std::vector<float> f = testing_util::random_floats(count, seed);
   Weights w{std::vector<uint8_t>(count * dtype_size(dtype)), std::vector<float>(count)};
   convert_floats(f.data(), DType::kFloat32, w.raw.data(), dtype, count);
   convert_floats(w.raw.data(), dtype, w.values.data(), DType::kFloat32, count);
   return w;
 }
 
-std::vector<float> random_floats(int64_t count, uint32_t seed) {
-  return make_weights(count, DType::kFloat32, seed).values;
-}
+using testing_util::random_floats;
 
 class SkinnyGemmTest : public ::testing::TestWithParam<DType> {};
 
