@@ -145,6 +145,7 @@ void convert_floats(const void* src, DType src_dtype, void* dst, DType dst_dtype
     raise<InvalidArgument>("convert_floats: cannot convert ", dtype_name(src_dtype), " to ",
                            dtype_name(dst_dtype), " (floating dtypes only)");
   }
+  if (count == 0) return;  // src / dst may then be null, which memmove does not allow
   if (src_dtype == dst_dtype) {
     std::memmove(dst, src, count * dtype_size(src_dtype));
     return;
