@@ -1,9 +1,12 @@
 #include "bindings/array_interop.h"
 
 #include <array>
+#include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "bindings/dlpack_abi.h"
+#include "core/buffer.h"
 #include "core/errors.h"
 
 namespace lorart::bindings {
@@ -46,22 +49,62 @@ DType dtype_of_dlpack(const dlpack::DataType& dt, const char* field) {
                          "); supported: float32, float16, bfloat16, int32, int64");
 }
 
-BorrowedTensor from_numpy(py::array arr, const char* field) {
-  if (!(arr.flags() & py::array::c_style)) {
-    arr = py::module_::import("numpy").attr("ascontiguousarray")(arr);
+// Row-major strides (elements) for `shape`.
+std::array<int64_t, Tensor::kMaxDims> compact_strides(int ndim, const int64_t* shape) {
+  std::array<int64_t, Tensor::kMaxDims> strides{};
+  int64_t step = 1;
+  for (int i = ndim - 1; i >= 0; --i) {
+    strides[i] = step;
+    step *= shape[i];
   }
-  const DType dtype = dtype_of_numpy(arr.dtype(), field);
-  const int ndim = static_cast<int>(arr.ndim());
-  if (ndim > Tensor::kMaxDims) {
+  return strides;
+}
+
+void check_ndim(int64_t ndim, const char* field) {
+  if (ndim < 0 || ndim > Tensor::kMaxDims) {
     raise<InvalidArgument>(field, " has ", ndim, " dims; at most ", Tensor::kMaxDims);
   }
-  std::array<int64_t, Tensor::kMaxDims> shape{}, strides{};
-  for (int i = 0; i < ndim; ++i) {
-    shape[i] = arr.shape(i);
-    strides[i] = arr.strides(i) / static_cast<int64_t>(dtype_size(dtype));
+}
+
+BorrowedTensor from_numpy(py::array arr, const char* field) {
+  const DType dtype = dtype_of_numpy(arr.dtype(), field);
+  check_ndim(arr.ndim(), field);
+  // The core reads arrays in place as native, aligned, row-major memory. Anything else (a
+  // big-endian dtype, a byte offset such as np.frombuffer(buf, offset=1), a strided view) is
+  // copied once into a fresh array that is; the values are preserved.
+  const bool native = arr.dtype().attr("isnative").cast<bool>();
+  const bool aligned = (arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
+  if (!native || !aligned || !(arr.flags() & py::array::c_style)) {
+    arr = py::module_::import("numpy").attr("array")(
+        arr, py::arg("dtype") = arr.dtype().attr("newbyteorder")("="), py::arg("order") = "C",
+        py::arg("copy") = true);
   }
+  const int ndim = static_cast<int>(arr.ndim());
+  std::array<int64_t, Tensor::kMaxDims> shape{};
+  for (int i = 0; i < ndim; ++i) shape[i] = arr.shape(i);
+  // numpy leaves the strides of extent-1 dims arbitrary in a C-contiguous array: use our own.
+  const auto strides = compact_strides(ndim, shape.data());
   Tensor t(const_cast<void*>(arr.data()), dtype, ndim, shape.data(), strides.data());
   return {t, keep_alive(arr)};
+}
+
+// Copies a strided host view element by element into an owning, aligned, row-major buffer.
+BorrowedTensor compact_copy(const char* src, DType dtype, int ndim, const int64_t* shape,
+                            const int64_t* strides) {
+  const size_t item = dtype_size(dtype);
+  int64_t numel = 1;
+  for (int i = 0; i < ndim; ++i) numel *= shape[i];
+  auto buffer = std::make_shared<Buffer>(Buffer::allocate(static_cast<size_t>(numel) * item));
+  char* dst = static_cast<char*>(buffer->data());
+  std::array<int64_t, Tensor::kMaxDims> index{};
+  for (int64_t k = 0; k < numel; ++k) {
+    int64_t offset = 0;
+    for (int i = 0; i < ndim; ++i) offset += index[i] * strides[i];
+    std::memcpy(dst + k * item, src + offset * static_cast<int64_t>(item), item);
+    for (int i = ndim - 1; i >= 0 && ++index[i] == shape[i]; --i) index[i] = 0;
+  }
+  const auto compact = compact_strides(ndim, shape);
+  return {Tensor(buffer->data(), dtype, ndim, shape, compact.data()), buffer};
 }
 
 BorrowedTensor from_dlpack(py::object obj, const char* field) {
@@ -93,17 +136,65 @@ BorrowedTensor from_dlpack(py::object obj, const char* field) {
     raise<InvalidArgument>(field, " lives on DLPack device type ", dl.device.device_type,
                            "; lorart accepts CPU and CUDA tensors");
   }
-  if (dl.ndim > Tensor::kMaxDims) {
-    raise<InvalidArgument>(field, " has ", dl.ndim, " dims; at most ", Tensor::kMaxDims);
+  check_ndim(dl.ndim, field);
+  int64_t numel = 1;
+  for (int i = 0; i < dl.ndim; ++i) {
+    if (dl.shape[i] < 0) raise<InvalidArgument>(field, " has a negative DLPack extent");
+    numel *= dl.shape[i];
   }
-  std::array<int64_t, Tensor::kMaxDims> strides{};
-  int64_t compact = 1;
-  for (int i = dl.ndim - 1; i >= 0; --i) {
-    strides[i] = dl.strides != nullptr ? dl.strides[i] : compact;
-    compact *= dl.shape[i];
+  const auto compact = compact_strides(dl.ndim, dl.shape);
+  bool is_compact = true;  // null strides mean row-major; extent-1 dims take any stride
+  for (int i = 0; dl.strides != nullptr && numel != 0 && i < dl.ndim; ++i) {
+    if (dl.shape[i] != 1 && dl.strides[i] != compact[i]) is_compact = false;
   }
-  void* data = static_cast<char*>(dl.data) + dl.byte_offset;
-  return {Tensor(data, dtype, dl.ndim, dl.shape, strides.data(), device), owner};
+  char* data = static_cast<char*>(dl.data) + dl.byte_offset;
+  const bool aligned = reinterpret_cast<uintptr_t>(data) % dtype_size(dtype) == 0;
+  if (is_compact && aligned) {
+    return {Tensor(data, dtype, dl.ndim, dl.shape, compact.data(), device), owner};
+  }
+  if (!device.is_cpu()) {
+    raise<InvalidArgument>(field, " is a ", device.str(), " tensor with ",
+                           aligned ? "non-row-major strides" : "a misaligned data pointer",
+                           "; pass a contiguous copy (.contiguous() / .clone())");
+  }
+  // Another producer's strided view (or a misaligned one, e.g. torch.frombuffer at a byte
+  // offset): one compact, aligned copy.
+  return compact_copy(data, dtype, dl.ndim, dl.shape,
+                      dl.strides != nullptr ? dl.strides : compact.data());
+}
+
+// Lists and other array-likes: numpy infers the element type, then values are checked against
+// `target` before the cast (np.asarray(x, dtype=int32) would truncate 1.5 and wrap 2**40).
+py::array from_array_like(py::handle obj, const char* field, DType target) {
+  py::module_ np = py::module_::import("numpy");
+  py::array arr;
+  try {
+    arr = np.attr("asarray")(obj).cast<py::array>();
+  } catch (py::error_already_set& e) {
+    raise<InvalidArgument>(field, ": cannot read ", py::str(py::type::of(obj)).cast<std::string>(),
+                           " as an array (", e.what(), ")");
+  }
+  const char kind = arr.dtype().kind();
+  const bool integral = target == DType::kInt32 || target == DType::kInt64;
+  const bool empty = arr.size() == 0;
+  if (integral && !empty && kind != 'i' && kind != 'u') {
+    raise<InvalidArgument>(field, " must hold integers, got values of dtype ",
+                           py::str(arr.dtype()).cast<std::string>());
+  }
+  if (!integral && !empty && kind != 'i' && kind != 'u' && kind != 'f') {
+    raise<InvalidArgument>(field, " must hold numbers, got values of dtype ",
+                           py::str(arr.dtype()).cast<std::string>());
+  }
+  if (integral && !empty) {
+    py::object info = np.attr("iinfo")(numpy_dtype(target));
+    py::object lo = arr.attr("min")(), hi = arr.attr("max")();
+    if (lo < info.attr("min") || hi > info.attr("max")) {
+      raise<InvalidArgument>(field, " holds ",
+                             py::str(lo < info.attr("min") ? lo : hi).cast<std::string>(),
+                             ", outside ", dtype_name(target));
+    }
+  }
+  return arr.attr("astype")(numpy_dtype(target));
 }
 
 }  // namespace
@@ -114,8 +205,7 @@ BorrowedTensor borrow_array(py::handle obj, const char* field, DType list_dtype)
     return from_numpy(py::reinterpret_borrow<py::array>(obj), field);
   if (py::hasattr(obj, "__dlpack__"))
     return from_dlpack(py::reinterpret_borrow<py::object>(obj), field);
-  py::object arr = py::module_::import("numpy").attr("asarray")(obj, numpy_dtype(list_dtype));
-  return from_numpy(arr.cast<py::array>(), field);
+  return from_numpy(from_array_like(obj, field, list_dtype), field);
 }
 
 py::dtype numpy_dtype(DType dtype) {

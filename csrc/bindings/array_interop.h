@@ -20,9 +20,11 @@ struct BorrowedTensor {
   std::shared_ptr<const void> owner;  // keeps that memory alive; releases it under the GIL
 };
 
-// numpy array, object with __dlpack__ (torch tensor), or anything np.asarray accepts (lists, in
-// which case `list_dtype` picks the element type). Non-contiguous inputs are made contiguous
-// (a copy). `field` names the argument in error messages.
+// numpy array, object with __dlpack__ (torch tensor), or anything np.asarray accepts (lists:
+// their values must fit `list_dtype`, which they are converted to). The result is always
+// native-endian, aligned to its element size and row-major: anything else (a big-endian dtype, a
+// byte offset, a strided or reversed view) is copied once with its values preserved; a CUDA
+// tensor that would need such a copy is refused. Throws InvalidArgument naming `field`.
 BorrowedTensor borrow_array(py::handle obj, const char* field, DType list_dtype);
 
 // A numpy view of `t` (host memory) whose lifetime is tied to `base`.

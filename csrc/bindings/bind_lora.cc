@@ -69,7 +69,7 @@ void bind_lora(py::module_& m) {
       .def_property_readonly("num_rows", &LoraConfig::num_rows)
       .def("__len__", &LoraConfig::num_rows)
       .def("__repr__", [](const LoraConfig& c) {
-        return "LoraConfig(rows=" + std::to_string(c.num_rows()) + ")";
+        return "LoraConfig(shape=" + c.tensor().shape_str() + ", dtype=int32)";
       });
 
   py::class_<LoraWeights>(m, "LoraWeights",

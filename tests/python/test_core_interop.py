@@ -120,3 +120,157 @@ def test_module_table_is_complete():
     assert lorart.LORA_MODULES[17].name == "mlp_router"
     assert {m.tp_split for m in lorart.LORA_MODULES.values()} == {"column", "row", "replicated"}
     assert lorart.lora.module_id("attn_dense") == lorart.lora.module_id("o_proj") == 4
+
+
+# --------------------------------------------------------------------- byte order, alignment
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f2"])
+def test_big_endian_weights_keep_their_values(dtype):
+    values = (np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5) / 4
+    weights = lorart.LoraWeights(values.astype(dtype))  # before: bytes read as little-endian
+    assert weights.dtype == ("float32" if dtype == ">f4" else "float16")
+    np.testing.assert_array_equal(weights.numpy(), values)
+
+
+@pytest.mark.parametrize("dtype", [">i4", ">i8"])
+def test_big_endian_config_keeps_its_values(dtype):
+    table = np.array([[1, 0, 8], [7, 2, 16]])
+    if dtype == ">i8":
+        with pytest.raises(ValueError, match="lora_config must have dtype int32, got int64"):
+            lorart.LoraConfig(table.astype(dtype))
+        return
+    config = lorart.LoraConfig(table.astype(dtype))
+    np.testing.assert_array_equal(config.numpy(), table)
+    assert config.numpy().dtype == np.int32 and config.numpy().dtype.isnative
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_misaligned_arrays_are_copied_to_aligned_memory(dtype):
+    values = np.arange(8, dtype=np.float32).astype(dtype).reshape(2, 4)
+    raw = bytearray(values.nbytes + 1)
+    misaligned = np.frombuffer(raw, dtype=dtype, offset=1).reshape(2, 4)
+    misaligned.flags.writeable = False
+    raw[1:] = values.tobytes()
+    assert not misaligned.flags.aligned
+    weights = lorart.LoraWeights(misaligned)
+    view = weights.numpy()
+    assert view.ctypes.data % np.dtype(dtype).alignment == 0
+    assert not np.shares_memory(view, misaligned)
+    np.testing.assert_array_equal(view.astype(np.float32), values.astype(np.float32))
+
+
+def test_misaligned_config_is_copied():
+    table = np.array([[1, 0, 8]], dtype=np.int32)
+    raw = bytearray(1) + bytearray(table.tobytes())
+    config = lorart.LoraConfig(np.frombuffer(raw, dtype=np.int32, offset=1).reshape(1, 3))
+    assert config.numpy().ctypes.data % 4 == 0
+    np.testing.assert_array_equal(config.numpy(), table)
+
+
+def test_c_contiguous_with_odd_unit_strides_is_borrowed():
+    # numpy leaves the stride of an extent-1 dim arbitrary: still contiguous, still no copy.
+    base = np.arange(8, dtype=np.float32)
+    odd = np.lib.stride_tricks.as_strided(base, shape=(1, 8), strides=(3, 4))
+    assert odd.flags.c_contiguous
+    weights = lorart.LoraWeights(odd)
+    assert np.shares_memory(weights.numpy(), base)
+    np.testing.assert_array_equal(weights.numpy(), base[None])
+
+
+def test_torch_misaligned_tensor_is_copied():
+    values = torch.arange(6, dtype=torch.float32)
+    raw = bytearray(1) + bytearray(values.numpy().tobytes())
+    tensor = torch.frombuffer(raw, dtype=torch.float32, offset=1).reshape(2, 3)
+    assert tensor.data_ptr() % 4 != 0
+    weights = lorart.LoraWeights(tensor)
+    assert weights.numpy().ctypes.data % 4 == 0
+    np.testing.assert_array_equal(weights.numpy(), values.reshape(2, 3).numpy())
+
+
+class DlpackOnly:
+    """A DLPack producer without torch's is_contiguous(): strides arrive as they are."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+
+@pytest.mark.parametrize(
+    "view",
+    [lambda a: a[:, ::2], lambda a: a[::-1], lambda a: a.T, lambda a: a[1:3]],
+    ids=["step", "reversed", "transposed", "rows"],
+)
+def test_dlpack_strided_views_are_made_compact(view):
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    weights = lorart.LoraWeights(DlpackOnly(view(base)))
+    np.testing.assert_array_equal(weights.numpy(), view(base))
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([[1.5, 0, 1]], "lora_config must hold integers, got values of dtype float64"),
+        ([[2**40, 0, 1]], "lora_config holds 1099511627776, outside int32"),
+        ([[2**70, 0, 1]], "lora_config must hold integers, got values of dtype object"),
+        ([["1", 0, 1]], "lora_config must hold integers"),
+        ([[1, 0], [1]], "lora_config: cannot read <class 'list'> as an array"),
+        (object(), "lora_config must hold integers, got values of dtype object"),
+    ],
+)
+def test_lists_are_checked_before_the_cast(bad, match):
+    # before: np.asarray(x, int32) truncated 1.5 to 1, and 2**40 raised OverflowError
+    with pytest.raises(ValueError, match=match):
+        lorart.LoraConfig(bad)
+
+
+def test_repr_shows_shape_and_dtype():
+    assert (
+        repr(lorart.LoraConfig([[1, 0, 8], [2, 0, 8]])) == "LoraConfig(shape=[2, 3], dtype=int32)"
+    )
+    weights = lorart.LoraWeights(np.zeros((1, 2, 5), np.float16))
+    assert repr(weights) == "LoraWeights(shape=[2, 5], dtype=float16)"
+
+
+def test_big_endian_and_misaligned_model_inputs(gqa_llama_dir, lorart_model):
+    """Checkpoint weights and forward index arrays cross the same interop: byte order and
+    alignment must not change the logits."""
+    import lorart._core as core
+    from lorart import hf
+
+    model = lorart_model(gqa_llama_dir)
+    config = model.config
+
+    def build(convert):
+        builder = core.ModelWeightsBuilder(config)
+        for name, array in hf.iter_weights(gqa_llama_dir, config):
+            builder.add(name, convert(np.asarray(array)))
+        return core.LlamaModel(config, builder, 64, 8)
+
+    def misalign(a):
+        raw = bytearray(a.nbytes + 1)
+        out = np.frombuffer(raw, dtype=a.dtype, offset=1).reshape(a.shape)
+        raw[1:] = a.tobytes()
+        return out
+
+    def run(m, convert):
+        cache = core.KvCache(config, 4, 16)
+        args = [
+            np.array([5, 17, 42, 99], np.int32),  # token_ids
+            np.array([0, 4], np.int32),  # seq_starts
+            np.array([0], np.int32),  # context_lens
+            np.array([[0]], np.int32),  # block_tables
+            np.array([-1], np.int32),  # lora_slots
+            np.array([0, 1, 2, 3], np.int32),  # logits_indices
+        ]
+        return m.forward(*[convert(a) for a in args], cache, [])
+
+    native = run(build(lambda a: a), lambda a: a)
+    swapped = run(build(lambda a: a.astype(a.dtype.newbyteorder(">"))), lambda a: a.astype(">i4"))
+    np.testing.assert_array_equal(swapped, native)
+    np.testing.assert_array_equal(run(build(misalign), misalign), native)
