@@ -51,6 +51,9 @@ void validate_lora(const LoraWeights* weights, const LoraConfig* config, const M
     raise<LoraError>("lora_weights has ", weights->num_rows(), " rows but lora_config has ",
                      config->num_rows(), "; they must describe the same rows");
   }
+  if (config->num_rows() == 0) {
+    raise<LoraError>("lora_config has no rows: a LoRA adapter adapts at least one (module, layer)");
+  }
   if (limits.dtype && weights->dtype() != *limits.dtype) {
     raise<LoraError>("lora_weights dtype ", dtype_name(weights->dtype()),
                      " does not match the model dtype ", dtype_name(*limits.dtype),

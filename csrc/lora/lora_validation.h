@@ -18,10 +18,10 @@ struct LoraLimits {
 };
 
 // `weights` or `config` may be null (a request that carries only one of them): that is an error
-// too. Checks, in order: both present; row counts agree; dtype matches (when limits.dtype is
-// set); per row: module id known and present in the model, 0 <= layer_idx < num_layers,
-// 0 < adapter_size <= max_lora_rank, no (module, layer) twice, the row is long enough for
-// r*Hi + Ho*r values, and those values are finite.
+// too. Checks, in order: both present; row counts agree; at least one row; dtype matches (when
+// limits.dtype is set); per row: module id known and present in the model,
+// 0 <= layer_idx < num_layers, 0 < adapter_size <= max_lora_rank, no (module, layer) twice, the
+// row is long enough for r*Hi + Ho*r values, and those values are finite.
 void validate_lora(const LoraWeights* weights, const LoraConfig* config, const ModelConfig& model,
                    const LoraLimits& limits);
 

@@ -92,6 +92,13 @@ TEST(LoraValidationTest, RowCountsMustAgree) {
       "lora_weights has 2 rows but lora_config has 3; they must describe the same rows");
 }
 
+TEST(LoraValidationTest, AdapterNeedsAtLeastOneRow) {
+  const LoraConfig config = LoraConfig::from_rows({});
+  const LoraWeights weights = make_weights(0, kRowSize);
+  expect_lora_error(&weights, &config,
+                    "lora_config has no rows: a LoRA adapter adapts at least one");
+}
+
 TEST(LoraValidationTest, ModuleIdMustBeKnownAndInTheModel) {
   expect_rejected({{1, 0, 2}, {42, 0, 1}},
                   "lora_config row 1: module_id 42 is unknown (valid ids are 0..17)");
