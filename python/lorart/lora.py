@@ -10,8 +10,10 @@ against a model (:func:`validate`, implemented in C++).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +50,7 @@ _FLOAT_DTYPES = {
 }
 WEIGHTS_FILE = "model.lora_weights.npy"
 CONFIG_FILE = "model.lora_config.npy"
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 class LoraRow(NamedTuple):
@@ -77,15 +80,39 @@ def pack(rows: Sequence[LoraRow], dtype: str = "float32") -> tuple[LoraWeights, 
     np_dtype = _np_dtype(dtype)
     if not rows:
         raise LoraError("a LoRA adapter needs at least one adapted module")
+    for i, row in enumerate(rows):
+        if row.A.ndim != 2 or row.B.ndim != 2 or row.A.shape[0] != row.B.shape[1]:
+            raise LoraError(
+                f"row {i}: A is {list(row.A.shape)} and B is {list(row.B.shape)}; expected "
+                "A [r, in] and B [out, r] with the same r"
+            )
+        for field, value in (("module_id", row.module_id), ("layer_idx", row.layer_idx)):
+            if not _INT32_MIN <= value <= _INT32_MAX:
+                raise LoraError(f"row {i}: {field} {value} is outside int32")
     lengths = [row.A.size + row.B.size for row in rows]
     table = np.empty((len(rows), 3), dtype=np.int32)
-    packed = np.zeros((len(rows), max(lengths)), dtype=np.float32)
+    try:
+        packed = np.zeros((len(rows), max(lengths)), dtype=np.float32)
+    except MemoryError:
+        raise LoraError(
+            f"padding {len(rows)} rows to the longest ({max(lengths)} values) needs "
+            f"{len(rows) * max(lengths) * 4 / 2**30:.1f} GiB, more than this machine can allocate"
+        ) from None
     for i, row in enumerate(rows):
         r = row.A.shape[0]
         table[i] = (row.module_id, row.layer_idx, r)
         packed[i, : row.A.size] = row.A.reshape(-1)
         packed[i, row.A.size : lengths[i]] = row.B.reshape(-1)
-    return LoraWeights(packed.astype(np_dtype, copy=False)), LoraConfig(table)
+    with np.errstate(over="ignore"):
+        stored = packed.astype(np_dtype, copy=False)
+    if stored is not packed and not np.isfinite(stored).all():
+        i, j = np.argwhere(~np.isfinite(stored))[0]
+        if np.isfinite(packed[i, j]):
+            raise LoraError(
+                f"row {i} (module {rows[i].module_id}, layer {rows[i].layer_idx}): value "
+                f"{packed[i, j]:g} overflows {dtype}; store the adapter as float32 or bfloat16"
+            )
+    return LoraWeights(stored), LoraConfig(table)
 
 
 def unpack(weights: LoraWeights, config: LoraConfig, model_config: ModelConfig) -> list[LoraRow]:
@@ -114,9 +141,10 @@ def validate(
     """Raise :class:`lorart.LoraError` for the first rule the adapter breaks.
 
     Rules (checked in C++, the same code the executor runs at enqueue): both tensors present; row
-    counts equal; each module id known and present in the model; ``0 <= layer_idx < num_layers``;
-    ``0 < r <= max_lora_rank``; no (module, layer) twice; rows long enough for ``r*Hi + Ho*r``
-    values; dtype equal to ``dtype`` when given; used values finite.
+    counts equal; at least one row; each module id known and present in the model;
+    ``0 <= layer_idx < num_layers``; ``0 < r <= max_lora_rank``; no (module, layer) twice; rows
+    long enough for ``r*Hi + Ho*r`` values; dtype equal to ``dtype`` when given; used values
+    finite.
     """
     _core.validate_lora(weights, config, model_config, max_lora_rank, dtype)
 
@@ -157,12 +185,7 @@ def from_peft(
     cfg = _read_adapter_config(adapter_dir)
     tensors = _read_adapter_tensors(adapter_dir)
     pairs = _lora_pairs(tensors, adapter_dir)
-    # PEFT applies layers_to_transform only with a list of target names, not with a regex.
-    layers_to_transform = cfg.get("layers_to_transform")
-    if isinstance(layers_to_transform, int):
-        layers_to_transform = [layers_to_transform]
-    if not isinstance(cfg.get("target_modules"), list):
-        layers_to_transform = None
+    layers_to_transform = cfg["layers_to_transform"]
 
     rows: list[LoraRow] = []
     for path, (a, b) in sorted(pairs.items()):
@@ -174,6 +197,8 @@ def from_peft(
                 f"only the per-layer projections ({', '.join(_SUPPORTED_HF)})"
             )
         layer = int(match.group(1))
+        if layer > _INT32_MAX:
+            raise LoraError(f"{adapter_dir}: layer index {layer} of {path!r} is outside int32")
         if leaf not in _BY_HF_NAME and leaf not in _FUSED_HF:
             raise LoraError(
                 f"{adapter_dir}: target module {leaf!r} ({path}) has no LoRA module in the Llama "
@@ -184,23 +209,31 @@ def from_peft(
                 f"{adapter_dir}: {path} is in layer {layer}, but layers_to_transform is "
                 f"{layers_to_transform}"
             )
-        r = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] or 0 in (*a.shape, *b.shape):
             raise LoraError(
                 f"{adapter_dir}: rank mismatch in {path}: lora_A is {list(a.shape)} and lora_B is "
-                f"{list(b.shape)}; expected A [r, in] and B [out, r] with the same r"
+                f"{list(b.shape)}; expected A [r, in] and B [out, r] with the same r, all >= 1"
             )
+        r = a.shape[0]
         key = path.removeprefix("base_model.model.")
-        r_cfg = int(_pattern_value(cfg.get("rank_pattern"), key, cfg.get("r", 8)))
+        r_cfg = _pattern_value(cfg["rank_pattern"], key, cfg["r"])
         if r_cfg != r:
             raise LoraError(
                 f"{adapter_dir}: adapter_config.json gives rank {r_cfg} for {key} "
                 f"(r / rank_pattern) but lora_A has {r} rows"
             )
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), key, cfg.get("lora_alpha", 8)))
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        alpha = float(_pattern_value(cfg["alpha_pattern"], key, cfg["lora_alpha"]))
+        scaling = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
         a32 = np.asarray(a, dtype=np.float32)
-        b32 = np.asarray(b, dtype=np.float32) * np.float32(scaling)
+        with np.errstate(over="ignore", invalid="ignore"):
+            b32 = np.asarray(b, dtype=np.float32) * np.float32(scaling)
+        for which, values in (("lora_A", a32), ("lora_B", b32)):
+            if not np.isfinite(values).all():
+                raise LoraError(
+                    f"{adapter_dir}: {path}.{which} holds non-finite values"
+                    + (f" once scaled by {scaling:g}" if which == "lora_B" else "")
+                    + "; LoRA weights must be finite"
+                )
         if leaf in _FUSED_HF:
             parts = _FUSED_HF[leaf]
             if b32.shape[0] % len(parts):
@@ -214,46 +247,79 @@ def from_peft(
             rows.append(LoraRow(_BY_HF_NAME[leaf], layer, a32, b32))
 
     rows.sort(key=lambda row: (row.layer_idx, row.module_id))
+    for prev, row in itertools.pairwise(rows):
+        if (prev.layer_idx, prev.module_id) == (row.layer_idx, row.module_id):
+            raise LoraError(
+                f"{adapter_dir}: two tensors adapt {LORA_MODULES[row.module_id].name} of layer "
+                f"{row.layer_idx}; each (module, layer) may appear once"
+            )
     if model_config is not None:
         _check_against_model(rows, model_config, adapter_dir)
-    weights, config = pack(rows, dtype)
-    if model_config is not None:
-        validate(
-            weights, config, model_config, max_lora_rank=_max_rank(config), dtype=np_dtype.name
-        )
+    try:
+        weights, config = pack(rows, dtype)
+        if model_config is not None:
+            validate(
+                weights, config, model_config, max_lora_rank=_max_rank(config), dtype=np_dtype.name
+            )
+    except LoraError as err:
+        raise LoraError(f"{adapter_dir}: {err}") from None
     return weights, config
 
 
-def _pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
+def _pattern_value(patterns: dict[re.Pattern, Any], key: str, default: Any) -> Any:
     """PEFT's rule for rank_pattern/alpha_pattern: the first pattern ``p`` with
     ``re.match(rf"(.*\\.)?({p})$", key)`` gives the value; otherwise ``default``."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+    for pattern, value in patterns.items():
+        if pattern.match(key):
             return value
     return default
 
 
 def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json, checked field by field; ``rank_pattern`` / ``alpha_pattern`` come
+    back compiled, ``layers_to_transform`` as a list or None, ``r`` / ``lora_alpha`` defaulted."""
     if not adapter_dir.is_dir():
         raise LoraError(f"adapter directory {adapter_dir} does not exist")
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
         raise LoraError(f"{adapter_dir}: adapter_config.json not found (is this a PEFT adapter?)")
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError too
+        raise LoraError(f"{path}: not valid UTF-8 JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise LoraError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
+
+    def bad(key: str, expected: str) -> LoraError:
+        return LoraError(f"{path}: {key} is {_short(cfg[key])}; expected {expected}")
+
+    def typed(key: str, default: Any, ok, expected: str) -> Any:
+        value = cfg.get(key)
+        if value is None:
+            return default
+        if not ok(value):
+            raise bad(key, expected)
+        return value
+
+    peft_type = typed("peft_type", "LORA", _is_str, "a string").upper()
     if peft_type != "LORA":
         raise LoraError(f"{path}: peft_type {peft_type} is not supported (only LORA)")
-    if cfg.get("use_dora"):
+    if typed("use_dora", False, _is_bool, "true or false"):
         raise LoraError(f"{path}: DoRA adapters (use_dora=true) are not supported yet")
-    if cfg.get("modules_to_save"):
+    if typed("modules_to_save", None, _is_list, "a list of module names or null"):
         raise LoraError(
             f"{path}: modules_to_save {cfg['modules_to_save']} replaces whole base modules; lorart "
             "serves many adapters on one shared base model and cannot swap base weights per request"
         )
-    if cfg.get("bias", "none") != "none":
-        raise LoraError(f"{path}: trained biases (bias={cfg['bias']!r}) are not supported")
-    targets = cfg.get("target_modules")
+    bias = typed("bias", "none", _is_str, "a string")
+    if bias != "none":
+        raise LoraError(f"{path}: trained biases (bias={bias!r}) are not supported")
+    targets = typed(
+        "target_modules",
+        None,
+        lambda v: _is_str(v) or _is_str_list(v),
+        "a list of names or a regex",
+    )
     if isinstance(targets, list):
         unknown = [t for t in targets if t not in _BY_HF_NAME and t not in _FUSED_HF]
         if unknown:
@@ -261,27 +327,127 @@ def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
                 f"{path}: target_modules {unknown} have no LoRA module in the Llama family "
                 f"(supported: {', '.join(_SUPPORTED_HF)})"
             )
-    return cfg
+    rank = typed("r", 8, _is_rank, f"an integer in [1, {_INT32_MAX}]")
+    alpha = typed("lora_alpha", 8, _is_finite, "a finite number")
+    layers = typed(
+        "layers_to_transform",
+        None,
+        lambda v: _is_layer(v) or (_is_list(v) and all(map(_is_layer, v))),
+        "a layer index or a list of them",
+    )
+    if isinstance(layers, int):
+        layers = [layers]
+    out = dict(cfg)
+    out.update(
+        r=rank,
+        lora_alpha=alpha,
+        use_rslora=typed("use_rslora", False, _is_bool, "true or false"),
+        target_modules=targets,
+        # PEFT applies layers_to_transform only with a list of target names, not with a regex.
+        layers_to_transform=layers if isinstance(targets, list) else None,
+        rank_pattern=_patterns(path, cfg, "rank_pattern", _is_rank, f"ranks in [1, {_INT32_MAX}]"),
+        alpha_pattern=_patterns(path, cfg, "alpha_pattern", _is_finite, "finite numbers"),
+    )
+    return out
+
+
+def _patterns(path: Path, cfg: dict[str, Any], key: str, ok, expected: str) -> dict:
+    """``{compiled PEFT key regex: value}`` for rank_pattern / alpha_pattern."""
+    patterns = cfg.get(key) or {}
+    if not isinstance(patterns, dict) or not all(map(ok, patterns.values())):
+        raise LoraError(f"{path}: {key} is {_short(patterns)}; expected an object of {expected}")
+    out = {}
+    for pattern, value in patterns.items():
+        try:
+            out[re.compile(rf"(.*\.)?({pattern})$")] = value
+        except (re.error, RecursionError, OverflowError) as err:
+            raise LoraError(f"{path}: {key} key {pattern!r} is not a valid regex ({err})") from None
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(map(_is_str, v))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_rank(v: Any) -> bool:
+    return _is_int(v) and 1 <= v <= _INT32_MAX
+
+
+def _is_layer(v: Any) -> bool:
+    return _is_int(v) and 0 <= v <= _INT32_MAX
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Adapter tensors lorart converts (to float32) without losing anything.
+_ADAPTER_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
 def _read_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
     safetensors_path = adapter_dir / "adapter_model.safetensors"
     bin_path = adapter_dir / "adapter_model.bin"
     if safetensors_path.is_file():
-        return read_safetensors(safetensors_path)
-    if bin_path.is_file():
         try:
-            import torch
-        except ImportError as err:
-            raise LoraError(
-                f"{bin_path}: reading adapter_model.bin needs torch; install torch or save the "
-                "adapter as safetensors"
-            ) from err
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
+            return read_safetensors(safetensors_path)
+        except ValueError as err:
+            raise LoraError(str(err)) from None
+    if bin_path.is_file():
+        return _read_adapter_bin(bin_path)
     raise LoraError(
         f"{adapter_dir}: no adapter weights (adapter_model.safetensors or adapter_model.bin)"
     )
+
+
+def _read_adapter_bin(bin_path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:
+        raise LoraError(
+            f"{bin_path}: reading adapter_model.bin needs torch; install torch or save the "
+            "adapter as safetensors"
+        ) from err
+    try:  # weights_only: tensors and containers only, no code runs
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip, EOF and runtime errors for bad files
+        raise LoraError(
+            f"{bin_path}: not a readable torch state dict ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(state, dict):
+        raise LoraError(f"{bin_path}: expected a state dict {{name: tensor}}, got {type(state)}")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise LoraError(f"{bin_path}: entry {_short(key)} is not a named tensor")
+        if value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise LoraError(
+                f"{bin_path}: tensor {key!r} has dtype {value.dtype}; LoRA weights must be "
+                "float32, float16 or bfloat16"
+            )
+        out[key] = value.float().numpy()
+    return out
 
 
 def _lora_pairs(
@@ -296,7 +462,18 @@ def _lora_pairs(
         match = _LORA_KEY.fullmatch(key)
         if match is None:
             raise LoraError(f"{adapter_dir}: unexpected tensor {key!r} in a LoRA adapter")
-        halves.setdefault(match["path"], {})[match["which"]] = value
+        if value.dtype not in _ADAPTER_DTYPES:
+            raise LoraError(
+                f"{adapter_dir}: tensor {key!r} has dtype {value.dtype}; LoRA weights must be "
+                "float32, float16 or bfloat16"
+            )
+        half = halves.setdefault(match["path"], {})
+        if match["which"] in half:
+            raise LoraError(
+                f"{adapter_dir}: {match['path']} has more than one lora_{match['which']} weight "
+                "(several adapters in one file?)"
+            )
+        half[match["which"]] = value
     pairs = {}
     for path, half in halves.items():
         if set(half) != {"A", "B"}:
@@ -347,20 +524,93 @@ def save_npy(out_dir: str | Path, weights: LoraWeights, config: LoraConfig) -> N
 
 
 def load_npy(lora_dir: str | Path) -> tuple[LoraWeights, LoraConfig]:
-    """Read the TensorRT-LLM file pair (2-D or 3-D) from ``lora_dir``; weights are memory-mapped."""
+    """Read the TensorRT-LLM file pair (2-D or 3-D) from ``lora_dir``; weights are memory-mapped.
+
+    Each file's header is checked against its size before anything is mapped. Big-endian files
+    are converted to native byte order (values preserved, one copy); config values of any
+    integer dtype are range-checked before they become int32. Raises :class:`lorart.LoraError`
+    naming the file and the field for anything malformed.
+    """
     lora_dir = Path(lora_dir)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (lora_dir / name).is_file():
             raise LoraError(f"{lora_dir}: {name} not found")
-    values = np.load(lora_dir / WEIGHTS_FILE, mmap_mode="r")
-    if values.dtype.kind == "V" and values.dtype.itemsize == 2:
-        values = values.view(ml_dtypes.bfloat16)
-    table = np.load(lora_dir / CONFIG_FILE)
-    if table.dtype != np.int32:
-        if table.dtype.kind not in "iu" or (table.size and np.abs(table).max() > 2**31 - 1):
-            raise LoraError(f"{lora_dir / CONFIG_FILE}: expected int32 values, got {table.dtype}")
-        table = table.astype(np.int32)
-    return LoraWeights(values), LoraConfig(table)
+    weights_path, config_path = lora_dir / WEIGHTS_FILE, lora_dir / CONFIG_FILE
+    values = _read_npy(weights_path)
+    if values.dtype.kind == "V" and values.dtype.itemsize == 2 and values.dtype.fields is None:
+        values = values.view(ml_dtypes.bfloat16)  # TensorRT-LLM's spelling of bfloat16
+    elif values.dtype.kind == "f" and values.dtype.itemsize in (2, 4):
+        values = _native(values)
+    else:
+        raise LoraError(
+            f"{weights_path}: dtype {values.dtype.str} is not supported (float32, float16, or "
+            "bfloat16 stored as |V2)"
+        )
+    table = _read_npy(config_path)
+    if table.dtype.kind not in "iu":
+        raise LoraError(f"{config_path}: expected int32 values, got dtype {table.dtype.str}")
+    if table.size:
+        out_of_range = (table < _INT32_MIN) | (table > _INT32_MAX)  # exact for 64-bit ints
+        if out_of_range.any():
+            where = np.unravel_index(np.argmax(out_of_range), table.shape)
+            column = ("module_id", "layer_idx", "adapter_size")[where[-1]] if table.ndim else ""
+            index = [int(i) for i in where]
+            raise LoraError(
+                f"{config_path}: {column or 'value'} {table[where]} at index {index} is outside "
+                "int32"
+            )
+    table = table.astype(np.int32)
+    try:
+        return LoraWeights(values), LoraConfig(table)
+    except ValueError as err:
+        path = config_path if "lora_config" in str(err) else weights_path
+        raise LoraError(f"{path}: {err}") from None
+
+
+# NumPy's own bound on how much header it parses.
+_NPY_MAX_HEADER = 10000
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+    (3, 0): np.lib.format.read_array_header_2_0,  # 3.0 differs only in allowing utf-8 names
+}
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """Memory-map a ``.npy`` file after checking its header: a plain dtype, a shape of
+    non-negative ints, and exactly the bytes that shape needs (so nothing is over-allocated)."""
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        try:
+            version = np.lib.format.read_magic(f)
+            reader = _NPY_HEADER_READERS.get(version)
+            if reader is None:
+                raise ValueError(f"format version {version} is not supported")
+            shape, fortran_order, dtype = reader(f, max_header_size=_NPY_MAX_HEADER)
+        except Exception as err:  # numpy's header parser raises ValueError, TokenError, ...
+            raise LoraError(f"{path}: not a readable .npy file ({err})") from None
+        offset = f.tell()
+    if dtype.hasobject or dtype.subdtype is not None or dtype.fields is not None:
+        raise LoraError(f"{path}: dtype {dtype} is not a plain numeric dtype")
+    if len(shape) > 32 or not all(_is_int(d) and d >= 0 for d in shape):
+        raise LoraError(f"{path}: shape {_short(shape)} is not a tuple of non-negative ints")
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > 2**48:  # numpy cannot shape it
+        raise LoraError(f"{path}: shape {list(shape)} is over the 2**48-byte limit")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if file_size - offset != nbytes:
+        raise LoraError(
+            f"{path}: holds {file_size - offset} data bytes but its header (shape "
+            f"{list(shape)}, dtype {dtype.str}) needs {nbytes}"
+        )
+    order = "F" if fortran_order else "C"
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype, order=order)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """``array`` in native byte order: itself, or a converted copy (values preserved)."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
 def is_npy_dir(path: str | Path) -> bool:

@@ -26,6 +26,7 @@ def load_core_model(
     """Read an HF checkpoint into the C++ model (weights converted to float32 once, from
     memory-mapped files); prints a progress line for checkpoints over 256 MiB."""
     config = hf.load_config(model_dir)
+    hf.check_checkpoint(model_dir, config)  # from the headers alone, before allocating
     builder = _core.ModelWeightsBuilder(config)
     tensors = list(hf.iter_weights(model_dir, config))
     total = sum(a.nbytes for _, a in tensors)

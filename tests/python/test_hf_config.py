@@ -208,3 +208,127 @@ def test_unsupported_architecture(tmp_path):
 def test_missing_config_json(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match=r"config\.json"):
         lorart.hf.load_config(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- hostile configs
+
+
+def load_edited(tmp_path, **changes):
+    cfg = legacy_llama()
+    for key, value in changes.items():
+        if value is DELETE:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    write_config(tmp_path, cfg)
+    return lorart.hf.load_config(str(tmp_path))
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        # before: ZeroDivisionError
+        ({"num_attention_heads": 0}, r"num_attention_heads is 0; expected an integer in \[1, "),
+        # before: silently multi-head attention
+        ({"num_key_value_heads": 0}, r"num_key_value_heads is 0; expected an integer in \[1, "),
+        # before: silently 1e-6
+        ({"rms_norm_eps": 0}, "rms_norm_eps is 0; expected a finite number > 0"),
+        ({"rms_norm_eps": -1e-5}, "rms_norm_eps is -1e-05; expected a finite number > 0"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps is NaN; expected a finite number > 0"),
+        # before: AttributeError
+        ({"rope_scaling": "linear"}, r'rope_scaling is "linear"; expected an object \(or null\)'),
+        ({"rope_parameters": [1]}, r"rope_parameters is \[1\]; expected an object"),
+        ({"vocab_size": 2**70}, r"vocab_size is 1180591620717411303424; expected an integer in"),
+        ({"vocab_size": 128.0}, r"vocab_size is 128.0; expected an integer"),
+        ({"vocab_size": "128"}, r'vocab_size is "128"; expected an integer'),
+        ({"vocab_size": True}, r"vocab_size is true; expected an integer"),
+        ({"vocab_size": None}, r"vocab_size is null; expected an integer"),
+        ({"vocab_size": DELETE}, r"missing required key vocab_size \(expected an integer"),
+        ({"hidden_size": 2**21}, r"hidden_size is 2097152; expected an integer in \[1, 1048576\]"),
+        ({"num_hidden_layers": -3}, "num_hidden_layers is -3"),
+        ({"intermediate_size": [96]}, "intermediate_size is"),
+        ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of num_key"),
+        ({"num_attention_heads": 3, "num_key_value_heads": 3}, "not divisible by num_attention"),
+        ({"head_dim": 15}, r"head_dim \(15\) must be even"),
+        ({"head_dim": 0}, "head_dim is 0"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings is 0"),
+        ({"max_position_embeddings": 2**31}, "max_position_embeddings is 2147483648"),
+        ({"tie_word_embeddings": "true"}, 'tie_word_embeddings is "true"; expected true or false'),
+        ({"attention_bias": 1}, "attention_bias is 1; expected true or false"),
+        ({"rope_theta": 0}, "rope_theta is 0; expected a finite number > 0"),
+        ({"rope_theta": "1e4"}, "rope_theta is"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "'yarn' is not supported"),
+        ({"rope_scaling": {"rope_type": 3}}, "rope_scaling.rope_type is 3; expected a string"),
+        ({"rope_scaling": {"type": "linear"}}, r"missing required key rope_scaling.factor"),
+        ({"rope_scaling": {"type": "linear", "factor": 0}}, "rope_scaling.factor is 0"),
+        (
+            {"rope_scaling": {**LLAMA3_ROPE, "low_freq_factor": None}},
+            "rope_scaling.low_freq_factor is null",
+        ),
+        (
+            {"rope_scaling": {**LLAMA3_ROPE, "high_freq_factor": 0.5}},
+            r"high_freq_factor \(0.5\) must be > low_freq_factor \(1.0\)",
+        ),
+        (
+            {"rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 1.5}},
+            "original_max_position_embeddings is 1.5",
+        ),
+        ({"architectures": "LlamaForCausalLM"}, "architectures is"),
+        ({"architectures": None, "model_type": ["llama"]}, "model_type is"),
+        ({"torch_dtype": 16}, "torch_dtype is 16; expected a string"),
+        ({"torch_dtype": "int8"}, "torch_dtype 'int8' is not supported"),
+        ({"bos_token_id": -5}, "bos_token_id is -5"),
+        ({"eos_token_id": [1, "2"]}, "eos_token_id is"),
+        ({"sliding_window": -1}, "sliding_window is -1"),
+    ],
+)
+def test_bad_fields_name_the_field(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        load_edited(tmp_path, **changes)
+    assert "config.json" in str(exc.value)
+
+
+def test_null_optional_fields_take_defaults(tmp_path):
+    mc = load_edited(
+        tmp_path,
+        num_key_value_heads=None,
+        head_dim=None,
+        rms_norm_eps=None,
+        max_position_embeddings=None,
+        rope_theta=None,
+        rope_scaling=None,
+        tie_word_embeddings=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    assert mc.num_kv_heads == 4 and mc.head_dim == 16
+    assert mc.rms_norm_eps == pytest.approx(1e-6)
+    assert mc.max_position_embeddings == 2048
+    assert mc.rope_theta == pytest.approx(10000.0) and mc.rope_scaling.rope_type == "default"
+    assert mc.tie_word_embeddings is False and mc.bos_token_id == -1 and mc.eos_token_ids == []
+
+
+def test_explicit_head_dim_needs_no_divisibility(tmp_path):
+    mc = load_edited(tmp_path, hidden_size=60, num_attention_heads=4, head_dim=16)
+    assert mc.head_dim == 16
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[1, 2]", b"null", b"{", b"\xff\xfe", b"[" * 100000],
+    ids=["list", "null", "truncated", "not-utf8", "deep"],
+)
+def test_config_json_not_an_object(tmp_path, raw):
+    (tmp_path / "config.json").write_bytes(raw)
+    with pytest.raises(ValueError, match="config.json") as exc:
+        lorart.hf.load_config(str(tmp_path))
+    assert type(exc.value) is ValueError
+
+
+def test_rope_parameters_without_theta_use_the_top_level_theta(tmp_path):
+    mc = load_edited(tmp_path, rope_scaling=DELETE, rope_parameters={**LLAMA3_ROPE})
+    assert mc.rope_theta == pytest.approx(500000.0)
+    assert_llama3_scaling(mc.rope_scaling)
