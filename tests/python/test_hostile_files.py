@@ -6,8 +6,11 @@ escape as another exception or be read wrongly."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -559,3 +562,18 @@ def test_tensor_in_two_shards(llama_dir, tmp_path):
     save_file({**a, name: b[name]}, str(model_dir / "a.safetensors"))
     with pytest.raises(ValueError, match=f"'{name}' is in both a.safetensors and b.safetensors"):
         hf.check_checkpoint(model_dir, hf.load_config(model_dir))
+
+
+# ----------------------------------------------------------------------------- fuzz targets
+
+
+def test_fuzz_targets_run_clean(tmp_path):
+    """Every fuzz target over its seeds plus a bounded, seeded run (tests/fuzz/run.py)."""
+    pytest.importorskip("atheris")
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("atheris brings its own libFuzzer runtime; the fuzz run is the plain pass's")
+    run = Path(__file__).parents[1] / "fuzz" / "run.py"
+    cmd = [sys.executable, str(run), "--runs", "400", "--seed", "1", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("no findings") == 4, proc.stdout
