@@ -228,12 +228,14 @@ def _rope(d: dict[str, Any], f: _Fields) -> tuple[float, RopeScaling]:
         scaling = _Fields(f.object("rope_scaling") or {}, f.source, "rope_scaling.")
     rope = RopeScaling()
     type_key = "rope_type" if scaling.d.get("rope_type") is not None else "type"
-    rope.rope_type = scaling.str(type_key, "default")
-    if rope.rope_type not in ("default", "linear", "llama3"):
+    rope_type = scaling.str(type_key, "default")
+    # Checked before it reaches C++: JSON can spell strings (lone surrogates) that are not UTF-8.
+    if rope_type not in ("default", "linear", "llama3"):
         raise ValueError(
-            f"{f.source}: {scaling.prefix}{type_key} {rope.rope_type!r} is not supported "
+            f"{f.source}: {scaling.prefix}{type_key} {rope_type!r} is not supported "
             "(supported: default, linear, llama3)"
         )
+    rope.rope_type = rope_type
     if rope.rope_type != "default":
         rope.factor = scaling.number("factor")
     if rope.rope_type == "llama3":

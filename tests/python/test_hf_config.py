@@ -328,6 +328,15 @@ def test_config_json_not_an_object(tmp_path, raw):
     assert type(exc.value) is ValueError
 
 
+def test_strings_that_are_not_utf8(tmp_path):
+    # Found by fuzzing: JSON can escape a lone surrogate, which pybind11 cannot pass to C++.
+    text = json.dumps(legacy_llama()).replace('"rope_type": "llama3"', '"rope_type": "\\udcff"')
+    assert "udcff" in text
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="rope_scaling.rope_type '.udcff' is not supported"):
+        lorart.hf.load_config(str(tmp_path))
+
+
 def test_rope_parameters_without_theta_use_the_top_level_theta(tmp_path):
     mc = load_edited(tmp_path, rope_scaling=DELETE, rope_parameters={**LLAMA3_ROPE})
     assert mc.rope_theta == pytest.approx(500000.0)
