@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from seeds import ADAPTER_CONFIG, FUZZ_CONFIG
+from seeds import ADAPTER_CONFIG, FUZZ_CONFIG, adapter_tensors, checkpoint_tensors
 
 with atheris.instrument_imports(include=["lorart"]):
     import lorart  # noqa: F401
@@ -82,9 +82,79 @@ MODEL_DIR = _dir("model")
 (MODEL_DIR / "config.json").write_text(json.dumps(FUZZ_CONFIG))
 
 
+# Every tensor name and shape a valid adapter or checkpoint of FUZZ_CONFIG holds.
+_KNOWN = {
+    name: array.shape
+    for tensors in (
+        adapter_tensors(np.random.default_rng(0), np.float32, fused=True),
+        adapter_tensors(np.random.default_rng(0), np.float32),
+        checkpoint_tensors(np.random.default_rng(0), np.float32),
+    )
+    for name, array in tensors.items()
+}
+_KNOWN_NAMES = sorted(_KNOWN)
+_ST_DTYPES = (["F32", "F16", "BF16"], ["F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "X", 5, None])
+_ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
+_ST_ITEMSIZE.update({"BOOL": 1, "F8_E4M3": 1})
+_ODD_DIMS = [-1, 0, 1, 3, 2**31, 2**63, 2**70, "3", 1.5, True, None, [2]]
+_ODD_OFFSETS = [[0], [0, 1, 2], [-8, 0], [0.0, 4.0], "0,4", None, [4, 0], [0, 2**64]]
+
+
+@atheris.instrument_func
+def _structured_safetensors(fdp: atheris.FuzzedDataProvider) -> bytes:
+    """A safetensors file built field by field: mostly well-formed entries for the names an
+    adapter or checkpoint holds, with fuzzed dtypes, shapes, offsets, values and framing."""
+    header: dict = {}
+    data = b""
+    for _ in range(fdp.ConsumeIntInRange(0, 8)):
+        if _rare(fdp, 0.1):
+            name = fdp.ConsumeUnicodeNoSurrogates(12)
+        else:
+            name = fdp.PickValueInList(_KNOWN_NAMES)
+        dtype = fdp.PickValueInList(_ST_DTYPES[_rare(fdp, 0.1)])
+        shape = list(_KNOWN.get(name, (2, 3)))
+        if _rare(fdp, 0.1):
+            shape = [fdp.PickValueInList(_ODD_DIMS) for _ in range(fdp.ConsumeIntInRange(0, 3))]
+        size = _ST_ITEMSIZE.get(dtype, 4) if isinstance(dtype, str) else 4
+        try:
+            nbytes = int(np.prod([int(d) for d in shape])) * size if shape else size
+        except (TypeError, ValueError, OverflowError):
+            nbytes = 4
+        nbytes = max(0, min(nbytes, 4096))
+        offsets: object = [len(data), len(data) + nbytes]
+        if _rare(fdp, 0.1):
+            offsets = fdp.PickValueInList(_ODD_OFFSETS)
+        elif _rare(fdp, 0.1):
+            offsets = [len(data) + fdp.ConsumeIntInRange(-4, 4), len(data) + nbytes]
+        if _rare(fdp, 0.2):  # any bit pattern: NaN, inf, subnormals
+            raw = fdp.ConsumeBytes(nbytes).ljust(nbytes, b"\0")
+        else:
+            gen = np.random.default_rng(fdp.ConsumeIntInRange(0, 255))
+            raw = gen.standard_normal(max(1, nbytes // 4)).astype(np.float32).tobytes()[:nbytes]
+            raw = raw.ljust(nbytes, b"\0")
+        entry = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        if _rare(fdp, 0.05):
+            entry.pop(fdp.PickValueInList(list(entry)))
+        header[name] = entry
+        data += raw
+    if _rare(fdp, 0.1):
+        header["__metadata__"] = fdp.PickValueInList([{"format": "pt"}, {"k": 1}, [1], "x", None])
+    text = json.dumps(header).encode()
+    if _rare(fdp, 0.1):
+        data += fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 16))  # trailing bytes
+    length = len(text)
+    if _rare(fdp, 0.05):
+        length = fdp.PickValueInList([0, length - 1, length + 1, 2**63, len(text) + len(data) + 1])
+    return struct.pack("<Q", length % 2**64) + text + data
+
+
 @atheris.instrument_func
 def fuzz_safetensors(data: bytes) -> None:
-    """The reader itself, then the same bytes as an adapter and as a checkpoint."""
+    """The reader itself, then the same bytes as an adapter and as a checkpoint. Inputs whose
+    first byte is 3 mod 4 describe a file field by field; others are the file's bytes (seeds
+    have an 8-byte-aligned header length, so they are read as they are)."""
+    if data[:1] and data[0] % 4 == 3:
+        data = _structured_safetensors(atheris.FuzzedDataProvider(data[1:]))
     path = ADAPTER_DIR / "adapter_model.safetensors"
     path.write_bytes(data)
     try:
