@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from lorart._core import ModelConfig, RopeScaling
 from lorart._safetensors import TensorInfo, read_index
@@ -38,7 +38,7 @@ class _Fields:
     def __init__(self, d: dict[str, Any], source: str, prefix: str = "") -> None:
         self.d, self.source, self.prefix = d, source, prefix
 
-    def _fail(self, key: str, value: Any, expected: str) -> None:
+    def _fail(self, key: str, value: Any, expected: str) -> NoReturn:
         shown = "null" if value is None else _short(value)
         raise ValueError(f"{self.source}: {self.prefix}{key} is {shown}; expected {expected}")
 
@@ -56,7 +56,7 @@ class _Fields:
             self._fail(key, value, expected)
         return value
 
-    def int(self, key: str, default: Any = _MISSING, lo: int = 1, hi: int = MAX_COUNT) -> int:
+    def integer(self, key: str, default: Any = _MISSING, lo: int = 1, hi: int = MAX_COUNT) -> int:
         expected = f"an integer in [{lo}, {hi}]"
         value = self.get(key, default, expected)
         if value is _MISSING:
@@ -74,7 +74,7 @@ class _Fields:
             self._fail(key, value, expected)
         return float(value)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str, default: bool) -> bool:
         value = self.get(key, default, "true or false")
         if value is _MISSING:
             return default
@@ -82,7 +82,7 @@ class _Fields:
             self._fail(key, value, "true or false")
         return value
 
-    def str(self, key: str, default: Any = _MISSING) -> str:
+    def string(self, key: str, default: Any = _MISSING) -> str:
         value = self.get(key, default, "a string")
         if value is _MISSING:
             return default
@@ -90,7 +90,7 @@ class _Fields:
             self._fail(key, value, "a string")
         return value
 
-    def object(self, key: str) -> dict[str, Any] | None:
+    def mapping(self, key: str) -> dict[str, Any] | None:
         value = self.d.get(key)
         if value is not None and not isinstance(value, dict):
             self._fail(key, value, "an object (or null)")
@@ -98,7 +98,11 @@ class _Fields:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (str, list, dict, int, float)) else repr(value)
+    """``value`` as JSON spells it (``null``, ``true``, ``"text"``), cut to 60 characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -146,12 +150,12 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> ModelConfig:
     arch = _architecture(d, f)
     cfg = ModelConfig()
     cfg.architecture = arch
-    cfg.vocab_size = f.int("vocab_size", hi=MAX_VOCAB_SIZE)
-    cfg.hidden_size = f.int("hidden_size", hi=MAX_WIDTH)
-    cfg.intermediate_size = f.int("intermediate_size", hi=MAX_WIDTH)
-    cfg.num_layers = f.int("num_hidden_layers")
-    heads = f.int("num_attention_heads")
-    kv_heads = f.int("num_key_value_heads", heads)
+    cfg.vocab_size = f.integer("vocab_size", hi=MAX_VOCAB_SIZE)
+    cfg.hidden_size = f.integer("hidden_size", hi=MAX_WIDTH)
+    cfg.intermediate_size = f.integer("intermediate_size", hi=MAX_WIDTH)
+    cfg.num_layers = f.integer("num_hidden_layers")
+    heads = f.integer("num_attention_heads")
+    kv_heads = f.integer("num_key_value_heads", heads)
     if heads % kv_heads:
         raise ValueError(
             f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
@@ -164,20 +168,20 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> ModelConfig:
         )
     cfg.num_attention_heads = heads
     cfg.num_kv_heads = kv_heads
-    cfg.head_dim = f.int("head_dim", cfg.hidden_size // heads)
+    cfg.head_dim = f.integer("head_dim", cfg.hidden_size // heads)
     if cfg.head_dim % 2:
         raise ValueError(f"{source}: head_dim ({cfg.head_dim}) must be even for rotary embeddings")
-    cfg.max_position_embeddings = f.int("max_position_embeddings", 2048, hi=MAX_POSITIONS)
+    cfg.max_position_embeddings = f.integer("max_position_embeddings", 2048, hi=MAX_POSITIONS)
     cfg.rms_norm_eps = f.number("rms_norm_eps", 1e-6)
-    cfg.tie_word_embeddings = f.bool("tie_word_embeddings", False)
+    cfg.tie_word_embeddings = f.boolean("tie_word_embeddings", False)
     # Qwen2 always has q/k/v biases; Llama exposes the choice as attention_bias.
-    attention_bias = f.bool("attention_bias", False)
+    attention_bias = f.boolean("attention_bias", False)
     cfg.attention_bias = arch == "Qwen2ForCausalLM" or attention_bias
     cfg.sliding_window = _sliding_window(f, arch)
     dtype_key = "torch_dtype" if d.get("torch_dtype") is not None else "dtype"
-    cfg.dtype = _dtype(f.str(dtype_key, "float32"), source, dtype_key)
+    cfg.dtype = _dtype(f.string(dtype_key, "float32"), source, dtype_key)
     cfg.rope_theta, cfg.rope_scaling = _rope(d, f)
-    cfg.bos_token_id = f.int("bos_token_id", -1, lo=0, hi=MAX_VOCAB_SIZE)
+    cfg.bos_token_id = f.integer("bos_token_id", -1, lo=0, hi=MAX_VOCAB_SIZE)
     cfg.eos_token_ids = _eos_ids(d, f)
     try:
         cfg.validate()
@@ -195,7 +199,7 @@ def _architecture(d: dict[str, Any], f: _Fields) -> str:
     if archs:
         arch = archs[0]
     else:
-        model_type = f.str("model_type", "")
+        model_type = f.string("model_type", "")
         arch = _MODEL_TYPES.get(model_type, model_type)
     supported = ModelConfig.supported_architectures
     if arch not in supported:
@@ -219,16 +223,16 @@ def _eos_ids(d: dict[str, Any], f: _Fields) -> list[int]:
 def _rope(d: dict[str, Any], f: _Fields) -> tuple[float, RopeScaling]:
     """theta and scaling from transformers v5's rope_parameters when present, else from the
     top-level rope_theta / rope_scaling."""
-    params = f.object("rope_parameters")
+    params = f.mapping("rope_parameters")
     if params is not None:
         scaling = _Fields(params, f.source, "rope_parameters.")
         theta = scaling.number("rope_theta", f.number("rope_theta", 10000.0))
     else:
         theta = f.number("rope_theta", 10000.0)
-        scaling = _Fields(f.object("rope_scaling") or {}, f.source, "rope_scaling.")
+        scaling = _Fields(f.mapping("rope_scaling") or {}, f.source, "rope_scaling.")
     rope = RopeScaling()
     type_key = "rope_type" if scaling.d.get("rope_type") is not None else "type"
-    rope_type = scaling.str(type_key, "default")
+    rope_type = scaling.string(type_key, "default")
     # Checked before it reaches C++: JSON can spell strings (lone surrogates) that are not UTF-8.
     if rope_type not in ("default", "linear", "llama3"):
         raise ValueError(
@@ -241,7 +245,7 @@ def _rope(d: dict[str, Any], f: _Fields) -> tuple[float, RopeScaling]:
     if rope.rope_type == "llama3":
         rope.low_freq_factor = scaling.number("low_freq_factor")
         rope.high_freq_factor = scaling.number("high_freq_factor")
-        rope.original_max_position_embeddings = scaling.int(
+        rope.original_max_position_embeddings = scaling.integer(
             "original_max_position_embeddings", hi=MAX_POSITIONS
         )
         if not rope.high_freq_factor > rope.low_freq_factor:
@@ -253,8 +257,8 @@ def _rope(d: dict[str, Any], f: _Fields) -> tuple[float, RopeScaling]:
 
 
 def _sliding_window(f: _Fields, arch: str) -> int:
-    window = f.int("sliding_window", 0, lo=0, hi=MAX_POSITIONS)
-    use = f.bool("use_sliding_window", False)
+    window = f.integer("sliding_window", 0, lo=0, hi=MAX_POSITIONS)
+    use = f.boolean("use_sliding_window", False)
     if arch == "Qwen2ForCausalLM" and not use:
         return 0
     return window
