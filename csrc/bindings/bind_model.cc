@@ -71,7 +71,10 @@ void bind_model(py::module_& m) {
             b.add(name, t.tensor);
           },
           py::arg("name"), py::arg("array"))
-      .def("missing", &ModelWeightsBuilder::missing);
+      .def("missing", &ModelWeightsBuilder::missing)
+      .def_property_readonly("allocated_bytes", &ModelWeightsBuilder::allocated_bytes,
+                             "Bytes of weight buffers allocated so far: only those that added "
+                             "tensors fill (nothing is allocated ahead of the checkpoint).");
 
   py::class_<KvCache>(m, "KvCache", "Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd].")
       .def(py::init([](const ModelConfig& config, py::handle num_blocks, py::handle block_size) {
