@@ -237,16 +237,43 @@ class Model:
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
         lora_slots: Sequence[int] | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
     ) -> list[list[int]]:
         """Greedy decoding of all prompts batched together; returns the generated ids.
 
         Prompts are prefilled in chunks of at most ``max_num_tokens`` tokens per forward; each
-        sequence stops after ``max_new_tokens`` or at ``eos_token_id`` (included).
+        sequence stops after ``max_new_tokens`` tokens or at its first end-of-sequence token,
+        which is included in its output. ``eos_token_id`` is one id or a list of ids; ``None``
+        (the default) means the model's own, ``config.eos_token_ids`` (config.json's
+        ``eos_token_id``), and ``[]`` never stops early. Raises ``ValueError`` for an empty
+        prompt, or one that with ``max_new_tokens`` would run past
+        ``config.max_position_embeddings``.
         """
+        max_new_tokens = _int(max_new_tokens, "max_new_tokens")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if eos_token_id is None:
+            stop = set(self.config.eos_token_ids)
+        elif isinstance(eos_token_id, Sequence | np.ndarray):
+            stop = {_int(e, f"eos_token_id[{j}]") for j, e in enumerate(eos_token_id)}
+        else:
+            stop = {_int(eos_token_id, "eos_token_id")}
         slots = list(lora_slots) if lora_slots is not None else [-1] * len(prompts)
         if len(slots) != len(prompts):
             raise ValueError(f"lora_slots has {len(slots)} entries for {len(prompts)} prompts")
+        limit = self.config.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; generation needs at least one token")
+            # The last new token is returned, never fed back: it takes no position.
+            if len(p) + max_new_tokens - 1 > limit:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} need "
+                    f"{len(p) + max_new_tokens - 1} positions, past max_position_embeddings = "
+                    f"{limit}"
+                )
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
         free = list(range(self.num_kv_blocks))[::-1]
         tables: list[list[int]] = [[] for _ in prompts]
         cached = [0] * len(prompts)
@@ -279,7 +306,7 @@ class Model:
                 token = int(np.argmax(out[-1]))
                 outputs[i].append(token)
                 pending[i] = [token]
-                if len(outputs[i]) >= max_new_tokens or token == eos_token_id:
+                if len(outputs[i]) >= max_new_tokens or token in stop:
                     active.discard(i)
                     free.extend(tables[i])
         return outputs

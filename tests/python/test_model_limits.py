@@ -285,3 +285,48 @@ def test_the_core_checks_the_same_without_the_python_layer(demo, context, tokens
 def test_the_last_position_still_runs(demo):
     logits = demo.forward([SequenceChunk([1, 2, 3], 125, list(range(BLOCKS)))])[0]
     assert logits.shape == (1, 1024) and np.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------ generate_greedy
+
+# The demo model answers this prompt ("What is the capital of France? \nAnswer:") with a few
+# tokens and then its end-of-sequence token, id 2.
+PROMPT = [1, 539, 575, 523, 527, 525, 519, 517, 950, 542, 920, 312, 535, 529, 536]
+
+
+def test_generate_greedy_stops_at_the_models_eos_by_default(demo):
+    assert list(demo.config.eos_token_ids) == [2]
+    unstopped = demo.generate_greedy([PROMPT], 20, eos_token_id=[])[0]
+    assert len(unstopped) == 20
+    first = unstopped.index(2)  # the greedy continuation does reach EOS ...
+    assert first < 19  # ... well before max_new_tokens
+    assert demo.generate_greedy([PROMPT], 20)[0] == unstopped[: first + 1]
+    assert demo.generate_greedy([PROMPT], 20, eos_token_id=2)[0] == unstopped[: first + 1]
+
+
+def test_generate_greedy_accepts_a_list_of_eos_ids(demo):
+    unstopped = demo.generate_greedy([PROMPT], 6, eos_token_id=[])[0]
+    second = unstopped[1]
+    assert demo.generate_greedy([PROMPT], 6, eos_token_id=[999, second])[0] == unstopped[:2]
+    assert demo.generate_greedy([PROMPT], 6, eos_token_id=(second,))[0] == unstopped[:2]
+    # One sequence stopping early leaves the others of the batch as they run alone.
+    other = [1, 807, 667, 548, 503, 511]
+    alone = demo.generate_greedy([other], 6, eos_token_id=[second])[0]
+    both = demo.generate_greedy([PROMPT, other], 6, eos_token_id=[second])
+    assert both == [unstopped[:2], alone]
+
+
+def test_generate_greedy_argument_errors(demo):
+    assert demo.generate_greedy([PROMPT, [3]], 0) == [[], []]
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+        demo.generate_greedy([PROMPT], -1)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        demo.generate_greedy([PROMPT, []], 3)
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 0: 15 tokens \+ max_new_tokens 115 need 129 positions, past "
+        r"max_position_embeddings = 128",
+    ):
+        demo.generate_greedy([PROMPT], 115)
+    with pytest.raises(TypeError, match=r"eos_token_id\[0\] must be an integer"):
+        demo.generate_greedy([PROMPT], 3, eos_token_id=["</s>"])
