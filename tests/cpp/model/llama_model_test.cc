@@ -308,6 +308,16 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
   expect_error<InvalidArgument>(
       [&] { model_->forward(b.view(), cache_, {}, narrow); },
       "logits must be contiguous float32 [1, 64], got [1, 63] float32 cpu");
+  // The attention kernel takes the table width as int32. validate() refuses the width before it
+  // reads a row, so a view claiming 2^31 columns over 2 ints is enough to show it.
+  ForwardBatch wide_table = b.view();
+  wide_table.block_tables = Tensor(b.block_tables.data(), DType::kInt32, {1, int64_t{1} << 31});
+  expect_error<InvalidArgument>(
+      [&] {
+        model_->forward(wide_table, cache_, {},
+                        Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
+      },
+      "block_tables has 2147483648 columns; at most 2147483647");
   ForwardBatch wide_ids = b.view();
   std::vector<int64_t> ids64(6);
   wide_ids.token_ids = Tensor(ids64.data(), DType::kInt64, {6});
