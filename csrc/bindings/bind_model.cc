@@ -6,6 +6,8 @@
 
 #include "bindings/array_interop.h"
 #include "bindings/bindings.h"
+#include "core/buffer.h"
+#include "core/checked_math.h"
 #include "core/errors.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/llama_model.h"
@@ -29,9 +31,31 @@ struct BorrowedBatch {
   }
 };
 
+// A Python integer (int, numpy integer: anything with __index__) as int64. pybind11's own caster
+// answers 2**70 with TypeError ("incompatible function arguments"); a size out of range is a
+// ValueError, and the C++ range check that follows names the field's own limit.
+int64_t int64_arg(py::handle value, const char* name) {
+  if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr())) {
+    throw py::type_error(std::string(name) + " must be an integer, got " +
+                         std::string(py::str(py::type::of(value).attr("__name__"))));
+  }
+  const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long out = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0) {
+    raise<InvalidArgument>(name, " = ", std::string(py::str(index)),
+                           " is out of the int64 range (limit ", kInt64Max, ")");
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_model(py::module_& m) {
+  m.def("host_memory_limit", &host_memory_limit,
+        "The most bytes one host allocation of the core may take: physical memory, or the "
+        "cgroup's memory limit when lower. Larger sizes raise ValueError before allocating.");
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("threads"),
         "Threads for the CPU kernels (OpenMP) and the BLAS.");
   m.def("get_num_threads", &cpu::num_threads);
@@ -47,21 +71,40 @@ void bind_model(py::module_& m) {
             b.add(name, t.tensor);
           },
           py::arg("name"), py::arg("array"))
-      .def("missing", &ModelWeightsBuilder::missing);
+      .def("missing", &ModelWeightsBuilder::missing)
+      .def_property_readonly("allocated_bytes", &ModelWeightsBuilder::allocated_bytes,
+                             "Bytes of weight buffers allocated so far: only those that added "
+                             "tensors fill (nothing is allocated ahead of the checkpoint).");
 
   py::class_<KvCache>(m, "KvCache", "Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd].")
-      .def(py::init<const ModelConfig&, int64_t, int64_t>(), py::arg("config"),
-           py::arg("num_blocks"), py::arg("block_size") = 16)
+      .def(py::init([](const ModelConfig& config, py::handle num_blocks, py::handle block_size) {
+             return std::make_unique<KvCache>(config, int64_arg(num_blocks, "num_kv_blocks"),
+                                              int64_arg(block_size, "block_size"));
+           }),
+           py::arg("config"), py::arg("num_blocks"), py::arg("block_size") = 16)
       .def_property_readonly("num_blocks", &KvCache::num_blocks)
       .def_property_readonly("block_size", &KvCache::block_size)
       .def_property_readonly("nbytes", &KvCache::nbytes)
-      .def_static("bytes_per_token", &KvCache::bytes_per_token, py::arg("config"));
+      .def_static("bytes_per_token", &KvCache::bytes_per_token, py::arg("config"))
+      .def_static(
+          "checked_bytes",
+          [](const ModelConfig& config, py::handle num_blocks, py::handle block_size) {
+            return KvCache::checked_bytes(config, int64_arg(num_blocks, "num_kv_blocks"),
+                                          int64_arg(block_size, "block_size"));
+          },
+          py::arg("config"), py::arg("num_blocks"), py::arg("block_size") = 16,
+          "Bytes such a pool takes; raises ValueError naming the field and the limit where the "
+          "constructor would, without allocating.");
 
   py::class_<LoraAdapter, std::shared_ptr<LoraAdapter>>(
       m, "LoraAdapter",
       "A validated adapter laid out for the forward, in its own storage dtype (float32, float16 "
       "or bfloat16; widened to float32 as the kernels read it).")
-      .def(py::init<const LoraWeights&, const LoraConfig&, const ModelConfig&, int64_t>(),
+      .def(py::init([](const LoraWeights& weights, const LoraConfig& config,
+                       const ModelConfig& model_config, py::handle max_lora_rank) {
+             return std::make_shared<LoraAdapter>(weights, config, model_config,
+                                                  int64_arg(max_lora_rank, "max_lora_rank"));
+           }),
            py::arg("weights"), py::arg("config"), py::arg("model_config"),
            py::arg("max_lora_rank") = 64)
       .def_property_readonly("max_rank", &LoraAdapter::max_rank)
@@ -74,13 +117,26 @@ void bind_model(py::module_& m) {
   py::class_<LlamaModel, std::shared_ptr<LlamaModel>>(
       m, "LlamaModel", "Llama-family forward over a packed, paged batch.")
       .def(py::init([](const ModelConfig& config, ModelWeightsBuilder& builder,
-                       int64_t max_num_tokens, int64_t max_lora_rank) {
-             return std::make_shared<LlamaModel>(config, ModelWeights(std::move(builder)),
-                                                 max_num_tokens, max_lora_rank);
+                       py::handle max_num_tokens, py::handle max_lora_rank) {
+             const int64_t tokens = int64_arg(max_num_tokens, "max_num_tokens");
+             const int64_t rank = int64_arg(max_lora_rank, "max_lora_rank");
+             LlamaModel::workspace_bytes(config, tokens, rank);  // before taking the weights
+             return std::make_shared<LlamaModel>(config, ModelWeights(std::move(builder)), tokens,
+                                                 rank);
            }),
            py::arg("config"), py::arg("weights"), py::arg("max_num_tokens") = 2048,
            py::arg("max_lora_rank") = 64)
-      .def_property_readonly("config", &LlamaModel::config)
+      .def_static(
+          "workspace_bytes",
+          [](const ModelConfig& config, py::handle max_num_tokens, py::handle max_lora_rank) {
+            return LlamaModel::workspace_bytes(config, int64_arg(max_num_tokens, "max_num_tokens"),
+                                               int64_arg(max_lora_rank, "max_lora_rank"));
+          },
+          py::arg("config"), py::arg("max_num_tokens") = 2048, py::arg("max_lora_rank") = 64,
+          "Bytes of the workspace such a model allocates; raises ValueError naming the field and "
+          "the limit where the constructor would, without allocating.")
+      // A copy: a reference would let Python edit the sizes the forward's checks rely on.
+      .def_property_readonly("config", [](const LlamaModel& model) { return model.config(); })
       .def_property_readonly("max_num_tokens", &LlamaModel::max_num_tokens)
       .def_property_readonly("max_lora_rank", &LlamaModel::max_lora_rank)
       .def_property_readonly("weight_bytes", &LlamaModel::weight_bytes)
@@ -99,8 +155,8 @@ void bind_model(py::module_& m) {
             b.batch.logits_indices = b.take(logits_indices, "logits_indices");
             std::vector<const LoraAdapter*> slots;
             for (const auto& a : adapters) slots.push_back(a.get());
-            const int64_t n_out =
-                b.batch.logits_indices.dim() == 1 ? b.batch.logits_indices.size(0) : 0;
+            model.validate(b.batch, cache, slots);  // before the logits are allocated
+            const int64_t n_out = b.batch.logits_indices.size(0);
             py::array_t<float> logits({n_out, model.config().vocab_size});
             const Tensor out(logits.mutable_data(), DType::kFloat32,
                              {n_out, model.config().vocab_size});

@@ -1,8 +1,14 @@
 #include "core/buffer.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <limits>
 #include <new>
+#include <string>
 #include <utility>
 
 #include "core/cuda/device_memory.h"
@@ -13,6 +19,30 @@ namespace lorart {
 namespace {
 
 constexpr size_t kHostAlignment = 64;
+
+// A cgroup memory limit file's value; SIZE_MAX when it is absent, "max" or unreadable.
+size_t cgroup_limit(const char* path) {
+  std::ifstream file(path);
+  unsigned long long value = 0;
+  if (!(file >> value) || value == 0) return std::numeric_limits<size_t>::max();
+  return static_cast<size_t>(value);
+}
+
+size_t read_host_memory_limit() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page_size = sysconf(_SC_PAGESIZE);
+  size_t limit = std::numeric_limits<size_t>::max();
+  if (pages > 0 && page_size > 0) {
+    limit = static_cast<size_t>(pages) * static_cast<size_t>(page_size);
+  }
+  limit = std::min(limit, cgroup_limit("/sys/fs/cgroup/memory.max"));
+  return std::min(limit, cgroup_limit("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
+}
+
+[[noreturn]] void too_large(std::string_view what, size_t bytes, size_t limit, const char* whose) {
+  raise<InvalidArgument>("cannot allocate ", what, ": ", bytes, " bytes (", bytes >> 20,
+                         " MiB) exceed ", whose, " of ", limit, " bytes (", limit >> 20, " MiB)");
+}
 
 #if !LORART_WITH_CUDA
 [[noreturn]] void no_cuda_backend(const char* what) {
@@ -33,17 +63,40 @@ void check_cuda_device(Device device) {
 
 }  // namespace
 
-Buffer Buffer::allocate(size_t bytes, Device device) {
+size_t host_memory_limit() {
+  static const size_t limit = read_host_memory_limit();
+  return limit;
+}
+
+void check_allocation(size_t bytes, Device device, std::string_view what) {
+  if (device.is_cpu()) {
+    const size_t limit = host_memory_limit();
+    if (bytes > limit) too_large(what, bytes, limit, "this host's memory limit");
+    return;
+  }
+#if LORART_WITH_CUDA
+  check_cuda_device(device);
+  if (bytes == 0) return;
+  const size_t total = cuda::total_memory(device.index);
+  if (bytes > total) too_large(what, bytes, total, "the CUDA device's memory");
+#else
+  no_cuda_backend("CUDA memory");
+#endif
+}
+
+Buffer Buffer::allocate(size_t bytes, Device device, std::string_view what) {
   if (device.is_cpu()) {
     if (bytes == 0) return Buffer(nullptr, 0, device);
+    check_allocation(bytes, device, what);  // also keeps the rounding below from wrapping
     const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
     void* data = std::aligned_alloc(kHostAlignment, rounded);
-    if (data == nullptr) raise<Error>("host allocation of ", bytes, " bytes failed");
+    if (data == nullptr) raise<Error>("host allocation of ", bytes, " bytes for ", what, " failed");
     return Buffer(data, bytes, device);
   }
 #if LORART_WITH_CUDA
   check_cuda_device(device);  // even for 0 bytes: a Buffer on a missing device is a bug
   if (bytes == 0) return Buffer(nullptr, 0, device);
+  check_allocation(bytes, device, what);
   return Buffer(cuda::malloc_on(device.index, bytes), bytes, device);
 #else
   no_cuda_backend("CUDA memory");
@@ -54,7 +107,7 @@ Buffer Buffer::copy_of(const Tensor& src, Device device) {
   if (!src.is_contiguous()) {
     raise<InvalidArgument>("Buffer::copy_of needs a contiguous tensor, got ", src.describe());
   }
-  Buffer out = allocate(src.nbytes(), device);
+  Buffer out = allocate(src.nbytes(), device, "a copy of a tensor");
   out.copy_from(src.data(), src.device(), src.nbytes());
   return out;
 }

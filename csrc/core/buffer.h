@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <initializer_list>
+#include <string_view>
 
 #include "core/device.h"
 #include "core/tensor.h"
@@ -14,9 +15,13 @@ namespace lorart {
 class Buffer {
  public:
   Buffer() = default;
-  // Uninitialised memory of `bytes` on `device`. Throws DeviceError when a CUDA device is asked
-  // for and this build has no CUDA backend or the machine has no such device.
-  static Buffer allocate(size_t bytes, Device device = Device::cpu());
+  // Uninitialised memory of `bytes` on `device`; `what` names it in errors ("KV cache"). Throws
+  // InvalidArgument when `bytes` exceeds the device's memory (host_memory_limit() on the host,
+  // the GPU's total memory on CUDA), DeviceError when a CUDA device is asked for and this build
+  // has no CUDA backend or the machine has no such device, Error when the allocator fails. Never
+  // returns fewer bytes than asked for.
+  static Buffer allocate(size_t bytes, Device device = Device::cpu(),
+                         std::string_view what = "buffer");
   // An owning copy of a contiguous tensor, placed on `device`.
   static Buffer copy_of(const Tensor& src, Device device);
 
@@ -47,6 +52,15 @@ class Buffer {
 
 // Copies between any two devices (host<->host, host<->device, device<->device).
 void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes);
+
+// The most bytes one host Buffer may hold: the machine's physical memory, or the memory limit of
+// this process's cgroup (v2 memory.max, v1 memory.limit_in_bytes) when that is lower. Read once.
+size_t host_memory_limit();
+
+// What Buffer::allocate checks before it allocates: throws InvalidArgument naming `what`, the
+// bytes and the limit when `bytes` exceed the memory of `device`. For callers that want to refuse
+// a size before they do other expensive work (loading weights).
+void check_allocation(size_t bytes, Device device, std::string_view what);
 
 // Number of CUDA devices visible (0 when the build has no CUDA backend or no driver/GPU).
 int cuda_device_count();

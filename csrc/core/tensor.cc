@@ -2,6 +2,7 @@
 
 #include <sstream>
 
+#include "core/checked_math.h"
 #include "core/errors.h"
 
 namespace lorart {
@@ -24,6 +25,7 @@ Tensor::Tensor(void* data, DType dtype, std::initializer_list<int64_t> shape, De
     if (extent < 0) raise<InvalidArgument>("tensor extent must be >= 0, got ", extent);
     shape_[axis++] = extent;
   }
+  check_nbytes();
   int64_t stride = 1;
   for (int i = ndim_ - 1; i >= 0; --i) {
     strides_[i] = stride;
@@ -39,6 +41,19 @@ Tensor::Tensor(void* data, DType dtype, int ndim, const int64_t* shape, const in
     if (shape[i] < 0) raise<InvalidArgument>("tensor extent must be >= 0, got ", shape[i]);
     shape_[i] = shape[i];
     strides_[i] = strides[i];
+  }
+  check_nbytes();
+}
+
+void Tensor::check_nbytes() const {
+  int64_t n = static_cast<int64_t>(dtype_size(dtype_));
+  bool overflow = false;
+  for (int i = 0; i < ndim_; ++i) {
+    if (shape_[i] == 0) return;
+    overflow = __builtin_mul_overflow(n, shape_[i], &n) || overflow;
+  }
+  if (overflow) {
+    raise<InvalidArgument>("tensor ", describe(), " would hold more than ", kInt64Max, " bytes");
   }
 }
 

@@ -18,7 +18,7 @@ class Tensor {
   static constexpr int kMaxDims = 6;
 
   Tensor() = default;
-  // Contiguous (row-major) view.
+  // Contiguous (row-major) view. Extents must be >= 0 and hold at most INT64_MAX bytes in all.
   Tensor(void* data, DType dtype, std::initializer_list<int64_t> shape,
          Device device = Device::cpu());
   // General strided view; `shape` and `strides` (elements) have `ndim` entries.
@@ -50,6 +50,10 @@ class Tensor {
   std::string shape_str() const;
 
  private:
+  // numel() and nbytes() must not wrap (Buffer::view compares them with its size): throws
+  // InvalidArgument for a shape of more than INT64_MAX bytes.
+  void check_nbytes() const;
+
   void* data_ = nullptr;
   DType dtype_ = DType::kFloat32;
   Device device_ = Device::cpu();

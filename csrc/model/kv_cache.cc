@@ -1,27 +1,53 @@
 #include "model/kv_cache.h"
 
+#include <string>
+
+#include "core/checked_math.h"
 #include "core/errors.h"
 
 namespace lorart {
 
-KvCache::KvCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size, Device device)
-    : num_layers_(config.num_layers),
-      num_blocks_(num_blocks),
-      block_size_(block_size),
-      kv_width_(config.num_kv_heads * config.head_dim) {
-  if (num_blocks <= 0) raise<InvalidArgument>("num_kv_blocks must be > 0, got ", num_blocks);
-  if (block_size <= 0 || block_size > 1024) {
-    raise<InvalidArgument>("block_size must be in [1, 1024], got ", block_size);
-  }
-  buffer_ = Buffer::allocate(
-      static_cast<size_t>(num_layers_) * 2 * num_blocks_ * block_size_ * kv_width_ * sizeof(float),
-      device);
+namespace {
+
+std::string describe(int64_t num_blocks, int64_t block_size) {
+  return "the KV cache (num_kv_blocks = " + std::to_string(num_blocks) +
+         ", block_size = " + std::to_string(block_size) + ")";
+}
+
+}  // namespace
+
+KvCache::KvCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size, Device device) {
+  const size_t bytes = checked_bytes(config, num_blocks, block_size, device);  // before products
+  num_layers_ = config.num_layers;
+  num_blocks_ = num_blocks;
+  block_size_ = block_size;
+  kv_width_ = config.num_kv_heads * config.head_dim;
+  buffer_ = Buffer::allocate(bytes, device, describe(num_blocks, block_size));
   buffer_.zero();
 }
 
+size_t KvCache::checked_bytes(const ModelConfig& config, int64_t num_blocks, int64_t block_size,
+                              Device device) {
+  config.validate();
+  if (num_blocks <= 0 || num_blocks > kMaxBlocks) {
+    raise<InvalidArgument>("num_kv_blocks must be in [1, ", kMaxBlocks,
+                           "] (block ids are int32), got ", num_blocks);
+  }
+  if (block_size <= 0 || block_size > kMaxBlockSize) {
+    raise<InvalidArgument>("block_size must be in [1, ", kMaxBlockSize, "], got ", block_size);
+  }
+  const int64_t per_token = static_cast<int64_t>(bytes_per_token(config));
+  const auto bytes = static_cast<size_t>(
+      checked_product({num_blocks, block_size, per_token},
+                      "KV cache bytes (num_kv_blocks * block_size * bytes per token)"));
+  check_allocation(bytes, device, describe(num_blocks, block_size));
+  return bytes;
+}
+
 size_t KvCache::bytes_per_token(const ModelConfig& config) {
-  return static_cast<size_t>(config.num_layers) * 2 * config.num_kv_heads * config.head_dim *
-         sizeof(float);
+  return static_cast<size_t>(checked_product(
+      {config.num_layers, 2, config.num_kv_heads, config.head_dim, int64_t{sizeof(float)}},
+      "KV cache bytes per token (num_hidden_layers * 2 * num_key_value_heads * head_dim * 4)"));
 }
 
 float* KvCache::base(int64_t layer, int kv) const {

@@ -12,8 +12,18 @@ namespace lorart {
 
 class KvCache {
  public:
+  static constexpr int64_t kMaxBlocks = 2147483647;  // block tables hold int32 block ids
+  static constexpr int64_t kMaxBlockSize = 1024;
+
+  // Throws InvalidArgument (see checked_bytes) before allocating.
   KvCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size,
           Device device = Device::cpu());
+  // Bytes of a pool of `num_blocks` blocks of `block_size` tokens; allocates nothing. Throws
+  // InvalidArgument naming the field and the limit: an invalid config, num_blocks outside
+  // [1, kMaxBlocks], block_size outside [1, kMaxBlockSize], a size that overflows int64, or one
+  // over the memory of `device` (check_allocation).
+  static size_t checked_bytes(const ModelConfig& config, int64_t num_blocks, int64_t block_size,
+                              Device device = Device::cpu());
 
   int64_t num_blocks() const { return num_blocks_; }
   int64_t block_size() const { return block_size_; }
@@ -23,13 +33,13 @@ class KvCache {
   float* keys(int64_t layer) const { return base(layer, 0); }
   float* values(int64_t layer) const { return base(layer, 1); }
   Device device() const { return buffer_.device(); }
-  // Bytes one cached token takes across all layers (K and V).
+  // Bytes one cached token takes across all layers (K and V); throws InvalidArgument on overflow.
   static size_t bytes_per_token(const ModelConfig& config);
 
  private:
   float* base(int64_t layer, int kv) const;
 
-  int64_t num_layers_, num_blocks_, block_size_, kv_width_;
+  int64_t num_layers_ = 0, num_blocks_ = 0, block_size_ = 0, kv_width_ = 0;
   Buffer buffer_;
 };
 

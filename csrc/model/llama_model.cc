@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
+#include "core/checked_math.h"
 #include "core/errors.h"
 #include "kernels/ops.h"
 #include "lora/module_ids.h"
@@ -20,8 +22,9 @@ Tensor rows(const Buffer& b, int64_t n, int64_t cols, int64_t offset = 0, int64_
 
 Tensor vec(const Buffer& b, int64_t n) { return b.view(DType::kFloat32, {n}); }
 
-Buffer workspace(int64_t count, DType dtype = DType::kFloat32) {
-  return Buffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * dtype_size(dtype));
+Buffer workspace(int64_t count, const char* what, DType dtype = DType::kFloat32) {
+  return Buffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * dtype_size(dtype),
+                          Device::cpu(), what);
 }
 
 void check_index_tensor(const Tensor& t, const char* name, int dims) {
@@ -68,38 +71,73 @@ LlamaModel::LlamaModel(const ModelConfig& config, ModelWeights weights, int64_t 
       weights_(std::move(weights)),
       max_num_tokens_(max_num_tokens),
       max_lora_rank_(max_lora_rank) {
-  config_.validate();
-  if (max_num_tokens <= 0)
-    raise<InvalidArgument>("max_num_tokens must be > 0, got ", max_num_tokens);
-  if (max_lora_rank <= 0) raise<InvalidArgument>("max_lora_rank must be > 0, got ", max_lora_rank);
+  workspace_bytes(config_, max_num_tokens, max_lora_rank);  // every product below fits
   const std::vector<float> inv = rope_inv_freq(config_);
-  inv_freq_ = workspace(static_cast<int64_t>(inv.size()));
+  inv_freq_ = workspace(static_cast<int64_t>(inv.size()), "rotary frequencies");
   inv_freq_.copy_from(inv.data(), Device::cpu(), inv.size() * sizeof(float));
   const int64_t t = max_num_tokens, h = config.hidden_size, inter = config.intermediate_size;
   const int64_t q_out = config.num_attention_heads * config.head_dim;
   const int64_t qkv_out = q_out + 2 * config.num_kv_heads * config.head_dim;
-  hidden_ = workspace(t * h);
-  normed_ = workspace(t * h);
-  qkv_ = workspace(t * qkv_out);
-  attn_ = workspace(t * q_out);
-  proj_ = workspace(t * h);
-  gate_up_ = workspace(t * 2 * inter);
-  act_ = workspace(t * inter);
-  positions_ = workspace(t, DType::kInt32);
-  lora_scratch_ = workspace(t * max_lora_rank);
+  hidden_ = workspace(t * h, "the hidden-state workspace");
+  normed_ = workspace(t * h, "the normed workspace");
+  qkv_ = workspace(t * qkv_out, "the qkv workspace");
+  attn_ = workspace(t * q_out, "the attention workspace");
+  proj_ = workspace(t * h, "the projection workspace");
+  gate_up_ = workspace(t * 2 * inter, "the gate_up workspace");
+  act_ = workspace(t * inter, "the MLP activation workspace");
+  positions_ = workspace(t, "the positions workspace", DType::kInt32);
+  lora_scratch_ = workspace(t * max_lora_rank, "the LoRA scratch workspace");
   runs_.reserve(t);
   segments_.reserve(t);
 }
 
+size_t LlamaModel::workspace_bytes(const ModelConfig& config, int64_t max_num_tokens,
+                                   int64_t max_lora_rank) {
+  config.validate();
+  if (max_num_tokens <= 0 || max_num_tokens > kInt32Max) {
+    raise<InvalidArgument>("max_num_tokens must be in [1, ", kInt32Max,
+                           "] (token indices are int32), got ", max_num_tokens);
+  }
+  if (max_lora_rank <= 0 || max_lora_rank > kInt32Max) {
+    raise<InvalidArgument>("max_lora_rank must be in [1, ", kInt32Max, "], got ", max_lora_rank);
+  }
+  // validate() bounds every field by INT32_MAX, so these per-token sums fit easily.
+  const int64_t h = config.hidden_size, inter = config.intermediate_size;
+  const int64_t q_out = config.num_attention_heads * config.head_dim;
+  const int64_t qkv_out = q_out + 2 * config.num_kv_heads * config.head_dim;
+  const int64_t floats = 3 * h + qkv_out + q_out + 3 * inter + max_lora_rank;
+  const int64_t per_token =
+      floats * static_cast<int64_t>(sizeof(float)) +
+      static_cast<int64_t>(sizeof(int32_t) + sizeof(Run) + sizeof(LoraSegment));
+  const int64_t bytes = checked_add(
+      checked_mul(max_num_tokens, per_token,
+                  "LlamaModel workspace bytes (max_num_tokens * bytes per token)"),
+      config.head_dim / 2 * static_cast<int64_t>(sizeof(float)), "LlamaModel workspace bytes");
+  checked_product({max_num_tokens, config.vocab_size, int64_t{sizeof(float)}},
+                  "logits bytes (max_num_tokens * vocab_size * 4)");
+  check_allocation(static_cast<size_t>(bytes), Device::cpu(),
+                   "the LlamaModel workspace (max_num_tokens = " + std::to_string(max_num_tokens) +
+                       ", max_lora_rank = " + std::to_string(max_lora_rank) + ")");
+  return static_cast<size_t>(bytes);
+}
+
 void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
-                          const std::vector<const LoraAdapter*>& adapters,
-                          const Tensor& logits) const {
+                          const std::vector<const LoraAdapter*>& adapters) const {
   check_index_tensor(b.token_ids, "token_ids", 1);
   check_index_tensor(b.seq_starts, "seq_starts", 1);
   check_index_tensor(b.context_lens, "context_lens", 1);
   check_index_tensor(b.block_tables, "block_tables", 2);
   check_index_tensor(b.lora_slots, "lora_slots", 1);
   check_index_tensor(b.logits_indices, "logits_indices", 1);
+  if (cache.device() != Device::cpu()) {
+    raise<InvalidArgument>("kv cache must be on the model's device (cpu)");
+  }
+  if (cache.num_layers() != config_.num_layers ||
+      cache.kv_width() != config_.num_kv_heads * config_.head_dim) {
+    raise<InvalidArgument>("kv cache was built for ", cache.num_layers(), " layers of width ",
+                           cache.kv_width(), "; this model has ", config_.num_layers,
+                           " layers of width ", config_.num_kv_heads * config_.head_dim);
+  }
   const int64_t num_tokens = b.token_ids.size(0);
   const int64_t num_seqs = b.context_lens.size(0);
   if (num_tokens < 1 || num_tokens > max_num_tokens_) {
@@ -123,6 +161,9 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
   const int32_t* slots = b.lora_slots.data_as<const int32_t>();
   const int32_t* tables = b.block_tables.data_as<const int32_t>();
   const int64_t max_blocks = b.block_tables.size(1);
+  if (max_blocks > kInt32Max) {  // the attention kernel takes the row width as int32
+    raise<InvalidArgument>("block_tables has ", max_blocks, " columns; at most ", kInt32Max);
+  }
   if (starts[0] != 0 || starts[num_seqs] != num_tokens) {
     raise<InvalidArgument>("seq_starts must start at 0 and end at the token count ", num_tokens);
   }
@@ -131,7 +172,13 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
       raise<InvalidArgument>("seq_starts must increase: sequence ", s, " has no tokens");
     }
     if (ctx[s] < 0) raise<InvalidArgument>("context_lens[", s, "] = ", ctx[s], " is negative");
+    // Positions are int32 in the kernels: max_position_embeddings (<= INT32_MAX) bounds them.
     const int64_t end = static_cast<int64_t>(ctx[s]) + (starts[s + 1] - starts[s]);
+    if (end > config_.max_position_embeddings) {
+      raise<InvalidArgument>("sequence ", s, ": context_lens[", s, "] = ", ctx[s], " plus ",
+                             starts[s + 1] - starts[s], " token(s) reaches position ", end,
+                             ", past max_position_embeddings = ", config_.max_position_embeddings);
+    }
     const int64_t needed = (end + cache.block_size() - 1) / cache.block_size();
     if (needed > max_blocks) {
       raise<InvalidArgument>("block_tables row ", s, " has ", max_blocks, " blocks but positions ",
@@ -150,9 +197,16 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
       raise<InvalidArgument>("lora_slots[", s, "] = ", slots[s], " names no loaded adapter (",
                              adapters.size(), " slot(s); -1 = base model)");
     }
-    if (slots[s] >= 0 && adapters[slots[s]]->max_rank() > max_lora_rank_) {
-      raise<InvalidArgument>("lora_slots[", s, "]: adapter rank ", adapters[slots[s]]->max_rank(),
+    if (slots[s] < 0) continue;
+    const LoraAdapter& adapter = *adapters[slots[s]];
+    if (adapter.max_rank() > max_lora_rank_) {
+      raise<InvalidArgument>("lora_slots[", s, "]: adapter rank ", adapter.max_rank(),
                              " exceeds max_lora_rank = ", max_lora_rank_);
+    }
+    if (!adapter.fits(config_)) {  // its (layer, module) table would be read out of bounds
+      raise<InvalidArgument>("lora_slots[", s, "]: the adapter was laid out for a model of ",
+                             "another shape (", adapter.model_shape(),
+                             "; this model: ", LoraAdapter::shape_of(config_), ")");
     }
   }
   const int64_t n_out = b.logits_indices.size(0);
@@ -167,25 +221,17 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
                              num_tokens, ")");
     }
   }
+}
+
+void LlamaModel::forward(const ForwardBatch& b, KvCache& cache,
+                         const std::vector<const LoraAdapter*>& adapters, const Tensor& logits) {
+  validate(b, cache, adapters);
+  const int64_t n_out = b.logits_indices.size(0);
   if (logits.dim() != 2 || logits.size(0) != n_out || logits.size(1) != config_.vocab_size ||
       logits.dtype() != DType::kFloat32 || !logits.is_contiguous()) {
     raise<InvalidArgument>("logits must be contiguous float32 [", n_out, ", ", config_.vocab_size,
                            "], got ", logits.describe());
   }
-  if (cache.device() != Device::cpu()) {
-    raise<InvalidArgument>("kv cache must be on the model's device (cpu)");
-  }
-  if (cache.num_layers() != config_.num_layers ||
-      cache.kv_width() != config_.num_kv_heads * config_.head_dim) {
-    raise<InvalidArgument>("kv cache was built for ", cache.num_layers(), " layers of width ",
-                           cache.kv_width(), "; this model has ", config_.num_layers,
-                           " layers of width ", config_.num_kv_heads * config_.head_dim);
-  }
-}
-
-void LlamaModel::forward(const ForwardBatch& b, KvCache& cache,
-                         const std::vector<const LoraAdapter*>& adapters, const Tensor& logits) {
-  validate(b, cache, adapters, logits);
   const int64_t num_tokens = b.token_ids.size(0);
   const int64_t num_seqs = b.context_lens.size(0);
   const int32_t* starts = b.seq_starts.data_as<const int32_t>();
@@ -211,7 +257,6 @@ void LlamaModel::forward(const ForwardBatch& b, KvCache& cache,
     mlp_block(layer, num_tokens);
   }
   // Final norm and lm_head only for the rows whose logits were asked for.
-  const int64_t n_out = b.logits_indices.size(0);
   const int32_t* idx = b.logits_indices.data_as<const int32_t>();
   const Tensor hidden = rows(hidden_, num_tokens, h);
   const Tensor picked = rows(normed_, n_out, h);

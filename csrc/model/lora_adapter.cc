@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/checked_math.h"
 #include "lora/lora_validation.h"
 #include "lora/module_ids.h"
 
@@ -26,7 +27,22 @@ void transpose(const char* src, int64_t out, int64_t rank, size_t size, char* ds
   }
 }
 
+LoraAdapter::ModelShape validated_shape(const ModelConfig& config) {
+  config.validate();  // bounds num_layers before table_ is sized by it
+  return LoraAdapter::shape_of(config);
+}
+
 }  // namespace
+
+LoraAdapter::ModelShape LoraAdapter::shape_of(const ModelConfig& config) {
+  return {config.num_layers, config.hidden_size, config.intermediate_size,
+          config.num_attention_heads * config.head_dim, config.num_kv_heads * config.head_dim};
+}
+
+std::ostream& operator<<(std::ostream& out, const LoraAdapter::ModelShape& shape) {
+  return out << shape.num_layers << " layers, hidden " << shape.hidden << ", intermediate "
+             << shape.intermediate << ", q " << shape.q_out << ", kv " << shape.kv_out;
+}
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
                          const ModelConfig& config, int64_t max_lora_rank)
@@ -39,16 +55,25 @@ LoraAdapter LoraAdapter::from_validated(const LoraWeights& weights, const LoraCo
 
 int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
                                    DType dtype) {
+  constexpr std::string_view what = "LoRA adapter storage values";
   int64_t elements = 0;
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
-    elements += lora_row_values(config, lora_config.row(i));
+    // lora_row_values, checked: rank * (in + out).
+    const LoraConfigRow row = lora_config.row(i);
+    const LoraModuleDims dims = config.lora_module_dims(row.module_id);
+    const int64_t values =
+        checked_mul(row.adapter_size, checked_add(dims.in, dims.out, what), what);
+    elements = checked_add(elements, values, what);
   }
-  return elements * static_cast<int64_t>(dtype_size(dtype));
+  return checked_mul(elements, static_cast<int64_t>(dtype_size(dtype)),
+                     "LoRA adapter storage bytes");
 }
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
                          const ModelConfig& config)
-    : storage_(Buffer::allocate(storage_bytes(lora_config, config, weights.dtype()))),
+    : shape_(validated_shape(config)),
+      storage_(Buffer::allocate(storage_bytes(lora_config, config, weights.dtype()), Device::cpu(),
+                                "LoRA adapter storage")),
       table_(static_cast<size_t>(config.num_layers) * lora_module::kCount),
       dtype_(weights.dtype()) {
   const size_t size = dtype_size(dtype_);

@@ -1,7 +1,9 @@
 #include "model/model_config.h"
 
 #include <algorithm>
+#include <cmath>
 
+#include "core/checked_math.h"
 #include "core/errors.h"
 #include "lora/module_ids.h"
 
@@ -21,8 +23,19 @@ std::string joined(const std::vector<std::string>& names) {
   return out;
 }
 
-void require_positive(const char* field, int64_t value) {
+void require_positive(const char* field, int64_t value, int64_t max = ModelConfig::kMaxDim) {
   if (value <= 0) raise<InvalidArgument>("model config: ", field, " must be > 0, got ", value);
+  if (value > max) {
+    raise<InvalidArgument>("model config: ", field, " = ", value, " exceeds the limit ", max,
+                           max == ModelConfig::kMaxDim ? " (the kernels index it with int32)" : "");
+  }
+}
+
+void require_finite_positive(const char* field, double value) {
+  if (!(value > 0)) raise<InvalidArgument>("model config: ", field, " must be > 0, got ", value);
+  if (!std::isfinite(value)) {
+    raise<InvalidArgument>("model config: ", field, " must be finite, got ", value);
+  }
 }
 
 }  // namespace
@@ -36,7 +49,7 @@ void ModelConfig::validate() const {
   require_positive("vocab_size", vocab_size);
   require_positive("hidden_size", hidden_size);
   require_positive("intermediate_size", intermediate_size);
-  require_positive("num_hidden_layers", num_layers);
+  require_positive("num_hidden_layers", num_layers, kMaxNumLayers);
   require_positive("num_attention_heads", num_attention_heads);
   require_positive("num_key_value_heads", num_kv_heads);
   require_positive("head_dim", head_dim);
@@ -49,21 +62,14 @@ void ModelConfig::validate() const {
     raise<InvalidArgument>("model config: head_dim must be even for rotary embeddings, got ",
                            head_dim);
   }
-  if (!(rms_norm_eps > 0)) {
-    raise<InvalidArgument>("model config: rms_norm_eps must be > 0, got ", rms_norm_eps);
-  }
-  if (!(rope_theta > 0)) {
-    raise<InvalidArgument>("model config: rope_theta must be > 0, got ", rope_theta);
-  }
+  require_finite_positive("rms_norm_eps", rms_norm_eps);
+  require_finite_positive("rope_theta", rope_theta);
   const std::string& rope = rope_scaling.rope_type;
   if (rope != "default" && rope != "linear" && rope != "llama3") {
     raise<InvalidArgument>("model config: rope_scaling type '", rope,
                            "' is not supported (supported: default, linear, llama3)");
   }
-  if (rope != "default" && !(rope_scaling.factor > 0)) {
-    raise<InvalidArgument>("model config: rope_scaling factor must be > 0, got ",
-                           rope_scaling.factor);
-  }
+  if (rope != "default") require_finite_positive("rope_scaling factor", rope_scaling.factor);
   if (rope == "llama3" && rope_scaling.original_max_position_embeddings <= 0) {
     raise<InvalidArgument>(
         "model config: llama3 rope_scaling needs original_max_position_embeddings > 0");
@@ -76,6 +82,32 @@ void ModelConfig::validate() const {
   if (sliding_window < 0) {
     raise<InvalidArgument>("model config: sliding_window must be >= 0, got ", sliding_window);
   }
+  if (sliding_window > kMaxDim) {
+    raise<InvalidArgument>("model config: sliding_window = ", sliding_window, " exceeds the limit ",
+                           kMaxDim);
+  }
+  weight_values();
+}
+
+int64_t ModelConfig::weight_values() const {
+  constexpr std::string_view what = "model config: weight values";
+  const int64_t h = hidden_size;
+  const int64_t q_out = checked_mul(num_attention_heads, head_dim, "model config: q_proj rows");
+  const int64_t kv_out = checked_mul(num_kv_heads, head_dim, "model config: k_proj rows");
+  const int64_t qkv_out = checked_add(q_out, checked_mul(2, kv_out, what), what);
+  int64_t layer = checked_mul(2, h, what);  // the two norms
+  layer = checked_add(layer, checked_mul(qkv_out, h, "model config: qkv_proj values"), what);
+  layer = checked_add(layer, checked_mul(h, q_out, "model config: o_proj values"), what);
+  const int64_t mlp = checked_product({3, intermediate_size, h}, "model config: MLP values");
+  layer = checked_add(layer, mlp, what);
+  if (attention_bias) {
+    layer = checked_add(layer, qkv_out, what);
+    if (architecture == "LlamaForCausalLM") layer = checked_add(layer, h, what);
+  }
+  const int64_t embed = checked_mul(vocab_size, h, "model config: embed_tokens values");
+  int64_t total = checked_mul(tie_word_embeddings ? 1 : 2, embed, what);
+  total = checked_add(total, h, what);
+  return checked_add(total, checked_mul(num_layers, layer, what), what);
 }
 
 std::vector<int32_t> ModelConfig::lora_module_ids() const {

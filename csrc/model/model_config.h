@@ -25,6 +25,11 @@ struct LoraModuleDims {
 };
 
 struct ModelConfig {
+  // Upper bounds validate() enforces. Token ids, positions and head counts are int32 in the
+  // kernels; no released model comes near kMaxNumLayers (Llama 3.1 405B has 126 layers).
+  static constexpr int64_t kMaxDim = 2147483647;  // INT32_MAX: every size field but num_layers
+  static constexpr int64_t kMaxNumLayers = 65536;
+
   std::string architecture = "LlamaForCausalLM";
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
@@ -46,8 +51,12 @@ struct ModelConfig {
 
   static const std::vector<std::string>& supported_architectures();
 
-  // Throws InvalidArgument naming the first field that is missing or inconsistent.
+  // Throws InvalidArgument naming the first field that is missing, out of its range (> 0 and at
+  // most kMaxDim / kMaxNumLayers) or inconsistent, or when the weights it implies overflow int64.
   void validate() const;
+  // Float32 values of the base weights this config implies (embedding, lm_head unless tied, final
+  // norm, every layer with its biases). Throws InvalidArgument when that overflows int64.
+  int64_t weight_values() const;
   // Module ids a LoRA adapter may target on this model, ascending.
   std::vector<int32_t> lora_module_ids() const;
   bool has_lora_module(int32_t module_id) const;

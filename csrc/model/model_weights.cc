@@ -1,16 +1,11 @@
 #include "model/model_weights.h"
 
+#include "core/checked_math.h"
 #include "core/errors.h"
 
 namespace lorart {
 
 namespace {
-
-Buffer floats(int64_t count) {
-  Buffer b = Buffer::allocate(static_cast<size_t>(count) * sizeof(float));
-  b.zero();
-  return b;
-}
 
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string out = "[";
@@ -18,64 +13,69 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out + "]";
 }
 
+size_t total_bytes(const Buffer& embed, const Buffer& final_norm, const Buffer& lm_head,
+                   const std::vector<LayerWeights>& layers) {
+  size_t bytes = embed.size() + final_norm.size() + lm_head.size();
+  for (const LayerWeights& l : layers) {
+    bytes += l.input_norm.size() + l.qkv.size() + l.qkv_bias.size() + l.o.size() + l.o_bias.size() +
+             l.post_norm.size() + l.gate_up.size() + l.down.size();
+  }
+  return bytes;
+}
+
 }  // namespace
 
 ModelWeightsBuilder::ModelWeightsBuilder(const ModelConfig& config) : config_(config) {
   config_.validate();
+  // Refuse a config whose weights cannot fit before a single tensor is read. Nothing is
+  // allocated here: each buffer is allocated when the first checkpoint tensor it holds arrives,
+  // so a config.json claiming more layers than the checkpoint has costs only the layers present.
+  check_allocation(static_cast<size_t>(
+                       checked_mul(config_.weight_values(), sizeof(float), "model weight bytes")),
+                   Device::cpu(), "the model's float32 weights (config.json's sizes)");
   const int64_t h = config.hidden_size, inter = config.intermediate_size;
   const int64_t q_out = config.num_attention_heads * config.head_dim;
   const int64_t kv_out = config.num_kv_heads * config.head_dim;
   const int64_t qkv_out = q_out + 2 * kv_out;
-  embed_ = floats(config.vocab_size * h);
-  final_norm_ = floats(h);
-  expect("model.embed_tokens.weight", &embed_, 0, {config.vocab_size, h}, true);
-  expect("model.norm.weight", &final_norm_, 0, {h}, true);
-  if (!config.tie_word_embeddings) {
-    lm_head_ = floats(config.vocab_size * h);
-    expect("lm_head.weight", &lm_head_, 0, {config.vocab_size, h}, true);
-  }
+  const int64_t v = config.vocab_size;
+  expect("model.embed_tokens.weight", &embed_, v * h, 0, {v, h}, true);
+  expect("model.norm.weight", &final_norm_, h, 0, {h}, true);
+  if (!config.tie_word_embeddings) expect("lm_head.weight", &lm_head_, v * h, 0, {v, h}, true);
   layers_.resize(config.num_layers);
   for (int64_t i = 0; i < config.num_layers; ++i) {
     LayerWeights& l = layers_[i];
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    l.input_norm = floats(h);
-    l.post_norm = floats(h);
-    l.qkv = floats(qkv_out * h);
-    l.o = floats(h * q_out);
-    l.gate_up = floats(2 * inter * h);
-    l.down = floats(h * inter);
-    expect(p + "input_layernorm.weight", &l.input_norm, 0, {h}, true);
-    expect(p + "post_attention_layernorm.weight", &l.post_norm, 0, {h}, true);
-    expect(p + "self_attn.q_proj.weight", &l.qkv, 0, {q_out, h}, true);
-    expect(p + "self_attn.k_proj.weight", &l.qkv, q_out, {kv_out, h}, true);
-    expect(p + "self_attn.v_proj.weight", &l.qkv, q_out + kv_out, {kv_out, h}, true);
-    expect(p + "self_attn.o_proj.weight", &l.o, 0, {h, q_out}, true);
-    expect(p + "mlp.gate_proj.weight", &l.gate_up, 0, {inter, h}, true);
-    expect(p + "mlp.up_proj.weight", &l.gate_up, inter, {inter, h}, true);
-    expect(p + "mlp.down_proj.weight", &l.down, 0, {h, inter}, true);
-    expect(p + "self_attn.qkv_proj.weight", &l.qkv, 0, {qkv_out, h}, false);
-    expect(p + "mlp.gate_up_proj.weight", &l.gate_up, 0, {2 * inter, h}, false);
+    expect(p + "input_layernorm.weight", &l.input_norm, h, 0, {h}, true);
+    expect(p + "post_attention_layernorm.weight", &l.post_norm, h, 0, {h}, true);
+    expect(p + "self_attn.q_proj.weight", &l.qkv, qkv_out * h, 0, {q_out, h}, true);
+    expect(p + "self_attn.k_proj.weight", &l.qkv, qkv_out * h, q_out, {kv_out, h}, true);
+    expect(p + "self_attn.v_proj.weight", &l.qkv, qkv_out * h, q_out + kv_out, {kv_out, h}, true);
+    expect(p + "self_attn.o_proj.weight", &l.o, h * q_out, 0, {h, q_out}, true);
+    expect(p + "mlp.gate_proj.weight", &l.gate_up, 2 * inter * h, 0, {inter, h}, true);
+    expect(p + "mlp.up_proj.weight", &l.gate_up, 2 * inter * h, inter, {inter, h}, true);
+    expect(p + "mlp.down_proj.weight", &l.down, h * inter, 0, {h, inter}, true);
+    expect(p + "self_attn.qkv_proj.weight", &l.qkv, qkv_out * h, 0, {qkv_out, h}, false);
+    expect(p + "mlp.gate_up_proj.weight", &l.gate_up, 2 * inter * h, 0, {2 * inter, h}, false);
     allow_fused(p + "self_attn.qkv_proj.weight",
                 {p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
                  p + "self_attn.v_proj.weight"});
     allow_fused(p + "mlp.gate_up_proj.weight",
                 {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"});
     if (config.attention_bias) {
-      l.qkv_bias = floats(qkv_out);
-      expect(p + "self_attn.q_proj.bias", &l.qkv_bias, 0, {q_out}, true);
-      expect(p + "self_attn.k_proj.bias", &l.qkv_bias, q_out, {kv_out}, true);
-      expect(p + "self_attn.v_proj.bias", &l.qkv_bias, q_out + kv_out, {kv_out}, true);
+      expect(p + "self_attn.q_proj.bias", &l.qkv_bias, qkv_out, 0, {q_out}, true);
+      expect(p + "self_attn.k_proj.bias", &l.qkv_bias, qkv_out, q_out, {kv_out}, true);
+      expect(p + "self_attn.v_proj.bias", &l.qkv_bias, qkv_out, q_out + kv_out, {kv_out}, true);
       if (config.architecture == "LlamaForCausalLM") {  // Llama's attention_bias covers o too
-        l.o_bias = floats(h);
-        expect(p + "self_attn.o_proj.bias", &l.o_bias, 0, {h}, true);
+        expect(p + "self_attn.o_proj.bias", &l.o_bias, h, 0, {h}, true);
       }
     }
   }
 }
 
-void ModelWeightsBuilder::expect(const std::string& name, Buffer* dst, int64_t row_offset,
-                                 std::vector<int64_t> shape, bool required) {
-  slots_[name] = Slot{dst, row_offset, std::move(shape), required};
+void ModelWeightsBuilder::expect(const std::string& name, Buffer* dst, int64_t dst_values,
+                                 int64_t row_offset, std::vector<int64_t> shape, bool required) {
+  if (slots_.count(name) == 0) order_.push_back(name);
+  slots_[name] = Slot{dst, dst_values, row_offset, std::move(shape), required};
 }
 
 void ModelWeightsBuilder::allow_fused(const std::string& fused, std::vector<std::string> parts) {
@@ -99,15 +99,24 @@ void ModelWeightsBuilder::add(const std::string& name, const Tensor& tensor) {
     raise<InvalidArgument>("checkpoint tensor '", name, "' must be a contiguous host float ",
                            "tensor, got ", tensor.describe());
   }
+  if (slot.dst->size() == 0) {  // the first tensor of a fused buffer (qkv, gate_up) allocates it
+    *slot.dst = Buffer::allocate(static_cast<size_t>(slot.dst_values) * sizeof(float),
+                                 Device::cpu(), "weights for checkpoint tensor '" + name + "'");
+  }
   const int64_t row_width = slot.shape.size() == 2 ? slot.shape[1] : 1;
   auto* dst = static_cast<float*>(slot.dst->data()) + slot.row_offset * row_width;
   convert_floats(tensor.data(), tensor.dtype(), dst, DType::kFloat32, tensor.numel());
   slot.filled = true;
 }
 
+size_t ModelWeightsBuilder::allocated_bytes() const {
+  return total_bytes(embed_, final_norm_, lm_head_, layers_);
+}
+
 std::vector<std::string> ModelWeightsBuilder::missing() const {
   std::vector<std::string> out;
-  for (const auto& [name, slot] : slots_) {
+  for (const std::string& name : order_) {
+    const Slot& slot = slots_.at(name);
     if (!slot.required || slot.filled) continue;
     const auto fused = fused_for_.find(name);
     if (fused != fused_for_.end() && slots_.at(fused->second).filled) continue;
@@ -133,11 +142,7 @@ ModelWeights::ModelWeights(ModelWeightsBuilder&& builder) {
                       ? embed_view_
                       : lm_head_.view(DType::kFloat32, {c.vocab_size, c.hidden_size});
   final_norm_view_ = final_norm_.view(DType::kFloat32, {c.hidden_size});
-  nbytes_ = embed_.size() + final_norm_.size() + lm_head_.size();
-  for (const LayerWeights& l : layers_) {
-    nbytes_ += l.input_norm.size() + l.qkv.size() + l.qkv_bias.size() + l.o.size() +
-               l.o_bias.size() + l.post_norm.size() + l.gate_up.size() + l.down.size();
-  }
+  nbytes_ = total_bytes(embed_, final_norm_, lm_head_, layers_);
 }
 
 }  // namespace lorart

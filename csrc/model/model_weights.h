@@ -24,31 +24,41 @@ struct LayerWeights {
   Buffer down;        // [H, I]
 };
 
+// Allocates nothing up front: a weight buffer is allocated when the first checkpoint tensor it
+// holds is added, so a config.json that claims more (or larger) layers than the checkpoint holds
+// fails at missing() / ModelWeights without having allocated the claimed size.
 class ModelWeightsBuilder {
  public:
+  // Throws InvalidArgument for an invalid config, or one whose float32 weights exceed the host's
+  // memory limit (check_allocation), before any tensor is read.
   explicit ModelWeightsBuilder(const ModelConfig& config);
   // Adds one checkpoint tensor by its HF name (e.g. "model.layers.0.self_attn.q_proj.weight");
   // host memory, any float dtype. Throws InvalidArgument for unknown names or wrong shapes.
   void add(const std::string& name, const Tensor& tensor);
-  // Names still missing, in a stable order ([] when complete).
+  // Bytes of weight buffers allocated so far (those that tensors added so far fill).
+  size_t allocated_bytes() const;
+  // Names still missing, in checkpoint order: embedding, final norm, lm_head, then layer by layer
+  // ([] when complete).
   std::vector<std::string> missing() const;
 
  private:
   friend class ModelWeights;
   struct Slot {
-    Buffer* dst;
+    Buffer* dst;         // allocated by the first add() of a slot that fills it
+    int64_t dst_values;  // float32 values of all of dst (a fused buffer holds several slots)
     int64_t row_offset;  // first row of dst this tensor fills
     std::vector<int64_t> shape;
     bool required;
     bool filled = false;
   };
-  void expect(const std::string& name, Buffer* dst, int64_t row_offset, std::vector<int64_t> shape,
-              bool required);
+  void expect(const std::string& name, Buffer* dst, int64_t dst_values, int64_t row_offset,
+              std::vector<int64_t> shape, bool required);
   // `fused` (e.g. qkv_proj) may stand in for all of `parts` (q_proj, k_proj, v_proj).
   void allow_fused(const std::string& fused, std::vector<std::string> parts);
 
   ModelConfig config_;
   std::map<std::string, Slot> slots_;
+  std::vector<std::string> order_;                // slot names in the order expect() saw them
   std::map<std::string, std::string> fused_for_;  // part name -> fused name that covers it
   Buffer embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;

@@ -8,6 +8,7 @@ sequence is already cached, which KV blocks it owns, which adapter it uses).
 
 from __future__ import annotations
 
+import operator
 import sys
 import time
 from collections.abc import Sequence
@@ -24,8 +25,13 @@ def load_core_model(
     model_dir: str | Path, max_num_tokens: int, max_lora_rank: int, progress: bool | None = None
 ) -> _core.LlamaModel:
     """Read an HF checkpoint into the C++ model (weights converted to float32 once, from
-    memory-mapped files); prints a progress line for checkpoints over 256 MiB."""
+    memory-mapped files); prints a progress line for checkpoints over 256 MiB.
+
+    Raises ``ValueError`` naming the field and the limit for sizes the model cannot take
+    (``max_num_tokens``, ``max_lora_rank``, config.json's dimensions) before reading any weight.
+    """
     config = hf.load_config(model_dir)
+    _core.LlamaModel.workspace_bytes(config, max_num_tokens, max_lora_rank)  # before any weight
     hf.check_checkpoint(model_dir, config)  # from the headers alone, before allocating
     builder = _core.ModelWeightsBuilder(config)
     tensors = list(hf.iter_weights(model_dir, config))
@@ -46,6 +52,34 @@ def load_core_model(
     if show:
         print(file=sys.stderr)
     return _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
+
+
+def _int(value: object, what: str) -> int:
+    """``value`` as a Python int; ``TypeError`` naming ``what`` for bools, floats and the like."""
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+
+
+def _int_array(values: Sequence[int] | np.ndarray, what: str, lo: int, hi: int) -> np.ndarray:
+    """``values`` as a 1-D int64 array with every entry in ``[lo, hi)``, else ``ValueError`` (or
+    ``TypeError`` for non-integers) naming ``what``, the first bad entry and the range."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        # bools, floats, or ints past int64 (dtype object): find the first bad entry.
+        for j, v in enumerate(arr.tolist()):
+            v = _int(v, f"{what}[{j}]")
+            if not lo <= v < hi:
+                raise ValueError(f"{what}[{j}] = {v} is out of range [{lo}, {hi})")
+    bad = np.flatnonzero((arr < lo) | (arr >= hi)) if arr.size else arr
+    if bad.size:
+        raise ValueError(f"{what}[{bad[0]}] = {arr[bad[0]]} is out of range [{lo}, {hi})")
+    return arr.astype(np.int64)
 
 
 @dataclass
@@ -90,7 +124,15 @@ class Model:
 
         Weights are converted to float32 once, straight from the memory-mapped files. A progress
         line is printed to stderr for checkpoints over 256 MiB (``progress`` forces it on/off).
+
+        Sizes are checked before any weight is read: ``ValueError`` names the field and its limit
+        when ``num_kv_blocks`` is outside ``[1, 2**31 - 1]``, ``block_size`` outside
+        ``[1, 1024]``, ``max_num_tokens`` or ``max_lora_rank`` outside ``[1, 2**31 - 1]``, or the
+        KV pool, the workspace or the weights would exceed this host's memory
+        (``lorart._core.host_memory_limit()``).
         """
+        config = hf.load_config(model_dir)
+        _core.KvCache.checked_bytes(config, num_kv_blocks, block_size)
         if threads is not None:
             _core.set_num_threads(threads)
         core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress)
@@ -116,36 +158,39 @@ class Model:
 
     def forward(self, chunks: Sequence[SequenceChunk]) -> list[np.ndarray]:
         """Run one packed batch. Returns, per chunk, logits ``[len(token_ids), vocab]`` when
-        ``all_logits`` else ``[1, vocab]`` (its last token). Raises ``ValueError`` naming the
-        field for a malformed batch, before anything is written to the KV cache."""
+        ``all_logits`` else ``[1, vocab]`` (its last token).
+
+        Raises ``ValueError`` naming the chunk and the field, before anything is written to the KV
+        cache, for: no chunks; more than ``max_num_tokens`` tokens in all; a chunk without tokens;
+        token ids outside ``[0, vocab_size)``; a negative ``context_len``; ``context_len +
+        len(token_ids)`` past ``config.max_position_embeddings``; a ``block_table`` too short for
+        those positions or with ids outside ``[0, num_kv_blocks)``; a ``lora_slot`` that names no
+        adapter. ``TypeError`` for fields that are not integers.
+        """
         if not chunks:
             raise ValueError("forward needs at least one SequenceChunk")
         lengths = [len(c.token_ids) for c in chunks]
+        if sum(lengths) > self.max_num_tokens:
+            raise ValueError(
+                f"forward: {sum(lengths)} tokens in {len(chunks)} chunk(s); at most "
+                f"max_num_tokens = {self.max_num_tokens}"
+            )
+        ids, tables = zip(*(self._checked_chunk(i, c) for i, c in enumerate(chunks)), strict=True)
         starts = np.zeros(len(chunks) + 1, dtype=np.int32)
         np.cumsum(lengths, out=starts[1:])
-        for i, c in enumerate(chunks):
-            needed = -(-(c.context_len + len(c.token_ids)) // self.block_size)
-            if len(c.block_table) < needed:
-                raise ValueError(
-                    f"chunk {i}: block_table has {len(c.block_table)} blocks but positions up to "
-                    f"{c.context_len + len(c.token_ids)} need {needed} (block_size "
-                    f"{self.block_size})"
-                )
-        width = max(1, *(len(c.block_table) for c in chunks))
-        tables = np.full((len(chunks), width), -1, dtype=np.int32)  # -1: never a valid block
-        for i, c in enumerate(chunks):
-            tables[i, : len(c.block_table)] = c.block_table
+        width = max(1, *(len(t) for t in tables))
+        block_tables = np.full((len(chunks), width), -1, dtype=np.int32)  # -1: never a valid block
+        for i, table in enumerate(tables):
+            block_tables[i, : len(table)] = table
         picks = [
             np.arange(starts[i], starts[i + 1]) if c.all_logits else [starts[i + 1] - 1]
             for i, c in enumerate(chunks)
         ]
         logits = self._core.forward(
-            np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in chunks]).astype(
-                np.int32
-            ),
+            np.concatenate(ids).astype(np.int32),
             starts,
             np.array([c.context_len for c in chunks], dtype=np.int32),
-            tables,
+            block_tables,
             np.array([c.lora_slot for c in chunks], dtype=np.int32),
             np.concatenate(picks).astype(np.int32),
             self.kv_cache,
@@ -154,21 +199,82 @@ class Model:
         bounds = np.cumsum([0] + [len(p) for p in picks])
         return [logits[bounds[i] : bounds[i + 1]] for i in range(len(chunks))]
 
+    def _checked_chunk(self, i: int, chunk: SequenceChunk) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk's token ids and block table as int64 arrays, every field in range.
+
+        The C++ forward checks the same rules; checking here too keeps values past int32 from
+        failing in the int32 conversion with an ``OverflowError`` that names nothing.
+        """
+        where = f"chunk {i}"
+        ids = _int_array(chunk.token_ids, f"{where}: token_ids", 0, self.config.vocab_size)
+        if ids.size == 0:
+            raise ValueError(f"{where}: token_ids is empty; a chunk needs at least one token")
+        context_len = _int(chunk.context_len, f"{where}: context_len")
+        if context_len < 0:
+            raise ValueError(f"{where}: context_len = {context_len} is negative")
+        end, limit = context_len + ids.size, self.config.max_position_embeddings
+        if end > limit:
+            raise ValueError(
+                f"{where}: context_len {context_len} + {ids.size} token(s) reaches position "
+                f"{end}, past max_position_embeddings = {limit}"
+            )
+        table = _int_array(chunk.block_table, f"{where}: block_table", 0, self.num_kv_blocks)
+        needed = -(-end // self.block_size)
+        if table.size < needed:
+            raise ValueError(
+                f"{where}: block_table has {table.size} blocks but positions up to {end} need "
+                f"{needed} (block_size {self.block_size})"
+            )
+        slot = _int(chunk.lora_slot, f"{where}: lora_slot")
+        if not -1 <= slot < len(self._adapters):
+            raise ValueError(
+                f"{where}: lora_slot = {slot} names no loaded adapter ({len(self._adapters)} "
+                "slot(s); -1 = base model)"
+            )
+        return ids, table
+
     def generate_greedy(
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
         lora_slots: Sequence[int] | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
     ) -> list[list[int]]:
         """Greedy decoding of all prompts batched together; returns the generated ids.
 
         Prompts are prefilled in chunks of at most ``max_num_tokens`` tokens per forward; each
-        sequence stops after ``max_new_tokens`` or at ``eos_token_id`` (included).
+        sequence stops after ``max_new_tokens`` tokens or at its first end-of-sequence token,
+        which is included in its output. ``eos_token_id`` is one id or a list of ids; ``None``
+        (the default) means the model's own, ``config.eos_token_ids`` (config.json's
+        ``eos_token_id``), and ``[]`` never stops early. Raises ``ValueError`` for an empty
+        prompt, or one that with ``max_new_tokens`` would run past
+        ``config.max_position_embeddings``.
         """
+        max_new_tokens = _int(max_new_tokens, "max_new_tokens")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if eos_token_id is None:
+            stop = set(self.config.eos_token_ids)
+        elif isinstance(eos_token_id, Sequence | np.ndarray):
+            stop = {_int(e, f"eos_token_id[{j}]") for j, e in enumerate(eos_token_id)}
+        else:
+            stop = {_int(eos_token_id, "eos_token_id")}
         slots = list(lora_slots) if lora_slots is not None else [-1] * len(prompts)
         if len(slots) != len(prompts):
             raise ValueError(f"lora_slots has {len(slots)} entries for {len(prompts)} prompts")
+        limit = self.config.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; generation needs at least one token")
+            # The last new token is returned, never fed back: it takes no position.
+            if len(p) + max_new_tokens - 1 > limit:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} need "
+                    f"{len(p) + max_new_tokens - 1} positions, past max_position_embeddings = "
+                    f"{limit}"
+                )
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
         free = list(range(self.num_kv_blocks))[::-1]
         tables: list[list[int]] = [[] for _ in prompts]
         cached = [0] * len(prompts)
@@ -201,7 +307,7 @@ class Model:
                 token = int(np.argmax(out[-1]))
                 outputs[i].append(token)
                 pending[i] = [token]
-                if len(outputs[i]) >= max_new_tokens or token == eos_token_id:
+                if len(outputs[i]) >= max_new_tokens or token in stop:
                     active.discard(i)
                     free.extend(tables[i])
         return outputs

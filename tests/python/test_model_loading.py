@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -144,3 +146,52 @@ def test_kv_cache_of_another_shape_is_refused(llama_dir):
         1,
         model.config.vocab_size,
     )
+
+
+def test_builder_allocates_only_what_the_checkpoint_fills(llama_dir, split_weights):
+    """A config.json claiming 4000 layers next to a 3-layer checkpoint: the builder allocates the
+    weights as they arrive, not the 4000 layers' worth up front."""
+    from lorart import _core, hf
+
+    config = hf.load_config(llama_dir)
+    layers = config.num_layers
+    config.num_layers = 4000
+    builder = _core.ModelWeightsBuilder(config)
+    assert builder.allocated_bytes == 0
+    for name, array in split_weights.items():
+        builder.add(name, array)
+    assert builder.allocated_bytes == sum(a.size for a in split_weights.values()) * 4
+    missing = builder.missing()
+    assert len(missing) == (4000 - layers) * 9
+    with pytest.raises(ValueError, match=r"checkpoint is missing \d+ tensor\(s\)"):
+        _core.LlamaModel(config, builder, 64, 8)
+
+
+def test_config_claiming_4000_layers_fails_without_allocating_them(tmp_path):
+    """End to end on the demo checkpoint (3 layers): 4000 layers of its size are 2.4 GB."""
+    from lorart.demo import DEMO
+
+    src = DEMO / "model"
+    dst = tmp_path / "deep"
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = 4000
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    # VmHWM: this process's own peak (ru_maxrss would include the forked pytest's pages).
+    script = (
+        "import re, sys\n"
+        "from lorart.model import Model\n"
+        "try:\n"
+        f"    Model.from_pretrained({str(dst)!r})\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e, file=sys.stderr)\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    print(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "ValueError:" in done.stderr, done.stderr
+    peak_mib = int(done.stdout.split()[-1]) / 1024
+    assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB: the claimed layers were allocated"

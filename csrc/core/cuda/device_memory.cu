@@ -43,6 +43,13 @@ std::string runtime_version() {
   return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 }
 
+size_t total_memory(int device) {
+  DeviceGuard guard(device);
+  size_t free = 0, total = 0;
+  check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return total;
+}
+
 void* malloc_on(int device, size_t bytes) {
   DeviceGuard guard(device);
   void* ptr = nullptr;

@@ -12,6 +12,8 @@ namespace lorart::cuda {
 int device_count();
 // "13.0"-style runtime version this backend was built against.
 std::string runtime_version();
+// Total memory of the device in bytes (what an allocation can never exceed).
+size_t total_memory(int device);
 void* malloc_on(int device, size_t bytes);
 void free_on(int device, void* ptr) noexcept;
 void memset_zero(int device, void* ptr, size_t bytes);

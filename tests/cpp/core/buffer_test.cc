@@ -2,9 +2,12 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <typeinfo>
@@ -36,6 +39,31 @@ TEST(BufferTest, HostAllocateIsAlignedAndSized) {
     EXPECT_EQ(buffer.device(), Device::cpu());
     EXPECT_EQ(reinterpret_cast<uintptr_t>(buffer.data()) % 64, 0u) << bytes << " bytes";
   }
+}
+
+TEST(BufferTest, HostLimitIsThePhysicalMemoryOrLower) {
+  const size_t limit = host_memory_limit();
+  const size_t physical = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  EXPECT_GT(limit, size_t{1} << 26);  // every machine that runs the tests has 64 MiB
+  EXPECT_LE(limit, physical);
+  EXPECT_NO_THROW(check_allocation(limit, Device::cpu(), "x"));
+}
+
+TEST(BufferTest, AllocationsOverTheHostLimitAreRefusedNamingWhatAndTheLimit) {
+  const size_t limit = host_memory_limit();
+  const std::string limit_text = std::to_string(limit) + " bytes";
+  // SIZE_MAX once rounded up to the alignment wrapped to 0: a 0-byte buffer claiming SIZE_MAX.
+  for (size_t bytes :
+       {limit + 1, std::numeric_limits<size_t>::max(), std::numeric_limits<size_t>::max() - 10}) {
+    SCOPED_TRACE(bytes);
+    expect_error<InvalidArgument>([&] { Buffer::allocate(bytes, Device::cpu(), "the KV cache"); },
+                                  "cannot allocate the KV cache: " + std::to_string(bytes) +
+                                      " bytes (" + std::to_string(bytes >> 20) +
+                                      " MiB) exceed this host's memory limit of " + limit_text);
+    expect_error<InvalidArgument>([&] { check_allocation(bytes, Device::cpu(), "weights"); },
+                                  "cannot allocate weights: ");
+  }
+  expect_error<InvalidArgument>([&] { Buffer::allocate(limit + 1); }, "cannot allocate buffer: ");
 }
 
 TEST(BufferTest, ZeroBytesHasNoMemory) {

@@ -82,6 +82,24 @@ TEST(TensorTest, RejectsBadRankAndNegativeExtent) {
                                 "tensor rank must be in [0, 6], got -1");
 }
 
+TEST(TensorTest, ShapesOfMoreThanInt64MaxBytesAreRefused) {
+  // 2^31 * 2^31 * 4 bytes wraps to 0: the view check of a Buffer would pass it.
+  expect_error<InvalidArgument>(
+      [] { Tensor(nullptr, DType::kFloat32, {int64_t{1} << 31, int64_t{1} << 31, 4}); },
+      "tensor [2147483648, 2147483648, 4] float32 cpu would hold more than 9223372036854775807 "
+      "bytes");
+  // The element count fits; the bytes do not.
+  expect_error<InvalidArgument>([] { Tensor(nullptr, DType::kInt64, {int64_t{1} << 61}); },
+                                "would hold more than");
+  const int64_t shape[2] = {int64_t{1} << 40, int64_t{1} << 30};
+  const int64_t strides[2] = {1, 1};
+  expect_error<InvalidArgument>([&] { Tensor(nullptr, DType::kFloat16, 2, shape, strides); },
+                                "would hold more than");
+  // Empty tensors hold 0 bytes whatever the other extents.
+  EXPECT_EQ(Tensor(nullptr, DType::kFloat32, {int64_t{1} << 62, 0, int64_t{1} << 62}).nbytes(), 0u);
+  EXPECT_EQ(Tensor(nullptr, DType::kFloat32, {int64_t{1} << 60}).nbytes(), uint64_t{1} << 62);
+}
+
 TEST(TensorTest, StridedViewsAndContiguity) {
   std::vector<float> storage(6);
   // The transpose of a contiguous [2, 3]: shape [3, 2], strides [1, 3].

@@ -281,6 +281,18 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
        "lora_slots[0]: adapter rank 16 exceeds max_lora_rank = 8",
        {&rank16}},
       {[](Batch& b) { b.logits_indices = {3, 6}; }, "logits_indices[1] = 6 is out of range [0, 6)"},
+      {[](Batch& b) { b.logits_indices = {-1}; }, "logits_indices[0] = -1 is out of range [0, 6)"},
+      // Positions past max_position_embeddings (2048), however many blocks the row lists.
+      {[](Batch& b) { b.context_lens[0] = 2043; },
+       "sequence 0: context_lens[0] = 2043 plus 6 token(s) reaches position 2049, past "
+       "max_position_embeddings = 2048"},
+      {[](Batch& b) { b.context_lens[0] = 2147483645; },
+       "context_lens[0] = 2147483645 plus 6 token(s) reaches position 2147483651, past "
+       "max_position_embeddings = 2048"},
+      {[](Batch& b) {
+         b = pack({{random_tokens(2, 4), 0, {20}}, {random_tokens(4, 5), 2046, {21}}});
+       },
+       "sequence 1: context_lens[1] = 2046 plus 4 token(s) reaches position 2050"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.needle);
@@ -296,6 +308,16 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
   expect_error<InvalidArgument>(
       [&] { model_->forward(b.view(), cache_, {}, narrow); },
       "logits must be contiguous float32 [1, 64], got [1, 63] float32 cpu");
+  // The attention kernel takes the table width as int32. validate() refuses the width before it
+  // reads a row, so a view claiming 2^31 columns over 2 ints is enough to show it.
+  ForwardBatch wide_table = b.view();
+  wide_table.block_tables = Tensor(b.block_tables.data(), DType::kInt32, {1, int64_t{1} << 31});
+  expect_error<InvalidArgument>(
+      [&] {
+        model_->forward(wide_table, cache_, {},
+                        Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
+      },
+      "block_tables has 2147483648 columns; at most 2147483647");
   ForwardBatch wide_ids = b.view();
   std::vector<int64_t> ids64(6);
   wide_ids.token_ids = Tensor(ids64.data(), DType::kInt64, {6});
@@ -310,12 +332,88 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
   for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ(after[i], before[i]) << i;
 }
 
-// Disabled until LlamaModel::validate bounds the logits_indices count by max_num_tokens (a bug):
-// today the extra rows are copied past the end of the normed_ workspace (ASan: heap overflow).
+// The extra rows would be copied past the end of the normed_ workspace (ASan: heap overflow).
 TEST_F(LlamaModelTest, MoreLogitsRowsThanMaxNumTokensAreRejected) {
   Batch b = pack({{random_tokens(4, 1), 0, {0}}});
   b.logits_indices.assign(kMaxTokens + 1, 0);
   expect_error<InvalidArgument>([&] { forward(b); }, "logits_indices");
+}
+
+// Issue 8: positions are int32 in the kernels. With max_position_embeddings at the int32 limit
+// and a block table long enough for the positions, context_len + tokens past INT32_MAX used to
+// pass validation and wrap to negative positions (segfault in the attention). Now validate()
+// refuses it and the cache is untouched.
+TEST(LlamaModelPositionsTest, PositionsPastInt32AreRefused) {
+  ModelConfig config = tiny_config();
+  config.max_position_embeddings = ModelConfig::kMaxDim;
+  auto model = build_model(config, random_checkpoint(config));
+  KvCache cache(config, 2, 1024);
+  const int32_t context = ModelConfig::kMaxDim - 2;
+  const int64_t blocks = (int64_t{context} + 6 + 1023) / 1024;
+  Batch b = pack({{random_tokens(6, 9), context, std::vector<int32_t>(blocks, 0)}});
+  std::vector<float> logits(kVocab);
+  expect_error<InvalidArgument>(
+      [&] {
+        model->forward(b.view(), cache, {}, Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
+      },
+      "context_lens[0] = 2147483645 plus 6 token(s) reaches position 2147483651, past "
+      "max_position_embeddings = 2147483647");
+  for (size_t i = 0; i < cache.nbytes() / sizeof(float); ++i) ASSERT_EQ(cache.keys(0)[i], 0.0f);
+}
+
+TEST_F(LlamaModelTest, AdapterOfAnotherModelShapeIsRefused) {
+  // Same module dims, one layer fewer: its (layer, module) table has no row for layer 1.
+  ModelConfig shallow = config_;
+  shallow.num_layers = 1;
+  const AdapterData data = adapter_data(shallow, {{lora_module::kAttnQ, 0, 2}});
+  const LoraAdapter adapter(data.weights, data.config, shallow, kMaxRank);
+  EXPECT_FALSE(adapter.fits(config_));
+  EXPECT_TRUE(adapter.fits(shallow));
+  Batch b = pack({{random_tokens(3, 1), 0, {0}, 0}});
+  expect_error<InvalidArgument>(
+      [&] { forward(b, {&adapter}); },
+      "lora_slots[0]: the adapter was laid out for a model of another shape (1 layers, hidden 32, "
+      "intermediate 48, q 32, kv 16; this model: 2 layers, hidden 32, intermediate 48, q 32, kv "
+      "16)");
+}
+
+TEST(LlamaModelWorkspaceTest, LimitsAreCheckedBeforeAllocating) {
+  const ModelConfig config = tiny_config();
+  // [t, 32] x 3, qkv [t, 64], attn [t, 32], gate_up + act [t, 144], LoRA [t, rank], then the
+  // int32 position and the per-token run (16 bytes) and segment (32) bookkeeping, and 4 rotary
+  // frequencies.
+  const size_t per_token = (3 * 32 + 64 + 32 + 144 + 8) * 4 + 4 + 16 + 32;
+  EXPECT_EQ(LlamaModel::workspace_bytes(config, 20, 8), 20 * per_token + 16);
+  for (int64_t tokens : {int64_t{0}, int64_t{-3}, int64_t{1} << 31}) {
+    expect_error<InvalidArgument>(
+        [&] { LlamaModel::workspace_bytes(config, tokens, 8); },
+        "max_num_tokens must be in [1, 2147483647] (token indices are int32), got " +
+            std::to_string(tokens));
+  }
+  for (int64_t rank : {int64_t{0}, int64_t{1} << 31}) {
+    expect_error<InvalidArgument>(
+        [&] { LlamaModel::workspace_bytes(config, 20, rank); },
+        "max_lora_rank must be in [1, 2147483647], got " + std::to_string(rank));
+  }
+  expect_error<InvalidArgument>(
+      [&] { LlamaModel::workspace_bytes(config, ModelConfig::kMaxDim, 8); },
+      "cannot allocate the LlamaModel workspace (max_num_tokens = 2147483647, max_lora_rank = 8)");
+  // A valid config whose rows are wide enough that max_num_tokens of them overflow.
+  ModelConfig wide = testing_util::llama_config(1, int64_t{1} << 30, 1, 1, 1, 1, 2);
+  expect_error<InvalidArgument>(
+      [&] { LlamaModel::workspace_bytes(wide, ModelConfig::kMaxDim, 8); },
+      "LlamaModel workspace bytes (max_num_tokens * bytes per token) = 2147483647 * ");
+  wide = config;
+  wide.vocab_size = ModelConfig::kMaxDim;
+  expect_error<InvalidArgument>(
+      [&] { LlamaModel::workspace_bytes(wide, ModelConfig::kMaxDim, 8); },
+      "logits bytes (max_num_tokens * vocab_size * 4) = 2147483647 * 2147483647 * 4 overflows");
+  // The constructor refuses the same before it allocates anything.
+  ModelWeightsBuilder builder(config);
+  for (auto& [name, param] : random_checkpoint(config)) builder.add(name, param.tensor());
+  expect_error<InvalidArgument>(
+      [&] { LlamaModel(config, ModelWeights(std::move(builder)), ModelConfig::kMaxDim, 8); },
+      "cannot allocate the LlamaModel workspace (max_num_tokens = 2147483647");
 }
 
 TEST_F(LlamaModelTest, IncrementalDecodingMatchesFullPrefill) {

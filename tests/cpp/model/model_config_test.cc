@@ -81,6 +81,73 @@ TEST(ModelConfigTest, SizesMustBePositiveAndUseHfFieldNames) {
                  "max_position_embeddings must be > 0, got -5");
 }
 
+TEST(ModelConfigTest, SizesHaveUpperLimits) {
+  // Token ids, positions and head counts are int32 in the kernels.
+  const int64_t over = ModelConfig::kMaxDim + 1;
+  expect_invalid([&](ModelConfig& c) { c.vocab_size = over; },
+                 "model config: vocab_size = 2147483648 exceeds the limit 2147483647 (the kernels "
+                 "index it with int32)");
+  expect_invalid([&](ModelConfig& c) { c.hidden_size = over; }, "hidden_size = 2147483648 exceeds");
+  expect_invalid([&](ModelConfig& c) { c.intermediate_size = over; },
+                 "intermediate_size = 2147483648 exceeds");
+  expect_invalid([&](ModelConfig& c) { c.num_attention_heads = over; },
+                 "num_attention_heads = 2147483648 exceeds");
+  expect_invalid([&](ModelConfig& c) { c.num_kv_heads = over; },
+                 "num_key_value_heads = 2147483648 exceeds");
+  expect_invalid([&](ModelConfig& c) { c.head_dim = over; }, "head_dim = 2147483648 exceeds");
+  expect_invalid([&](ModelConfig& c) { c.max_position_embeddings = over; },
+                 "max_position_embeddings = 2147483648 exceeds the limit 2147483647");
+  expect_invalid([&](ModelConfig& c) { c.sliding_window = over; },
+                 "sliding_window = 2147483648 exceeds the limit 2147483647");
+  expect_invalid([](ModelConfig& c) { c.num_layers = 65537; },
+                 "model config: num_hidden_layers = 65537 exceeds the limit 65536");
+  ModelConfig at_limits = small_llama();
+  at_limits.num_layers = ModelConfig::kMaxNumLayers;
+  at_limits.max_position_embeddings = ModelConfig::kMaxDim;
+  at_limits.sliding_window = ModelConfig::kMaxDim;
+  EXPECT_NO_THROW(at_limits.validate());
+}
+
+TEST(ModelConfigTest, WeightSizesMustFitInt64) {
+  ModelConfig config = small_llama();
+  // 100 * 64 embedding values twice, the final norm, and 3 layers of 2 norms, qkv (64 + 2 * 32
+  // rows), o, gate/up/down.
+  const int64_t layer = 2 * 64 + 128 * 64 + 64 * 64 + 3 * 128 * 64;
+  EXPECT_EQ(config.weight_values(), 2 * 100 * 64 + 64 + 3 * layer);
+  config.tie_word_embeddings = true;
+  EXPECT_EQ(config.weight_values(), 100 * 64 + 64 + 3 * layer);
+  config.attention_bias = true;  // Llama: q/k/v and o biases
+  EXPECT_EQ(config.weight_values(), 100 * 64 + 64 + 3 * (layer + 128 + 64));
+  config.architecture = "Qwen2ForCausalLM";  // q/k/v only
+  EXPECT_EQ(config.weight_values(), 100 * 64 + 64 + 3 * (layer + 128));
+
+  // Each field within its limit, the products not.
+  expect_invalid(
+      [](ModelConfig& c) {
+        c.num_attention_heads = c.num_kv_heads = c.head_dim = int64_t{1} << 20;
+        c.hidden_size = ModelConfig::kMaxDim;
+      },
+      "model config: qkv_proj values = 3298534883328 * 2147483647 overflows int64");
+  expect_invalid(
+      [](ModelConfig& c) {
+        c.vocab_size = c.hidden_size = c.intermediate_size = ModelConfig::kMaxDim;
+        c.num_layers = ModelConfig::kMaxNumLayers;
+      },
+      "overflows int64 (limit 9223372036854775807)");
+}
+
+TEST(ModelConfigTest, FloatFieldsMustBeFinite) {
+  expect_invalid([](ModelConfig& c) { c.rms_norm_eps = INFINITY; },
+                 "model config: rms_norm_eps must be finite, got inf");
+  expect_invalid([](ModelConfig& c) { c.rope_theta = INFINITY; }, "rope_theta must be finite");
+  expect_invalid(
+      [](ModelConfig& c) {
+        c.rope_scaling.rope_type = "linear";
+        c.rope_scaling.factor = INFINITY;
+      },
+      "rope_scaling factor must be finite, got inf");
+}
+
 TEST(ModelConfigTest, HeadsMustBeAMultipleOfKvHeads) {
   expect_invalid([](ModelConfig& c) { c.num_kv_heads = 3; },
                  "model config: num_attention_heads (4) must be a multiple of "
