@@ -244,10 +244,14 @@ class LLM:
             self._request(self.encode(p, add_special_tokens), a, max_new_tokens, sampling)
             for p, a in zip(prompts, adapters, strict=True)
         ]
-        for i, response in self._drive(requests):
-            if response.error is not None:
-                raise ValueError(f"prompt {i}: {response.error}")
-            yield i, list(response.output_token_ids), response
+        responses = self._drive(requests)
+        try:
+            for i, response in responses:
+                if response.error is not None:
+                    raise ValueError(f"prompt {i}: {response.error}")
+                yield i, list(response.output_token_ids), response
+        finally:
+            responses.close()  # cancels the rest now, not whenever the generator is collected
 
     def generate(
         self,
