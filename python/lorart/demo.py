@@ -35,7 +35,6 @@ def run(max_output_len: int = 12) -> int:
         lora_dirs=[DEMO / "lora_zh", DEMO / "lora_ja"],
         max_batch_size=8,
         max_num_tokens=512,
-        max_seq_len=256,
         kv_cache=KvCacheConfig(block_size=16, max_tokens=2048),
     ) as llm:
         load_seconds = time.monotonic() - start
