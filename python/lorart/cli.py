@@ -20,9 +20,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lorart import __version__, hf, lora
-from lorart._core import DeviceError
+from lorart._core import DeviceError, ModelConfig
+
+if TYPE_CHECKING:  # lorart.llm imports tokenizers; the CLI imports it only when it runs a model
+    from tokenizers import Tokenizer
+
+    from lorart.llm import LLM, GenerationOutput
 
 logger = logging.getLogger("lorart")
 
@@ -423,7 +429,7 @@ def _check_dir(path: str, flag: str) -> Path:
     return p
 
 
-def _flagged(flag: str, path: str | Path, fn: Callable, *fn_args: object):
+def _flagged(flag: str, path: str | Path, fn: Callable[..., Any], *fn_args: object) -> Any:
     """``fn(*fn_args)``, with a user error's message prefixed by the flag and path it came from."""
     try:
         return fn(*fn_args)
@@ -434,7 +440,7 @@ def _flagged(flag: str, path: str | Path, fn: Callable, *fn_args: object):
         raise ValueError(f"{flag} {message}") from None
 
 
-def _check_model_dir(model_dir: str, flag: str):
+def _check_model_dir(model_dir: str, flag: str) -> ModelConfig:
     p = _check_dir(model_dir, flag)
     if not (p / "config.json").is_file():
         engines = sorted(p.glob("*.engine"))
@@ -486,7 +492,9 @@ def _check_input_file(path: str) -> None:
         )
 
 
-def _read_prompts(args, tokenizer, tokenizer_file: Path, model_config) -> list[list[int]]:
+def _read_prompts(
+    args: argparse.Namespace, tokenizer: Tokenizer, tokenizer_file: Path, model_config: ModelConfig
+) -> list[list[int]]:
     """Token ids of every prompt, each cut to its last ``--max_input_length`` tokens."""
     from lorart import prompts
 
@@ -538,7 +546,7 @@ def _adapters_per_prompt(args: argparse.Namespace, count: int) -> list[str | Non
     return adapters
 
 
-def print_table(llm, outputs) -> None:
+def print_table(llm: LLM, outputs: Sequence[GenerationOutput]) -> None:
     """Print run.py's lines: the input as the model saw it, then each output."""
     for i, out in enumerate(outputs):
         print(f'Input [Text {i}]: "{llm.decode(out.prompt_token_ids, skip_special_tokens=False)}"')
@@ -546,7 +554,9 @@ def print_table(llm, outputs) -> None:
         print()
 
 
-def print_streaming(llm, prompts: list[list[int]], sampling: dict) -> list:
+def print_streaming(
+    llm: LLM, prompts: list[list[int]], sampling: dict[str, Any]
+) -> list[GenerationOutput]:
     """run.py's lines, each output printed as its tokens arrive. Outputs appear in input order:
     the text of a later input is held until the ones before it finish."""
     from lorart.llm import GenerationOutput, TextStream
@@ -588,7 +598,9 @@ def print_streaming(llm, prompts: list[list[int]], sampling: dict) -> list:
     return outputs
 
 
-def timing_line(load_seconds: float, generate_seconds: float, outputs) -> str:
+def timing_line(
+    load_seconds: float, generate_seconds: float, outputs: Sequence[GenerationOutput]
+) -> str:
     """Load, prefill and decode times with token rates. Prefill runs until every input has its
     first token; decode is the rest of the generation (its first tokens are prefill's)."""
     firsts = [o.first_token_seconds for o in outputs if o.first_token_seconds is not None]
