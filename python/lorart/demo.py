@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from lorart import hf
 from lorart._core import KvCacheConfig
 from lorart.cli import print_table, timing_line
 from lorart.llm import LLM
@@ -35,6 +36,7 @@ def run(max_output_len: int = 12) -> int:
         lora_dirs=[DEMO / "lora_zh", DEMO / "lora_ja"],
         max_batch_size=8,
         max_num_tokens=512,
+        max_seq_len=hf.load_config(DEMO / "model").max_position_embeddings,
         kv_cache=KvCacheConfig(block_size=16, max_tokens=2048),
     ) as llm:
         load_seconds = time.monotonic() - start
