@@ -3,6 +3,9 @@
 The compiled core lives in ``lorart._core``; this package re-exports its public types.
 """
 
+# Before the imports below: lorart.cli reads it, and cli is imported by lorart.demo.
+__version__ = "0.1.0"
+
 from lorart import hf, lora
 from lorart._core import (
     DeviceError,
@@ -20,15 +23,16 @@ from lorart._core import (
     build_info,
 )
 from lorart.executor import Executor
+from lorart.llm import LLM, GenerationOutput
 from lorart.lora import LORA_MODULES, LoraModule
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "LLM",
     "LORA_MODULES",
     "DeviceError",
     "Executor",
     "ExecutorConfig",
+    "GenerationOutput",
     "InferenceRequest",
     "KvCacheConfig",
     "LoraCacheConfig",

@@ -9,11 +9,16 @@ task uids ``-1 0 1 -1 0 1``, all in one mixed batch.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
+from lorart import hf
 from lorart._core import KvCacheConfig
-from lorart.cli import print_table
+from lorart.cli import print_table, timing_line
 from lorart.llm import LLM
+
+logger = logging.getLogger(__name__)
 
 DEMO = Path(__file__).resolve().parent / "assets" / "demo"
 # The tutorial's prompts, with its literal backslash-n (run.py receives "\n" unexpanded).
@@ -25,13 +30,18 @@ def run(max_output_len: int = 12) -> int:
     """Print the table; return 0."""
     texts = [ZH_PROMPT] * 3 + [JA_PROMPT] * 3
     adapters = [None, DEMO / "lora_zh", DEMO / "lora_ja"] * 2  # task uids -1 0 1 -1 0 1
+    start = time.monotonic()
     with LLM(
         DEMO / "model",
+        lora_dirs=[DEMO / "lora_zh", DEMO / "lora_ja"],
         max_batch_size=8,
         max_num_tokens=512,
-        max_seq_len=256,
+        max_seq_len=hf.load_config(DEMO / "model").max_position_embeddings,
         kv_cache=KvCacheConfig(block_size=16, max_tokens=2048),
     ) as llm:
+        load_seconds = time.monotonic() - start
+        start = time.monotonic()
         outputs = llm.generate(texts, lora=adapters, max_new_tokens=max_output_len)
-        print_table(llm, texts, outputs, add_special_tokens=True)
+        print_table(llm, outputs)
+        logger.info("%s", timing_line(load_seconds, time.monotonic() - start, outputs))
     return 0

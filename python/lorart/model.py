@@ -8,6 +8,7 @@ sequence is already cached, which KV blocks it owns, which adapter it uses).
 
 from __future__ import annotations
 
+import logging
 import operator
 import sys
 import time
@@ -16,16 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from lorart import _core, hf
 from lorart._core import LoraConfig, LoraWeights, ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 def load_core_model(
     model_dir: str | Path, max_num_tokens: int, max_lora_rank: int, progress: bool | None = None
 ) -> _core.LlamaModel:
     """Read an HF checkpoint into the C++ model (weights converted to float32 once, from
-    memory-mapped files); prints a progress line for checkpoints over 256 MiB.
+    memory-mapped files). Shows a progress bar on stderr for checkpoints over 256 MiB (see
+    :func:`progress_bar`) and logs the load time to the ``lorart`` logger.
 
     Raises ``ValueError`` naming the field and the limit for sizes the model cannot take
     (``max_num_tokens``, ``max_lora_rank``, config.json's dimensions) before reading any weight.
@@ -36,22 +41,48 @@ def load_core_model(
     builder = _core.ModelWeightsBuilder(config)
     tensors = list(hf.iter_weights(model_dir, config))
     total = sum(a.nbytes for _, a in tensors)
-    show = progress if progress is not None else total > 256 * 2**20
-    done, start = 0, time.monotonic()
-    for i, (name, array) in enumerate(tensors):
-        builder.add(name, array)
-        done += array.nbytes
-        if show and (i + 1 == len(tensors) or i % 16 == 0):
-            print(
-                f"\rloading {Path(model_dir).name}: {done / 2**20:,.0f} / {total / 2**20:,.0f} MiB"
-                f" ({time.monotonic() - start:.1f} s)",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-    if show:
-        print(file=sys.stderr)
-    return _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
+    start = time.monotonic()
+    with progress_bar(total, f"loading {Path(model_dir).name}", "B", total, progress) as bar:
+        for name, array in tensors:
+            builder.add(name, array)
+            bar.update(array.nbytes)
+    model = _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
+    logger.info(
+        "loaded %s (%s, %.0f MiB) in %.1f s",
+        model_dir,
+        config.architecture,
+        total / 2**20,
+        time.monotonic() - start,
+    )
+    return model
+
+
+# Work smaller than this finishes too quickly to need a progress bar.
+PROGRESS_MIN_BYTES = 256 * 2**20
+
+
+def progress_bar(
+    total: int, desc: str, unit: str, size_bytes: int, progress: bool | None = None
+) -> tqdm:
+    """A tqdm bar on stderr counting ``total`` ``unit`` s (``"B"``: shown as KiB/MiB/GiB).
+
+    Shown when ``progress`` is True; when None, for work that reads over 256 MiB
+    (``size_bytes``) unless the ``lorart`` logger's level is above INFO
+    (``logging.getLogger("lorart").setLevel(logging.WARNING)``, or ``lorart ... --quiet``)."""
+    if progress is None:
+        level = logging.getLogger("lorart").level  # NOTSET (0) unless someone chose a level
+        progress = size_bytes > PROGRESS_MIN_BYTES and level <= logging.INFO
+    scale = unit == "B"
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=scale,
+        unit_divisor=1024 if scale else 1000,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def _int(value: object, what: str) -> int:
@@ -123,7 +154,7 @@ class Model:
         """Load an HF checkpoint directory (``config.json`` + safetensors, float32/16/bf16).
 
         Weights are converted to float32 once, straight from the memory-mapped files. A progress
-        line is printed to stderr for checkpoints over 256 MiB (``progress`` forces it on/off).
+        bar is shown on stderr for checkpoints over 256 MiB (``progress`` forces it on/off).
 
         Sizes are checked before any weight is read: ``ValueError`` names the field and its limit
         when ``num_kv_blocks`` is outside ``[1, 2**31 - 1]``, ``block_size`` outside

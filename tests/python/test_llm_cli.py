@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-from tiny_models import run_lorart_cli
+import _thread
+import logging
+import shutil
+import threading
+import time
 
-from lorart import demo, lora
-from lorart.llm import LLM
+import pytest
+from tiny_models import build_causal_lm, endless_demo_model, run_lorart_cli
+
+from lorart import LLM, demo, lora
 
 DEMO = demo.DEMO
 PROMPTS = [demo.ZH_PROMPT] * 3 + [demo.JA_PROMPT] * 3
@@ -119,3 +124,102 @@ def test_lorart_run_flags():
     assert bad.returncode == 2
     assert "--lora_task_uids value 3 names no --lora_dir (0 given" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-id prompts, adapters converted before the load, the vocabulary warning
+
+
+def test_prompts_may_be_token_ids(llm):
+    ids = llm.tokenizer.encode(demo.ZH_PROMPT).ids
+    by_text, by_ids = llm.generate([demo.ZH_PROMPT, ids], lora=DEMO / "lora_zh", max_new_tokens=12)
+    assert by_ids.token_ids == by_text.token_ids and by_ids.text == "华盛顿。"
+    assert by_ids.prompt_token_ids == by_text.prompt_token_ids == ids
+    assert by_text.first_token_seconds is not None and by_text.first_token_seconds > 0
+    with pytest.raises(TypeError, match="list of lists"):
+        llm.generate(ids)
+
+
+def test_lora_dirs_fail_before_the_checkpoint_loads(tmp_path, all_proj_adapter):
+    model = tmp_path / "model"
+    shutil.copytree(DEMO / "model", model)
+    (model / "model.safetensors").write_bytes(b"\xff" * 64)  # fails as soon as it is read
+    with pytest.raises(ValueError, match=str(all_proj_adapter.dir)):
+        LLM(model, lora_dirs=[all_proj_adapter.dir])
+
+
+def test_lora_dirs_are_converted_once_up_front():
+    with LLM(DEMO / "model", lora_dirs=[DEMO / "lora_zh"], max_seq_len=128) as model:
+        assert len(model._adapters) == 1
+        out = model.generate([demo.ZH_PROMPT], lora=DEMO / "lora_zh", max_new_tokens=12)[0]
+        assert out.text == "华盛顿。" and len(model._adapters) == 1
+
+
+def test_smaller_tokenizer_vocabulary_warns(tmp_path, caplog):
+    model = build_causal_lm(tmp_path / "wide", "llama", seed=3, vocab_size=1100)
+    with caplog.at_level(logging.WARNING, logger="lorart"):
+        LLM(model, tokenizer_dir=DEMO / "model").shutdown()
+    assert "the tokenizer has 1024 ids but the model's vocabulary has 1100" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorart"):
+        LLM(DEMO / "model", max_seq_len=128).shutdown()
+    assert caplog.text == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and early exits cancel what is in flight
+
+
+@pytest.fixture(scope="module")
+def endless_llm(tmp_path_factory):
+    model_dir = endless_demo_model(tmp_path_factory.mktemp("endless"))
+    with LLM(model_dir, max_seq_len=4096) as model:
+        yield model
+
+
+def wait_idle(llm, timeout: float = 2.0) -> float:
+    """Seconds until the executor has nothing queued or running (fails after ``timeout``)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        stats = llm.executor.stats()
+        if stats["running"] == 0 and stats["queued"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.01)
+    pytest.fail(f"requests still in flight after {timeout} s: {llm.executor.stats()}")
+
+
+def interrupt_main_after(seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, _thread.interrupt_main)  # as Ctrl-C does
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("how", ["generate", "generate_stream"])
+def test_ctrl_c_cancels_in_flight_requests_and_reraises(endless_llm, how):
+    timer = interrupt_main_after(0.5)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        if how == "generate":
+            endless_llm.generate(["a", "b", "c"], max_new_tokens=3000)
+        else:
+            for _ in endless_llm.generate_stream("a", max_new_tokens=3000):
+                pass
+    timer.join()
+    assert time.monotonic() - start < 1.5  # raised in the wait, not after the requests end
+    wait_idle(endless_llm)
+    # The LLM is still usable and the cancelled requests were collected.
+    assert len(endless_llm.generate(["a"], max_new_tokens=5)[0].token_ids) == 5
+    assert not endless_llm._abandoned
+
+
+def test_closing_a_stream_early_cancels_its_request(endless_llm):
+    stream = endless_llm.generate_stream("a", max_new_tokens=3000)
+    next(stream)
+    stream.close()
+    wait_idle(endless_llm)
+
+
+def test_a_failed_prompt_cancels_the_others(endless_llm):
+    with pytest.raises(ValueError, match="prompt 1: "):
+        endless_llm.generate(["a", "x " * 5000], max_new_tokens=3000)  # 1 is over max_seq_len
+    wait_idle(endless_llm)

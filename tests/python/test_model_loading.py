@@ -195,3 +195,35 @@ def test_config_claiming_4000_layers_fails_without_allocating_them(tmp_path):
     assert "ValueError:" in done.stderr, done.stderr
     peak_mib = int(done.stdout.split()[-1]) / 1024
     assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB: the claimed layers were allocated"
+
+
+def test_load_progress_bar_and_log(llama_dir, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lorart"):
+        Model.from_pretrained(llama_dir, max_num_tokens=64, num_kv_blocks=8, progress=True)
+    bar = capsys.readouterr().err
+    assert f"loading {llama_dir.name}" in bar and "100%" in bar
+    assert f"loaded {llama_dir} (LlamaForCausalLM" in caplog.text
+    Model.from_pretrained(llama_dir, max_num_tokens=64, num_kv_blocks=8)  # small: no bar
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_shows_for_big_work_unless_lorart_logs_above_info():
+    import logging
+
+    from lorart.model import PROGRESS_MIN_BYTES, progress_bar
+
+    def shown(size_bytes: int, progress: bool | None = None) -> bool:
+        with progress_bar(1, "x", "B", size_bytes, progress) as bar:
+            return not bar.disable
+
+    big, small = PROGRESS_MIN_BYTES + 1, PROGRESS_MIN_BYTES
+    assert shown(big) and not shown(small) and shown(small, progress=True)
+    lorart_logger = logging.getLogger("lorart")
+    previous = lorart_logger.level
+    lorart_logger.setLevel(logging.WARNING)  # what `lorart ... --quiet` sets
+    try:
+        assert not shown(big) and shown(big, progress=True)
+    finally:
+        lorart_logger.setLevel(previous)

@@ -259,3 +259,20 @@ def run_lorart_cli(*args: str, exe: str | None = None) -> subprocess.CompletedPr
     """``python -m lorart ARGS`` (or the installed ``exe``), output captured, never raising."""
     cmd = [exe] if exe else [sys.executable, "-m", "lorart"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def endless_demo_model(out_dir: Path, max_position_embeddings: int = 4096) -> Path:
+    """The shipped demo model with no end token and a long context, so that a greedy run goes
+    on for as many tokens as asked (seconds of work for signal and cancellation tests)."""
+    import json
+    import shutil
+
+    from lorart import demo
+
+    out_dir = Path(out_dir)
+    shutil.copytree(demo.DEMO / "model", out_dir, dirs_exist_ok=True)
+    config = json.loads((out_dir / "config.json").read_text())
+    config.update(max_position_embeddings=max_position_embeddings, eos_token_id=None)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    (out_dir / "generation_config.json").unlink()
+    return out_dir
