@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-1 0 1 -1 0 1, in one mixed batch.",
     )
     demo.add_argument("--max_output_len", type=int, default=12)
+    _add_threads_flag(demo)
     demo.set_defaults(run=_demo)
 
     args = parser.parse_args(argv)
@@ -132,6 +133,17 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--use_py_session", action="store_true", help="accepted for run.py compatibility; no effect"
     )
+    _add_threads_flag(run)
+
+
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads of the forward (default: the CPUs available to this process)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -153,7 +165,9 @@ def _run(args: argparse.Namespace) -> int:
         adapters.append(None if index == -1 else args.lora_dir[index])
     top_k = max(args.top_k, 0)
     top_p = args.top_p if args.top_p > 0 else 1.0
-    with LLM(args.model_dir, args.tokenizer_dir, device=args.device) as llm:
+    with LLM(
+        args.model_dir, args.tokenizer_dir, device=args.device, num_threads=args.threads
+    ) as llm:
         outputs = llm.generate(
             args.input_text,
             lora=adapters,
@@ -180,7 +194,7 @@ def print_table(llm, texts, outputs, add_special_tokens: bool) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from lorart import demo
 
-    return demo.run(max_output_len=args.max_output_len)
+    return demo.run(max_output_len=args.max_output_len, num_threads=args.threads)
 
 
 if __name__ == "__main__":

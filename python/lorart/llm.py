@@ -32,7 +32,8 @@ class GenerationOutput:
 class LLM:
     """Generate text with one base model and any number of LoRA adapters.
 
-    ``config`` takes :class:`lorart.ExecutorConfig`'s fields (``max_batch_size``,
+    ``num_threads``: CPU threads of the forward (None: the CPUs available to this process).
+    ``config`` takes :class:`lorart.ExecutorConfig`'s other fields (``max_batch_size``,
     ``max_num_tokens``, ``max_seq_len``, ``max_lora_rank``, ``lora_cache``, ``kv_cache``).
     """
 
@@ -41,6 +42,7 @@ class LLM:
         model_dir: str | Path,
         tokenizer_dir: str | Path | None = None,
         device: str = "cpu",
+        num_threads: int | None = None,
         **config: object,
     ) -> None:
         tokenizer_path = Path(tokenizer_dir if tokenizer_dir is not None else model_dir)
@@ -49,7 +51,9 @@ class LLM:
         if not tokenizer_path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {tokenizer_path}")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self.executor = Executor(model_dir, ExecutorConfig(device=device, **config))
+        self.executor = Executor(
+            model_dir, ExecutorConfig(device=device, num_threads=num_threads, **config)
+        )
         self._adapters: dict[Path, tuple[int, LoraWeights, LoraConfig]] = {}
         self._lock = threading.Lock()
 
