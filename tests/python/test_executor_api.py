@@ -391,3 +391,17 @@ def test_model_config_reprs():
         "low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192), "
         "tie_word_embeddings=True, sliding_window=4096, dtype='float32')"
     )
+
+
+def test_llm_and_cli_take_a_thread_count(capsys):
+    from lorart import cli, demo
+    from lorart.llm import LLM
+
+    with LLM(demo.DEMO / "model", num_threads=1, max_num_tokens=256) as llm:
+        assert llm.executor.stats()["num_threads"] == 1
+        assert llm.executor.config.num_threads == 1
+    assert cli.main(["demo", "--threads", "2", "--max_output_len", "4"]) == 0
+    assert "Output [Text 5 Beam 0]" in capsys.readouterr().out
+    assert cli.main(["demo", "--threads", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "ExecutorConfig.num_threads must be 0 (auto) or in [1, 1024], got -1" in err
