@@ -405,3 +405,21 @@ def test_llm_and_cli_take_a_thread_count(capsys):
     assert cli.main(["demo", "--threads", "-1"]) == 2
     err = capsys.readouterr().err
     assert "ExecutorConfig.num_threads must be 0 (auto) or in [1, 1024], got -1" in err
+
+
+def test_openmp_spins_briefly_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    show = "import os, lorart; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def spin(**extra) -> str:
+        cmd = [sys.executable, "-c", show]
+        out = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert spin() == "10000"
+    assert spin(OMP_WAIT_POLICY="ACTIVE") == "None"
+    assert spin(GOMP_SPINCOUNT="INFINITE") == "INFINITE"
