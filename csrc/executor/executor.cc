@@ -54,7 +54,10 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
       kv_manager_(kv_cache_.num_blocks(), kv_cache_.block_size()),
       lora_cache_(model_->config(), config_.lora_cache, config_.max_lora_rank),
       scheduler_(config_.max_batch_size, config_.max_num_tokens, kv_manager_, lora_cache_) {
+  // The per-step scratch at its largest (resolve() bounded each), so steps do not allocate.
   logits_.reserve(static_cast<size_t>(config_.max_num_tokens) * model_->config().vocab_size);
+  block_tables_.reserve(static_cast<size_t>(config_.max_batch_size) *
+                        kv_manager_.blocks_for(config_.max_seq_len));
   sample_scratch_.resize(model_->config().vocab_size);
   stats_.total_kv_blocks = kv_manager_.num_blocks();
   std::promise<void> started;

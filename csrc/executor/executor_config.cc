@@ -134,6 +134,15 @@ ExecutorConfig ExecutorConfig::resolve(const ModelConfig& model) const {
                              model.max_position_embeddings, ") leaves no room for a request");
     }
   }
+  // The step's block table, [max_batch_size, blocks per max_seq_len] int32, reserved up front.
+  const int64_t width =
+      out.max_seq_len / kv_cache.block_size + (out.max_seq_len % kv_cache.block_size != 0);
+  if (checked_mul(max_batch_size, width) > kMaxInt32) {
+    raise<InvalidArgument>("ExecutorConfig.max_batch_size (", max_batch_size, ") x the ", width,
+                           " KV blocks of max_seq_len (", out.max_seq_len, ") at block_size ",
+                           kv_cache.block_size, " is more than the step's ", kMaxInt32,
+                           " block-table entries; lower one, or raise kv_cache.block_size");
+  }
   if (num_threads == 0) {
     const int64_t env = omp_num_threads_env();
     out.num_threads = env > 0 ? env : available_cpus();

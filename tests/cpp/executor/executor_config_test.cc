@@ -86,6 +86,22 @@ TEST(ExecutorConfigTest, MaxSeqLenDefaultsToTheModelAndIsCappedByIt) {
                                 "model's limit");
 }
 
+TEST(ExecutorConfigTest, TheStepsBlockTableIsBounded) {
+  ModelConfig model = testing_util::executor_model_config();
+  model.max_position_embeddings = 1 << 20;
+  ExecutorConfig config;
+  config.max_batch_size = kMaxBatchSize;
+  config.max_seq_len = 1 << 20;
+  config.kv_cache.block_size = 16;
+  config.kv_cache.max_tokens = 1 << 20;
+  expect_error<InvalidArgument>([&] { config.resolve(model); },
+                                "ExecutorConfig.max_batch_size (65536) x the 65536 KV blocks of "
+                                "max_seq_len (1048576) at block_size 16 is more than the step's "
+                                "2147483647 block-table entries");
+  config.kv_cache.block_size = 64;
+  EXPECT_EQ(config.resolve(model).max_seq_len, 1 << 20);
+}
+
 TEST(ExecutorConfigTest, ThreadsResolveToTheAvailableCpus) {
   ExecutorConfig config;
   config.num_threads = 3;
