@@ -62,7 +62,8 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
   stats_.total_kv_blocks = kv_manager_.num_blocks();
   std::promise<void> started;
   std::future<void> ready = started.get_future();
-  thread_ = std::thread([this, &started] { loop(started); });
+  // The thread owns the promise, so their shared state outlives this frame however it is timed.
+  thread_ = std::thread([this, started = std::move(started)]() mutable { loop(started); });
   ready.wait();  // stats() reports the loop thread's thread count from the first call on
 }
 
