@@ -91,7 +91,7 @@ def bench_model(name: str, model_dir: Path, args) -> list[dict]:
     cfg = lorart.ExecutorConfig(
         max_batch_size=args.batch,
         max_num_tokens=1024,
-        max_seq_len=512,
+        max_seq_len=min(512, config.max_position_embeddings),
         max_lora_rank=args.rank,
         lora_cache=lorart.LoraCacheConfig(
             host_cache_bytes=(max(counts) + 1) * adapter_bytes * 2,

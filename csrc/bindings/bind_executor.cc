@@ -1,12 +1,18 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
+#include <string>
 
 #include "bindings/bindings.h"
+#include "bindings/repr.h"
 #include "executor/executor.h"
+#include "kernels/cpu/cpu_kernels.h"
 
 namespace lorart::bindings {
 
@@ -31,6 +37,9 @@ py::dict stats_dict(const ExecutorStats& s) {
   lora["device_bytes"] = s.lora.device_bytes;
   lora["host_tasks"] = s.lora.host_tasks;
   lora["device_tasks"] = s.lora.device_tasks;
+  lora["replacements"] = s.lora.replacements;
+  lora["referenced_tasks"] = s.lora.referenced_tasks;
+  lora["pinned_tasks"] = s.lora.pinned_tasks;
   py::dict d;
   d["queued"] = s.queued;
   d["running"] = s.running;
@@ -43,8 +52,107 @@ py::dict stats_dict(const ExecutorStats& s) {
   d["tokens_per_second"] = s.tokens_per_second;
   d["free_kv_blocks"] = s.free_kv_blocks;
   d["total_kv_blocks"] = s.total_kv_blocks;
+  d["num_threads"] = s.num_threads;
   d["lora_cache"] = lora;
   return d;
+}
+
+// `timeout`: None or inf wait without a deadline; any other value >= 0 is seconds (huge ones
+// included). While waiting, the signal handlers run every 0.1 s with the GIL held, so Ctrl-C
+// raises KeyboardInterrupt during a long wait.
+std::vector<Response> await_interruptibly(Executor& e, uint64_t id, std::optional<double> timeout) {
+  std::optional<std::chrono::milliseconds> ms;
+  if (timeout) {
+    if (!(*timeout >= 0.0)) {  // NaN fails this too
+      throw py::value_error(
+          "await_responses: timeout must be None or a number of seconds >= 0 (inf: no "
+          "deadline), got " +
+          repr_float(*timeout));
+    }
+    const double limit = std::chrono::duration<double>(Executor::kWaitForever).count();
+    if (*timeout < limit) {
+      ms = std::chrono::milliseconds(static_cast<int64_t>(std::ceil(*timeout * 1000.0)));
+    }
+  }
+  auto check_signals = [] {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  };
+  py::gil_scoped_release release;
+  return e.await_responses(id, ms, check_signals);
+}
+
+std::string repr_sampling(const SamplingConfig& c) {
+  return "SamplingConfig(top_k=" + std::to_string(c.top_k) + ", top_p=" + repr_float(c.top_p) +
+         ", temperature=" + repr_float(c.temperature) +
+         ", seed=" + (c.seed ? std::to_string(*c.seed) : "None") + ")";
+}
+
+// Only what differs from the defaults, after the prompt and max_new_tokens.
+std::string repr_request(const InferenceRequest& r) {
+  const InferenceRequest d;
+  std::string out = "InferenceRequest(input_token_ids=" + repr_tokens(r.input_token_ids) +
+                    ", max_new_tokens=" + std::to_string(r.max_new_tokens);
+  if (repr_sampling(r.sampling_config) != repr_sampling(d.sampling_config)) {
+    out += ", sampling_config=" + repr_sampling(r.sampling_config);
+  }
+  if (r.end_id) out += ", end_id=" + std::to_string(*r.end_id);
+  if (!r.stop_token_ids.empty()) {
+    out += ", stop_token_ids=[";
+    for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
+      out += (i ? ", " : "") + repr_tokens(r.stop_token_ids[i], /*count=*/false);
+    }
+    out += "]";
+  }
+  if (r.lora_task_id) out += ", lora_task_id=" + std::to_string(*r.lora_task_id);
+  if (r.lora_weights)
+    out += ", lora_weights=" + py::repr(py::cast(*r.lora_weights)).cast<std::string>();
+  if (r.lora_config)
+    out += ", lora_config=" + py::repr(py::cast(*r.lora_config)).cast<std::string>();
+  if (r.streaming) out += ", streaming=True";
+  if (r.return_context_logits) out += ", return_context_logits=True";
+  if (r.return_generation_logits) out += ", return_generation_logits=True";
+  if (r.return_log_probs) out += ", return_log_probs=True";
+  return out + ")";
+}
+
+std::string repr_response(const Response& r) {
+  std::string out = "Response(request_id=" + std::to_string(r.request_id) +
+                    ", output_token_ids=" + repr_tokens(r.output_token_ids) + ", finish_reason=" +
+                    (r.finish_reason == FinishReason::kNotFinished
+                         ? std::string("None")
+                         : repr_str(finish_reason_name(r.finish_reason)));
+  if (!r.error.empty()) out += ", error=" + repr_str(r.error);
+  auto rows = [&](const char* name, const std::vector<float>& values, int64_t columns) {
+    if (values.empty()) return;
+    out += std::string(", ") + name + "=<float32 [" + std::to_string(values.size() / columns) +
+           (columns > 1 ? ", " + std::to_string(columns) : std::string()) + "]>";
+  };
+  rows("context_logits", r.context_logits, r.vocab_size);
+  rows("generation_logits", r.generation_logits, r.vocab_size);
+  rows("log_probs", r.log_probs, 1);
+  return out + ", is_final=" + repr_bool(r.is_final) + ")";
+}
+
+std::string repr_lora_cache(const LoraCacheConfig& c) {
+  return "LoraCacheConfig(host_cache_bytes=" + std::to_string(c.host_cache_bytes) +
+         ", device_cache_bytes=" + std::to_string(c.device_cache_bytes) + ")";
+}
+
+std::string repr_kv_cache(const KvCacheConfig& c) {
+  return "KvCacheConfig(block_size=" + std::to_string(c.block_size) +
+         ", max_tokens=" + std::to_string(c.max_tokens) + ")";
+}
+
+std::string repr_executor_config(const ExecutorConfig& c) {
+  return "ExecutorConfig(device=" + repr_str(c.device) + ", dtype=" + repr_str(c.dtype) +
+         ", max_batch_size=" + std::to_string(c.max_batch_size) +
+         ", max_num_tokens=" + std::to_string(c.max_num_tokens) +
+         ", max_seq_len=" + std::to_string(c.max_seq_len) +
+         ", max_lora_rank=" + std::to_string(c.max_lora_rank) +
+         ", num_threads=" + std::to_string(c.num_threads) +
+         ", lora_cache=" + repr_lora_cache(c.lora_cache) +
+         ", kv_cache=" + repr_kv_cache(c.kv_cache) + ")";
 }
 
 }  // namespace
@@ -68,7 +176,8 @@ void bind_executor(py::module_& m) {
       .def_readwrite("top_k", &SamplingConfig::top_k)
       .def_readwrite("top_p", &SamplingConfig::top_p)
       .def_readwrite("temperature", &SamplingConfig::temperature)
-      .def_readwrite("seed", &SamplingConfig::seed);
+      .def_readwrite("seed", &SamplingConfig::seed)
+      .def("__repr__", &repr_sampling);
 
   py::class_<InferenceRequest>(m, "InferenceRequest", "One generation request.")
       .def(py::init(
@@ -111,7 +220,8 @@ void bind_executor(py::module_& m) {
       .def_readwrite("streaming", &InferenceRequest::streaming)
       .def_readwrite("return_context_logits", &InferenceRequest::return_context_logits)
       .def_readwrite("return_generation_logits", &InferenceRequest::return_generation_logits)
-      .def_readwrite("return_log_probs", &InferenceRequest::return_log_probs);
+      .def_readwrite("return_log_probs", &InferenceRequest::return_log_probs)
+      .def("__repr__", &repr_request);
 
   py::class_<Response>(m, "Response", "A (partial or final) result of one request.")
       .def_readonly("request_id", &Response::request_id)
@@ -136,14 +246,16 @@ void bind_executor(py::module_& m) {
           "generation_logits",
           [](const Response& r) { return floats_or_none(r.generation_logits, r.vocab_size); })
       .def_property_readonly("log_probs",
-                             [](const Response& r) { return floats_or_none(r.log_probs, 1); });
+                             [](const Response& r) { return floats_or_none(r.log_probs, 1); })
+      .def("__repr__", &repr_response);
 
   py::class_<LoraCacheConfig>(m, "LoraCacheConfig", "Byte budgets of the two LoRA cache levels.")
       .def(py::init([](int64_t host, int64_t device) { return LoraCacheConfig{host, device}; }),
            py::arg("host_cache_bytes") = lora_cache.host_cache_bytes,
            py::arg("device_cache_bytes") = lora_cache.device_cache_bytes)
       .def_readwrite("host_cache_bytes", &LoraCacheConfig::host_cache_bytes)
-      .def_readwrite("device_cache_bytes", &LoraCacheConfig::device_cache_bytes);
+      .def_readwrite("device_cache_bytes", &LoraCacheConfig::device_cache_bytes)
+      .def("__repr__", &repr_lora_cache);
 
   py::class_<KvCacheConfig>(m, "KvCacheConfig", "Paged KV pool: block size and capacity.")
       .def(py::init([](int64_t block_size, int64_t max_tokens) {
@@ -151,11 +263,13 @@ void bind_executor(py::module_& m) {
            }),
            py::arg("block_size") = kv_cache.block_size, py::arg("max_tokens") = kv_cache.max_tokens)
       .def_readwrite("block_size", &KvCacheConfig::block_size)
-      .def_readwrite("max_tokens", &KvCacheConfig::max_tokens);
+      .def_readwrite("max_tokens", &KvCacheConfig::max_tokens)
+      .def("__repr__", &repr_kv_cache);
 
   py::class_<ExecutorConfig>(m, "ExecutorConfig", "Sizes and limits of an Executor.")
       .def(py::init([](std::string device, std::string dtype, int64_t max_batch_size,
-                       int64_t max_num_tokens, int64_t max_seq_len, int64_t max_lora_rank,
+                       int64_t max_num_tokens, std::optional<int64_t> max_seq_len,
+                       int64_t max_lora_rank, std::optional<int64_t> num_threads,
                        std::optional<LoraCacheConfig> lora_cache,
                        std::optional<KvCacheConfig> kv_cache) {
              ExecutorConfig c;
@@ -163,8 +277,9 @@ void bind_executor(py::module_& m) {
              c.dtype = std::move(dtype);
              c.max_batch_size = max_batch_size;
              c.max_num_tokens = max_num_tokens;
-             c.max_seq_len = max_seq_len;
+             c.max_seq_len = max_seq_len.value_or(0);
              c.max_lora_rank = max_lora_rank;
+             c.num_threads = num_threads.value_or(0);
              c.lora_cache = lora_cache.value_or(LoraCacheConfig{});
              c.kv_cache = kv_cache.value_or(KvCacheConfig{});
              c.validate();
@@ -172,43 +287,56 @@ void bind_executor(py::module_& m) {
            }),
            py::arg("device") = executor.device, py::arg("dtype") = executor.dtype,
            py::arg("max_batch_size") = executor.max_batch_size,
-           py::arg("max_num_tokens") = executor.max_num_tokens,
-           py::arg("max_seq_len") = executor.max_seq_len,
-           py::arg("max_lora_rank") = executor.max_lora_rank, py::arg("lora_cache") = py::none(),
-           py::arg("kv_cache") = py::none())
+           py::arg("max_num_tokens") = executor.max_num_tokens, py::arg("max_seq_len") = py::none(),
+           py::arg("max_lora_rank") = executor.max_lora_rank, py::arg("num_threads") = py::none(),
+           py::arg("lora_cache") = py::none(), py::arg("kv_cache") = py::none(),
+           "max_seq_len None/0: the model's max_position_embeddings (at most kv_cache.max_tokens); "
+           "num_threads None/0: the CPUs available to this process (OMP_NUM_THREADS when set).")
       .def_readwrite("device", &ExecutorConfig::device)
       .def_readwrite("dtype", &ExecutorConfig::dtype)
       .def_readwrite("max_batch_size", &ExecutorConfig::max_batch_size)
       .def_readwrite("max_num_tokens", &ExecutorConfig::max_num_tokens)
       .def_readwrite("max_seq_len", &ExecutorConfig::max_seq_len)
       .def_readwrite("max_lora_rank", &ExecutorConfig::max_lora_rank)
+      .def_readwrite("num_threads", &ExecutorConfig::num_threads)
       .def_readwrite("lora_cache", &ExecutorConfig::lora_cache)
-      .def_readwrite("kv_cache", &ExecutorConfig::kv_cache);
+      .def_readwrite("kv_cache", &ExecutorConfig::kv_cache)
+      .def("validate", &ExecutorConfig::validate,
+           "Raise ValueError naming the first field outside its limit.")
+      .def("resolve", &ExecutorConfig::resolve, py::arg("model_config"),
+           "Check against a model (positions, memory) and return the config an Executor runs "
+           "with: max_seq_len and num_threads resolved. Allocates nothing.")
+      .def("__repr__", &repr_executor_config);
 
   py::class_<Executor>(m, "Executor", "In-flight batching loop over one model (C++ thread).")
       .def(py::init<std::shared_ptr<LlamaModel>, const ExecutorConfig&>(), py::arg("model"),
            py::arg("config"))
       .def("enqueue_request", &Executor::enqueue_request, py::arg("request"),
            py::call_guard<py::gil_scoped_release>())
-      .def(
-          "await_responses",
-          [](Executor& e, uint64_t id, std::optional<double> timeout) {
-            std::optional<std::chrono::milliseconds> ms;
-            if (timeout) {
-              ms = std::chrono::milliseconds(static_cast<int64_t>(*timeout * 1000.0));
-            }
-            py::gil_scoped_release release;
-            return e.await_responses(id, ms);
-          },
-          py::arg("request_id"), py::arg("timeout") = py::none())
+      .def("await_responses", &await_interruptibly, py::arg("request_id"),
+           py::arg("timeout") = py::none(),
+           "Wait (GIL released, Ctrl-C honoured within 0.1 s) for responses of request_id; "
+           "timeout None/inf: no deadline, else seconds >= 0.")
       .def("cancel_request", &Executor::cancel_request, py::arg("request_id"))
       .def("stats", [](const Executor& e) { return stats_dict(e.stats()); })
       .def("shutdown", &Executor::shutdown, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("model_config", &Executor::model_config)
+      // Copies: the executor's own are const, and Python may set fields on what it gets.
+      .def_property_readonly("model_config",
+                             [](const Executor& e) { return ModelConfig(e.model_config()); })
+      .def_property_readonly(
+          "config", [](const Executor& e) { return ExecutorConfig(e.config()); },
+          "The ExecutorConfig it runs with (max_seq_len, num_threads resolved).")
       .def("contains_lora_task",
            [](Executor& e, uint64_t id) { return e.lora_cache().contains(id); })
       .def("lora_task_on_device",
            [](Executor& e, uint64_t id) { return e.lora_cache().is_on_device(id); });
+
+  m.def("available_cpus", &available_cpus,
+        "CPUs this process may run on (affinity mask, capped by a cgroup CPU quota): the "
+        "executor's default thread count.");
+  m.def(
+      "num_threads", [] { return cpu::num_threads(); },
+      "OpenMP threads the calling thread's forward would use (a per-thread setting).");
 }
 
 }  // namespace lorart::bindings

@@ -1,9 +1,51 @@
 #include <pybind11/stl.h>
 
+#include <string>
+
 #include "bindings/bindings.h"
+#include "bindings/repr.h"
 #include "model/model_config.h"
 
 namespace lorart::bindings {
+
+namespace {
+
+// The fields its rope_type reads.
+std::string repr_rope_scaling(const RopeScaling& r) {
+  std::string out = "RopeScaling(rope_type=" + repr_str(r.rope_type);
+  if (r.rope_type != "default") out += ", factor=" + repr_float(r.factor);
+  if (r.rope_type == "llama3") {
+    out +=
+        ", low_freq_factor=" + repr_float(r.low_freq_factor) +
+        ", high_freq_factor=" + repr_float(r.high_freq_factor) +
+        ", original_max_position_embeddings=" + std::to_string(r.original_max_position_embeddings);
+  }
+  return out + ")";
+}
+
+// The shape, then the optional features only where they are on.
+std::string repr_model_config(const ModelConfig& c) {
+  std::string out = "ModelConfig(architecture=" + repr_str(c.architecture) +
+                    ", vocab_size=" + std::to_string(c.vocab_size) +
+                    ", hidden_size=" + std::to_string(c.hidden_size) +
+                    ", intermediate_size=" + std::to_string(c.intermediate_size) +
+                    ", num_layers=" + std::to_string(c.num_layers) +
+                    ", num_attention_heads=" + std::to_string(c.num_attention_heads) +
+                    ", num_kv_heads=" + std::to_string(c.num_kv_heads) +
+                    ", head_dim=" + std::to_string(c.head_dim) +
+                    ", max_position_embeddings=" + std::to_string(c.max_position_embeddings) +
+                    ", rms_norm_eps=" + repr_float(c.rms_norm_eps) +
+                    ", rope_theta=" + repr_float(c.rope_theta);
+  if (c.rope_scaling.rope_type != "default") {
+    out += ", rope_scaling=" + repr_rope_scaling(c.rope_scaling);
+  }
+  if (c.tie_word_embeddings) out += ", tie_word_embeddings=True";
+  if (c.attention_bias) out += ", attention_bias=True";
+  if (c.sliding_window > 0) out += ", sliding_window=" + std::to_string(c.sliding_window);
+  return out + ", dtype=" + repr_str(dtype_name(c.dtype)) + ")";
+}
+
+}  // namespace
 
 void bind_model_config(py::module_& m) {
   py::class_<RopeScaling>(m, "RopeScaling", "Rotary embedding scaling (default, linear, llama3).")
@@ -14,10 +56,7 @@ void bind_model_config(py::module_& m) {
       .def_readwrite("high_freq_factor", &RopeScaling::high_freq_factor)
       .def_readwrite("original_max_position_embeddings",
                      &RopeScaling::original_max_position_embeddings)
-      .def("__repr__", [](const RopeScaling& r) {
-        return "RopeScaling(rope_type='" + r.rope_type + "', factor=" + std::to_string(r.factor) +
-               ")";
-      });
+      .def("__repr__", &repr_rope_scaling);
 
   py::class_<ModelConfig>(m, "ModelConfig",
                           "Shape of a Llama-family model; see lorart.hf.load_config.")
@@ -62,16 +101,7 @@ void bind_model_config(py::module_& m) {
             return py::make_tuple(d.in, d.out);
           },
           py::arg("module_id"), "(in, out) sizes of a module's LoRA pair: A [r, in], B [out, r].")
-      .def("__repr__", [](const ModelConfig& c) {
-        return "ModelConfig(architecture='" + c.architecture +
-               "', num_layers=" + std::to_string(c.num_layers) +
-               ", hidden_size=" + std::to_string(c.hidden_size) +
-               ", intermediate_size=" + std::to_string(c.intermediate_size) +
-               ", num_attention_heads=" + std::to_string(c.num_attention_heads) +
-               ", num_kv_heads=" + std::to_string(c.num_kv_heads) +
-               ", head_dim=" + std::to_string(c.head_dim) +
-               ", vocab_size=" + std::to_string(c.vocab_size) + ")";
-      });
+      .def("__repr__", &repr_model_config);
 }
 
 }  // namespace lorart::bindings

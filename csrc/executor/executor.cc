@@ -1,19 +1,17 @@
 #include "executor/executor.h"
 
 #include <algorithm>
+#include <future>
 #include <random>
 #include <sstream>
 
 #include "core/errors.h"
+#include "kernels/cpu/cpu_kernels.h"
 #include "lora/lora_validation.h"
 
 namespace lorart {
 
 namespace {
-
-int64_t kv_blocks(const KvCacheConfig& kv) {
-  return (kv.max_tokens + kv.block_size - 1) / kv.block_size;
-}
 
 uint64_t fresh_seed() {
   static std::mutex mutex;
@@ -22,25 +20,51 @@ uint64_t fresh_seed() {
   return (static_cast<uint64_t>(device()) << 32) ^ device();
 }
 
+Response final_response(uint64_t id, FinishReason reason, std::string error = "") {
+  Response r;
+  r.request_id = id;
+  r.finish_reason = reason;
+  r.error = std::move(error);
+  r.is_final = true;
+  return r;
+}
+
+// resolve(), plus what this model was built for: all before the executor allocates anything.
+ExecutorConfig checked_config(const ExecutorConfig& config, const LlamaModel* model) {
+  if (model == nullptr) raise<InvalidArgument>("Executor: model is null");
+  ExecutorConfig out = config.resolve(model->config());
+  if (model->max_num_tokens() < out.max_num_tokens || model->max_lora_rank() < out.max_lora_rank) {
+    raise<InvalidArgument>("the model's workspace (max_num_tokens ", model->max_num_tokens(),
+                           ", max_lora_rank ", model->max_lora_rank(),
+                           ") is smaller than ExecutorConfig asks for (max_num_tokens ",
+                           out.max_num_tokens, ", max_lora_rank ", out.max_lora_rank, ")");
+  }
+  return out;
+}
+
 }  // namespace
 
 Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& config)
-    : model_((config.validate(), std::move(model))),
-      config_(config),
-      kv_cache_(model_->config(), kv_blocks(config.kv_cache), config.kv_cache.block_size),
+    : model_(std::move(model)),
+      config_(checked_config(config, model_.get())),
+      kv_cache_(model_->config(),
+                (config_.kv_cache.max_tokens + config_.kv_cache.block_size - 1) /
+                    config_.kv_cache.block_size,  // resolve() bounded both: no overflow
+                config_.kv_cache.block_size),
       kv_manager_(kv_cache_.num_blocks(), kv_cache_.block_size()),
-      lora_cache_(model_->config(), config.lora_cache, config.max_lora_rank),
-      scheduler_(config.max_batch_size, config.max_num_tokens, kv_manager_, lora_cache_) {
-  if (model_->max_num_tokens() < config.max_num_tokens ||
-      model_->max_lora_rank() < config.max_lora_rank) {
-    raise<InvalidArgument>("the model's workspace (max_num_tokens ", model_->max_num_tokens(),
-                           ", max_lora_rank ", model_->max_lora_rank(),
-                           ") is smaller than ExecutorConfig asks for");
-  }
-  logits_.reserve(static_cast<size_t>(config.max_num_tokens) * model_->config().vocab_size);
+      lora_cache_(model_->config(), config_.lora_cache, config_.max_lora_rank),
+      scheduler_(config_.max_batch_size, config_.max_num_tokens, kv_manager_, lora_cache_) {
+  // The per-step scratch at its largest (resolve() bounded each), so steps do not allocate.
+  logits_.reserve(static_cast<size_t>(config_.max_num_tokens) * model_->config().vocab_size);
+  block_tables_.reserve(static_cast<size_t>(config_.max_batch_size) *
+                        kv_manager_.blocks_for(config_.max_seq_len));
   sample_scratch_.resize(model_->config().vocab_size);
   stats_.total_kv_blocks = kv_manager_.num_blocks();
-  thread_ = std::thread([this] { loop(); });
+  std::promise<void> started;
+  std::future<void> ready = started.get_future();
+  // The thread owns the promise, so their shared state outlives this frame however it is timed.
+  thread_ = std::thread([this, started = std::move(started)]() mutable { loop(started); });
+  ready.wait();  // stats() reports the loop thread's thread count from the first call on
 }
 
 Executor::~Executor() { shutdown(); }
@@ -84,11 +108,13 @@ std::optional<std::string> Executor::validate(InferenceRequest& r) {
           validate_lora(r.lora_weights ? &*r.lora_weights : nullptr,
                         r.lora_config ? &*r.lora_config : nullptr, m, LoraLimits{});
         }
-        lora_cache_.put(*r.lora_task_id, *r.lora_weights, *r.lora_config);
+        // Stored (or matched) and referenced at once: no other request can replace it between.
+        lora_cache_.put(*r.lora_task_id, *r.lora_weights, *r.lora_config, /*reference=*/true);
         r.lora_weights.reset();  // the cache holds its own converted copy now
         r.lora_config.reset();
+      } else {
+        lora_cache_.ref(*r.lora_task_id);
       }
-      lora_cache_.ref(*r.lora_task_id);
     }
   } catch (const Error& e) {
     return std::string(e.what());
@@ -102,60 +128,84 @@ uint64_t Executor::enqueue_request(InferenceRequest request) {
     std::lock_guard<std::mutex> lock(channel_mutex_);
     channels_[id].streaming = request.streaming;
   }
+  std::vector<Response> out;
   if (std::optional<std::string> error = validate(request)) {
-    Response r;
-    r.request_id = id;
-    r.finish_reason = FinishReason::kError;
-    r.error = *error;
-    r.is_final = true;
-    emit(std::move(r));
-    std::lock_guard<std::mutex> lock(stats_mutex_);
-    ++stats_.completed;
-    return id;
+    out.push_back(final_response(id, FinishReason::kError, *error));
+  } else {
+    auto seq = std::make_unique<Sequence>();
+    seq->id = id;
+    seq->prompt_len = static_cast<int64_t>(request.input_token_ids.size());
+    seq->tokens = std::move(request.input_token_ids);  // validated above; read only from tokens
+    seq->rng_state = request.sampling_config.seed.value_or(fresh_seed());
+    seq->request = std::move(request);
+    {
+      std::lock_guard<std::mutex> lock(queue_mutex_);
+      if (!stop_) incoming_.push_back(std::move(seq));
+    }
+    if (seq) {  // arrived after shutdown
+      if (seq->request.lora_task_id) lora_cache_.unref(*seq->request.lora_task_id);
+      out.push_back(final_response(id, FinishReason::kCancelled));
+    }
   }
-  auto seq = std::make_unique<Sequence>();
-  seq->id = id;
-  seq->prompt_len = static_cast<int64_t>(request.input_token_ids.size());
-  seq->tokens = std::move(request.input_token_ids);  // validated above; read only from tokens
-  seq->rng_state = request.sampling_config.seed.value_or(fresh_seed());
-  seq->request = std::move(request);
-  {
-    std::lock_guard<std::mutex> lock(queue_mutex_);
-    if (!stop_) incoming_.push_back(std::move(seq));
-  }
-  if (seq) {  // arrived after shutdown
-    if (seq->request.lora_task_id) lora_cache_.unref(*seq->request.lora_task_id);
-    Response r;
-    r.request_id = id;
-    r.finish_reason = FinishReason::kCancelled;
-    r.is_final = true;
-    emit(std::move(r));
-    std::lock_guard<std::mutex> lock(stats_mutex_);
-    ++stats_.completed;
+  if (!out.empty()) {
+    {
+      std::lock_guard<std::mutex> lock(stats_mutex_);
+      ++stats_.completed;  // before the response is visible
+    }
+    emit(out);
   }
   queue_cv_.notify_one();
   return id;
 }
 
 std::vector<Response> Executor::await_responses(uint64_t id,
-                                                std::optional<std::chrono::milliseconds> timeout) {
+                                                std::optional<std::chrono::milliseconds> timeout,
+                                                const std::function<void()>& poll,
+                                                std::chrono::milliseconds poll_interval) {
+  using Clock = std::chrono::steady_clock;
+  if (timeout && timeout->count() < 0) {
+    raise<InvalidArgument>("await_responses: timeout must be >= 0, got ", timeout->count(), " ms");
+  }
+  std::optional<Clock::time_point> deadline;
+  if (timeout && *timeout < kWaitForever) deadline = Clock::now() + *timeout;
   std::unique_lock<std::mutex> lock(channel_mutex_);
-  auto it = channels_.find(id);
-  if (it == channels_.end()) {
+  if (channels_.find(id) == channels_.end()) {
     raise<InvalidArgument>("unknown request id ", id,
                            " (never enqueued, or its final response was already returned)");
   }
-  auto ready = [&] { return !channels_.at(id).responses.empty(); };
-  if (timeout) {
-    if (!channel_cv_.wait_for(lock, *timeout, ready)) return {};
-  } else {
-    channel_cv_.wait(lock, ready);
+  // Another waiter may take the final response and erase the channel meanwhile: look it up
+  // afresh every time.
+  auto ready = [&] {
+    auto it = channels_.find(id);
+    return it == channels_.end() || !it->second.responses.empty();
+  };
+  while (!ready()) {
+    std::optional<Clock::time_point> until = deadline;
+    if (poll) {
+      const Clock::time_point next = Clock::now() + poll_interval;
+      if (!until || next < *until) until = next;
+    }
+    if (!until) {
+      channel_cv_.wait(lock, ready);
+      break;
+    }
+    if (channel_cv_.wait_until(lock, *until, ready)) break;
+    if (deadline && Clock::now() >= *deadline) return {};
+    lock.unlock();  // poll() may take its time, or throw to end the wait
+    poll();
+    lock.lock();
   }
-  Channel& channel = channels_.at(id);
-  std::vector<Response> out(std::make_move_iterator(channel.responses.begin()),
-                            std::make_move_iterator(channel.responses.end()));
-  channel.responses.clear();
-  if (!out.empty() && out.back().is_final) channels_.erase(id);
+  auto it = channels_.find(id);
+  if (it == channels_.end()) {
+    raise<InvalidArgument>("request id ", id,
+                           " finished while this call waited: its final response went to another "
+                           "await_responses call");
+  }
+  std::deque<Response>& responses = it->second.responses;
+  std::vector<Response> out(std::make_move_iterator(responses.begin()),
+                            std::make_move_iterator(responses.end()));
+  responses.clear();
+  if (out.back().is_final) channels_.erase(it);
   return out;
 }
 
@@ -182,56 +232,69 @@ void Executor::shutdown() {
     stop_ = true;
   }
   queue_cv_.notify_one();
+  // Two threads must not join one std::thread; the second waits here until the first is done.
+  std::lock_guard<std::mutex> lock(join_mutex_);
   if (thread_.joinable()) thread_.join();
 }
 
-void Executor::emit(Response response) {
-  response.vocab_size = model_->config().vocab_size;
+void Executor::emit(std::vector<Response>& responses) {
+  if (responses.empty()) return;
   {
     std::lock_guard<std::mutex> lock(channel_mutex_);
-    auto it = channels_.find(response.request_id);
-    if (it == channels_.end()) return;
-    it->second.responses.push_back(std::move(response));
+    for (Response& response : responses) {
+      response.vocab_size = model_->config().vocab_size;
+      auto it = channels_.find(response.request_id);
+      if (it != channels_.end()) it->second.responses.push_back(std::move(response));
+    }
   }
+  responses.clear();
   channel_cv_.notify_all();
+}
+
+void Executor::flush() {
+  publish_state();
+  emit(outbox_);
 }
 
 bool Executor::has_work() const {
   return !scheduler_.running().empty() || !scheduler_.waiting().empty();
 }
 
-void Executor::loop() {
+void Executor::loop(std::promise<void>& started) {
+  // OpenMP's thread count is a per-thread setting: set it here, where the forward runs.
+  cpu::set_num_threads(static_cast<int>(config_.num_threads));
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    stats_.num_threads = cpu::num_threads();
+  }
+  started.set_value();
   while (true) {
     std::vector<std::unique_ptr<Sequence>> incoming;
     std::vector<uint64_t> cancels;
+    bool stop = false;
     {
       std::unique_lock<std::mutex> lock(queue_mutex_);
       queue_cv_.wait(
           lock, [&] { return stop_ || !incoming_.empty() || !cancels_.empty() || has_work(); });
       incoming.swap(incoming_);
       cancels.swap(cancels_);
-      if (stop_) {
-        for (auto& seq : incoming) {
-          live_[seq->id] = seq.get();
-          scheduler_.add(std::move(seq));
-        }
-        break;
-      }
+      stop = stop_;
     }
     for (auto& seq : incoming) {
       live_[seq->id] = seq.get();
       scheduler_.add(std::move(seq));
     }
+    if (stop) break;
     for (uint64_t id : cancels) {
       auto it = live_.find(id);
       if (it != live_.end()) finish(it->second, FinishReason::kCancelled);
     }
     if (has_work()) step();
-    publish_state();
+    flush();
   }
   // Shutdown: everything still queued or running ends as cancelled.
   while (!live_.empty()) finish(live_.begin()->second, FinishReason::kCancelled);
-  publish_state();
+  flush();
 }
 
 }  // namespace lorart

@@ -1,13 +1,17 @@
 // Executor: the GptManager of the seed documents. A background loop thread runs in-flight
 // batching over one LlamaModel: each step it admits requests (scheduler), runs one forward over
-// the mixed batch, samples, and emits responses. Public methods are thread-safe; the model, the
-// scheduler and every Sequence belong to the loop thread.
+// the mixed batch, samples, and emits responses. Public methods are thread-safe and may be called
+// from any thread, shutdown() and await_responses() from several at once; the model, the
+// scheduler and every Sequence belong to the loop thread. Statistics are booked before the
+// responses they count become visible.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -15,6 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "executor/executor_config.h"
 #include "executor/kv_cache_manager.h"
 #include "executor/lora_cache.h"
 #include "executor/request.h"
@@ -36,11 +41,13 @@ struct ExecutorStats {
   double tokens_per_second = 0.0;  // (prompt + generated) / busy_seconds
   int64_t free_kv_blocks = 0;
   int64_t total_kv_blocks = 0;
+  int64_t num_threads = 0;  // CPU threads of the forward, as the loop thread's OpenMP reports
   LoraCacheStats lora;
 };
 
 class Executor {
  public:
+  // Checks `config` against the model (ExecutorConfig::resolve) before allocating anything.
   Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& config);
   ~Executor();
 
@@ -48,16 +55,26 @@ class Executor {
   // response, never an exception) and queues it. Returns at once with the request id.
   uint64_t enqueue_request(InferenceRequest request);
   // Blocks until at least one response of `id` is ready (or `timeout` passes: then returns
-  // none). Throws InvalidArgument for an id that is unknown or already finished and collected.
-  std::vector<Response> await_responses(uint64_t id,
-                                        std::optional<std::chrono::milliseconds> timeout);
+  // none; a timeout of kWaitForever or more waits without one). While it waits, `poll` (when
+  // set) runs every `poll_interval` without any lock held; it may throw to end the wait (the
+  // bindings check Python's signals there). Several callers may wait on one id: each response
+  // goes to exactly one of them, and those still waiting when another took the final response
+  // get InvalidArgument. Throws InvalidArgument for a negative timeout and for an id that is
+  // unknown or already finished and collected.
+  std::vector<Response> await_responses(
+      uint64_t id, std::optional<std::chrono::milliseconds> timeout,
+      const std::function<void()>& poll = {},
+      std::chrono::milliseconds poll_interval = std::chrono::milliseconds(100));
   void cancel_request(uint64_t id);
   ExecutorStats stats() const;
-  // Stops the loop; requests not finished end with finish reason `cancelled`. Idempotent.
+  // Stops the loop; requests not finished end with finish reason `cancelled`. Idempotent and
+  // thread-safe: every caller returns once the loop has stopped.
   void shutdown();
 
+  static constexpr std::chrono::milliseconds kWaitForever{std::chrono::hours(24 * 365 * 10)};
+
   const ModelConfig& model_config() const { return model_->config(); }
-  const ExecutorConfig& config() const { return config_; }
+  const ExecutorConfig& config() const { return config_; }  // resolved: no 0 (auto) fields
   LoraCache& lora_cache() { return lora_cache_; }
 
  private:
@@ -66,12 +83,18 @@ class Executor {
     bool streaming = false;
   };
   std::optional<std::string> validate(InferenceRequest& request);
-  void loop();
+  void loop(std::promise<void>& started);  // started: set once the thread count is applied
   bool has_work() const;
   void step();
-  void publish_state();  // queue lengths and free blocks into stats_ (after every iteration)
+  void publish_state();  // queue lengths and free blocks into stats_ (loop thread)
+  // A final response: counts it, frees the sequence and queues the response in outbox_.
   void finish(Sequence* seq, FinishReason reason, const std::string& error = "");
-  void emit(Response response);
+  // Publishes the state into stats_, then hands outbox_'s responses to their channels.
+  void flush();
+  void emit(std::vector<Response>& responses);  // into the channels (any thread)
+  // A message when one of logits_ rows [first_row, first_row + rows) holds NaN/Inf, else "".
+  std::string non_finite_logits(const Sequence& seq, int64_t first_row, int64_t rows,
+                                int64_t sample_row) const;
   void on_sampled(Sequence& seq, int32_t token);
   static bool ends_with_stop(const Sequence& seq, const std::vector<int32_t>& stop);
 
@@ -94,6 +117,7 @@ class Executor {
 
   std::atomic<uint64_t> next_id_{1};
   std::unordered_map<uint64_t, Sequence*> live_;  // loop thread: admitted sequences by id
+  std::vector<Response> outbox_;                  // loop thread: responses of this iteration
 
   mutable std::mutex stats_mutex_;
   ExecutorStats stats_;
@@ -111,6 +135,7 @@ class Executor {
   };
   std::vector<ChunkRows> step_rows_;               // one per scheduled chunk
   std::vector<const LoraAdapter*> step_adapters_;  // the step's adapters, by LoRA slot
+  std::mutex join_mutex_;  // one shutdown() joins the loop thread; the others wait for it
   std::thread thread_;
 };
 

@@ -1,7 +1,9 @@
 // The executor's step: build one packed batch from the scheduler's plan, run the forward, sample,
-// and emit responses. Loop thread only.
+// and queue responses (loop() publishes them after the step's stats). Loop thread only.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <sstream>
 
 #include "core/errors.h"
 #include "executor/executor.h"
@@ -92,6 +94,18 @@ void Executor::step() {
   int64_t sampled = 0;
   for (int64_t i = 0; i < num_seqs; ++i) {
     Sequence& seq = *plan[i].seq;
+    // The chunk's rows are contiguous: context rows, then (unless shared) its sample row.
+    const int64_t first_row =
+        rows[i].context_rows > 0 ? rows[i].first_context_row : rows[i].sample_row;
+    const int64_t num_rows =
+        std::max(rows[i].context_rows, rows[i].sample_row + 1 - std::max<int64_t>(first_row, 0));
+    if (first_row >= 0) {
+      std::string error = non_finite_logits(seq, first_row, num_rows, rows[i].sample_row);
+      if (!error.empty()) {  // fails this request alone: its rows are its own
+        finish(&seq, FinishReason::kError, error);
+        continue;
+      }
+    }
     scheduler_.advance(plan[i]);
     if (rows[i].context_rows > 0) {
       const float* src = logits_.data() + rows[i].first_context_row * m.vocab_size;
@@ -155,8 +169,31 @@ void Executor::on_sampled(Sequence& seq, int32_t token) {
     out.output_token_ids.assign(seq.tokens.begin() + seq.prompt_len + seq.emitted,
                                 seq.tokens.end());
     seq.emitted = seq.generated();
-    emit(std::move(out));
+    outbox_.push_back(std::move(out));
   }
+}
+
+std::string Executor::non_finite_logits(const Sequence& seq, int64_t first_row, int64_t rows,
+                                        int64_t sample_row) const {
+  const int64_t vocab = model_->config().vocab_size;
+  const float* begin = logits_.data() + first_row * vocab;
+  const float* bad =
+      std::find_if(begin, begin + rows * vocab, [](float v) { return !std::isfinite(v); });
+  if (bad == begin + rows * vocab) return "";
+  std::ostringstream err;
+  err << "the logits are not finite (" << *bad << ") at ";
+  if (first_row + (bad - begin) / vocab == sample_row) {
+    err << "generated token " << seq.generated();
+  } else {
+    err << "a prompt position (context logits)";
+  }
+  if (seq.request.lora_task_id) {
+    err << " with LoRA task " << *seq.request.lora_task_id
+        << ": the adapter's values overflow float32 in the forward";
+  } else {
+    err << ": the model's values overflow float32 in the forward";
+  }
+  return err.str();
 }
 
 bool Executor::ends_with_stop(const Sequence& seq, const std::vector<int32_t>& stop) {
@@ -176,7 +213,7 @@ void Executor::finish(Sequence* seq, FinishReason reason, const std::string& err
   out.is_final = true;
   const int64_t from = seq->request.streaming ? seq->emitted : 0;
   out.output_token_ids.assign(seq->tokens.begin() + seq->prompt_len + from, seq->tokens.end());
-  emit(std::move(out));
+  outbox_.push_back(std::move(out));  // visible at flush(), after the stats below
   std::lock_guard<std::mutex> lock(stats_mutex_);
   ++stats_.completed;
 }

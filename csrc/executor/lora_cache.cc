@@ -1,5 +1,7 @@
 #include "executor/lora_cache.h"
 
+#include <cstring>
+
 #include "core/errors.h"
 #include "lora/lora_validation.h"
 
@@ -13,11 +15,12 @@ namespace {
 }
 
 // Evicts the least recently used entries that `in_use(id, entry)` does not protect until `bytes`
-// more fit within `budget`; true when they fit. One rule for both levels.
-template <class Entries, class InUse>
+// more fit within `budget`; true when they fit. `on_evict(id)` runs before each erase. One rule
+// for both levels. `used <= budget` always holds, so `budget - used` cannot overflow.
+template <class Entries, class InUse, class OnEvict>
 bool evict_lru(Entries& entries, std::list<uint64_t>& lru, int64_t& used, int64_t budget,
-               int64_t bytes, int64_t& evictions, InUse in_use) {
-  for (auto it = lru.begin(); used + bytes > budget && it != lru.end();) {
+               int64_t bytes, int64_t& evictions, InUse in_use, OnEvict on_evict) {
+  for (auto it = lru.begin(); bytes > budget - used && it != lru.end();) {
     const auto& entry = entries.at(*it);
     if (in_use(*it, entry)) {
       ++it;
@@ -25,10 +28,16 @@ bool evict_lru(Entries& entries, std::list<uint64_t>& lru, int64_t& used, int64_
     }
     used -= entry.bytes;
     ++evictions;
+    on_evict(*it);
     entries.erase(*it);
     it = lru.erase(it);
   }
-  return used + bytes <= budget;
+  return bytes <= budget - used;
+}
+
+bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.dim() == b.dim() && a.size(0) == b.size(0) &&
+         a.size(1) == b.size(1) && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
 }
 
 }  // namespace
@@ -41,7 +50,25 @@ LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, in
   }
 }
 
-void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config) {
+bool LoraCache::reuse_if_same(uint64_t task_id, const LoraWeights& weights,
+                              const LoraConfig& config, bool reference) {
+  auto it = host_.find(task_id);
+  if (it == host_.end() || !same_bytes(it->second.weights.tensor(), weights.tensor()) ||
+      !same_bytes(it->second.config.tensor(), config.tensor())) {
+    return false;
+  }
+  if (reference) ++it->second.refs;
+  host_lru_.splice(host_lru_.end(), host_lru_, it->second.lru);
+  return true;
+}
+
+void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config,
+                    bool reference) {
+  {
+    // Weights sent again, unchanged (every request of a client that always sends them).
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (reuse_if_same(task_id, weights, config, reference)) return;
+  }
   // Copy and validate outside the lock: both are O(adapter size).
   LoraWeights copy = LoraWeights::copy_of(weights.tensor());
   validate_lora(&copy, &config, model_, LoraLimits{max_lora_rank_, std::nullopt});
@@ -60,14 +87,20 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
   LoraConfig config_copy = LoraConfig::copy_of(config.tensor());
 
   std::lock_guard<std::mutex> lock(mutex_);
+  if (reuse_if_same(task_id, copy, config_copy, reference)) return;  // another put() won
   auto it = host_.find(task_id);
   if (it != host_.end()) {
-    if (it->second.refs > 0 || device_.count(task_id)) {
-      // A request in flight may use these weights; keep them (same task id, same adapter).
-      host_lru_.splice(host_lru_.end(), host_lru_, it->second.lru);
-      return;
+    auto resident = device_.find(task_id);
+    const int64_t pins = resident == device_.end() ? 0 : resident->second.pins;
+    if (it->second.refs > 0 || pins > 0) {
+      raise<LoraError>("LoRA task ", task_id, " is in use by ", it->second.refs,
+                       " queued or running request(s) with different weights; send these under "
+                       "a new task id, or again once those requests finish");
     }
+    // Nobody uses the old adapter: the new weights replace it on both levels.
+    erase_device(task_id);
     stats_.host_bytes -= it->second.bytes;
+    ++stats_.replacements;
     host_lru_.erase(it->second.lru);
     host_.erase(it);
   }
@@ -78,15 +111,27 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
   }
   host_lru_.push_back(task_id);
   host_.emplace(task_id, HostEntry{std::move(copy), std::move(config_copy), host_bytes,
-                                   device_bytes, 0, std::prev(host_lru_.end())});
+                                   device_bytes, reference ? 1 : 0, std::prev(host_lru_.end())});
   stats_.host_bytes += host_bytes;
 }
 
 bool LoraCache::make_host_room(int64_t bytes) {
-  return evict_lru(host_, host_lru_, stats_.host_bytes, config_.host_cache_bytes, bytes,
-                   stats_.host_evictions, [&](uint64_t id, const HostEntry& entry) {
-                     return entry.refs > 0 || device_.count(id) > 0;  // named, or on device
-                   });
+  return evict_lru(
+      host_, host_lru_, stats_.host_bytes, config_.host_cache_bytes, bytes, stats_.host_evictions,
+      [&](uint64_t id, const HostEntry& entry) {
+        auto resident = device_.find(id);
+        return entry.refs > 0 || (resident != device_.end() && resident->second.pins > 0);
+      },
+      [&](uint64_t id) { erase_device(id); });
+}
+
+void LoraCache::erase_device(uint64_t task_id) {
+  auto it = device_.find(task_id);
+  if (it == device_.end() || it->second.pins > 0) return;
+  stats_.device_bytes -= it->second.bytes;
+  ++stats_.device_evictions;
+  device_lru_.erase(it->second.lru);
+  device_.erase(it);
 }
 
 void LoraCache::ref(uint64_t task_id) {
@@ -128,9 +173,10 @@ std::shared_ptr<const LoraAdapter> LoraCache::acquire(uint64_t task_id) {
 }
 
 bool LoraCache::make_device_room(int64_t bytes) {
-  return evict_lru(device_, device_lru_, stats_.device_bytes, config_.device_cache_bytes, bytes,
-                   stats_.device_evictions,
-                   [](uint64_t, const DeviceEntry& entry) { return entry.pins > 0; });
+  return evict_lru(
+      device_, device_lru_, stats_.device_bytes, config_.device_cache_bytes, bytes,
+      stats_.device_evictions, [](uint64_t, const DeviceEntry& entry) { return entry.pins > 0; },
+      [](uint64_t) {});
 }
 
 void LoraCache::unpin(uint64_t task_id) {
@@ -154,6 +200,8 @@ LoraCacheStats LoraCache::stats() const {
   LoraCacheStats out = stats_;
   out.host_tasks = static_cast<int64_t>(host_.size());
   out.device_tasks = static_cast<int64_t>(device_.size());
+  for (const auto& [id, entry] : host_) out.referenced_tasks += entry.refs > 0;
+  for (const auto& [id, entry] : device_) out.pinned_tasks += entry.pins > 0;
   return out;
 }
 

@@ -2,15 +2,20 @@
 // host … GPU"). Thread-safe (requests are enqueued from any thread; the scheduler acquires on the
 // loop thread).
 //
-// - Host level: task_id -> the adapter's validated rows in the dtype they arrived in (float32,
-//   float16 or bfloat16; never narrowed, so never rounded), bounded by host_cache_bytes. A task is
-//   referenced while any queued or running request names it and is then never evicted; otherwise
-//   least-recently-used entries are evicted to make room.
+// - Host level (the cache of record): task_id -> the adapter's validated rows in the dtype they
+//   arrived in (float32, float16 or bfloat16; never narrowed, so never rounded), bounded by
+//   host_cache_bytes. A task is referenced while any queued or running request names it and is
+//   then never evicted; otherwise least-recently-used entries are evicted to make room, and an
+//   evicted task leaves the device level too.
 // - Device level: task_id -> LoraAdapter (same dtype, indexed by layer and module) on the
-//   model's device, bounded by device_cache_bytes. On the CPU backend this is a separate pool in
-//   host memory behind the same code path. A task is pinned while a running request uses it;
-//   eviction takes the least recently used unpinned task; when every resident task is pinned,
-//   acquire() says "not now" and the request waits. In-use weights are never evicted.
+//   model's device, bounded by device_cache_bytes; always a subset of the host level. On the CPU
+//   backend this is a separate pool in host memory behind the same code path. A task is pinned
+//   while a running request uses it; eviction takes the least recently used unpinned task; when
+//   every resident task is pinned, acquire() says "not now" and the request waits. In-use weights
+//   are never evicted.
+// - Weights sent again under a cached task id: identical ones (dtype, shape and bytes of weights
+//   and config) are the same adapter and keep both cached copies; different ones replace the
+//   task on both levels when no request references it, and are refused while one does.
 #pragma once
 
 #include <cstdint>
@@ -39,17 +44,22 @@ struct LoraCacheStats {
   int64_t device_bytes = 0;  // bytes held by the device level
   int64_t host_tasks = 0;
   int64_t device_tasks = 0;
+  int64_t replacements = 0;      // tasks whose weights were replaced by different ones
+  int64_t referenced_tasks = 0;  // host tasks named by a queued or running request
+  int64_t pinned_tasks = 0;      // device tasks in use by a running request
 };
 
 class LoraCache {
  public:
   LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank);
 
-  // Validates (every rule of validate_lora) and stores the
-  // task on the host level, replacing an unreferenced older copy. Throws LoraError when invalid,
-  // when the adapter is larger than a whole level (both sizes in the message), or when the host
-  // level is full of referenced tasks.
-  void put(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config);
+  // Validates (every rule of validate_lora) and stores the task on the host level; for a task
+  // already cached, see "Weights sent again" above. With `reference`, also ref()s the task in the
+  // same critical section, so no other put() can replace it in between. Throws LoraError when
+  // invalid, when the adapter is larger than a whole level (both sizes in the message), when the
+  // host level is full of referenced tasks, or when different weights meet a referenced task.
+  void put(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config,
+           bool reference = false);
   // A queued/running request names the task: keep it on the host level. Throws LoraError
   // "LoRA task <id> not found in cache; …" when the host level does not hold it.
   void ref(uint64_t task_id);
@@ -79,8 +89,13 @@ class LoraCache {
     int64_t pins = 0;
     std::list<uint64_t>::iterator lru;
   };
-  bool make_host_room(int64_t bytes);    // evicts LRU unreferenced host entries
+  // Reuses the cached entry when it holds exactly these weights (touch, and ref when asked).
+  bool reuse_if_same(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config,
+                     bool reference);
+  bool make_host_room(int64_t bytes);    // evicts LRU unreferenced host entries (and their
+                                         // device copies)
   bool make_device_room(int64_t bytes);  // evicts LRU unpinned device entries
+  void erase_device(uint64_t task_id);   // drops an unpinned device copy, if any
 
   const ModelConfig model_;
   const LoraCacheConfig config_;

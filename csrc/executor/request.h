@@ -1,5 +1,6 @@
 // The executor's public value types (names as in DESIGN.md, "Public API"): what a request asks
-// for, how to sample, what comes back, and how the executor is sized. Plain data; copied freely.
+// for, how to sample, and what comes back. Plain data; copied freely. (How the executor is sized:
+// executor_config.h.)
 #pragma once
 
 #include <cstdint>
@@ -7,7 +8,6 @@
 #include <string>
 #include <vector>
 
-#include "executor/lora_cache.h"
 #include "lora/lora_tensors.h"
 
 namespace lorart {
@@ -52,23 +52,6 @@ struct Response {
   std::vector<float> generation_logits;  // [n, vocab] for this response's tokens when asked for
   std::vector<float> log_probs;          // [n] log p(token) under the model, when asked for
   int64_t vocab_size = 0;                // row width of the logits arrays
-};
-
-struct KvCacheConfig {
-  int64_t block_size = 16;
-  int64_t max_tokens = 16384;  // pool capacity in tokens (rounded up to whole blocks)
-};
-
-struct ExecutorConfig {
-  std::string device = "cpu";     // the CPU backend; CUDA executors arrive with the CUDA kernels
-  std::string dtype = "float32";  // compute dtype (float32 on CPU)
-  int64_t max_batch_size = 8;
-  int64_t max_num_tokens = 2048;  // tokens one step may run (prefill chunks + decodes)
-  int64_t max_seq_len = 2048;     // prompt + generated, per request
-  int64_t max_lora_rank = 64;
-  LoraCacheConfig lora_cache;
-  KvCacheConfig kv_cache;
-  void validate() const;
 };
 
 }  // namespace lorart

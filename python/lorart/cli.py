@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-1 0 1 -1 0 1, in one mixed batch.",
     )
     demo.add_argument("--max_output_len", type=int, default=12)
+    _add_threads_flag(demo)
     demo.set_defaults(run=_demo)
     return parser
 
@@ -307,6 +308,17 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     generation.add_argument(
         "--use_py_session", action="store_true", help="accepted for run.py compatibility; no effect"
     )
+    _add_threads_flag(run)
+
+
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads of the forward (default: the CPUs available to this process)",
+    )
 
 
 # run.py --run_profiling times this many repeats of the batch.
@@ -348,6 +360,7 @@ def _run(args: argparse.Namespace) -> int:
         model_dir,
         tokenizer_file,
         device=args.device,
+        num_threads=args.threads,
         lora_dirs=args.lora_dir,
         max_batch_size=batch,
         max_seq_len=max_seq_len,
@@ -628,7 +641,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.max_output_len < 1:
         raise ValueError(f"--max_output_len must be at least 1, got {args.max_output_len}")
-    return demo.run(max_output_len=args.max_output_len)
+    return demo.run(max_output_len=args.max_output_len, num_threads=args.threads)
 
 
 if __name__ == "__main__":

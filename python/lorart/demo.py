@@ -26,13 +26,14 @@ ZH_PROMPT = "美国的首都在哪里? \\n答案:"
 JA_PROMPT = "アメリカ合衆国の首都はどこですか? \\n答え:"
 
 
-def run(max_output_len: int = 12) -> int:
-    """Print the table; return 0."""
+def run(max_output_len: int = 12, num_threads: int | None = None) -> int:
+    """Print the table; return 0. ``num_threads``: CPU threads (None: the available CPUs)."""
     texts = [ZH_PROMPT] * 3 + [JA_PROMPT] * 3
     adapters = [None, DEMO / "lora_zh", DEMO / "lora_ja"] * 2  # task uids -1 0 1 -1 0 1
     start = time.monotonic()
     with LLM(
         DEMO / "model",
+        num_threads=num_threads,
         lora_dirs=[DEMO / "lora_zh", DEMO / "lora_ja"],
         max_batch_size=8,
         max_num_tokens=512,

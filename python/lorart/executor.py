@@ -1,9 +1,9 @@
 """``lorart.Executor``: the in-flight batching loop (C++, background thread) over one model.
 
 Names follow DESIGN.md's public API: ``enqueue_request`` returns a request id at once,
-``await_responses`` blocks (the GIL released) until responses arrive, ``cancel_request``,
-``stats`` and ``shutdown``. Bad requests never raise here: they come back as a final
-:class:`Response` with ``finish_reason == "error"`` and the message in ``error``.
+``await_responses`` blocks (the GIL released, Ctrl-C honoured) until responses arrive,
+``cancel_request``, ``stats`` and ``shutdown``. Bad requests never raise here: they come back as a
+final :class:`Response` with ``finish_reason == "error"`` and the message in ``error``.
 """
 
 from __future__ import annotations
@@ -11,19 +11,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorart import _core
+from lorart import _core, hf
 from lorart._core import ExecutorConfig, InferenceRequest, ModelConfig, Response
 from lorart.model import load_core_model
 
 
 class Executor:
-    """Loads an HF checkpoint directory and serves :class:`InferenceRequest` s on it."""
+    """Loads an HF checkpoint directory and serves :class:`InferenceRequest` s on it.
+
+    ``config`` is checked against the checkpoint's ``config.json`` (``ExecutorConfig.resolve``:
+    limits, ``max_seq_len`` against ``max_position_embeddings``, memory) before any weight is
+    read, so a bad size fails at once with a ``ValueError`` naming the field.
+    """
 
     def __init__(self, model_dir: str | Path, config: ExecutorConfig | None = None) -> None:
         config = config if config is not None else ExecutorConfig()
+        config.resolve(hf.load_config(model_dir))
         model = load_core_model(model_dir, config.max_num_tokens, config.max_lora_rank)
         self._core = _core.Executor(model, config)
-        self.config = config
+
+    @property
+    def config(self) -> ExecutorConfig:
+        """The configuration it runs with (a copy): ``max_seq_len`` and ``num_threads`` resolved
+        from their 0/None defaults."""
+        return self._core.config
 
     @property
     def model_config(self) -> ModelConfig:
@@ -36,8 +47,11 @@ class Executor:
 
     def await_responses(self, request_id: int, timeout: float | None = None) -> list[Response]:
         """Responses of ``request_id`` ready so far, waiting for at least one (or ``timeout``
-        seconds: then an empty list). The last one of a request has ``is_final=True``; a
-        streaming request yields one per generated step before it."""
+        seconds: then an empty list; ``None`` or ``inf`` wait without a deadline, NaN or a negative
+        value is a ``ValueError``). The last one of a request has ``is_final=True``; a streaming
+        request yields one per generated step before it. Ctrl-C raises ``KeyboardInterrupt``
+        within 0.1 s. Several threads may wait on one id: each response goes to one of them, and
+        the others get ``ValueError`` once the final response went to another."""
         return self._core.await_responses(request_id, timeout)
 
     def cancel_request(self, request_id: int) -> None:
@@ -45,8 +59,9 @@ class Executor:
         self._core.cancel_request(request_id)
 
     def stats(self) -> dict[str, Any]:
-        """Queue lengths, steps, tokens and tokens/s, KV blocks, and LoRA cache hits, misses,
-        evictions and bytes per level."""
+        """Queue lengths, steps, tokens and tokens/s, KV blocks, ``num_threads``, and LoRA cache
+        hits, misses, evictions, replacements, bytes and tasks per level. Booked before the
+        responses they count are visible."""
         return self._core.stats()
 
     def contains_lora_task(self, task_id: int) -> bool:
@@ -58,7 +73,8 @@ class Executor:
         return self._core.lora_task_on_device(task_id)
 
     def shutdown(self) -> None:
-        """Stop the loop; unfinished requests end with ``finish_reason == "cancelled"``."""
+        """Stop the loop; unfinished requests end with ``finish_reason == "cancelled"``.
+        Idempotent; several threads may call it at once."""
         self._core.shutdown()
 
     def __enter__(self) -> Executor:

@@ -94,7 +94,8 @@ def check_vocab(tokenizer: Tokenizer, model_config: ModelConfig, where: str = ""
 class LLM:
     """Generate text with one base model and any number of LoRA adapters.
 
-    ``config`` takes :class:`lorart.ExecutorConfig`'s fields (``max_batch_size``,
+    ``num_threads``: CPU threads of the forward (None: the CPUs available to this process).
+    ``config`` takes :class:`lorart.ExecutorConfig`'s other fields (``max_batch_size``,
     ``max_num_tokens``, ``max_seq_len``, ``max_lora_rank``, ``lora_cache``, ``kv_cache``).
     ``lora_dirs`` are converted and validated against the model's ``config.json`` before the
     checkpoint loads, so a bad adapter fails in seconds; other adapters are converted on first
@@ -106,6 +107,7 @@ class LLM:
         model_dir: str | Path,
         tokenizer_dir: str | Path | None = None,
         device: str = "cpu",
+        num_threads: int | None = None,
         lora_dirs: Sequence[str | Path] = (),
         **config: object,
     ) -> None:
@@ -113,7 +115,7 @@ class LLM:
         tokenizer_path = tokenizer_dir if tokenizer_dir is not None else model_dir
         self.tokenizer = load_tokenizer(tokenizer_path)
         check_vocab(self.tokenizer, model_config, where=f"{tokenizer_path}: ")
-        executor_config = ExecutorConfig(device=device, **config)
+        executor_config = ExecutorConfig(device=device, num_threads=num_threads, **config)
         self._adapters: dict[Path, tuple[int, LoraWeights, LoraConfig]] = {}
         self._lock = threading.Lock()
         self._abandoned: set[int] = set()  # cancelled request ids whose final response is unread

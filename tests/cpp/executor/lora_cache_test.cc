@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "core/errors.h"
@@ -142,6 +144,112 @@ TEST(LoraCacheTest, HostLevelKeepsReferencedTasksAndEvictsTheRest) {
   c.unref(3);
   c.put(4, a.weights, a.config);
   EXPECT_FALSE(c.contains(3));
+}
+
+// The case: a host level of one adapter. The idle task 1 (still on the device level) makes
+// room for task 2 and leaves both levels; task 1 comes back the same way.
+TEST(LoraCacheTest, IdleTaskLeavesAFullHostLevelWithItsDeviceCopy) {
+  LoraCache c = cache(2, 1);
+  const Adapter one = adapter(1, 1.0f), two = adapter(1, 2.0f);
+  c.put(1, one.weights, one.config, /*reference=*/true);
+  ASSERT_NE(c.acquire(1), nullptr);
+  c.unpin(1);
+  c.unref(1);  // the request finished
+  EXPECT_TRUE(c.is_on_device(1));
+  c.put(2, two.weights, two.config, true);
+  EXPECT_FALSE(c.contains(1));
+  EXPECT_FALSE(c.is_on_device(1));
+  EXPECT_TRUE(c.contains(2));
+  LoraCacheStats s = c.stats();
+  EXPECT_EQ(s.host_evictions, 1);
+  EXPECT_EQ(s.device_evictions, 1);
+  EXPECT_EQ(s.host_bytes, 64);
+  EXPECT_EQ(s.device_bytes, 0);
+  EXPECT_EQ(s.host_tasks, 1);
+  EXPECT_EQ(s.device_tasks, 0);
+  EXPECT_EQ(s.referenced_tasks, 1);
+  c.unref(2);
+  c.put(1, one.weights, one.config);
+  EXPECT_TRUE(c.contains(1));
+  EXPECT_FALSE(c.contains(2));
+  EXPECT_EQ(c.stats().referenced_tasks, 0);
+}
+
+TEST(LoraCacheTest, ReferencedOrPinnedTasksStayOnTheHostLevel) {
+  LoraCache c = cache(2, 1);
+  const Adapter one = adapter(1, 1.0f), two = adapter(1, 2.0f);
+  c.put(1, one.weights, one.config);
+  auto pinned = c.acquire(1);  // pinned without a reference: still in use
+  expect_error<LoraError>([&] { c.put(2, two.weights, two.config); },
+                          "is full of adapters that queued or running requests use");
+  c.unpin(1);
+  c.put(2, two.weights, two.config);
+  EXPECT_FALSE(c.contains(1));
+  EXPECT_EQ(static_cast<const float*>(pinned->pair(0, 1).a)[0], 1.0f);  // still valid memory
+}
+
+TEST(LoraCacheTest, DifferentWeightsReplaceAnIdleTaskOnBothLevels) {
+  LoraCache c = cache(2);
+  const Adapter old_one = adapter(1, 1.0f), new_one = adapter(2, 2.0f);
+  c.put(7, old_one.weights, old_one.config);
+  ASSERT_NE(c.acquire(7), nullptr);
+  c.unpin(7);
+  c.put(7, new_one.weights, new_one.config);
+  EXPECT_FALSE(c.is_on_device(7));  // the old device copy went with it
+  auto adapter7 = c.acquire(7);
+  ASSERT_NE(adapter7, nullptr);
+  EXPECT_EQ(adapter7->pair(0, 1).rank, 2);
+  EXPECT_EQ(static_cast<const float*>(adapter7->pair(0, 1).a)[0], 2.0f);
+  const LoraCacheStats s = c.stats();
+  EXPECT_EQ(s.replacements, 1);
+  EXPECT_EQ(s.misses, 2);
+  EXPECT_EQ(s.host_bytes, 128);
+  EXPECT_EQ(s.device_bytes, 128);
+  EXPECT_EQ(s.host_tasks, 1);
+  EXPECT_EQ(s.device_tasks, 1);
+}
+
+TEST(LoraCacheTest, IdenticalWeightsAreTheSameAdapterEvenInUse) {
+  LoraCache c = cache(2);
+  const Adapter a = adapter(1, 1.0f);
+  c.put(7, a.weights, a.config, true);
+  auto resident = c.acquire(7);
+  const Adapter copy = adapter(1, 1.0f);  // equal bytes, other memory
+  c.put(7, copy.weights, copy.config, true);
+  EXPECT_EQ(c.acquire(7), resident);  // nothing replaced or reloaded
+  LoraCacheStats s = c.stats();
+  EXPECT_EQ(s.replacements, 0);
+  EXPECT_EQ(s.misses, 1);
+  EXPECT_EQ(s.hits, 1);
+  // Different values, another rank or another dtype: refused while requests use the task.
+  const Adapter other = adapter(1, 1.5f), wider = adapter(2, 1.0f);
+  const std::string in_use =
+      "LoRA task 7 is in use by 2 queued or running request(s) with different weights";
+  expect_error<LoraError>([&] { c.put(7, other.weights, other.config); }, in_use);
+  expect_error<LoraError>([&] { c.put(7, wider.weights, wider.config); }, in_use);
+  expect_error<LoraError>([&] { c.put(7, a.weights.to(DType::kBFloat16), a.config); }, in_use);
+  c.unpin(7);
+  c.unpin(7);
+  c.unref(7);
+  c.unref(7);
+  c.put(7, other.weights, other.config);  // idle now: replaced
+  EXPECT_EQ(c.stats().replacements, 1);
+  EXPECT_EQ(static_cast<const float*>(c.acquire(7)->pair(0, 1).a)[0], 1.5f);
+}
+
+TEST(LoraCacheTest, BudgetsUpToInt64MaxDoNotOverflow) {
+  const int64_t max = std::numeric_limits<int64_t>::max();
+  LoraCache c(tiny_model(), LoraCacheConfig{max, max}, 8);
+  for (uint64_t id = 1; id <= 3; ++id) {
+    const Adapter a = adapter(1, static_cast<float>(id));
+    c.put(id, a.weights, a.config);
+    ASSERT_NE(c.acquire(id), nullptr);
+  }
+  const LoraCacheStats s = c.stats();
+  EXPECT_EQ(s.host_tasks, 3);
+  EXPECT_EQ(s.device_tasks, 3);
+  EXPECT_EQ(s.host_evictions + s.device_evictions, 0);
+  EXPECT_EQ(s.pinned_tasks, 3);
 }
 
 // Adapters stay in the dtype they arrive in on both levels (never rounded), and the device level

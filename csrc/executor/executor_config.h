@@ -1,0 +1,56 @@
+// How an Executor is sized (names as in DESIGN.md, "Public API"), the limits every size is checked
+// against, and the CPU count the executor's threads default to. Plain data; copied freely.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "executor/lora_cache.h"
+#include "model/model_config.h"
+
+namespace lorart {
+
+struct KvCacheConfig {
+  int64_t block_size = 16;
+  int64_t max_tokens = 16384;  // pool capacity in tokens (rounded up to whole blocks)
+};
+
+struct ExecutorConfig {
+  std::string device = "cpu";     // the CPU backend; CUDA executors arrive with the CUDA kernels
+  std::string dtype = "float32";  // compute dtype (float32 on CPU)
+  int64_t max_batch_size = 8;
+  int64_t max_num_tokens = 2048;  // tokens one step may run (prefill chunks + decodes)
+  // Prompt + generated, per request. 0 = the model's max_position_embeddings, capped at the KV
+  // pool's capacity; an explicit value above max_position_embeddings is refused.
+  int64_t max_seq_len = 0;
+  int64_t max_lora_rank = 64;
+  // CPU threads of the executor's forward. 0 = available_cpus() (OMP_NUM_THREADS when set).
+  int64_t num_threads = 0;
+  LoraCacheConfig lora_cache;
+  KvCacheConfig kv_cache;
+
+  // Checks every field on its own (range, and overflow of the sizes derived from it); throws
+  // InvalidArgument naming the field and its limit.
+  void validate() const;
+  // validate(), then the checks that need the model (max_seq_len against its positions, the KV
+  // pool and the logits scratch against this machine's memory). Returns the config an executor
+  // runs with: max_seq_len and num_threads resolved (never 0). Nothing is allocated.
+  ExecutorConfig resolve(const ModelConfig& model) const;
+};
+
+// Limits of ExecutorConfig's fields. Token offsets, positions and block ids are int32 in the
+// step's flat arrays and the kernels.
+inline constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
+inline constexpr int64_t kMaxBatchSize = int64_t{1} << 16;
+inline constexpr int64_t kMaxBlockSize = int64_t{1} << 16;
+inline constexpr int64_t kMaxLoraRank = int64_t{1} << 16;
+inline constexpr int64_t kMaxThreads = 1024;
+
+// CPUs this process may run on: the affinity mask, capped by a cgroup CPU quota (v2 cpu.max or
+// v1 cpu.cfs_quota_us) when one is set. At least 1.
+int64_t available_cpus();
+// Bytes of physical memory of this machine (the limit of any one host allocation).
+int64_t physical_memory_bytes();
+
+}  // namespace lorart

@@ -1,0 +1,230 @@
+#include "executor/executor.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/errors.h"
+#include "executor_test_util.h"
+#include "kernels/cpu/cpu_kernels.h"
+#include "test_util.h"
+
+namespace lorart {
+namespace {
+
+using namespace std::chrono_literals;
+using testing_util::expect_error;
+
+constexpr auto kTimeout = std::chrono::milliseconds(60'000);
+
+ExecutorConfig small_config(int64_t max_batch_size = 4) {
+  ExecutorConfig c;
+  c.max_batch_size = max_batch_size;
+  c.max_num_tokens = 64;
+  c.max_lora_rank = 8;
+  c.kv_cache.block_size = 4;
+  c.kv_cache.max_tokens = 1024;
+  return c;
+}
+
+std::unique_ptr<Executor> make_executor(const ExecutorConfig& config = small_config()) {
+  return std::make_unique<Executor>(
+      testing_util::random_model(testing_util::executor_model_config()), config);
+}
+
+InferenceRequest greedy(int32_t max_new_tokens, std::vector<int32_t> prompt = {3, 14, 15, 9}) {
+  InferenceRequest r;
+  r.input_token_ids = std::move(prompt);
+  r.max_new_tokens = max_new_tokens;
+  r.sampling_config.top_k = 1;
+  return r;
+}
+
+Response final_of(Executor& e, uint64_t id) {
+  std::vector<Response> all;
+  while (all.empty() || !all.back().is_final) {
+    std::vector<Response> got = e.await_responses(id, kTimeout);
+    if (got.empty()) throw std::runtime_error("no response within the timeout");
+    all.insert(all.end(), got.begin(), got.end());
+  }
+  Response out = all.back();
+  out.output_token_ids.clear();
+  for (const Response& r : all) {
+    out.output_token_ids.insert(out.output_token_ids.end(), r.output_token_ids.begin(),
+                                r.output_token_ids.end());
+  }
+  return out;
+}
+
+// Runs `fn` on `n` threads at once; fails (and exits, rather than hang the suite) unless all
+// return within 20 s.
+template <class Fn>
+void on_threads(int n, Fn fn) {
+  std::atomic<int> ready{0}, done{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      ++ready;
+      while (ready < n) std::this_thread::yield();
+      fn(i);
+      ++done;
+    });
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (done < n && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  if (done < n) {
+    std::cerr << "FAILED: " << n - done << " of " << n << " threads never returned\n";
+    std::_Exit(1);
+  }
+  for (std::thread& t : threads) t.join();
+}
+
+TEST(ExecutorTest, ConcurrentShutdownsAllReturn) {
+  for (int round = 0; round < 8; ++round) {
+    auto e = make_executor(small_config(1));
+    std::vector<uint64_t> ids;
+    for (int i = 0; i < 50; ++i) ids.push_back(e->enqueue_request(greedy(50)));
+    ASSERT_FALSE(e->await_responses(ids[0], kTimeout).empty());
+    on_threads(4, [&](int) { e->shutdown(); });
+    EXPECT_EQ(final_of(*e, ids.back()).finish_reason, FinishReason::kCancelled);
+    e->shutdown();
+    e.reset();  // the destructor after shutdown
+  }
+}
+
+TEST(ExecutorTest, ConfigIsResolvedAndCheckedAgainstTheModel) {
+  auto e = make_executor();
+  EXPECT_EQ(e->config().max_seq_len, 64);  // the model's positions
+  EXPECT_GE(e->config().num_threads, 1);
+  ExecutorConfig too_long = small_config();
+  too_long.max_seq_len = 65;
+  expect_error<InvalidArgument>([&] { make_executor(too_long); },
+                                "ExecutorConfig.max_seq_len (65) exceeds the model's "
+                                "max_position_embeddings (64)");
+  ExecutorConfig wide = small_config();
+  wide.max_num_tokens = 65;  // the model's workspace holds 64
+  expect_error<InvalidArgument>([&] { make_executor(wide); },
+                                "the model's workspace (max_num_tokens 64, max_lora_rank 8) is "
+                                "smaller than ExecutorConfig asks for (max_num_tokens 65");
+}
+
+TEST(ExecutorTest, WaitersOnOneRequestEachGetResponsesOrAClearError) {
+  auto e = make_executor(small_config(1));
+  std::vector<uint64_t> ahead;
+  for (int i = 0; i < 40; ++i) ahead.push_back(e->enqueue_request(greedy(50)));
+  const uint64_t id = e->enqueue_request(greedy(20));
+  std::atomic<int> finals{0}, errors{0};
+  on_threads(3, [&](int) {
+    try {
+      std::vector<Response> got = e->await_responses(id, kTimeout);
+      finals += !got.empty() && got.back().is_final;
+    } catch (const InvalidArgument& err) {
+      EXPECT_PRED_FORMAT2(testing::IsSubstring, "its final response went to another", err.what());
+      ++errors;
+    }
+  });
+  EXPECT_EQ(finals, 1);
+  EXPECT_EQ(errors, 2);
+  expect_error<InvalidArgument>([&] { e->await_responses(id, 0ms); }, "unknown request id");
+}
+
+TEST(ExecutorTest, AwaitTimeouts) {
+  auto e = make_executor(small_config(1));
+  const uint64_t id = e->enqueue_request(greedy(30));
+  expect_error<InvalidArgument>([&] { e->await_responses(id, -1ms); },
+                                "await_responses: timeout must be >= 0, got -1 ms");
+  // Past kWaitForever (and past what steady_clock can add) means no deadline, not "at once".
+  const auto huge = std::chrono::milliseconds(std::numeric_limits<int64_t>::max());
+  std::vector<Response> got = e->await_responses(id, huge);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_TRUE(got[0].is_final);
+  EXPECT_EQ(got[0].output_token_ids.size(), 30u);
+}
+
+TEST(ExecutorTest, PollRunsWhileWaitingAndMayEndTheWait) {
+  auto e = make_executor(small_config(1));
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 200; ++i) ids.push_back(e->enqueue_request(greedy(50)));
+  int polls = 0;
+  auto poll = [&] {
+    if (++polls == 3) throw std::runtime_error("interrupted");
+  };
+  try {
+    e->await_responses(ids.back(), std::nullopt, poll, 1ms);
+    ADD_FAILURE() << "the wait did not end";
+  } catch (const std::runtime_error& err) {
+    EXPECT_STREQ(err.what(), "interrupted");
+  }
+  EXPECT_EQ(polls, 3);
+  e->shutdown();
+  EXPECT_EQ(final_of(*e, ids.back()).finish_reason, FinishReason::kCancelled);
+}
+
+TEST(ExecutorTest, StatsAreBookedBeforeTheFinalResponse) {
+  auto e = make_executor();
+  for (int i = 1; i <= 50; ++i) {
+    InferenceRequest r = greedy(3);
+    r.streaming = i % 2 == 0;
+    EXPECT_EQ(final_of(*e, e->enqueue_request(r)).finish_reason, FinishReason::kLength);
+    const ExecutorStats s = e->stats();
+    EXPECT_EQ(s.completed, i);
+    EXPECT_EQ(s.generated_tokens, 3 * i);
+    EXPECT_EQ(s.running, 0);
+    EXPECT_EQ(s.free_kv_blocks, s.total_kv_blocks);
+  }
+  EXPECT_EQ(final_of(*e, e->enqueue_request(greedy(0))).finish_reason, FinishReason::kError);
+  EXPECT_EQ(e->stats().completed, 51);
+}
+
+TEST(ExecutorTest, NumThreadsIsSetOnTheLoopThread) {
+  const int before = cpu::num_threads();
+  cpu::set_num_threads(1);  // this thread's setting only
+  ExecutorConfig config = small_config();
+  config.num_threads = 2;
+  auto e = make_executor(config);
+  EXPECT_EQ(e->stats().num_threads, 2);
+  EXPECT_EQ(cpu::num_threads(), 1);
+  cpu::set_num_threads(before);
+}
+
+// Adapter values of 3e38 are finite, so they pass validation, but overflow in the forward.
+TEST(ExecutorTest, NonFiniteLogitsFailOnlyTheirRequest) {
+  auto e = make_executor();
+  const Response solo = final_of(*e, e->enqueue_request(greedy(8)));
+  std::vector<float> values(2 * (32 + 32), 3e38f);  // attn_q rank 2: A [2, 32], B [32, 2]
+  InferenceRequest blown = greedy(8);
+  blown.lora_task_id = 5;
+  blown.lora_weights = LoraWeights::copy_of(Tensor(values.data(), DType::kFloat32, {1, 128}));
+  blown.lora_config = LoraConfig::from_rows({{1, 0, 2}});
+  const uint64_t a = e->enqueue_request(greedy(8));
+  const uint64_t b = e->enqueue_request(blown);
+  const uint64_t c = e->enqueue_request(greedy(8));
+  const Response bad = final_of(*e, b);
+  EXPECT_EQ(bad.finish_reason, FinishReason::kError);
+  EXPECT_PRED_FORMAT2(testing::IsSubstring, "the logits are not finite (", bad.error);
+  EXPECT_PRED_FORMAT2(testing::IsSubstring,
+                      ") at generated token 0 with LoRA task 5: the adapter's values overflow "
+                      "float32 in the forward",
+                      bad.error);
+  EXPECT_TRUE(bad.output_token_ids.empty());
+  for (uint64_t id : {a, c}) {
+    const Response ok = final_of(*e, id);
+    EXPECT_EQ(ok.finish_reason, FinishReason::kLength);
+    EXPECT_EQ(ok.output_token_ids, solo.output_token_ids);
+  }
+  const ExecutorStats s = e->stats();
+  EXPECT_EQ(s.free_kv_blocks, s.total_kv_blocks);
+  EXPECT_EQ(s.lora.referenced_tasks, 0);
+  EXPECT_EQ(s.lora.pinned_tasks, 0);
+}
+
+}  // namespace
+}  // namespace lorart
