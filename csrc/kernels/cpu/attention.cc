@@ -8,6 +8,7 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/fixed_order_gemm.h"
+#include "kernels/cpu/float_mode.h"
 
 namespace lorart::cpu {
 
@@ -69,8 +70,10 @@ void paged_attention(const PagedAttentionParams& p) {
     const int64_t n = p.seq_starts[s + 1] - p.seq_starts[s];
     flops += n * (p.context_lens[s] + n) * p.num_heads * p.head_dim * 2;
   }
+  const FloatMode mode;
 #pragma omp parallel if (flops > (int64_t{1} << 20))
   {
+    const FloatMode::Scope same(mode);
     thread_local std::vector<float> scores;  // [group, keys]
 #pragma omp for schedule(dynamic, 4)
     for (int64_t item = 0; item < work; ++item) {

@@ -11,6 +11,7 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/fixed_order_gemm.h"
+#include "kernels/cpu/float_mode.h"
 
 namespace lorart::cpu {
 
@@ -32,8 +33,10 @@ std::pair<int64_t, int64_t> column_share(int64_t n, int threads, int thread) {
 void linear(const float* x, int64_t x_stride, const float* w, int64_t m, int64_t n, int64_t k,
             float beta, float* y, int64_t y_stride) {
   const int threads = m * n * k < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
+  const FloatMode mode;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
+    const FloatMode::Scope same(mode);
     const auto [begin, end] = column_share(n, omp_get_num_threads(), omp_get_thread_num());
     gemm_nt(DType::kFloat32, m, begin, end, k, x, x_stride, w, k, beta, y, y_stride);
   }
@@ -122,8 +125,10 @@ void lora_gemm(const LoraGemmParams& p) {
   const auto num_shrink = static_cast<int64_t>(shrink_items.size());
   const auto num_expand = static_cast<int64_t>(expand_items.size());
   const int64_t* seg_offsets = offsets.data();
+  const FloatMode mode;
 #pragma omp parallel if (parallel)
   {
+    const FloatMode::Scope same(mode);
     thread_local std::vector<float> widened;
     const void* widened_from = nullptr;  // per call: adapters may be freed between calls
 #pragma omp for schedule(dynamic)

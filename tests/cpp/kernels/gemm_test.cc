@@ -15,6 +15,10 @@
 #include "kernels/params.h"
 #include "test_util.h"
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace lorart {
 namespace {
 
@@ -133,6 +137,32 @@ TEST(LinearTest, EachRowIsBitwiseTheSameForEveryRowCountAndThreadCount) {
   // K = 2100: the weight column blocks (sized for L2) are smaller than N.
   check_rows_invariant(200, 2100, {1, 7, 17, 40});
 }
+
+#if defined(__SSE__)
+// With flush-to-zero and denormals-are-zero set on the calling thread only (as
+// torch.set_flush_denormal does), the workers compute in the caller's mode too: a row whose
+// products are subnormal gets the same bits alone (on the caller) and split across threads.
+TEST(LinearTest, WorkersComputeInTheCallersFloatMode) {
+  const int64_t n = 256, k = 64, m = 100;
+  std::vector<float> x = random_floats(m * k, 41), w = random_floats(n * k, 42);
+  for (float& v : x) v *= 1e-20f;  // products ~1e-40: float32 subnormals
+  for (float& v : w) v *= 1e-20f;
+  const Tensor wt(w.data(), DType::kFloat32, {n, k});
+  ScopedThreads two(2);
+  std::vector<float> warm(m * n);  // starts the worker threads in the default mode
+  ops::linear(rows_view(x.data(), m, k, k), wt, rows_view(warm.data(), m, n, n));
+  const unsigned int saved = _mm_getcsr();
+  _mm_setcsr(saved | 0x8040u);  // DAZ | FTZ, on this thread only
+  std::vector<float> all(m * n), alone(n);
+  ops::linear(rows_view(x.data(), m, k, k), wt, rows_view(all.data(), m, n, n));
+  ops::linear(rows_view(x.data(), 1, k, k), wt, rows_view(alone.data(), 1, n, n));
+  _mm_setcsr(saved);
+  EXPECT_EQ(0, std::memcmp(all.data(), alone.data(), n * sizeof(float)))
+      << "max |diff| " << max_abs_diff(all.data(), alone.data(), n);
+  EXPECT_TRUE(std::all_of(alone.begin(), alone.end(), [](float v) { return v == 0.0f; }))
+      << "flush-to-zero should have flushed every subnormal product";
+}
+#endif
 
 TEST(LinearTest, RejectsMismatchedShapes) {
   std::vector<float> buf(64);
