@@ -1,5 +1,7 @@
 #include "kernels/cpu/fixed_order_gemm.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <utility>
@@ -194,7 +196,7 @@ LORART_INLINE void nt_tile(int64_t k, const float* x, int64_t ldx, const T* w, i
     for (int r = 0; r < R; ++r) {
       const F wv = load<L>(wr[r] + i);
 #pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) acc[r * G + g] += xv[g] * wv;
+      for (int g = 0; g < G; ++g) acc[g * R + r] += xv[g] * wv;
     }
   }
   if (kTail) {
@@ -202,16 +204,20 @@ LORART_INLINE void nt_tile(int64_t k, const float* x, int64_t ldx, const T* w, i
     for (int g = 0; g < G; ++g) xv[g] = load_partial<L>(x + g * ldx + k_full, k - k_full);
     for (int r = 0; r < R; ++r) {
       const F wv = load_partial<L>(wr[r] + k_full, k - k_full);
-      for (int g = 0; g < G; ++g) acc[r * G + g] += xv[g] * wv;
+      for (int g = 0; g < G; ++g) acc[g * R + r] += xv[g] * wv;
     }
   }
+  // Output (g, r) is accumulator g * R + r, so each activation row's R sums are contiguous.
   float sums[kAcc + L];
   reduce<L, kAcc>(acc, sums);
   for (int g = 0; g < G; ++g) {
     float* yg = y + g * ldy + c0;
-    for (int64_t r = 0; r < rows; ++r) {
-      yg[r] = beta == 0.0f ? sums[r * G + g] : beta * yg[r] + sums[r * G + g];
+    const float* sg = sums + g * R;
+    if (beta == 0.0f && rows == R) {
+      std::memcpy(yg, sg, R * sizeof(float));
+      continue;
     }
+    for (int64_t r = 0; r < rows; ++r) yg[r] = beta == 0.0f ? sg[r] : beta * yg[r] + sg[r];
   }
 }
 
@@ -230,7 +236,7 @@ LORART_INLINE void nt_rows(int64_t c_begin, int64_t c_end, int64_t k, const floa
   }
 }
 
-// Activation rows [j, ...) in groups of G while G are left, against weight rows [c_begin, c_end);
+// Activation rows [j, m) in groups of G while G are left, against weight rows [c_begin, c_end);
 // returns the first row left over.
 template <int L, int G, int R, typename T>
 LORART_INLINE int64_t nt_groups(int64_t j, int64_t m, int64_t c_begin, int64_t c_end, int64_t k,
@@ -242,24 +248,44 @@ LORART_INLINE int64_t nt_groups(int64_t j, int64_t m, int64_t c_begin, int64_t c
   return j;
 }
 
-// Weight rows per column block: a block (up to ~768 KB) stays in L2 while every group of
-// activation rows passes over it, so each weight row comes from memory once per call.
-constexpr int64_t kColumnBlockBytes = 768 << 10;
+// Weight rows per column block: the block stays in cache while every group of activation rows
+// passes over it, so each weight row comes from memory once per call. Up to kFewRows rows (decode:
+// a pass or two) 16 rows, which stay in L1; more rows (prefill) take blocks of half the L2 (at
+// most 768 KB, the best measured on a 2 MB L2), which amortise each block's start over many
+// passes.
+constexpr int64_t kFewRows = 16;
+
+int64_t column_block_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // 0 or -1 where unknown
+#else
+    const long l2 = 0;
+#endif
+    return l2 > 0 ? std::clamp<int64_t>(l2 / 2, 128 << 10, 768 << 10) : int64_t{768 << 10};
+  }();
+  return bytes;
+}
 
 // Tile shapes (activation rows x weight rows) per register file, the largest whose accumulators,
 // activation vectors and one weight vector fit without spilling: AVX-512 (32 registers) 6 x 4,
-// AVX2 (16) 3 x 4, SSE2 (16, and a temporary per multiply-add) 2 x 4. On prefill shapes (one
-// thread, this machine's AVX-512 and AVX2) they ran at 84-99% and 85-94% of OpenBLAS's sgemm.
+// AVX2 (16) 3 x 4, SSE2 (16, and a temporary per multiply-add) 2 x 4. On this model's prefill
+// GEMMs (one thread, Xeon with AVX-512) they ran at 84-96% (AVX-512) and 85-94% (AVX2) of
+// OpenBLAS's sgemm; at 1-16 rows at or above the speed of the earlier skinny kernels.
 template <int L, typename T>
 LORART_INLINE void nt_impl(int64_t m, int64_t n_begin, int64_t n_end, int64_t k, const float* x,
                            int64_t ldx, const T* w, int64_t ldw, float beta, float* y,
                            int64_t ldy) {
   const int64_t row_bytes = std::max<int64_t>(k, 1) * static_cast<int64_t>(sizeof(T));
-  const int64_t block = std::clamp<int64_t>(kColumnBlockBytes / row_bytes / 16 * 16, 16, 1024);
+  const int64_t block =
+      m <= kFewRows ? 16
+                    : std::clamp<int64_t>(column_block_bytes() / row_bytes / 16 * 16, 16, 1024);
   for (int64_t c = n_begin; c < n_end; c += block) {
     const int64_t c_end = std::min(n_end, c + block);
     int64_t j = 0;
     if constexpr (L == 16) {
+      // 8 rows (decode at batch 8) as 4 + 4: 6 + 2 ran ~10% slower on the 32000-row lm_head.
+      if (m == 8) j = nt_groups<L, 4, 4>(j, m, c, c_end, k, x, ldx, w, ldw, beta, y, ldy);
       j = nt_groups<L, 6, 4>(j, m, c, c_end, k, x, ldx, w, ldw, beta, y, ldy);
       j = nt_groups<L, 4, 4>(j, m, c, c_end, k, x, ldx, w, ldw, beta, y, ldy);
       j = nt_groups<L, 2, 8>(j, m, c, c_end, k, x, ldx, w, ldw, beta, y, ldy);
