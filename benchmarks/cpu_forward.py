@@ -237,7 +237,7 @@ def time_decode(variants: dict, prompts, steps: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------- main
 
 
-def device_name() -> str:
+def device_name(threads: int) -> str:
     model = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -246,18 +246,27 @@ def device_name() -> str:
                 break
     except OSError:
         pass
-    return f"cpu ({model}, {os.cpu_count()} threads)"
+    return f"cpu ({model}, {threads} of {os.cpu_count()} threads)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, a few seconds")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON lines file (appended)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads for lorart and torch alike (default: every core; 1 is steadier on a "
+        "machine that others use)",
+    )
     args = parser.parse_args()
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     cfg = QUICK if args.quick else FULL
     bench = "cpu_forward_quick" if args.quick else "cpu_forward"
-    torch.set_num_threads(os.cpu_count() or 1)
-    device = device_name()
+    torch.set_num_threads(args.threads)
+    device = device_name(args.threads)
     import peft
     import transformers
 
@@ -286,6 +295,7 @@ def main() -> None:
             max_num_tokens=max(n * length, 256),
             num_kv_blocks=len(lorart_variants) * n * per_seq + 1,
             block_size=BLOCK,
+            threads=args.threads,
         )
         slots: dict[str, list[int]] = {"lora": [], "lora_bf16": []}
         for d in adapter_dirs:

@@ -7,7 +7,8 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
-#include "kernels/cpu/skinny_gemm.h"
+#include "kernels/cpu/fixed_order_gemm.h"
+#include "kernels/cpu/float_mode.h"
 
 namespace lorart::cpu {
 
@@ -60,7 +61,8 @@ void paged_attention(const PagedAttentionParams& p) {
   const int32_t group = p.num_heads / p.num_kv_heads;
   const int64_t kv_width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
   // One item per (token, kv head): the `group` query heads that share a KV head read each K and
-  // V row once, as the rows of one skinny GEMM.
+  // V row once, as the rows of one small GEMM. An item reads only its token's query and the
+  // cache, so a token's output is bitwise the same as a decode token or inside any prefill chunk.
   const int64_t work = num_tokens * p.num_kv_heads;
   // Multiply-adds of the whole call; below ~1M, waking the thread team costs more than it saves.
   int64_t flops = 0;
@@ -68,8 +70,10 @@ void paged_attention(const PagedAttentionParams& p) {
     const int64_t n = p.seq_starts[s + 1] - p.seq_starts[s];
     flops += n * (p.context_lens[s] + n) * p.num_heads * p.head_dim * 2;
   }
+  const FloatMode mode;
 #pragma omp parallel if (flops > (int64_t{1} << 20))
   {
+    const FloatMode::Scope same(mode);
     thread_local std::vector<float> scores;  // [group, keys]
 #pragma omp for schedule(dynamic, 4)
     for (int64_t item = 0; item < work; ++item) {
@@ -88,8 +92,8 @@ void paged_attention(const PagedAttentionParams& p) {
       for (int32_t j = first; j <= pos;) {
         const int32_t run = block_run(j, pos, p.block_size);
         const float* k = cache_row(p.k_cache, p, table, j, kv_head);
-        skinny_gemm_nt(DType::kFloat32, group, 0, run, p.head_dim, q, p.head_dim, k, kv_width, 0.0f,
-                       scores.data() + (j - first), keys);
+        gemm_nt(DType::kFloat32, group, 0, run, p.head_dim, q, p.head_dim, k, kv_width, 0.0f,
+                scores.data() + (j - first), keys);
         j += run;
       }
       for (int32_t g = 0; g < group; ++g) {
@@ -111,8 +115,8 @@ void paged_attention(const PagedAttentionParams& p) {
       for (int32_t j = first; j <= pos;) {
         const int32_t run = block_run(j, pos, p.block_size);
         const float* v = cache_row(p.v_cache, p, table, j, kv_head);
-        skinny_gemm_nn(DType::kFloat32, group, 0, p.head_dim, run, scores.data() + (j - first),
-                       keys, v, kv_width, out, p.head_dim);
+        gemm_nn(DType::kFloat32, group, 0, p.head_dim, run, scores.data() + (j - first), keys, v,
+                kv_width, out, p.head_dim);
         j += run;
       }
     }

@@ -1,28 +1,21 @@
-// Dense GEMM and the grouped LoRA GEMM (shrink x @ A^T, expand @ B^T per adapter segment). Few
-// rows (decode) go through the skinny kernels, which read each weight once; many rows (prefill)
-// through the BLAS.
+// Dense GEMM and the grouped LoRA GEMM (shrink x @ A^T, expand @ B^T per adapter segment), both on
+// the fixed-order kernels at every row count, so a token's result never depends on its batch, on
+// its segment's length or on the thread count (fixed_order_gemm.h). What varies with the batch
+// is only how the work is split: columns across threads, and for LoRA, whether a segment's
+// adapter is widened to float32 once (long segments) or as it is read (short ones).
 #include <omp.h>
 
 #include <algorithm>
 #include <utility>
 #include <vector>
 
-#include "kernels/cpu/blas.h"
 #include "kernels/cpu/cpu_kernels.h"
-#include "kernels/cpu/skinny_gemm.h"
+#include "kernels/cpu/fixed_order_gemm.h"
+#include "kernels/cpu/float_mode.h"
 
 namespace lorart::cpu {
 
 namespace {
-
-// One thread pool for everything: OpenMP. OpenBLAS keeps its own pthreads pool, and two pools
-// spin-waiting on the same cores slow each other down many times over, so the BLAS runs
-// single-threaded and the callers below split the work across OpenMP threads instead.
-[[maybe_unused]] const bool kBlasSingleThreaded = (set_blas_threads(1), true);
-
-// Up to this many rows the skinny kernels beat the BLAS (which packs the whole weight first):
-// measured 1.3-2.7x at 1-16 rows on an AVX-512 machine (benchmarks/README figures).
-constexpr int64_t kSkinnyMaxRows = 16;
 
 // Column blocks are multiples of this, so every thread's block keeps the wide kernels busy.
 constexpr int64_t kColumnAlign = 64;
@@ -39,39 +32,42 @@ std::pair<int64_t, int64_t> column_share(int64_t n, int threads, int thread) {
 
 void linear(const float* x, int64_t x_stride, const float* w, int64_t m, int64_t n, int64_t k,
             float beta, float* y, int64_t y_stride) {
-  const bool skinny = m <= kSkinnyMaxRows;
   const int threads = m * n * k < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
+  const FloatMode mode;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
+    const FloatMode::Scope same(mode);
     const auto [begin, end] = column_share(n, omp_get_num_threads(), omp_get_thread_num());
-    if (skinny) {
-      skinny_gemm_nt(DType::kFloat32, m, begin, end, k, x, x_stride, w, k, beta, y, y_stride);
-    } else if (begin < end) {
-      sgemm(/*b_transposed=*/true, m, end - begin, k, 1.0f, x, x_stride, w + begin * k, k, beta,
-            y + begin, y_stride);
-    }
+    gemm_nt(DType::kFloat32, m, begin, end, k, x, x_stride, w, k, beta, y, y_stride);
   }
 }
 
 namespace {
 
-// One unit of lora_gemm's parallel work: `seg`'s rows [begin, end), which are rank rows (skinny
-// shrink), output columns (skinny expand) or tokens (a BLAS segment, shrink and expand both).
+// Segments up to this many tokens (decode) run in two phases, a shrink item per segment, then
+// expand items over output columns, so that a batch of one-token segments spreads over the
+// threads; their adapters are widened in registers. Longer segments (prefill) are items over
+// token blocks that shrink and expand their own rows, with the adapter widened to float32 once per
+// thread (float16 widening in registers costs ~2x a float32 load at prefill's reuse).
+constexpr int64_t kShortSegment = 16;
+
+// One unit of lora_gemm's parallel work: `seg`'s rows [begin, end), which are rank rows (short
+// shrink), output columns (short expand) or tokens (a long segment, shrink and expand both).
 struct LoraItem {
   int32_t seg;
   int64_t begin;
   int64_t end;
 };
 
-// Output columns per skinny expand item: enough to amortise the item, small enough that a lone
+// Output columns per short expand item: enough to amortise the item, small enough that a lone
 // segment still spreads over the threads.
 constexpr int64_t kExpandColumns = 256;
-// Tokens per BLAS item of a long (prefill) segment.
-constexpr int64_t kBlasTokens = 64;
+// Tokens per item of a long (prefill) segment.
+constexpr int64_t kLongTokens = 64;
 
-// A and B^T of `pair` as float32: the stored rows when they are float32, else widened into
-// `storage` (per thread). `widened_from` remembers whose rows `storage` holds, so a thread that
-// takes several token blocks of one segment widens its adapter once.
+// A and B^T of `pair` as float32: the stored rows when they are float32, else widened (exactly)
+// into `storage` (per thread). `widened_from` remembers whose rows `storage` holds, so a thread
+// that takes several token blocks of one segment widens its adapter once.
 std::pair<const float*, const float*> float32_pair(const LoraPair& pair, int64_t in, int64_t out,
                                                    std::vector<float>& storage,
                                                    const void*& widened_from) {
@@ -93,7 +89,7 @@ std::pair<const float*, const float*> float32_pair(const LoraPair& pair, int64_t
 void lora_gemm(const LoraGemmParams& p) {
   // Plan on the calling thread: scratch offsets (each segment owns (end - begin) * rank floats)
   // and the work items. Short segments run in two phases separated by a barrier: shrink, one item
-  // per segment, then expand, items over output columns. Long segments are BLAS items over token
+  // per segment, then expand, items over output columns. Long segments are items over token
   // blocks that shrink and expand their own rows in the first phase.
   thread_local std::vector<int64_t> offsets;
   thread_local std::vector<LoraItem> shrink_items, expand_items;
@@ -108,14 +104,14 @@ void lora_gemm(const LoraGemmParams& p) {
     used += n * r;
     if (r == 0 || n == 0) continue;
     weight_elements += r * (p.in + p.out);
-    if (n <= kSkinnyMaxRows) {
+    if (n <= kShortSegment) {
       shrink_items.push_back({i, 0, r});
       for (int64_t c = 0; c < p.out; c += kExpandColumns) {
         expand_items.push_back({i, c, std::min(p.out, c + kExpandColumns)});
       }
     } else {
-      for (int64_t t = 0; t < n; t += kBlasTokens) {
-        shrink_items.push_back({i, t, std::min(n, t + kBlasTokens)});
+      for (int64_t t = 0; t < n; t += kLongTokens) {
+        shrink_items.push_back({i, t, std::min(n, t + kLongTokens)});
       }
     }
   }
@@ -129,8 +125,10 @@ void lora_gemm(const LoraGemmParams& p) {
   const auto num_shrink = static_cast<int64_t>(shrink_items.size());
   const auto num_expand = static_cast<int64_t>(expand_items.size());
   const int64_t* seg_offsets = offsets.data();
+  const FloatMode mode;
 #pragma omp parallel if (parallel)
   {
+    const FloatMode::Scope same(mode);
     thread_local std::vector<float> widened;
     const void* widened_from = nullptr;  // per call: adapters may be freed between calls
 #pragma omp for schedule(dynamic)
@@ -140,27 +138,27 @@ void lora_gemm(const LoraGemmParams& p) {
       const int64_t n = seg.end - seg.begin, r = seg.pair.rank;
       const float* x = p.x + seg.begin * p.x_stride;
       float* tmp = p.scratch + seg_offsets[item.seg];
-      if (n <= kSkinnyMaxRows) {
-        skinny_gemm_nt(seg.pair.dtype, n, item.begin, item.end, p.in, x, p.x_stride, seg.pair.a,
-                       p.in, 0.0f, tmp, r);
+      if (n <= kShortSegment) {
+        gemm_nt(seg.pair.dtype, n, item.begin, item.end, p.in, x, p.x_stride, seg.pair.a, p.in,
+                0.0f, tmp, r);
         continue;
       }
       const auto [a, b_t] = float32_pair(seg.pair, p.in, p.out, widened, widened_from);
       const int64_t rows = item.end - item.begin;
       float* tmp_rows = tmp + item.begin * r;
-      sgemm(/*b_transposed=*/true, rows, r, p.in, 1.0f, x + item.begin * p.x_stride, p.x_stride, a,
-            p.in, 0.0f, tmp_rows, r);
-      sgemm(/*b_transposed=*/false, rows, p.out, r, 1.0f, tmp_rows, r, b_t, p.out, 1.0f,
-            p.y + (seg.begin + item.begin) * p.y_stride, p.y_stride);
+      gemm_nt(DType::kFloat32, rows, 0, r, p.in, x + item.begin * p.x_stride, p.x_stride, a, p.in,
+              0.0f, tmp_rows, r);
+      gemm_nn(DType::kFloat32, rows, 0, p.out, r, tmp_rows, r, b_t, p.out,
+              p.y + (seg.begin + item.begin) * p.y_stride, p.y_stride);
     }
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < num_expand; ++i) {
       const LoraItem& item = expand[i];
       const LoraSegment& seg = p.segments[item.seg];
       const int64_t r = seg.pair.rank;
-      skinny_gemm_nn(seg.pair.dtype, seg.end - seg.begin, item.begin, item.end, r,
-                     p.scratch + seg_offsets[item.seg], r, seg.pair.b_t, p.out,
-                     p.y + seg.begin * p.y_stride, p.y_stride);
+      gemm_nn(seg.pair.dtype, seg.end - seg.begin, item.begin, item.end, r,
+              p.scratch + seg_offsets[item.seg], r, seg.pair.b_t, p.out,
+              p.y + seg.begin * p.y_stride, p.y_stride);
     }
   }
 }

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
 
 #include "core/errors.h"
+#include "kernels/kernel_test_util.h"
 #include "kernels/ops.h"
 #include "kernels/params.h"
 #include "test_util.h"
@@ -201,6 +203,52 @@ TEST(PagedAttentionTest, SequenceResultDoesNotDependOnItsBatchNeighbours) {
   const int64_t offset = 7 * shape.q_width();
   ASSERT_EQ(alone.size(), 2 * shape.q_width());
   for (size_t i = 0; i < alone.size(); ++i) EXPECT_EQ(alone[i], packed[offset + i]) << i;
+}
+
+// A token's output is bitwise the same computed as a decode token, inside one prefill of the
+// whole sequence, or inside chunks of any length next to other sequences, at any thread count:
+// what recompute after preemption relies on.
+void check_token_output_invariance(const Shape& shape) {
+  const std::vector<Sequence> seqs = make_sequences(shape, {37, 20});
+  const Sequence& s = seqs[0];
+  const int64_t q_width = shape.q_width();
+  Cache cache(shape);
+  const std::vector<float> whole = run(shape, {{&s, 0, s.length}}, cache);
+  for (int threads : testing_util::kThreadCounts) {
+    testing_util::ScopedThreads scoped(threads);
+    for (const std::vector<int32_t>& cuts :
+         {std::vector<int32_t>{}, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {3, 20, 21, 33}, {16, 17}}) {
+      std::vector<int32_t> bounds = {0};
+      bounds.insert(bounds.end(), cuts.begin(), cuts.end());
+      if (cuts.size() == 10) {  // decode from position 10 on
+        for (int32_t p = 11; p < s.length; ++p) bounds.push_back(p);
+      }
+      bounds.push_back(s.length);
+      for (size_t c = 0; c + 1 < bounds.size(); ++c) {
+        // The other sequence's prefill of a varying length sits before this chunk.
+        const int32_t other = 1 + static_cast<int32_t>(c % 19);
+        const std::vector<float> out =
+            run(shape, {{&seqs[1], 0, other}, {&s, bounds[c], bounds[c + 1]}}, cache);
+        const int64_t rows = bounds[c + 1] - bounds[c];
+        ASSERT_EQ(0, std::memcmp(out.data() + other * q_width, whole.data() + bounds[c] * q_width,
+                                 rows * q_width * sizeof(float)))
+            << "positions [" << bounds[c] << ", " << bounds[c + 1] << "), " << threads
+            << " thread(s), window " << shape.sliding_window;
+      }
+    }
+  }
+}
+
+// A token's output is bitwise the same computed as a decode token, inside one prefill of the
+// whole sequence, or inside chunks of any length next to other sequences, at any thread count:
+// what recompute after preemption relies on.
+TEST(PagedAttentionTest, TokenOutputIsTheSameAsDecodeOrInAnyChunkAndThreadCount) {
+  for (cpu::GemmIsa isa : testing_util::supported_gemm_isas()) {
+    SCOPED_TRACE(cpu::gemm_isa_name(isa));
+    testing_util::ScopedGemmIsa scoped(isa);
+    check_token_output_invariance({4, 2, 0});
+    check_token_output_invariance({4, 1, 6});
+  }
 }
 
 TEST(PagedAttentionTest, WritesChunkKeysAndValuesToTheirSlots) {

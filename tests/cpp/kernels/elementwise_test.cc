@@ -2,11 +2,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/errors.h"
+#include "kernels/kernel_test_util.h"
 #include "kernels/ops.h"
 #include "test_util.h"
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace lorart {
 namespace {
@@ -47,6 +53,31 @@ TEST(RmsNormTest, MatchesDoubleReferenceAndMayRunInPlace) {
       EXPECT_EQ(x[t * kStride + i], out[t * kH + i]) << t << ", " << i;
   }
 }
+
+#if defined(__SSE__)
+// Denormals-are-zero set on the calling thread only: a row normalised by an OpenMP worker (a
+// batch past the parallel threshold) gets the caller's bits too.
+TEST(RmsNormTest, WorkersComputeInTheCallersFloatMode) {
+  constexpr int64_t kT = 80, kH = 1024;
+  std::vector<float> x = random_floats(kT * kH, 3);
+  for (float& v : x) v *= 1e-39f;  // float32 subnormals
+  const std::vector<float> w = random_floats(kH, 4, 0.5f, 1.5f);
+  const Tensor weight(const_cast<float*>(w.data()), DType::kFloat32, {kH});
+  testing_util::ScopedThreads two(2);
+  std::vector<float> all(kT * kH), alone(kH);
+  auto norm = [&](int64_t t, int64_t rows, float* out) {
+    ops::rms_norm(rows_view(x.data() + t * kH, rows, kH, kH), weight, 1e-6f,
+                  Tensor(out, DType::kFloat32, {rows, kH}));
+  };
+  norm(0, kT, all.data());  // starts the worker threads in the default mode
+  const unsigned int saved = _mm_getcsr();
+  _mm_setcsr(saved | 0x8040u);  // DAZ | FTZ
+  norm(0, kT, all.data());
+  norm(kT - 1, 1, alone.data());
+  _mm_setcsr(saved);
+  EXPECT_EQ(0, std::memcmp(all.data() + (kT - 1) * kH, alone.data(), kH * sizeof(float)));
+}
+#endif
 
 TEST(RopeTest, PositionZeroIsTheIdentity) {
   constexpr int32_t kHeadDim = 16;

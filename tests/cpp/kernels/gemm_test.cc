@@ -2,22 +2,34 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/dtype.h"
 #include "core/errors.h"
+#include "kernels/kernel_test_util.h"
 #include "kernels/ops.h"
 #include "kernels/params.h"
 #include "test_util.h"
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace lorart {
 namespace {
 
 using testing_util::expect_error;
+using testing_util::kThreadCounts;
+using testing_util::max_abs_diff;
 using testing_util::random_floats;
 using testing_util::rows_view;
+using testing_util::ScopedGemmIsa;
+using testing_util::ScopedThreads;
+using testing_util::supported_gemm_isas;
 
 void expect_close(float actual, double expected, int64_t row, int64_t col) {
   EXPECT_NEAR(actual, expected, 1e-5 * std::max(1.0, std::abs(expected)))
@@ -26,7 +38,8 @@ void expect_close(float actual, double expected, int64_t row, int64_t col) {
 
 // x and y are views into wider rows, offset from the row start.
 void check_linear(int64_t m, int64_t n, int64_t k, float beta) {
-  SCOPED_TRACE(testing::Message() << m << "x" << n << "x" << k << ", beta " << beta);
+  SCOPED_TRACE(testing::Message() << m << "x" << n << "x" << k << ", beta " << beta << ", "
+                                  << cpu::gemm_isa_name(cpu::gemm_isa()));
   const int64_t x_stride = k + 7, x_offset = 3, y_stride = n + 5, y_offset = 2;
   const std::vector<float> x = random_floats(m * x_stride, 1);
   std::vector<float> w = random_floats(n * k, 2);
@@ -48,24 +61,108 @@ void check_linear(int64_t m, int64_t n, int64_t k, float beta) {
         ASSERT_EQ(y[i], before[i]) << "outside the view: row " << r << ", col " << col;
         continue;
       }
-      double ref = beta == 0.0f ? 0.0 : double{beta} * before[i];
-      for (int64_t c = 0; c < k; ++c) ref += double{x[r * x_stride + x_offset + c]} * w[j * k + c];
-      ASSERT_NEAR(y[i], ref, 1e-5 * std::max(1.0, std::abs(ref))) << "row " << r << ", col " << j;
+      double ref = beta == 0.0f ? 0.0 : double{beta} * before[i], magnitude = std::abs(ref);
+      for (int64_t c = 0; c < k; ++c) {
+        const double product = double{x[r * x_stride + x_offset + c]} * w[j * k + c];
+        ref += product;
+        magnitude += std::abs(product);
+      }
+      // float32 rounding grows with the sum of |terms|, which cancellation can leave far above
+      // |ref| (K = 2048 sums of uniform products).
+      ASSERT_NEAR(y[i], ref, 1e-5 * std::max(1.0, std::abs(ref)) + 1e-7 * magnitude)
+          << "row " << r << ", col " << j;
     }
   }
 }
 
 TEST(LinearTest, MatchesNaiveLoopOnStridedViews) {
-  for (float beta : {0.0f, 1.0f, 0.5f}) {
-    check_linear(5, 7, 33, beta);
-    // Past 2^18 multiply-adds linear() splits the columns across threads; 200 is not a multiple
-    // of the split's 64-column alignment.
-    check_linear(24, 200, 300, beta);
-    // Up to 16 rows the skinny kernel runs instead of the BLAS, threaded past 2^18.
-    check_linear(16, 200, 300, beta);
-    check_linear(1, 1000, 70, beta);
+  for (cpu::GemmIsa isa : supported_gemm_isas()) {
+    ScopedGemmIsa scoped(isa);
+    for (float beta : {0.0f, 1.0f, 0.5f}) {
+      check_linear(5, 7, 33, beta);
+      // Past 2^18 multiply-adds linear() splits the columns across threads; 200 is not a
+      // multiple of the split's 64-column alignment.
+      check_linear(24, 200, 300, beta);
+      check_linear(16, 200, 300, beta);
+      check_linear(1, 1000, 70, beta);
+      // K = 2048 makes the weight column blocks (sized for L2) smaller than N.
+      check_linear(13, 600, 2048, beta);
+    }
   }
 }
+
+// A row's output is bitwise the same whatever other rows share the call (1 row as in decode, up
+// to a prefill's hundreds) and whatever the thread count, which moves the column split.
+void check_rows_invariant(int64_t n, int64_t k, const std::vector<int64_t>& row_counts) {
+  const int64_t max_m = *std::max_element(row_counts.begin(), row_counts.end());
+  const int64_t x_stride = k + 4, y_stride = n + 3;
+  const std::vector<float> x = random_floats(max_m * x_stride, 11);
+  std::vector<float> w = random_floats(n * k, 12);
+  const std::vector<float> y_init = random_floats(max_m * y_stride, 13);
+  const Tensor wt(w.data(), DType::kFloat32, {n, k});
+  for (cpu::GemmIsa isa : supported_gemm_isas()) {
+    ScopedGemmIsa scoped_isa(isa);
+    for (float beta : {0.0f, 1.0f}) {
+      std::vector<float> ref = y_init;  // row r computed alone, single-threaded
+      {
+        ScopedThreads one(1);
+        for (int64_t r = 0; r < max_m; ++r) {
+          ops::linear(rows_view(const_cast<float*>(x.data()) + r * x_stride, 1, k, x_stride), wt,
+                      rows_view(ref.data() + r * y_stride, 1, n, y_stride), beta);
+        }
+      }
+      for (int threads : kThreadCounts) {
+        ScopedThreads scoped(threads);
+        for (int64_t m : row_counts) {
+          std::vector<float> y = y_init;
+          ops::linear(rows_view(const_cast<float*>(x.data()), m, k, x_stride), wt,
+                      rows_view(y.data(), m, n, y_stride), beta);
+          for (int64_t r = 0; r < m; ++r) {
+            const float* got = y.data() + r * y_stride;
+            const float* want = ref.data() + r * y_stride;
+            ASSERT_EQ(0, std::memcmp(got, want, n * sizeof(float)))
+                << n << "x" << k << ": row " << r << " of " << m << ", " << threads
+                << " thread(s), beta " << beta << ", " << cpu::gemm_isa_name(isa) << ": max |diff| "
+                << max_abs_diff(got, want, n);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(LinearTest, EachRowIsBitwiseTheSameForEveryRowCountAndThreadCount) {
+  // K = 300 has a tail in every lane count; N = 200 is no multiple of the 64-column thread split.
+  check_rows_invariant(200, 300, {1, 2, 3, 5, 6, 7, 8, 12, 16, 17, 18, 24, 31, 33, 64, 65, 130});
+  // K = 2100: the weight column blocks (sized for L2) are smaller than N.
+  check_rows_invariant(200, 2100, {1, 7, 17, 40});
+}
+
+#if defined(__SSE__)
+// With flush-to-zero and denormals-are-zero set on the calling thread only (as
+// torch.set_flush_denormal does), the workers compute in the caller's mode too: a row whose
+// products are subnormal gets the same bits alone (on the caller) and split across threads.
+TEST(LinearTest, WorkersComputeInTheCallersFloatMode) {
+  const int64_t n = 256, k = 64, m = 100;
+  std::vector<float> x = random_floats(m * k, 41), w = random_floats(n * k, 42);
+  for (float& v : x) v *= 1e-20f;  // products ~1e-40: float32 subnormals
+  for (float& v : w) v *= 1e-20f;
+  const Tensor wt(w.data(), DType::kFloat32, {n, k});
+  ScopedThreads two(2);
+  std::vector<float> warm(m * n);  // starts the worker threads in the default mode
+  ops::linear(rows_view(x.data(), m, k, k), wt, rows_view(warm.data(), m, n, n));
+  const unsigned int saved = _mm_getcsr();
+  _mm_setcsr(saved | 0x8040u);  // DAZ | FTZ, on this thread only
+  std::vector<float> all(m * n), alone(n);
+  ops::linear(rows_view(x.data(), m, k, k), wt, rows_view(all.data(), m, n, n));
+  ops::linear(rows_view(x.data(), 1, k, k), wt, rows_view(alone.data(), 1, n, n));
+  _mm_setcsr(saved);
+  EXPECT_EQ(0, std::memcmp(all.data(), alone.data(), n * sizeof(float)))
+      << "max |diff| " << max_abs_diff(all.data(), alone.data(), n);
+  EXPECT_TRUE(std::all_of(alone.begin(), alone.end(), [](float v) { return v == 0.0f; }))
+      << "flush-to-zero should have flushed every subnormal product";
+}
+#endif
 
 TEST(LinearTest, RejectsMismatchedShapes) {
   std::vector<float> buf(64);
@@ -132,8 +229,16 @@ class LoraGemmTest : public ::testing::TestWithParam<DType> {
   }
 
   // Runs lora_gemm over the segments with scratch sized as the model sizes it (one rank-wide row
-  // per token) and checks y against a double-precision reference.
+  // per token) and checks y against a double-precision reference, on every instruction set.
   void run_and_check() {
+    for (cpu::GemmIsa isa : supported_gemm_isas()) {
+      SCOPED_TRACE(cpu::gemm_isa_name(isa));
+      ScopedGemmIsa scoped(isa);
+      run_and_check_once();
+    }
+  }
+
+  void run_and_check_once() {
     std::vector<LoraSegment> segments;
     int64_t scratch_size = 0;
     for (size_t i = 0; i < pairs_.size(); ++i) {
@@ -217,6 +322,96 @@ TEST_P(LoraGemmTest, LongSegmentSpansSeveralBlasBlocks) {
 }
 
 TEST_P(LoraGemmTest, NoSegmentsLeavesOutputUntouched) { run_and_check(); }
+
+// A token's LoRA delta is bitwise the same in a one-token segment (decode) and in a segment of
+// any length (a prefill chunk), next to any other segments, at any thread count.
+class LoraGemmInvarianceTest : public ::testing::TestWithParam<DType> {
+ protected:
+  // in = 200 (a 16-lane tail), out = 600 (several 256-column expand items and a tail).
+  static constexpr int64_t kIn = 200, kOut = 600, kTokens = 140, kRank = 12;
+
+  LoraGemmInvarianceTest()
+      : x_(random_floats(kTokens * kIn, 21)),
+        y_init_(random_floats(kTokens * kOut, 22)),
+        a_(store(random_floats(kRank * kIn, 23), GetParam())),
+        b_t_(store(random_floats(kRank * kOut, 24), GetParam())),
+        other_a_(store(random_floats(5 * kIn, 25), GetParam())),
+        other_b_t_(store(random_floats(5 * kOut, 26), GetParam())) {}
+
+  // y after lora_gemm over `segments` ([begin, end) with the pair of rank kRank, or of rank 5
+  // when `other`).
+  std::vector<float> run(const std::vector<std::tuple<int32_t, int32_t, bool>>& ranges) {
+    std::vector<LoraSegment> segments;
+    int64_t scratch_size = 0;
+    for (const auto& [begin, end, other] : ranges) {
+      const LoraPair pair =
+          other ? LoraPair{other_a_.raw.data(), other_b_t_.raw.data(), GetParam(), 5}
+                : LoraPair{a_.raw.data(), b_t_.raw.data(), GetParam(), kRank};
+      segments.push_back({begin, end, pair});
+      scratch_size += (end - begin) * pair.rank;
+    }
+    std::vector<float> y = y_init_, scratch(scratch_size);
+    LoraGemmParams p{};
+    p.x = x_.data();
+    p.x_stride = kIn;
+    p.y = y.data();
+    p.y_stride = kOut;
+    p.in = kIn;
+    p.out = kOut;
+    p.segments = segments.data();
+    p.num_segments = static_cast<int32_t>(segments.size());
+    p.scratch = scratch.data();
+    ops::lora_gemm(p, Device::cpu());
+    return y;
+  }
+
+  void check();
+
+  std::vector<float> x_, y_init_;
+  Stored a_, b_t_, other_a_, other_b_t_;
+};
+
+INSTANTIATE_TEST_SUITE_P(StorageDtypes, LoraGemmInvarianceTest,
+                         ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+TEST_P(LoraGemmInvarianceTest, TokenDeltaDoesNotDependOnSegmentLengthNeighboursOrThreads) {
+  for (cpu::GemmIsa isa : supported_gemm_isas()) {
+    SCOPED_TRACE(cpu::gemm_isa_name(isa));
+    ScopedGemmIsa scoped(isa);
+    check();
+  }
+}
+
+void LoraGemmInvarianceTest::check() {
+  // Reference: every token in a one-token segment of its own, single-threaded.
+  std::vector<float> ref(kTokens * kOut);
+  {
+    ScopedThreads one(1);
+    for (int32_t t = 0; t < kTokens; ++t) {
+      const std::vector<float> y = run({{t, t + 1, false}});
+      std::copy_n(y.begin() + t * kOut, kOut, ref.begin() + t * kOut);
+    }
+  }
+  for (int threads : kThreadCounts) {
+    ScopedThreads scoped(threads);
+    for (int32_t length : {2, 5, 16, 17, 33, 64, 65, 100, 130}) {
+      // [0, 3) another adapter, [3, 3 + length) this one, then single-token segments of both.
+      std::vector<std::tuple<int32_t, int32_t, bool>> ranges = {{0, 3, true},
+                                                                {3, 3 + length, false}};
+      for (int32_t t = 3 + length; t < kTokens; ++t) ranges.push_back({t, t + 1, t % 2 == 0});
+      const std::vector<float> y = run(ranges);
+      for (int32_t t = 3; t < kTokens; ++t) {
+        if (t >= 3 + length && t % 2 == 0) continue;  // the other adapter's tokens
+        const float* got = y.data() + t * kOut;
+        const float* want = ref.data() + t * kOut;
+        ASSERT_EQ(0, std::memcmp(got, want, kOut * sizeof(float)))
+            << "token " << t << ", segment length " << length << ", " << threads
+            << " thread(s): max |diff| " << max_abs_diff(got, want, kOut);
+      }
+    }
+  }
+}
 
 TEST(LoraGemmDeviceTest, CudaHasNoImplementationYet) {
   LoraGemmParams params{};

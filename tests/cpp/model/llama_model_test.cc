@@ -517,5 +517,63 @@ TEST_F(LlamaModelTest, AdapterBatchMatchesMergedWeightsAndEachSequenceAlone) {
   }
 }
 
+// A sequence computed as one prefill, token by token, or in chunks next to other sequences (what
+// recompute after preemption does) writes bitwise the same K/V and gets bitwise the same logits.
+TEST(LlamaModelInvarianceTest, KvAndLogitsAreBitwiseTheSameWhateverTheChunking) {
+  const ModelConfig c = tiny_config();
+  ModelWeightsBuilder builder(c);
+  Checkpoint ckpt = random_checkpoint(c);
+  for (auto& [name, param] : ckpt) builder.add(name, param.tensor());
+  LlamaModel model(c, ModelWeights(std::move(builder)), /*max_num_tokens=*/64, kMaxRank);
+  KvCache cache(c, kNumBlocks, kBlockSize);
+  const AdapterData data = adapter_data(c, kAdapterRows);
+  const LoraAdapter adapter(data.weights, data.config, c, kMaxRank);
+  const std::vector<int32_t> ids = random_tokens(30, 8), other = random_tokens(19, 9);
+  const std::vector<int32_t> other_blocks = {35, 36, 37, 38, 39};
+  const int64_t kv_width = c.num_kv_heads * c.head_dim;
+
+  struct Result {
+    std::vector<float> logits, kv;  // [30, vocab]; [layers, K/V, 30, kv_width]
+  };
+  // Chunk boundaries `cuts`; every chunk shares its forward with a prefill of `other` (so every
+  // GEMM has more than 16 rows) and runs under the adapter, in blocks [first, first + 8).
+  auto run = [&](const std::vector<int32_t>& cuts, int32_t first) {
+    std::vector<int32_t> blocks(8);
+    for (int32_t i = 0; i < 8; ++i) blocks[i] = first + i;
+    std::vector<int32_t> bounds = {0};
+    bounds.insert(bounds.end(), cuts.begin(), cuts.end());
+    bounds.push_back(30);
+    Result r;
+    for (size_t i = 0; i + 1 < bounds.size(); ++i) {
+      const std::vector<int32_t> chunk(ids.begin() + bounds[i], ids.begin() + bounds[i + 1]);
+      Batch b = pack({{other, 0, other_blocks, 0}, {chunk, bounds[i], blocks, 0}}, true);
+      const std::vector<float> logits = run_forward(model, cache, b, {&adapter});
+      r.logits.insert(r.logits.end(), logits.begin() + other.size() * kVocab, logits.end());
+    }
+    for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+      for (const float* base : {cache.keys(layer), cache.values(layer)}) {
+        for (int32_t pos = 0; pos < 30; ++pos) {
+          const int64_t slot = int64_t{blocks[pos / kBlockSize]} * kBlockSize + pos % kBlockSize;
+          r.kv.insert(r.kv.end(), base + slot * kv_width, base + (slot + 1) * kv_width);
+        }
+      }
+    }
+    return r;
+  };
+  const Result whole = run({}, 0);
+  std::vector<int32_t> every_token(29);
+  for (int32_t i = 0; i < 29; ++i) every_token[i] = i + 1;
+  for (const auto& [name, cuts] : std::vector<std::pair<const char*, std::vector<int32_t>>>{
+           {"decode", every_token}, {"chunks 17/13", {17}}, {"chunks 3/1/16/10", {3, 4, 20}}}) {
+    const Result got = run(cuts, 8);
+    ASSERT_EQ(got.logits.size(), whole.logits.size());
+    EXPECT_EQ(0, std::memcmp(got.kv.data(), whole.kv.data(), whole.kv.size() * sizeof(float)))
+        << name << ": K/V differ";
+    EXPECT_EQ(
+        0, std::memcmp(got.logits.data(), whole.logits.data(), whole.logits.size() * sizeof(float)))
+        << name << ": logits differ";
+  }
+}
+
 }  // namespace
 }  // namespace lorart
