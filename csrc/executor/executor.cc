@@ -118,6 +118,9 @@ std::optional<std::string> Executor::validate(InferenceRequest& r) {
     }
   } catch (const Error& e) {
     return std::string(e.what());
+  } catch (const std::bad_alloc&) {
+    // Copying the adapter into the cache ran out of memory: this request fails, nothing else.
+    return std::string("out of memory while caching the request's LoRA weights");
   }
   return std::nullopt;
 }
@@ -289,7 +292,19 @@ void Executor::loop(std::promise<void>& started) {
       auto it = live_.find(id);
       if (it != live_.end()) finish(it->second, FinishReason::kCancelled);
     }
-    if (has_work()) step();
+    if (has_work()) {
+      try {
+        step();
+      } catch (const std::exception& e) {
+        // Anything a step throws outside the forward (which fails only its own requests) would
+        // end this thread and the process: fail the running requests instead and go on.
+        std::vector<Sequence*> running;
+        for (const auto& seq : scheduler_.running()) running.push_back(seq.get());
+        for (Sequence* seq : running) {
+          finish(seq, FinishReason::kError, std::string("executor step failed: ") + e.what());
+        }
+      }
+    }
     flush();
   }
   // Shutdown: everything still queued or running ends as cancelled.

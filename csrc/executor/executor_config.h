@@ -7,6 +7,7 @@
 #include <string>
 
 #include "executor/lora_cache.h"
+#include "model/kv_cache.h"
 #include "model/model_config.h"
 
 namespace lorart {
@@ -43,7 +44,8 @@ struct ExecutorConfig {
 // step's flat arrays and the kernels.
 inline constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 inline constexpr int64_t kMaxBatchSize = int64_t{1} << 16;
-inline constexpr int64_t kMaxBlockSize = int64_t{1} << 16;
+// The KV pool's own limit, so a config it would refuse fails here, before weights load.
+inline constexpr int64_t kMaxBlockSize = KvCache::kMaxBlockSize;
 inline constexpr int64_t kMaxLoraRank = int64_t{1} << 16;
 inline constexpr int64_t kMaxThreads = 1024;
 

@@ -14,6 +14,7 @@ namespace lorart {
 void Executor::step() {
   const auto start = std::chrono::steady_clock::now();
   std::vector<ScheduledChunk> plan = scheduler_.schedule();
+  for (auto& [seq, error] : scheduler_.take_failed()) finish(seq, FinishReason::kError, error);
   if (plan.empty()) return;
   // Neighbours with one adapter form one LoRA segment.
   std::stable_sort(plan.begin(), plan.end(), [](const ScheduledChunk& a, const ScheduledChunk& b) {

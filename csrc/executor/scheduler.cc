@@ -54,7 +54,16 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
          static_cast<int64_t>(running_.size()) < max_batch_size_) {
     Sequence& seq = *waiting_.front();
     if (seq.request.lora_task_id && !seq.adapter) {
-      seq.adapter = lora_.acquire(*seq.request.lora_task_id);
+      try {
+        seq.adapter = lora_.acquire(*seq.request.lora_task_id);
+      } catch (const std::exception& e) {
+        // Loading this adapter failed (e.g. its device copy could not be allocated): fail this
+        // request alone; the queue behind it moves on next step.
+        failed_.emplace_back(&seq, std::string("loading LoRA task ") +
+                                       std::to_string(*seq.request.lora_task_id) +
+                                       " failed: " + e.what());
+        break;
+      }
       if (!seq.adapter) break;  // every device page is pinned: wait for a running one to finish
     }
     const int64_t count = std::min(seq.uncached(), budget);

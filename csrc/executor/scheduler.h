@@ -10,6 +10,8 @@
 
 #include <deque>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "executor/kv_cache_manager.h"
@@ -32,6 +34,10 @@ class Scheduler {
   const std::vector<std::unique_ptr<Sequence>>& running() const { return running_; }
   const std::deque<std::unique_ptr<Sequence>>& waiting() const { return waiting_; }
   int64_t preemptions() const { return preemptions_; }
+  // Waiting sequences whose adapter could not be loaded (the error, e.g. an allocation failure,
+  // says why) since the last call: the caller finishes them with that error. They stay queued
+  // until then and are never scheduled.
+  std::vector<std::pair<Sequence*, std::string>> take_failed() { return std::move(failed_); }
 
  private:
   void preempt(size_t index);  // running_[index] -> front of waiting_
@@ -43,6 +49,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> running_;  // admission order: oldest first
   std::deque<std::unique_ptr<Sequence>> waiting_;
   int64_t preemptions_ = 0;
+  std::vector<std::pair<Sequence*, std::string>> failed_;
 };
 
 }  // namespace lorart

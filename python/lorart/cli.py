@@ -413,6 +413,38 @@ def _check_run_flags(args: argparse.Namespace) -> None:
     for flag in ("max_output_len", "max_input_length"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    # Numbers the C++ structs hold in fixed-width ints: out of range they would fail deep inside
+    # the bindings (a TypeError) after the checkpoint loaded, so check them here.
+    _check_int_flags(
+        args,
+        max_output_len=(1, INT32_MAX),
+        max_input_length=(1, INT32_MAX),
+        top_k=(-INT32_MAX, INT32_MAX),
+        random_seed=(0, 2**64 - 1),
+    )
+    from lorart._core import SamplingConfig
+
+    try:
+        SamplingConfig(
+            top_k=max(args.top_k, 0),
+            top_p=args.top_p if args.top_p > 0 else 1.0,
+            temperature=args.temperature,
+            seed=args.random_seed,
+        )
+    except ValueError as err:
+        raise ValueError(f"--top_k/--top_p/--temperature: {err}") from None
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _check_int_flags(args: argparse.Namespace, **ranges: tuple[int, int]) -> None:
+    """Each ``--flag`` given in ``ranges`` (and ``--threads``) within its inclusive range."""
+    ranges.setdefault("threads", (0, 1024))
+    for flag, (lo, hi) in ranges.items():
+        value = getattr(args, flag, None)
+        if value is not None and not lo <= value <= hi:
+            raise ValueError(f"--{flag} {value} is out of range [{lo}, {hi}]")
 
 
 def _model_dir(args: argparse.Namespace) -> tuple[str, str]:
@@ -641,6 +673,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.max_output_len < 1:
         raise ValueError(f"--max_output_len must be at least 1, got {args.max_output_len}")
+    _check_int_flags(args, max_output_len=(1, INT32_MAX))
     return demo.run(max_output_len=args.max_output_len, num_threads=args.threads)
 
 

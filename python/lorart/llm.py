@@ -186,9 +186,10 @@ class LLM:
         if adapter is not None:
             task_id, weights, config = self._adapter(adapter)
             request.lora_task_id = task_id
-            if not self.executor.contains_lora_task(task_id):  # first use, or evicted since
-                request.lora_weights = weights
-                request.lora_config = config
+            # Always attached: the cache matches identical weights without copying them again,
+            # and an idle task may be evicted between any check here and the enqueue.
+            request.lora_weights = weights
+            request.lora_config = config
         return request
 
     def _drive(self, requests: list[InferenceRequest]) -> Iterator[tuple[int, Response]]:

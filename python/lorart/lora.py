@@ -590,7 +590,13 @@ def _read_npy(path: Path) -> np.ndarray:
         except Exception as err:  # numpy's header parser raises ValueError, TokenError, ...
             raise LoraError(f"{path}: not a readable .npy file ({err})") from None
         offset = f.tell()
-    if dtype.hasobject or dtype.subdtype is not None or dtype.fields is not None:
+    if (
+        dtype.hasobject
+        or dtype.subdtype is not None
+        or dtype.fields is not None
+        or dtype.kind not in "biufV"
+        or dtype.itemsize == 0  # '<U0', '|S0': zero bytes per value would pass any size bound
+    ):
         raise LoraError(f"{path}: dtype {dtype} is not a plain numeric dtype")
     if len(shape) > 32 or not all(_is_int(d) and d >= 0 for d in shape):
         raise LoraError(f"{path}: shape {_short(shape)} is not a tuple of non-negative ints")

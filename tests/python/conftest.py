@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -10,6 +11,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The Ctrl-C tests raise KeyboardInterrupt through _thread.interrupt_main, which does nothing
+# while SIGINT is ignored, as it is for a background job of a non-interactive shell.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tiny_models import (
     build_causal_lm,

@@ -279,3 +279,21 @@ def test_run_flag_syntax_errors_exit_2_with_argparse_usage():
 @pytest.mark.parametrize("value, words", [("0", ["at least 1"]), ("1000", ["max_seq_len"])])
 def test_demo_bad_max_output_len(value, words):
     assert_user_error(run_lorart_cli("demo", "--max_output_len", value), "demo", *words)
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--threads", "100000000000000000000"], ["--threads", "out of range [0, 1024]"]),
+        (["--top_k", "10000000000"], ["--top_k", "out of range"]),
+        (["--random_seed", "-1"], ["--random_seed -1", "out of range"]),
+        (["--top_p", "2"], ["--top_p", "top_p"]),
+        (["--temperature", "nan"], ["--temperature", "temperature"]),
+    ],
+)
+def test_run_numbers_out_of_range_are_one_line_before_the_load(flags, words):
+    """Values the C++ structs cannot hold failed deep in the bindings with a TypeError (exit 1)
+    or only after the checkpoint loaded; they are flag errors now."""
+    result = run("--input_text", "hi", *flags)
+    assert_user_error(result, "run", *words)
+    assert "generating" not in result.stderr  # refused before the load

@@ -59,6 +59,7 @@ class Job:
     expect: str = ""  # "bad" jobs: a substring of the error
     responses: list = field(default_factory=list)
     rid: int = -1
+    carried_weights: bool = False  # the request brought its adapter's weights
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,7 @@ class Client:
             self.rng.random() < 0.5 or not self.exe.contains_lora_task(task)
         ):
             kw["lora_weights"], kw["lora_config"] = self.adapters[task]  # identical if cached
+            job.carried_weights = True
         return lorart.InferenceRequest(
             ids,
             max_new_tokens=job.max_new_tokens,
@@ -257,8 +259,12 @@ def test_soak(gqa_llama_dir, model_config, adapters):
             assert tokens == []
             continue
         if reason == "error":
-            assert any(s in last.error for s in CACHE_PRESSURE), (job, last.error)
+            # Only a request without weights may miss its evicted task; one with weights may only
+            # meet a host level full of referenced adapters.
+            allowed = CACHE_PRESSURE[:1] if job.carried_weights else CACHE_PRESSURE
+            assert any(s in last.error for s in allowed), (job, last.error)
             assert tokens == []
+            outcomes["pressure"] += 1
             continue
         if job.kind == "sampled":
             assert reason == "length" and len(tokens) == job.max_new_tokens
@@ -269,8 +275,10 @@ def test_soak(gqa_llama_dir, model_config, adapters):
             continue
         assert reason == "length", (job, reason, last.error)
         assert tokens == want, f"{job}: batched {tokens} != solo {want}"
-    served = outcomes[("greedy", "length")]
-    assert served >= 0.5 * sum(n for (k, _), n in outcomes.items() if k == "greedy"), outcomes
+    greedy = sum(n for key, n in outcomes.items() if isinstance(key, tuple) and key[0] == "greedy")
+    assert outcomes[("greedy", "length")] >= 0.5 * greedy, outcomes
+    # Cache pressure fails a small share of the well-formed requests, never most of them.
+    assert outcomes["pressure"] <= 0.1 * len(all_jobs), outcomes
     assert outcomes[("cancel", "cancelled")] > 0, outcomes
 
     # Nothing leaks once drained.

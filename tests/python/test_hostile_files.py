@@ -364,6 +364,9 @@ def npy_header(shape, descr="<f4", fortran=False) -> bytes:
         (npy_header((1, 4), descr="<f8") + b"\0" * 32, "dtype <f8 is not supported"),
         (npy_header((1, 4), descr="<i4") + b"\0" * 16, "dtype <i4 is not supported"),
         (npy_header((1, 4)) + b"\0" * 15, "holds 15 data bytes"),
+        # Zero bytes per value passed the size bound and then asked numpy for 4 TiB.
+        (npy_header((2**40,), descr="<U0"), "not a plain numeric dtype"),
+        (npy_header((2**62, 2**62), descr="|S0"), "not a plain numeric dtype"),
         (npy_header((1, 4)) + b"\0" * 17, "holds 17 data bytes"),
         (b"\x93NUMPY\x09\x00" + b"\0" * 60, "version"),
         (b"\x93NUMPY\x01\x00\x20\x00{'descr': 'zz', 'shape': (1,)}   ", "not a readable .npy"),

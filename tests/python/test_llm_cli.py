@@ -11,6 +11,7 @@ import time
 import pytest
 from tiny_models import build_causal_lm, endless_demo_model, run_lorart_cli
 
+import lorart
 from lorart import LLM, demo, lora
 
 DEMO = demo.DEMO
@@ -223,3 +224,22 @@ def test_a_failed_prompt_cancels_the_others(endless_llm):
     with pytest.raises(ValueError, match="prompt 1: "):
         endless_llm.generate(["a", "x " * 5000], max_new_tokens=3000)  # 1 is over max_seq_len
     wait_idle(endless_llm)
+
+
+def test_an_evicted_idle_adapter_is_sent_again(tmp_path):
+    """A host level with room for two adapters, three in use: a prompt whose idle adapter is
+    evicted by an earlier prompt of the same call still carries its weights (LLM once sent them
+    only when the cache held the task when the request was built: `LoRA task 0 not found`)."""
+    a, b, c = (tmp_path / name for name in "abc")
+    for d in (a, b, c):
+        shutil.copytree(DEMO / "lora_zh", d)  # three task ids, one size
+    config = lorart.hf.load_config(DEMO / "model")
+    size = lora.from_peft(a, config)[0].numpy().nbytes
+    cache = lorart.LoraCacheConfig(host_cache_bytes=2 * size + 16, device_cache_bytes=2 * size + 16)
+    with LLM(DEMO / "model", max_seq_len=128, lora_cache=cache) as two_slots:
+        want = two_slots.generate(PROMPTS[1], lora=a, max_new_tokens=8)[0].token_ids
+        two_slots.generate(PROMPTS[1], lora=b, max_new_tokens=8)  # cache: a (oldest), b
+        # c's request evicts a, the least recently used idle task, before a's is enqueued.
+        outs = two_slots.generate([PROMPTS[1], PROMPTS[1]], lora=[c, a], max_new_tokens=8)
+        assert [o.token_ids for o in outs] == [want, want]
+        assert two_slots.executor.stats()["lora_cache"]["host_evictions"] >= 1

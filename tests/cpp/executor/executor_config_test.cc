@@ -38,7 +38,7 @@ TEST(ExecutorConfigTest, EveryFieldNamesItsLimit) {
       {[](ExecutorConfig& c) { c.num_threads = 1025; },
        "ExecutorConfig.num_threads must be 0 (auto) or in [1, 1024], got 1025"},
       {[](ExecutorConfig& c) { c.kv_cache.block_size = 0; },
-       "ExecutorConfig.kv_cache.block_size must be in [1, 65536], got 0"},
+       "ExecutorConfig.kv_cache.block_size must be in [1, 1024], got 0"},
       {[](ExecutorConfig& c) { c.kv_cache.max_tokens = -1; },
        "ExecutorConfig.kv_cache.max_tokens must be > 0, got -1"},
       // ceil(max_tokens / block_size) is computed without the overflow of the usual formula.
@@ -118,12 +118,12 @@ TEST(ExecutorConfigTest, AllocationsPastTheMachinesMemoryAreRefused) {
   model.max_position_embeddings = 1 << 20;
   // 2 layers x K,V x 2 heads x 8 x 4 bytes = 256 bytes per token.
   ExecutorConfig config;
-  config.kv_cache.block_size = 1 << 16;
-  config.kv_cache.max_tokens = kMaxInt32 * (1 << 16);  // the most blocks of the largest size
+  config.kv_cache.block_size = kMaxBlockSize;
+  config.kv_cache.max_tokens = kMaxInt32 * kMaxBlockSize;  // the most blocks of the largest size
   const std::string memory = std::to_string(physical_memory_bytes());
   expect_error<InvalidArgument>(
       [&] { config.resolve(model); },
-      "ExecutorConfig.kv_cache.max_tokens (140737488289792) needs 36028797002186752 bytes of KV "
+      "ExecutorConfig.kv_cache.max_tokens (2199023254528) needs 562949953159168 bytes of KV "
       "cache (256 bytes per token), more than this machine's memory (" +
           memory + " bytes)");
   // A product past int64 is reported as such, never wrapped.
