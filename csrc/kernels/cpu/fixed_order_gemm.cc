@@ -271,7 +271,7 @@ int64_t column_block_bytes() {
 // activation vectors and one weight vector fit without spilling: AVX-512 (32 registers) 6 x 4,
 // AVX2 (16) 3 x 4, SSE2 (16, and a temporary per multiply-add) 2 x 4. On this model's prefill
 // GEMMs (one thread, Xeon with AVX-512) they ran at 84-96% (AVX-512) and 85-94% (AVX2) of
-// OpenBLAS's sgemm; at 1-16 rows at or above the speed of the earlier skinny kernels.
+// OpenBLAS's sgemm; at 1-16 rows as fast as the few-row kernels they replaced, or faster.
 template <int L, typename T>
 LORART_INLINE void nt_impl(int64_t m, int64_t n_begin, int64_t n_end, int64_t k, const float* x,
                            int64_t ldx, const T* w, int64_t ldw, float beta, float* y,
