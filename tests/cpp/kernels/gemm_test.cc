@@ -300,12 +300,12 @@ INSTANTIATE_TEST_SUITE_P(StorageDtypes, LoraGemmTest,
 
 TEST_P(LoraGemmTest, MixedRanksAndSegmentLengthsMatchReference) {
   add_segment(0, 5, 2);     // short (decode-like) segment
-  add_segment(5, 25, 8);    // prefill-like segment (BLAS, 16-bit weights widened first)
+  add_segment(5, 25, 8);    // prefill-like segment (long: 16-bit weights widened once first)
   add_segment(25, 30, 0);   // adapter without this module: skipped, null pointers never read
   add_segment(33, 40, 16);  // tokens 30..32 belong to no segment
   add_segment(40, 56, 2);
-  add_segment(56, 57, 16);  // a single token (skinny kernels)
-  add_segment(57, 73, 3);   // 16 tokens: the longest segment the skinny kernels take
+  add_segment(56, 57, 16);  // a single token (short: widened in registers)
+  add_segment(57, 73, 3);   // 16 tokens: the longest short segment
   add_segment(75, 95, 16);  // 73..74 and 95..99 belong to no segment
   run_and_check();
 }
@@ -315,8 +315,8 @@ TEST_P(LoraGemmTest, SingleTokenSegmentsAsInDecode) {
   run_and_check();
 }
 
-// 100 tokens: two BLAS token blocks of one segment, which may share a thread's widened copy.
-TEST_P(LoraGemmTest, LongSegmentSpansSeveralBlasBlocks) {
+// 100 tokens: two token blocks of one long segment, which may share a thread's widened copy.
+TEST_P(LoraGemmTest, LongSegmentSpansSeveralTokenBlocks) {
   add_segment(0, 100, 8);
   run_and_check();
 }
