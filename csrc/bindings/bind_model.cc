@@ -57,7 +57,7 @@ void bind_model(py::module_& m) {
         "The most bytes one host allocation of the core may take: physical memory, or the "
         "cgroup's memory limit when lower. Larger sizes raise ValueError before allocating.");
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("threads"),
-        "Threads for the CPU kernels (OpenMP) and the BLAS.");
+        "OpenMP threads of the CPU kernels, for the calling thread (the executor sets its own).");
   m.def("get_num_threads", &cpu::num_threads);
 
   py::class_<ModelWeightsBuilder>(m, "ModelWeightsBuilder",

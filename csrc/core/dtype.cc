@@ -150,8 +150,8 @@ void convert_floats(const void* src, DType src_dtype, void* dst, DType dst_dtype
     std::memmove(dst, src, count * dtype_size(src_dtype));
     return;
   }
-  // Widening to float32 is on the hot path (16-bit adapters before a BLAS GEMM): plain loops the
-  // compiler vectorises instead of a per-element dtype switch.
+  // Widening to float32 is on the hot path (16-bit adapters of a long LoRA segment): plain loops
+  // the compiler vectorises instead of a per-element dtype switch.
   if (dst_dtype == DType::kFloat32 && src_dtype == DType::kBFloat16) {
     const auto* in = static_cast<const uint16_t*>(src);
     auto* out = static_cast<float*>(dst);

@@ -50,8 +50,8 @@ def test_model_logits_bitwise_equal_to_float32_copy(gqa_llama_dir, lorart_model,
 
     def run(which: str) -> list[np.ndarray]:
         slot = slots[which]
-        # Sequence 1's context first, then one step: a 30-token prefill (BLAS path, weights
-        # widened first) next to a decode token (skinny kernels, widened in registers).
+        # Sequence 1's context first, then one step: a 30-token prefill (a long segment, weights
+        # widened once per call) next to a decode token (widened in registers).
         model.forward([SequenceChunk(history, 0, [10, 11], slot, False)])
         return model.forward(
             [
