@@ -27,23 +27,7 @@ inline std::shared_ptr<LlamaModel> random_model(const ModelConfig& c, int64_t ma
                           ? Tensor(values.data(), DType::kFloat32, {shape[0]})
                           : Tensor(values.data(), DType::kFloat32, {shape[0], shape[1]}));
   };
-  const int64_t h = c.hidden_size, inter = c.intermediate_size;
-  const int64_t q = c.num_attention_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
-  add("model.embed_tokens.weight", {c.vocab_size, h}, -1.0f, 1.0f);
-  add("model.norm.weight", {h}, 0.8f, 1.2f);
-  add("lm_head.weight", {c.vocab_size, h}, -0.3f, 0.3f);
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {h}, 0.8f, 1.2f);
-    add(p + "post_attention_layernorm.weight", {h}, 0.8f, 1.2f);
-    add(p + "self_attn.q_proj.weight", {q, h}, -0.3f, 0.3f);
-    add(p + "self_attn.k_proj.weight", {kv, h}, -0.3f, 0.3f);
-    add(p + "self_attn.v_proj.weight", {kv, h}, -0.3f, 0.3f);
-    add(p + "self_attn.o_proj.weight", {h, q}, -0.3f, 0.3f);
-    add(p + "mlp.gate_proj.weight", {inter, h}, -0.3f, 0.3f);
-    add(p + "mlp.up_proj.weight", {inter, h}, -0.3f, 0.3f);
-    add(p + "mlp.down_proj.weight", {h, inter}, -0.3f, 0.3f);
-  }
+  for_each_llama_param(c, add);
   return std::make_shared<LlamaModel>(c, ModelWeights(std::move(builder)), max_num_tokens,
                                       max_lora_rank);
 }

@@ -56,23 +56,7 @@ Checkpoint random_checkpoint(const ModelConfig& c) {
     for (float& v : values) v = dist(rng);
     ckpt[name] = Param{std::move(shape), std::move(values)};
   };
-  const int64_t h = c.hidden_size, inter = c.intermediate_size;
-  const int64_t q = c.num_attention_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
-  add("model.embed_tokens.weight", {c.vocab_size, h}, -1.0f, 1.0f);
-  add("model.norm.weight", {h}, 0.8f, 1.2f);
-  add("lm_head.weight", {c.vocab_size, h}, -0.3f, 0.3f);
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {h}, 0.8f, 1.2f);
-    add(p + "post_attention_layernorm.weight", {h}, 0.8f, 1.2f);
-    add(p + "self_attn.q_proj.weight", {q, h}, -0.3f, 0.3f);
-    add(p + "self_attn.k_proj.weight", {kv, h}, -0.3f, 0.3f);
-    add(p + "self_attn.v_proj.weight", {kv, h}, -0.3f, 0.3f);
-    add(p + "self_attn.o_proj.weight", {h, q}, -0.3f, 0.3f);
-    add(p + "mlp.gate_proj.weight", {inter, h}, -0.3f, 0.3f);
-    add(p + "mlp.up_proj.weight", {inter, h}, -0.3f, 0.3f);
-    add(p + "mlp.down_proj.weight", {h, inter}, -0.3f, 0.3f);
-  }
+  testing_util::for_each_llama_param(c, add);
   return ckpt;
 }
 
