@@ -7,6 +7,7 @@
 
 #include "bindings/dlpack_abi.h"
 #include "core/buffer.h"
+#include "core/checked_math.h"
 #include "core/errors.h"
 
 namespace lorart::bindings {
@@ -60,6 +61,14 @@ std::array<int64_t, Tensor::kMaxDims> compact_strides(int ndim, const int64_t* s
   return strides;
 }
 
+// A copy of `shape` elements of `item` bytes fits int64 and this machine's memory (a broadcast
+// view of a few bytes can stand for petabytes), else InvalidArgument naming `field`.
+void check_copy_size(int ndim, const int64_t* shape, int64_t item, const char* field) {
+  int64_t bytes = item;
+  for (int i = 0; i < ndim; ++i) bytes = checked_mul(bytes, shape[i], field);
+  check_allocation(static_cast<size_t>(bytes), Device::cpu(), field);
+}
+
 void check_ndim(int64_t ndim, const char* field) {
   if (ndim < 0 || ndim > Tensor::kMaxDims) {
     raise<InvalidArgument>(field, " has ", ndim, " dims; at most ", Tensor::kMaxDims);
@@ -75,6 +84,9 @@ BorrowedTensor from_numpy(py::array arr, const char* field) {
   const bool native = arr.dtype().attr("isnative").cast<bool>();
   const bool aligned = (arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
   if (!native || !aligned || !(arr.flags() & py::array::c_style)) {
+    std::array<int64_t, Tensor::kMaxDims> dims{};
+    for (int i = 0; i < arr.ndim(); ++i) dims[i] = arr.shape(i);
+    check_copy_size(static_cast<int>(arr.ndim()), dims.data(), arr.itemsize(), field);
     arr = py::module_::import("numpy").attr("array")(
         arr, py::arg("dtype") = arr.dtype().attr("newbyteorder")("="), py::arg("order") = "C",
         py::arg("copy") = true);
@@ -90,8 +102,9 @@ BorrowedTensor from_numpy(py::array arr, const char* field) {
 
 // Copies a strided host view element by element into an owning, aligned, row-major buffer.
 BorrowedTensor compact_copy(const char* src, DType dtype, int ndim, const int64_t* shape,
-                            const int64_t* strides) {
+                            const int64_t* strides, const char* field) {
   const size_t item = dtype_size(dtype);
+  check_copy_size(ndim, shape, static_cast<int64_t>(item), field);
   int64_t numel = 1;
   for (int i = 0; i < ndim; ++i) numel *= shape[i];
   auto buffer = std::make_shared<Buffer>(Buffer::allocate(static_cast<size_t>(numel) * item));
@@ -160,7 +173,7 @@ BorrowedTensor from_dlpack(py::object obj, const char* field) {
   // Another producer's strided view (or a misaligned one, e.g. torch.frombuffer at a byte
   // offset): one compact, aligned copy.
   return compact_copy(data, dtype, dl.ndim, dl.shape,
-                      dl.strides != nullptr ? dl.strides : compact.data());
+                      dl.strides != nullptr ? dl.strides : compact.data(), field);
 }
 
 // Lists and other array-likes: numpy infers the element type, then values are checked against

@@ -274,3 +274,11 @@ def test_big_endian_and_misaligned_model_inputs(gqa_llama_dir, lorart_model):
     swapped = run(build(lambda a: a.astype(a.dtype.newbyteorder(">"))), lambda a: a.astype(">i4"))
     np.testing.assert_array_equal(swapped, native)
     np.testing.assert_array_equal(run(build(misalign), misalign), native)
+
+
+def test_a_broadcast_view_too_big_to_copy_is_refused_by_name():
+    """A strided view is copied once; a broadcast one of a few bytes can stand for a petabyte
+    (numpy raised MemoryError). The copy is checked against the machine's memory first."""
+    huge = np.broadcast_to(np.float32(0), (2**24, 2**24))
+    with pytest.raises(ValueError, match="cannot allocate lora_weights: 1125899906842624 bytes"):
+        lorart.LoraWeights(huge)
