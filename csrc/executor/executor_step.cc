@@ -96,12 +96,11 @@ void Executor::step() {
   for (int64_t i = 0; i < num_seqs; ++i) {
     Sequence& seq = *plan[i].seq;
     // The chunk's rows are contiguous: context rows, then (unless shared) its sample row.
-    const int64_t first_row =
-        rows[i].context_rows > 0 ? rows[i].first_context_row : rows[i].sample_row;
-    const int64_t num_rows =
-        std::max(rows[i].context_rows, rows[i].sample_row + 1 - std::max<int64_t>(first_row, 0));
+    const ChunkRows& r = rows[i];
+    const int64_t first_row = r.context_rows > 0 ? r.first_context_row : r.sample_row;
+    const int64_t end_row = std::max(r.first_context_row + r.context_rows, r.sample_row + 1);
     if (first_row >= 0) {
-      std::string error = non_finite_logits(seq, first_row, num_rows, rows[i].sample_row);
+      std::string error = non_finite_logits(seq, first_row, end_row - first_row, r.sample_row);
       if (!error.empty()) {  // fails this request alone: its rows are its own
         finish(&seq, FinishReason::kError, error);
         continue;

@@ -26,8 +26,11 @@ class Executor:
 
     def __init__(self, model_dir: str | Path, config: ExecutorConfig | None = None) -> None:
         config = config if config is not None else ExecutorConfig()
-        config.resolve(hf.load_config(model_dir))
-        model = load_core_model(model_dir, config.max_num_tokens, config.max_lora_rank)
+        model_config = hf.load_config(model_dir)
+        config.resolve(model_config)
+        model = load_core_model(
+            model_dir, config.max_num_tokens, config.max_lora_rank, config=model_config
+        )
         self._core = _core.Executor(model, config)
 
     @property

@@ -26,7 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 def load_core_model(
-    model_dir: str | Path, max_num_tokens: int, max_lora_rank: int, progress: bool | None = None
+    model_dir: str | Path,
+    max_num_tokens: int,
+    max_lora_rank: int,
+    progress: bool | None = None,
+    config: ModelConfig | None = None,
 ) -> _core.LlamaModel:
     """Read an HF checkpoint into the C++ model (weights converted to float32 once, from
     memory-mapped files). Shows a progress bar on stderr for checkpoints over 256 MiB (see
@@ -34,8 +38,10 @@ def load_core_model(
 
     Raises ``ValueError`` naming the field and the limit for sizes the model cannot take
     (``max_num_tokens``, ``max_lora_rank``, config.json's dimensions) before reading any weight.
+    ``config`` is the directory's ``hf.load_config``, for callers that have read it already.
     """
-    config = hf.load_config(model_dir)
+    if config is None:
+        config = hf.load_config(model_dir)
     _core.LlamaModel.workspace_bytes(config, max_num_tokens, max_lora_rank)  # before any weight
     hf.check_checkpoint(model_dir, config)  # from the headers alone, before allocating
     builder = _core.ModelWeightsBuilder(config)
@@ -166,7 +172,7 @@ class Model:
         _core.KvCache.checked_bytes(config, num_kv_blocks, block_size)
         if threads is not None:
             _core.set_num_threads(threads)
-        core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress)
+        core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress, config)
         return cls(core, num_kv_blocks, block_size)
 
     @property
