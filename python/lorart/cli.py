@@ -647,11 +647,14 @@ def timing_line(
     load_seconds: float, generate_seconds: float, outputs: Sequence[GenerationOutput]
 ) -> str:
     """Load, prefill and decode times with token rates. Prefill runs until every input has its
-    first token; decode is the rest of the generation (its first tokens are prefill's)."""
+    first token. Decode (every token after an input's first) runs from the earliest first token
+    to the end: inputs admitted late still prefill while others decode, and a window starting at
+    the last first token would credit it with tokens made before it (a rate many times too high).
+    """
     firsts = [o.first_token_seconds for o in outputs if o.first_token_seconds is not None]
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     prefill = max(firsts) if firsts else generate_seconds
-    decode = max(generate_seconds - prefill, 0.0)
+    decode = max(generate_seconds - min(firsts), 0.0) if firsts else 0.0
     decoded = sum(max(len(o.token_ids) - 1, 0) for o in outputs)
 
     def rate(tokens: int, seconds: float) -> str:

@@ -217,3 +217,18 @@ def test_warns_when_the_tokenizer_vocabulary_is_smaller_than_the_models(wide_voc
     assert "the tokenizer has 1024 ids but the model's vocabulary has 1100" in warnings[0]
     same = run("--input_text", "a", "--max_output_len", "2")
     assert "warning" not in same.stderr
+
+
+def test_timing_line_decode_window_holds_every_decoded_token():
+    """One input's first token at 0.1 s, the other's at 0.9 s of 1.0 s: the 10 tokens decoded
+    after the first ones took at least 0.9 s, not the 0.1 s after the last first token."""
+    from lorart.cli import timing_line
+    from lorart.llm import GenerationOutput
+
+    outputs = [
+        GenerationOutput("", list(range(9)), "length", [1, 2], first_token_seconds=0.1),
+        GenerationOutput("", list(range(3)), "length", [1, 2], first_token_seconds=0.9),
+    ]
+    line = timing_line(0.5, 1.0, outputs)
+    assert "prefill 4 tokens in 0.900 s" in line
+    assert "decode 10 tokens in 0.900 s (11.1 tok/s)" in line, line
