@@ -12,7 +12,7 @@
 #include "bindings/bindings.h"
 #include "bindings/repr.h"
 #include "executor/executor.h"
-#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/ops.h"
 
 namespace lorart::bindings {
 
@@ -146,6 +146,7 @@ std::string repr_kv_cache(const KvCacheConfig& c) {
 
 std::string repr_executor_config(const ExecutorConfig& c) {
   return "ExecutorConfig(device=" + repr_str(c.device) + ", dtype=" + repr_str(c.dtype) +
+         ", precision=" + repr_str(c.precision) +
          ", max_batch_size=" + std::to_string(c.max_batch_size) +
          ", max_num_tokens=" + std::to_string(c.max_num_tokens) +
          ", max_seq_len=" + std::to_string(c.max_seq_len) +
@@ -267,33 +268,37 @@ void bind_executor(py::module_& m) {
       .def("__repr__", &repr_kv_cache);
 
   py::class_<ExecutorConfig>(m, "ExecutorConfig", "Sizes and limits of an Executor.")
-      .def(py::init([](std::string device, std::string dtype, int64_t max_batch_size,
-                       int64_t max_num_tokens, std::optional<int64_t> max_seq_len,
-                       int64_t max_lora_rank, std::optional<int64_t> num_threads,
-                       std::optional<LoraCacheConfig> lora_cache,
-                       std::optional<KvCacheConfig> kv_cache) {
-             ExecutorConfig c;
-             c.device = std::move(device);
-             c.dtype = std::move(dtype);
-             c.max_batch_size = max_batch_size;
-             c.max_num_tokens = max_num_tokens;
-             c.max_seq_len = max_seq_len.value_or(0);
-             c.max_lora_rank = max_lora_rank;
-             c.num_threads = num_threads.value_or(0);
-             c.lora_cache = lora_cache.value_or(LoraCacheConfig{});
-             c.kv_cache = kv_cache.value_or(KvCacheConfig{});
-             c.validate();
-             return c;
-           }),
-           py::arg("device") = executor.device, py::arg("dtype") = executor.dtype,
-           py::arg("max_batch_size") = executor.max_batch_size,
-           py::arg("max_num_tokens") = executor.max_num_tokens, py::arg("max_seq_len") = py::none(),
-           py::arg("max_lora_rank") = executor.max_lora_rank, py::arg("num_threads") = py::none(),
-           py::arg("lora_cache") = py::none(), py::arg("kv_cache") = py::none(),
-           "max_seq_len None/0: the model's max_position_embeddings (at most kv_cache.max_tokens); "
-           "num_threads None/0: the CPUs available to this process (OMP_NUM_THREADS when set).")
+      .def(
+          py::init([](std::string device, std::string dtype, std::string precision,
+                      int64_t max_batch_size, int64_t max_num_tokens,
+                      std::optional<int64_t> max_seq_len, int64_t max_lora_rank,
+                      std::optional<int64_t> num_threads, std::optional<LoraCacheConfig> lora_cache,
+                      std::optional<KvCacheConfig> kv_cache) {
+            ExecutorConfig c;
+            c.device = std::move(device);
+            c.dtype = std::move(dtype);
+            c.precision = std::move(precision);
+            c.max_batch_size = max_batch_size;
+            c.max_num_tokens = max_num_tokens;
+            c.max_seq_len = max_seq_len.value_or(0);
+            c.max_lora_rank = max_lora_rank;
+            c.num_threads = num_threads.value_or(0);
+            c.lora_cache = lora_cache.value_or(LoraCacheConfig{});
+            c.kv_cache = kv_cache.value_or(KvCacheConfig{});
+            c.validate();
+            return c;
+          }),
+          py::arg("device") = executor.device, py::arg("dtype") = executor.dtype,
+          py::arg("precision") = executor.precision,
+          py::arg("max_batch_size") = executor.max_batch_size,
+          py::arg("max_num_tokens") = executor.max_num_tokens, py::arg("max_seq_len") = py::none(),
+          py::arg("max_lora_rank") = executor.max_lora_rank, py::arg("num_threads") = py::none(),
+          py::arg("lora_cache") = py::none(), py::arg("kv_cache") = py::none(),
+          "max_seq_len None/0: the model's max_position_embeddings (at most kv_cache.max_tokens); "
+          "num_threads None/0: the CPUs available to this process (OMP_NUM_THREADS when set).")
       .def_readwrite("device", &ExecutorConfig::device)
       .def_readwrite("dtype", &ExecutorConfig::dtype)
+      .def_readwrite("precision", &ExecutorConfig::precision)
       .def_readwrite("max_batch_size", &ExecutorConfig::max_batch_size)
       .def_readwrite("max_num_tokens", &ExecutorConfig::max_num_tokens)
       .def_readwrite("max_seq_len", &ExecutorConfig::max_seq_len)
@@ -335,7 +340,7 @@ void bind_executor(py::module_& m) {
         "CPUs this process may run on (affinity mask, capped by a cgroup CPU quota): the "
         "executor's default thread count.");
   m.def(
-      "num_threads", [] { return cpu::num_threads(); },
+      "num_threads", [] { return ops::cpu_threads(); },
       "OpenMP threads the calling thread's forward would use (a per-thread setting).");
 }
 

@@ -9,7 +9,7 @@
 #include "core/buffer.h"
 #include "core/checked_math.h"
 #include "core/errors.h"
-#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/ops.h"
 #include "model/llama_model.h"
 
 namespace lorart::bindings {
@@ -56,13 +56,31 @@ void bind_model(py::module_& m) {
   m.def("host_memory_limit", &host_memory_limit,
         "The most bytes one host allocation of the core may take: physical memory, or the "
         "cgroup's memory limit when lower. Larger sizes raise ValueError before allocating.");
-  m.def("set_num_threads", &cpu::set_num_threads, py::arg("threads"),
+  m.def("set_num_threads", &ops::set_cpu_threads, py::arg("threads"),
         "OpenMP threads of the CPU kernels, for the calling thread (the executor sets its own).");
-  m.def("get_num_threads", &cpu::num_threads);
+  m.def("get_num_threads", &ops::cpu_threads);
 
-  py::class_<ModelWeightsBuilder>(m, "ModelWeightsBuilder",
-                                  "Collects HF-named checkpoint tensors, converting to float32.")
-      .def(py::init<const ModelConfig&>(), py::arg("config"))
+  py::class_<ModelWeightsBuilder>(
+      m, "ModelWeightsBuilder",
+      "Collects HF-named checkpoint tensors into weights of one storage dtype (float32, float16 "
+      "or bfloat16): tensors of that dtype are copied as they are, others converted.")
+      .def(py::init([](const ModelConfig& config, const std::string& dtype) {
+             return std::make_unique<ModelWeightsBuilder>(config, dtype_from_name(dtype, "dtype"));
+           }),
+           py::arg("config"), py::arg("dtype") = "float32")
+      .def_property_readonly(
+          "dtype", [](const ModelWeightsBuilder& b) { return std::string(dtype_name(b.dtype())); })
+      .def(
+          "destination",
+          [](py::object self, const std::string& name) {
+            const Tensor t = self.cast<ModelWeightsBuilder&>().destination(name);
+            // Raw bytes of the tensor's place, kept alive by the builder (the array's base).
+            return py::array(py::dtype("uint8"), {static_cast<py::ssize_t>(t.nbytes())},
+                             {py::ssize_t{1}}, static_cast<uint8_t*>(t.data()), self);
+          },
+          py::arg("name"),
+          "The bytes tensor `name` occupies in the storage dtype (a writable uint8 array), for a "
+          "loader that reads the checkpoint straight into it; counts the tensor as added.")
       .def(
           "add",
           [](ModelWeightsBuilder& b, const std::string& name, py::handle array) {
@@ -140,36 +158,48 @@ void bind_model(py::module_& m) {
       .def_property_readonly("max_num_tokens", &LlamaModel::max_num_tokens)
       .def_property_readonly("max_lora_rank", &LlamaModel::max_lora_rank)
       .def_property_readonly("weight_bytes", &LlamaModel::weight_bytes)
+      .def_property_readonly(
+          "weight_dtype",
+          [](const LlamaModel& model) { return std::string(dtype_name(model.weight_dtype())); })
       .def(
           "forward",
-          [](LlamaModel& model, py::handle token_ids, py::handle seq_starts,
+          [](LlamaModel& model, py::handle token_ids, py::handle positions, py::handle seq_starts,
              py::handle context_lens, py::handle block_tables, py::handle lora_slots,
              py::handle logits_indices, KvCache& cache,
-             const std::vector<std::shared_ptr<LoraAdapter>>& adapters) {
+             const std::vector<std::shared_ptr<LoraAdapter>>& adapters,
+             const std::string& precision) {
+            const ExecContext ctx =
+                ExecContext::cpu(0, precision_from_name(precision, "precision"));
             BorrowedBatch b;
             b.batch.token_ids = b.take(token_ids, "token_ids");
+            b.batch.positions = b.take(positions, "positions");
             b.batch.seq_starts = b.take(seq_starts, "seq_starts");
             b.batch.context_lens = b.take(context_lens, "context_lens");
             b.batch.block_tables = b.take(block_tables, "block_tables");
             b.batch.lora_slots = b.take(lora_slots, "lora_slots");
             b.batch.logits_indices = b.take(logits_indices, "logits_indices");
-            std::vector<const LoraAdapter*> slots;
-            for (const auto& a : adapters) slots.push_back(a.get());
-            model.validate(b.batch, cache, slots);  // before the logits are allocated
+            LoraTable table(model.config());
+            for (const auto& a : adapters) {
+              if (a == nullptr) raise<InvalidArgument>("adapters must not hold None");
+              table.add(*a);
+            }
+            model.validate(b.batch, cache, table);  // before the logits are allocated
             const int64_t n_out = b.batch.logits_indices.size(0);
             py::array_t<float> logits({n_out, model.config().vocab_size});
             const Tensor out(logits.mutable_data(), DType::kFloat32,
                              {n_out, model.config().vocab_size});
             {
               py::gil_scoped_release release;
-              model.forward(b.batch, cache, slots, out);
+              model.forward(ctx, b.batch, cache, table, out);
             }
             return logits;
           },
-          py::arg("token_ids"), py::arg("seq_starts"), py::arg("context_lens"),
-          py::arg("block_tables"), py::arg("lora_slots"), py::arg("logits_indices"),
-          py::arg("kv_cache"), py::arg("adapters"),
-          "Run one packed batch; returns logits [len(logits_indices), vocab] float32.");
+          py::arg("token_ids"), py::arg("positions"), py::arg("seq_starts"),
+          py::arg("context_lens"), py::arg("block_tables"), py::arg("lora_slots"),
+          py::arg("logits_indices"), py::arg("kv_cache"), py::arg("adapters"),
+          py::arg("precision") = "float32",
+          "Run one packed batch at `precision` ('float32' exact, or 'bfloat16'); returns logits "
+          "[len(logits_indices), vocab] float32.");
 }
 
 }  // namespace lorart::bindings

@@ -47,6 +47,16 @@ DType dtype_from_name(std::string_view name, std::string_view field) {
                          name, "'");
 }
 
+const char* precision_name(Precision precision) {
+  return precision == Precision::kBFloat16 ? "bfloat16" : "float32";
+}
+
+Precision precision_from_name(std::string_view name, std::string_view field) {
+  if (name == "float32" || name == "fp32") return Precision::kFloat32;
+  if (name == "bfloat16" || name == "bf16") return Precision::kBFloat16;
+  raise<InvalidArgument>(field, " must be 'float32' (exact) or 'bfloat16'; got '", name, "'");
+}
+
 bool is_floating(DType dtype) {
   return dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16;
 }

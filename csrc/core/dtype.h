@@ -24,6 +24,16 @@ uint16_t float_to_half(float value);
 float bfloat16_to_float(uint16_t bits);
 uint16_t float_to_bfloat16(float value);
 
+// How the matmuls of a forward compute (ExecutorConfig::precision; the CPU kernels' contract).
+enum class Precision : int8_t {
+  kFloat32,   // exact: float32 products and sums in one fixed order (batch invariant)
+  kBFloat16,  // activations rounded to bfloat16, bf16 dot products, float32 sums (fixed order)
+};
+// "float32" / "bfloat16".
+const char* precision_name(Precision precision);
+// Inverse of precision_name; throws InvalidArgument naming `field` otherwise.
+Precision precision_from_name(std::string_view name, std::string_view field = "precision");
+
 // Converts `count` contiguous elements between floating dtypes (any pair, including equal ones).
 void convert_floats(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count);
 

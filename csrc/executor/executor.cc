@@ -6,7 +6,6 @@
 #include <sstream>
 
 #include "core/errors.h"
-#include "kernels/cpu/cpu_kernels.h"
 #include "lora/lora_validation.h"
 
 namespace lorart {
@@ -33,6 +32,10 @@ Response final_response(uint64_t id, FinishReason reason, std::string error = ""
 ExecutorConfig checked_config(const ExecutorConfig& config, const LlamaModel* model) {
   if (model == nullptr) raise<InvalidArgument>("Executor: model is null");
   ExecutorConfig out = config.resolve(model->config());
+  if (out.dtype != "auto" && dtype_from_name(out.dtype) != model->weight_dtype()) {
+    raise<InvalidArgument>("ExecutorConfig.dtype is '", out.dtype, "' but the model's weights are ",
+                           dtype_name(model->weight_dtype()), " (load it with that dtype)");
+  }
   if (model->max_num_tokens() < out.max_num_tokens || model->max_lora_rank() < out.max_lora_rank) {
     raise<InvalidArgument>("the model's workspace (max_num_tokens ", model->max_num_tokens(),
                            ", max_lora_rank ", model->max_lora_rank(),
@@ -45,20 +48,20 @@ ExecutorConfig checked_config(const ExecutorConfig& config, const LlamaModel* mo
 }  // namespace
 
 Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& config)
-    : model_(std::move(model)),
-      config_(checked_config(config, model_.get())),
-      kv_cache_(model_->config(),
-                (config_.kv_cache.max_tokens + config_.kv_cache.block_size - 1) /
-                    config_.kv_cache.block_size,  // resolve() bounded both: no overflow
-                config_.kv_cache.block_size),
-      kv_manager_(kv_cache_.num_blocks(), kv_cache_.block_size()),
-      lora_cache_(model_->config(), config_.lora_cache, config_.max_lora_rank),
-      scheduler_(config_.max_batch_size, config_.max_num_tokens, kv_manager_, lora_cache_) {
+    : config_(checked_config(config, model.get())),
+      runner_(std::move(model),
+              (config_.kv_cache.max_tokens + config_.kv_cache.block_size - 1) /
+                  config_.kv_cache.block_size,  // resolve() bounded both: no overflow
+              config_.kv_cache.block_size,
+              ExecContext::cpu(static_cast<int>(config_.num_threads),
+                               precision_from_name(config_.precision))),
+      kv_manager_(runner_.kv_cache().num_blocks(), runner_.kv_cache().block_size()),
+      lora_cache_(runner_.config(), config_.lora_cache, config_.max_lora_rank),
+      scheduler_(config_.max_batch_size, config_.max_num_tokens, kv_manager_, lora_cache_),
+      lora_table_(runner_.config()) {
   // The per-step scratch at its largest (resolve() bounded each), so steps do not allocate.
-  logits_.reserve(static_cast<size_t>(config_.max_num_tokens) * model_->config().vocab_size);
   block_tables_.reserve(static_cast<size_t>(config_.max_batch_size) *
                         kv_manager_.blocks_for(config_.max_seq_len));
-  sample_scratch_.resize(model_->config().vocab_size);
   stats_.total_kv_blocks = kv_manager_.num_blocks();
   std::promise<void> started;
   std::future<void> ready = started.get_future();
@@ -70,7 +73,7 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
 Executor::~Executor() { shutdown(); }
 
 std::optional<std::string> Executor::validate(InferenceRequest& r) {
-  const ModelConfig& m = model_->config();
+  const ModelConfig& m = runner_.config();
   std::ostringstream err;
   const int64_t prompt = static_cast<int64_t>(r.input_token_ids.size());
   if (prompt == 0) return "input_token_ids is empty; a request needs at least one prompt token";
@@ -245,7 +248,7 @@ void Executor::emit(std::vector<Response>& responses) {
   {
     std::lock_guard<std::mutex> lock(channel_mutex_);
     for (Response& response : responses) {
-      response.vocab_size = model_->config().vocab_size;
+      response.vocab_size = runner_.config().vocab_size;
       auto it = channels_.find(response.request_id);
       if (it != channels_.end()) it->second.responses.push_back(std::move(response));
     }
@@ -265,10 +268,10 @@ bool Executor::has_work() const {
 
 void Executor::loop(std::promise<void>& started) {
   // OpenMP's thread count is a per-thread setting: set it here, where the forward runs.
-  cpu::set_num_threads(static_cast<int>(config_.num_threads));
+  const int threads = runner_.bind_thread();
   {
     std::lock_guard<std::mutex> lock(stats_mutex_);
-    stats_.num_threads = cpu::num_threads();
+    stats_.num_threads = threads;
   }
   started.set_value();
   while (true) {

@@ -1,6 +1,7 @@
 // Executor: the GptManager of the seed documents. A background loop thread runs in-flight
-// batching over one LlamaModel: each step it admits requests (scheduler), runs one forward over
-// the mixed batch, samples, and emits responses. Public methods are thread-safe and may be called
+// batching over one ModelRunner: each step it schedules (admission, KV blocks, adapters), builds
+// the step's flat description, has the runner run it (forward + sampling), and postprocesses the
+// sampled tokens into responses. Public methods are thread-safe and may be called
 // from any thread, shutdown() and await_responses() from several at once; the model, the
 // scheduler and every Sequence belong to the loop thread. Statistics are booked before the
 // responses they count become visible.
@@ -24,8 +25,8 @@
 #include "executor/lora_cache.h"
 #include "executor/request.h"
 #include "executor/scheduler.h"
-#include "model/kv_cache.h"
-#include "model/llama_model.h"
+#include "model/lora_table.h"
+#include "runtime/model_runner.h"
 
 namespace lorart {
 
@@ -73,7 +74,7 @@ class Executor {
 
   static constexpr std::chrono::milliseconds kWaitForever{std::chrono::hours(24 * 365 * 10)};
 
-  const ModelConfig& model_config() const { return model_->config(); }
+  const ModelConfig& model_config() const { return runner_.config(); }
   const ExecutorConfig& config() const { return config_; }  // resolved: no 0 (auto) fields
   LoraCache& lora_cache() { return lora_cache_; }
 
@@ -85,22 +86,26 @@ class Executor {
   std::optional<std::string> validate(InferenceRequest& request);
   void loop(std::promise<void>& started);  // started: set once the thread count is applied
   bool has_work() const;
+  // schedule, run, postprocess.
   void step();
+  // Fills the step's flat arrays, LoRA table and sample rows from the plan (step_ and friends).
+  StepInput build_step(const std::vector<ScheduledChunk>& plan);
+  // Books the step's logits and sampled tokens into each chunk's sequence and response.
+  int64_t postprocess(const std::vector<ScheduledChunk>& plan, const StepOutput& out);
   void publish_state();  // queue lengths and free blocks into stats_ (loop thread)
   // A final response: counts it, frees the sequence and queues the response in outbox_.
   void finish(Sequence* seq, FinishReason reason, const std::string& error = "");
   // Publishes the state into stats_, then hands outbox_'s responses to their channels.
   void flush();
   void emit(std::vector<Response>& responses);  // into the channels (any thread)
-  // A message when one of logits_ rows [first_row, first_row + rows) holds NaN/Inf, else "".
-  std::string non_finite_logits(const Sequence& seq, int64_t first_row, int64_t rows,
-                                int64_t sample_row) const;
+  // A message when one of `logits` rows [first_row, first_row + rows) holds NaN/Inf, else "".
+  std::string non_finite_logits(const Sequence& seq, const Tensor& logits, int64_t first_row,
+                                int64_t rows, int64_t sample_row) const;
   void on_sampled(Sequence& seq, int32_t token);
   static bool ends_with_stop(const Sequence& seq, const std::vector<int32_t>& stop);
 
-  std::shared_ptr<LlamaModel> model_;
   const ExecutorConfig config_;
-  KvCache kv_cache_;
+  ModelRunner runner_;
   KvCacheManager kv_manager_;
   LoraCache lora_cache_;
   Scheduler scheduler_;
@@ -122,19 +127,21 @@ class Executor {
   mutable std::mutex stats_mutex_;
   ExecutorStats stats_;
 
-  // Per-step scratch (loop thread), grown once to the configured maxima.
-  std::vector<int32_t> token_ids_, seq_starts_, context_lens_, block_tables_, lora_slots_,
-      logits_indices_;
-  std::vector<float> logits_;
-  std::vector<std::pair<float, int32_t>> sample_scratch_;
+  // The step's flat description (loop thread), grown once to the configured maxima.
+  std::vector<int32_t> token_ids_, positions_, seq_starts_, context_lens_, block_tables_,
+      lora_slots_, logits_indices_, sample_rows_;
+  std::vector<SamplingParams> sampling_;
+  std::vector<uint64_t> rng_states_;
+  LoraTable lora_table_;
+  std::vector<const LoraAdapter*> step_adapters_;  // the adapter of each LoRA table slot
   // Where a chunk's rows sit in the step's logits.
   struct ChunkRows {
     int64_t first_context_row = 0;  // rows of prompt positions collected as context logits
     int64_t context_rows = 0;
-    int64_t sample_row = -1;  // row whose logits pick the next token
+    int64_t sample_row = -1;    // row whose logits pick the next token
+    int64_t sample_index = -1;  // its entry in the step's sample rows
   };
-  std::vector<ChunkRows> step_rows_;               // one per scheduled chunk
-  std::vector<const LoraAdapter*> step_adapters_;  // the step's adapters, by LoRA slot
+  std::vector<ChunkRows> step_rows_;  // one per scheduled chunk
   std::mutex join_mutex_;  // one shutdown() joins the loop thread; the others wait for it
   std::thread thread_;
 };

@@ -85,10 +85,11 @@ void ExecutorConfig::validate() const {
     raise<InvalidArgument>("ExecutorConfig.device '", device, "' is not supported by this build ",
                            "(supported: cpu; the CUDA executor lands with the CUDA kernels)");
   }
-  if (dtype != "float32") {
-    raise<InvalidArgument>("ExecutorConfig.dtype '", dtype, "' is not supported on cpu ",
-                           "(supported: float32; checkpoints in float16/bfloat16 are converted)");
+  if (dtype != "auto" && dtype != "float32" && dtype != "float16" && dtype != "bfloat16") {
+    raise<InvalidArgument>("ExecutorConfig.dtype must be 'auto' (the checkpoint's), 'float32', ",
+                           "'float16' or 'bfloat16'; got '", dtype, "'");
   }
+  precision_from_name(precision, "ExecutorConfig.precision");
   in_range("max_batch_size", max_batch_size, 1, kMaxBatchSize);
   in_range("max_num_tokens", max_num_tokens, 1, kMaxInt32);
   if (max_seq_len != 0 && (max_seq_len < 1 || max_seq_len > kMaxInt32)) {

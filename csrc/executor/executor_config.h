@@ -18,8 +18,13 @@ struct KvCacheConfig {
 };
 
 struct ExecutorConfig {
-  std::string device = "cpu";     // the CPU backend; CUDA executors arrive with the CUDA kernels
-  std::string dtype = "float32";  // compute dtype (float32 on CPU)
+  std::string device = "cpu";  // the CPU backend; CUDA executors arrive with the CUDA kernels
+  // Storage dtype of the weights: "auto" (the checkpoint's), "float32", "float16", "bfloat16".
+  // The loader reads it; an executor checks it against its model's weights.
+  std::string dtype = "auto";
+  // Matmul precision: "float32" (exact, bitwise the float32 path) or "bfloat16" (activations
+  // rounded to bf16, bf16 dot products with float32 sums).
+  std::string precision = "float32";
   int64_t max_batch_size = 8;
   int64_t max_num_tokens = 2048;  // tokens one step may run (prefill chunks + decodes)
   // Prompt + generated, per request. 0 = the model's max_position_embeddings, capped at the KV

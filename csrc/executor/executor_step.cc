@@ -1,5 +1,6 @@
-// The executor's step: build one packed batch from the scheduler's plan, run the forward, sample,
-// and queue responses (loop() publishes them after the step's stats). Loop thread only.
+// The executor's step: schedule, build the step's flat description, run it (ModelRunner: forward
+// and sampling), postprocess the tokens into responses (loop() publishes them after the step's
+// stats). Loop thread only.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -7,7 +8,6 @@
 
 #include "core/errors.h"
 #include "executor/executor.h"
-#include "kernels/cpu/cpu_kernels.h"
 
 namespace lorart {
 
@@ -16,36 +16,69 @@ void Executor::step() {
   std::vector<ScheduledChunk> plan = scheduler_.schedule();
   for (auto& [seq, error] : scheduler_.take_failed()) finish(seq, FinishReason::kError, error);
   if (plan.empty()) return;
-  // Neighbours with one adapter form one LoRA segment.
+  // Neighbours with one adapter form one LoRA run.
   std::stable_sort(plan.begin(), plan.end(), [](const ScheduledChunk& a, const ScheduledChunk& b) {
     return a.seq->adapter.get() < b.seq->adapter.get();
   });
-  const ModelConfig& m = model_->config();
+  int64_t prompt_tokens = 0;  // before postprocess, which may free finished sequences
+  for (const ScheduledChunk& chunk : plan) {
+    prompt_tokens += std::max<int64_t>(
+        0, std::min(chunk.begin + chunk.count, chunk.seq->prompt_len) - chunk.begin);
+  }
+  const StepInput input = build_step(plan);
+  StepOutput out;
+  try {
+    out = runner_.run(input);
+  } catch (const std::exception& e) {
+    // A failed step fails its requests alone; the loop and every other request go on.
+    for (const ScheduledChunk& chunk : plan) {
+      finish(chunk.seq, FinishReason::kError, std::string("forward failed: ") + e.what());
+    }
+    return;
+  }
+  const int64_t sampled = postprocess(plan, out);
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  ++stats_.steps;
+  stats_.prompt_tokens += prompt_tokens;
+  stats_.generated_tokens += sampled;
+  stats_.busy_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+StepInput Executor::build_step(const std::vector<ScheduledChunk>& plan) {
   const int64_t width = kv_manager_.blocks_for(config_.max_seq_len);
   const int64_t num_seqs = static_cast<int64_t>(plan.size());
   token_ids_.clear();
+  positions_.clear();
   seq_starts_.assign(1, 0);
   context_lens_.clear();
   lora_slots_.clear();
   logits_indices_.clear();
+  sample_rows_.clear();
+  sampling_.clear();
+  rng_states_.clear();
   block_tables_.assign(static_cast<size_t>(num_seqs * width), -1);
-  std::vector<const LoraAdapter*>& adapters = step_adapters_;
-  adapters.clear();
-  std::vector<ChunkRows>& rows = step_rows_;
-  rows.assign(plan.size(), ChunkRows{});
-  int64_t prompt_tokens = 0;
+  lora_table_.clear();
+  step_adapters_.clear();
+  step_rows_.assign(plan.size(), ChunkRows{});
+  bool log_probs = false;
   for (int64_t i = 0; i < num_seqs; ++i) {
     Sequence& seq = *plan[i].seq;
+    ChunkRows& rows = step_rows_[i];
     const int64_t begin = plan[i].begin, end = begin + plan[i].count;
     token_ids_.insert(token_ids_.end(), seq.tokens.begin() + begin, seq.tokens.begin() + end);
+    for (int64_t p = begin; p < end; ++p) positions_.push_back(static_cast<int32_t>(p));
     seq_starts_.push_back(static_cast<int32_t>(token_ids_.size()));
     context_lens_.push_back(static_cast<int32_t>(begin));
     std::copy(seq.blocks.begin(), seq.blocks.end(), block_tables_.begin() + i * width);
     int32_t slot = -1;
     if (seq.adapter) {
-      auto found = std::find(adapters.begin(), adapters.end(), seq.adapter.get());
-      slot = static_cast<int32_t>(found - adapters.begin());
-      if (found == adapters.end()) adapters.push_back(seq.adapter.get());
+      const auto found = std::find(step_adapters_.begin(), step_adapters_.end(), seq.adapter.get());
+      slot = static_cast<int32_t>(found - step_adapters_.begin());
+      if (found == step_adapters_.end()) {
+        step_adapters_.push_back(seq.adapter.get());
+        lora_table_.add(*seq.adapter);
+      }
     }
     lora_slots_.push_back(slot);
     const int64_t first_token = seq_starts_[i];
@@ -54,86 +87,86 @@ void Executor::step() {
       // Prompt positions of this chunk not collected yet (a recompute after preemption skips).
       const int64_t from = std::max(begin, seq.context_rows);
       context_end = std::max(from, std::min(end, seq.prompt_len));
-      rows[i].first_context_row = static_cast<int64_t>(logits_indices_.size());
+      rows.first_context_row = static_cast<int64_t>(logits_indices_.size());
       for (int64_t p = from; p < context_end; ++p) {
         logits_indices_.push_back(static_cast<int32_t>(first_token + p - begin));
       }
-      rows[i].context_rows = context_end - from;
+      rows.context_rows = context_end - from;
     }
-    if (plan[i].samples) {
-      if (rows[i].context_rows > 0 && context_end == end) {
-        // The chunk's last token is already a context row: sample from it rather than asking
-        // the model for the same row twice (which could exceed max_num_tokens rows).
-        rows[i].sample_row = rows[i].first_context_row + rows[i].context_rows - 1;
-      } else {
-        rows[i].sample_row = static_cast<int64_t>(logits_indices_.size());
-        logits_indices_.push_back(static_cast<int32_t>(first_token + plan[i].count - 1));
-      }
+    if (!plan[i].samples) continue;
+    if (rows.context_rows > 0 && context_end == end) {
+      // The chunk's last token is already a context row: sample from it rather than asking the
+      // model for the same row twice (which could exceed max_num_tokens rows).
+      rows.sample_row = rows.first_context_row + rows.context_rows - 1;
+    } else {
+      rows.sample_row = static_cast<int64_t>(logits_indices_.size());
+      logits_indices_.push_back(static_cast<int32_t>(first_token + plan[i].count - 1));
     }
-    prompt_tokens += std::max<int64_t>(0, std::min(end, seq.prompt_len) - begin);
+    rows.sample_index = static_cast<int64_t>(sample_rows_.size());
+    sample_rows_.push_back(static_cast<int32_t>(rows.sample_row));
+    const SamplingConfig& s = seq.request.sampling_config;
+    sampling_.push_back(SamplingParams{s.top_k, s.top_p, s.temperature});
+    rng_states_.push_back(seq.rng_state);
+    log_probs = log_probs || seq.request.return_log_probs;
   }
-  const int64_t n_out = static_cast<int64_t>(logits_indices_.size());
-  logits_.resize(static_cast<size_t>(std::max<int64_t>(n_out, 1) * m.vocab_size));
-  const int64_t num_tokens = static_cast<int64_t>(token_ids_.size());
-  ForwardBatch batch;
-  batch.token_ids = Tensor(token_ids_.data(), DType::kInt32, {num_tokens});
-  batch.seq_starts = Tensor(seq_starts_.data(), DType::kInt32, {num_seqs + 1});
-  batch.context_lens = Tensor(context_lens_.data(), DType::kInt32, {num_seqs});
-  batch.block_tables = Tensor(block_tables_.data(), DType::kInt32, {num_seqs, width});
-  batch.lora_slots = Tensor(lora_slots_.data(), DType::kInt32, {num_seqs});
-  batch.logits_indices = Tensor(logits_indices_.data(), DType::kInt32, {n_out});
-  try {
-    model_->forward(batch, kv_cache_, adapters,
-                    Tensor(logits_.data(), DType::kFloat32, {n_out, m.vocab_size}));
-  } catch (const std::exception& e) {
-    // A failed step fails its requests alone; the loop and every other request go on.
-    for (const ScheduledChunk& chunk : plan) {
-      finish(chunk.seq, FinishReason::kError, std::string("forward failed: ") + e.what());
-    }
-    return;
-  }
+  const auto num_tokens = static_cast<int64_t>(token_ids_.size());
+  StepInput in;
+  in.batch.token_ids = Tensor(token_ids_.data(), DType::kInt32, {num_tokens});
+  in.batch.positions = Tensor(positions_.data(), DType::kInt32, {num_tokens});
+  in.batch.seq_starts = Tensor(seq_starts_.data(), DType::kInt32, {num_seqs + 1});
+  in.batch.context_lens = Tensor(context_lens_.data(), DType::kInt32, {num_seqs});
+  in.batch.block_tables = Tensor(block_tables_.data(), DType::kInt32, {num_seqs, width});
+  in.batch.lora_slots = Tensor(lora_slots_.data(), DType::kInt32, {num_seqs});
+  in.batch.logits_indices =
+      Tensor(logits_indices_.data(), DType::kInt32, {static_cast<int64_t>(logits_indices_.size())});
+  in.lora = &lora_table_;
+  in.sample_rows =
+      Tensor(sample_rows_.data(), DType::kInt32, {static_cast<int64_t>(sample_rows_.size())});
+  in.sampling = sampling_.data();
+  in.rng_states = rng_states_.data();
+  in.log_probs = log_probs;
+  return in;
+}
+
+int64_t Executor::postprocess(const std::vector<ScheduledChunk>& plan, const StepOutput& out) {
+  const int64_t vocab = runner_.config().vocab_size;
+  const float* logits = out.logits.data_as<const float>();
+  const int32_t* tokens = out.tokens.data_as<const int32_t>();
   int64_t sampled = 0;
-  for (int64_t i = 0; i < num_seqs; ++i) {
+  for (size_t i = 0; i < plan.size(); ++i) {
     Sequence& seq = *plan[i].seq;
     // The chunk's rows are contiguous: context rows, then (unless shared) its sample row.
-    const ChunkRows& r = rows[i];
+    const ChunkRows& r = step_rows_[i];
     const int64_t first_row = r.context_rows > 0 ? r.first_context_row : r.sample_row;
     const int64_t end_row = std::max(r.first_context_row + r.context_rows, r.sample_row + 1);
     if (first_row >= 0) {
-      std::string error = non_finite_logits(seq, first_row, end_row - first_row, r.sample_row);
+      std::string error =
+          non_finite_logits(seq, out.logits, first_row, end_row - first_row, r.sample_row);
       if (!error.empty()) {  // fails this request alone: its rows are its own
         finish(&seq, FinishReason::kError, error);
         continue;
       }
     }
     scheduler_.advance(plan[i]);
-    if (rows[i].context_rows > 0) {
-      const float* src = logits_.data() + rows[i].first_context_row * m.vocab_size;
+    if (r.context_rows > 0) {
+      const float* src = logits + r.first_context_row * vocab;
       seq.pending.context_logits.insert(seq.pending.context_logits.end(), src,
-                                        src + rows[i].context_rows * m.vocab_size);
-      seq.context_rows += rows[i].context_rows;
+                                        src + r.context_rows * vocab);
+      seq.context_rows += r.context_rows;
     }
-    if (rows[i].sample_row < 0) continue;
-    const float* row = logits_.data() + rows[i].sample_row * m.vocab_size;
-    const SamplingConfig& s = seq.request.sampling_config;
-    float log_prob = 0.0f;
-    const int32_t token = cpu::sample_token(
-        row, m.vocab_size, SamplingParams{s.top_k, s.top_p, s.temperature}, &seq.rng_state,
-        seq.request.return_log_probs ? &log_prob : nullptr, sample_scratch_.data());
-    if (seq.request.return_log_probs) seq.pending.log_probs.push_back(log_prob);
+    if (r.sample_row < 0) continue;
+    seq.rng_state = rng_states_[r.sample_index];
+    if (seq.request.return_log_probs) {
+      seq.pending.log_probs.push_back(out.log_probs.data_as<const float>()[r.sample_index]);
+    }
     if (seq.request.return_generation_logits) {
-      seq.pending.generation_logits.insert(seq.pending.generation_logits.end(), row,
-                                           row + m.vocab_size);
+      const float* row = logits + r.sample_row * vocab;
+      seq.pending.generation_logits.insert(seq.pending.generation_logits.end(), row, row + vocab);
     }
     ++sampled;
-    on_sampled(seq, token);
+    on_sampled(seq, tokens[r.sample_index]);
   }
-  std::lock_guard<std::mutex> lock(stats_mutex_);
-  ++stats_.steps;
-  stats_.prompt_tokens += prompt_tokens;
-  stats_.generated_tokens += sampled;
-  stats_.busy_seconds +=
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return sampled;
 }
 
 void Executor::publish_state() {
@@ -173,10 +206,10 @@ void Executor::on_sampled(Sequence& seq, int32_t token) {
   }
 }
 
-std::string Executor::non_finite_logits(const Sequence& seq, int64_t first_row, int64_t rows,
-                                        int64_t sample_row) const {
-  const int64_t vocab = model_->config().vocab_size;
-  const float* begin = logits_.data() + first_row * vocab;
+std::string Executor::non_finite_logits(const Sequence& seq, const Tensor& logits,
+                                        int64_t first_row, int64_t rows, int64_t sample_row) const {
+  const int64_t vocab = runner_.config().vocab_size;
+  const float* begin = logits.data_as<const float>() + first_row * vocab;
   const float* bad =
       std::find_if(begin, begin + rows * vocab, [](float v) { return !std::isfinite(v); });
   if (bad == begin + rows * vocab) return "";

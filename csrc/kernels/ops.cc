@@ -7,116 +7,286 @@ namespace lorart::ops {
 
 namespace {
 
-// The CUDA backend currently provides device memory only; its kernels land op by op, each
-// checked against the CPU implementation below before it is dispatched to.
-// Every tensor of an op lives on one device; the first names it.
+// Every tensor of an op lives on the context's device; only the CPU has kernels in this build.
+// The CUDA backend provides device memory today; its kernels land op by op, each checked against
+// the CPU implementation before it is dispatched to here.
 template <class... More>
-Device device_of(const char* op, const Tensor& t, const More&... more) {
-  if (((more.device() != t.device()) || ...)) {
-    raise<InvalidArgument>(op, ": all tensors must be on ", t.device().str());
+void check_device(const char* op, const ExecContext& ctx, const More&... tensors) {
+  const Device bad[] = {tensors.device()...};
+  for (const Device& d : bad) {
+    if (d != ctx.device) {
+      raise<InvalidArgument>(op, ": every tensor must be on the context's device ",
+                             ctx.device.str(), ", got one on ", d.str());
+    }
   }
-  if (!t.device().is_cpu()) {
-    raise<DeviceError>(op, ": no ", t.device().str(), " implementation in this build yet");
+  if (!ctx.device.is_cpu()) {
+    raise<DeviceError>(op, ": no ", ctx.device.str(), " implementation in this build yet");
   }
-  return t.device();
+  // The CPU pool: OpenMP's team size is a per-thread setting of the calling thread.
+  if (ctx.num_threads > 0 && cpu::num_threads() != ctx.num_threads) {
+    cpu::set_num_threads(ctx.num_threads);
+  }
 }
 
 void require(bool ok, const char* op, const char* what, const Tensor& t) {
   if (!ok) raise<InvalidArgument>(op, ": ", what, ", got ", t.describe());
 }
 
-void require_rows(const char* op, const Tensor& t, const char* name) {
-  require(t.dim() == 2 && t.stride(1) == 1, op, name, t);
-  require(t.dtype() == DType::kFloat32, op, name, t);
+// A float32 activation matrix with unit column stride.
+void require_rows(const char* op, const Tensor& t, const char* what) {
+  require(t.dim() == 2 && t.stride(1) == 1 && t.dtype() == DType::kFloat32, op, what, t);
+}
+
+void require_int32(const char* op, const Tensor& t, int dims, const char* what) {
+  require(t.dim() == dims && t.dtype() == DType::kInt32 && t.is_contiguous(), op, what, t);
+}
+
+// A weight in a float storage dtype: [rows, cols] with unit column stride, or a contiguous
+// vector of `cols` values (rows == 0).
+WeightRef weight_ref(const char* op, const char* what, const Tensor& w, int64_t rows,
+                     int64_t cols) {
+  require(is_floating(w.dtype()), op, what, w);
+  if (rows == 0) {
+    require(w.is_contiguous() && w.numel() == cols, op, what, w);
+    return {w.data(), w.dtype(), nullptr, cols};
+  }
+  require(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.stride(1) == 1, op, what, w);
+  return {w.data(), w.dtype(), nullptr, w.stride(0)};
 }
 
 }  // namespace
 
-void embedding(const Tensor& table, const Tensor& ids, const Tensor& out) {
-  device_of("embedding", table, ids, out);
-  require(ids.dim() == 1 && ids.dtype() == DType::kInt32, "embedding", "ids must be [T] int32",
-          ids);
-  require(table.is_contiguous() && table.dim() == 2, "embedding", "table must be [V, H]", table);
-  require(out.is_contiguous() && out.size(0) == ids.size(0) && out.size(1) == table.size(1),
-          "embedding", "out must be [T, H]", out);
-  cpu::embedding(table.data_as<float>(), table.size(1), ids.data_as<int32_t>(), ids.size(0),
-                 out.data_as<float>());
+void embedding(const ExecContext& ctx, const Tensor& table, const Tensor& ids, const Tensor& out) {
+  check_device("embedding", ctx, table, ids, out);
+  require_int32("embedding", ids, 1, "ids must be [T] int32");
+  require(table.dim() == 2, "embedding", "table must be [V, H]", table);
+  const WeightRef t = weight_ref("embedding", "table must be [V, H] (float32/float16/bfloat16)",
+                                 table, table.size(0), table.size(1));
+  require(out.is_contiguous() && out.dim() == 2 && out.dtype() == DType::kFloat32 &&
+              out.size(0) == ids.size(0) && out.size(1) == table.size(1),
+          "embedding", "out must be contiguous float32 [T, H]", out);
+  cpu::embedding({t, ids.data_as<int32_t>(), out.data_as<float>(), ids.size(0), table.size(1)});
 }
 
-void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) {
-  device_of("rms_norm", x, weight, out);
+void rms_norm(const ExecContext& ctx, const Tensor& x, const Tensor& weight, float eps,
+              const Tensor& out) {
+  check_device("rms_norm", ctx, x, weight, out);
   require_rows("rms_norm", x, "x must be [T, H] float32 with unit column stride");
   require_rows("rms_norm", out, "out must be [T, H] float32 with unit column stride");
   require(out.size(0) == x.size(0) && out.size(1) == x.size(1), "rms_norm",
           "out must have the shape of x", out);
-  require(weight.numel() == x.size(1), "rms_norm", "weight must have H elements", weight);
-  cpu::rms_norm(x.data_as<float>(), x.stride(0), weight.data_as<float>(), x.size(0), x.size(1), eps,
-                out.data_as<float>(), out.stride(0));
+  const WeightRef w =
+      weight_ref("rms_norm", "weight must have H float elements", weight, 0, x.size(1));
+  cpu::rms_norm({x.data_as<float>(), x.stride(0), w, out.data_as<float>(), out.stride(0), x.size(0),
+                 x.size(1), eps});
 }
 
-void rope(const Tensor& x, int32_t head_dim, const Tensor& positions, const Tensor& inv_freq) {
-  device_of("rope", x, positions, inv_freq);
+void rope(const ExecContext& ctx, const Tensor& x, int32_t head_dim, const Tensor& positions,
+          const Tensor& inv_freq) {
+  check_device("rope", ctx, x, positions, inv_freq);
   require_rows("rope", x, "x must be [T, heads * head_dim] float32");
   require(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024 && x.size(1) % head_dim == 0,
           "rope", "head_dim must be even, <= 1024 and divide the row width", x);
   require(positions.numel() == x.size(0) && positions.dtype() == DType::kInt32, "rope",
           "positions must be [T] int32", positions);
-  require(inv_freq.numel() == head_dim / 2, "rope", "inv_freq must have head_dim / 2 elements",
-          inv_freq);
+  require(inv_freq.numel() == head_dim / 2 && inv_freq.dtype() == DType::kFloat32, "rope",
+          "inv_freq must be float32 [head_dim / 2]", inv_freq);
   cpu::rope(x.data_as<float>(), x.stride(0), x.size(0), static_cast<int32_t>(x.size(1) / head_dim),
             head_dim, positions.data_as<int32_t>(), inv_freq.data_as<float>());
 }
 
-void linear(const Tensor& x, const Tensor& w, const Tensor& y, float beta) {
-  device_of("linear", x, w, y);
+void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& y, float beta,
+            const Tensor& w_scales) {
+  check_device("linear", ctx, x, w, y);
   require_rows("linear", x, "x must be [M, K] float32");
   require_rows("linear", y, "y must be [M, N] float32");
-  require(w.is_contiguous() && w.dim() == 2 && w.size(1) == x.size(1) && w.size(0) == y.size(1),
-          "linear", "w must be contiguous [N, K] matching x [M, K] and y [M, N]", w);
   require(y.size(0) == x.size(0), "linear", "y must have as many rows as x", y);
-  cpu::linear(x.data_as<float>(), x.stride(0), w.data_as<float>(), x.size(0), w.size(0), x.size(1),
-              beta, y.data_as<float>(), y.stride(0));
+  const WeightRef ref = weight_ref("linear", "w must be float [N, K] matching x [M, K], y [M, N]",
+                                   w, y.size(1), x.size(1));
+  // Float weights carry no scales; quantized dtypes (which will) have no kernel yet.
+  require(!w_scales.defined() || w_scales.numel() == 0, "linear",
+          "w_scales are for quantized weights; float weights take none", w_scales);
+  if (ctx.precision == Precision::kBFloat16) {
+    raise<InvalidArgument>("linear: precision 'bfloat16' has no CPU kernel in this build");
+  }
+  cpu::linear({x.data_as<float>(), x.stride(0), ref, y.data_as<float>(), y.stride(0), x.size(0),
+               y.size(1), x.size(1), beta, ctx.precision});
 }
 
-void add_bias(const Tensor& y, const Tensor& bias) {
-  device_of("add_bias", y, bias);
+void add_bias(const ExecContext& ctx, const Tensor& y, const Tensor& bias) {
+  check_device("add_bias", ctx, y, bias);
   require_rows("add_bias", y, "y must be [M, N] float32");
-  require(bias.numel() == y.size(1), "add_bias", "bias must have N elements", bias);
-  cpu::add_bias(y.data_as<float>(), y.stride(0), y.size(0), y.size(1), bias.data_as<float>());
+  const WeightRef b = weight_ref("add_bias", "bias must have N float elements", bias, 0, y.size(1));
+  cpu::add_bias({y.data_as<float>(), y.stride(0), b, y.size(0), y.size(1)});
 }
 
-void add(const Tensor& y, const Tensor& x) {
-  device_of("add", y, x);
-  require(y.is_contiguous() && x.is_contiguous() && x.numel() == y.numel(), "add",
-          "x and y must be contiguous with the same size", x);
+void add(const ExecContext& ctx, const Tensor& y, const Tensor& x) {
+  check_device("add", ctx, y, x);
+  require(y.is_contiguous() && x.is_contiguous() && x.numel() == y.numel() &&
+              x.dtype() == DType::kFloat32 && y.dtype() == DType::kFloat32,
+          "add", "x and y must be contiguous float32 with the same size", x);
   cpu::add(y.data_as<float>(), x.data_as<float>(), y.numel());
 }
 
-void silu_mul(const Tensor& gate_up, const Tensor& out) {
-  device_of("silu_mul", gate_up, out);
+void silu_mul(const ExecContext& ctx, const Tensor& gate_up, const Tensor& out) {
+  check_device("silu_mul", ctx, gate_up, out);
   require(gate_up.is_contiguous() && out.is_contiguous() && gate_up.dim() == 2 && out.dim() == 2 &&
+              gate_up.dtype() == DType::kFloat32 && out.dtype() == DType::kFloat32 &&
               gate_up.size(1) == 2 * out.size(1) && gate_up.size(0) == out.size(0),
-          "silu_mul", "gate_up must be [T, 2I] and out [T, I], contiguous", gate_up);
+          "silu_mul", "gate_up must be [T, 2I] and out [T, I], contiguous float32", gate_up);
   cpu::silu_mul(gate_up.data_as<float>(), out.size(0), out.size(1), out.data_as<float>());
 }
 
-void paged_attention(const Tensor& k, const Tensor& v, const PagedAttentionParams& params,
-                     float* k_cache, float* v_cache, Device device) {
-  if (!device.is_cpu()) {
-    raise<DeviceError>("paged_attention: no ", device.str(), " implementation in this build yet");
+void gather_rows(const ExecContext& ctx, const Tensor& x, const Tensor& rows, const Tensor& out) {
+  check_device("gather_rows", ctx, x, rows, out);
+  require(x.is_contiguous() && x.dim() == 2 && x.dtype() == DType::kFloat32, "gather_rows",
+          "x must be contiguous float32 [T, W]", x);
+  require_int32("gather_rows", rows, 1, "rows must be [N] int32");
+  require(out.is_contiguous() && out.dim() == 2 && out.dtype() == DType::kFloat32 &&
+              out.size(0) == rows.size(0) && out.size(1) == x.size(1),
+          "gather_rows", "out must be contiguous float32 [N, W]", out);
+  const int32_t* r = rows.data_as<int32_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i) {
+    if (r[i] < 0 || r[i] >= x.size(0)) {
+      raise<InvalidArgument>("gather_rows: rows[", i, "] = ", r[i], " is out of range [0, ",
+                             x.size(0), ")");
+    }
   }
-  require(k.stride(0) == v.stride(0) && k.size(1) == params.num_kv_heads * params.head_dim,
-          "paged_attention", "k and v must be [T, kv_heads * head_dim] views with one stride", k);
-  cpu::paged_kv_write(k.data_as<float>(), v.data_as<float>(), k.stride(0), params, k_cache,
-                      v_cache);
-  cpu::paged_attention(params);
+  cpu::gather_rows(x.data_as<float>(), x.size(1), r, rows.size(0), out.data_as<float>());
 }
 
-void lora_gemm(const LoraGemmParams& params, Device device) {
-  if (!device.is_cpu()) {
-    raise<DeviceError>("lora_gemm: no ", device.str(), " implementation in this build yet");
-  }
-  cpu::lora_gemm(params);
+void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
+                     const AttentionShape& shape, const Tensor& out) {
+  check_device("paged_attention", ctx, q, k, v, k_cache, v_cache, batch.seq_starts,
+               batch.context_lens, batch.block_tables, out);
+  const int64_t kv_width = static_cast<int64_t>(shape.num_kv_heads) * shape.head_dim;
+  require(shape.num_heads > 0 && shape.num_kv_heads > 0 && shape.head_dim > 0 &&
+              shape.num_heads % shape.num_kv_heads == 0 && shape.sliding_window >= 0,
+          "paged_attention", "heads must be positive with num_heads % num_kv_heads == 0", q);
+  require_rows("paged_attention", q, "q must be [T, heads * head_dim] float32");
+  require(q.size(1) == int64_t{shape.num_heads} * shape.head_dim, "paged_attention",
+          "q must be [T, heads * head_dim]", q);
+  require_rows("paged_attention", k, "k must be [T, kv_heads * head_dim] float32");
+  require_rows("paged_attention", v, "v must be [T, kv_heads * head_dim] float32");
+  require(k.size(1) == kv_width && v.size(1) == kv_width && k.stride(0) == v.stride(0) &&
+              k.size(0) == q.size(0) && v.size(0) == q.size(0),
+          "paged_attention", "k and v must be [T, kv_heads * head_dim] views with one stride", k);
+  require(k_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.dtype() == DType::kFloat32 &&
+              k_cache.size(2) == shape.num_kv_heads && k_cache.size(3) == shape.head_dim,
+          "paged_attention", "k_cache must be float32 [blocks, block_size, kv_heads, head_dim]",
+          k_cache);
+  require(v_cache.is_contiguous() && v_cache.dim() == 4 && v_cache.dtype() == DType::kFloat32 &&
+              v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) &&
+              v_cache.size(2) == k_cache.size(2) && v_cache.size(3) == k_cache.size(3),
+          "paged_attention", "v_cache must have k_cache's shape", v_cache);
+  require_int32("paged_attention", batch.seq_starts, 1, "seq_starts must be [S + 1] int32");
+  require_int32("paged_attention", batch.context_lens, 1, "context_lens must be [S] int32");
+  require_int32("paged_attention", batch.block_tables, 2, "block_tables must be [S, W] int32");
+  const int64_t num_seqs = batch.context_lens.size(0);
+  require(batch.seq_starts.size(0) == num_seqs + 1 && batch.block_tables.size(0) == num_seqs,
+          "paged_attention", "seq_starts must have S + 1 entries and block_tables S rows",
+          batch.seq_starts);
+  require(out.is_contiguous() && out.dtype() == DType::kFloat32 && out.dim() == 2 &&
+              out.size(0) == q.size(0) && out.size(1) == q.size(1),
+          "paged_attention", "out must be contiguous float32 [T, heads * head_dim]", out);
+  PagedAttentionParams p{};
+  p.q = q.data_as<const float>();
+  p.q_stride = q.stride(0);
+  p.k = k.data_as<const float>();
+  p.v = v.data_as<const float>();
+  p.kv_stride = k.stride(0);
+  p.out = out.data_as<float>();
+  p.k_cache = k_cache.data_as<float>();
+  p.v_cache = v_cache.data_as<float>();
+  p.seq_starts = batch.seq_starts.data_as<const int32_t>();
+  p.context_lens = batch.context_lens.data_as<const int32_t>();
+  p.block_tables = batch.block_tables.data_as<const int32_t>();
+  p.num_seqs = static_cast<int32_t>(num_seqs);
+  p.max_blocks_per_seq = static_cast<int32_t>(batch.block_tables.size(1));
+  p.block_size = static_cast<int32_t>(k_cache.size(1));
+  p.num_heads = shape.num_heads;
+  p.num_kv_heads = shape.num_kv_heads;
+  p.head_dim = shape.head_dim;
+  p.sliding_window = shape.sliding_window;
+  p.scale = shape.scale;
+  cpu::paged_attention(p);
 }
+
+void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t out,
+               const LoraBatch& lora, int64_t pair_index, const Tensor& scratch) {
+  check_device("lora_gemm", ctx, x, y, scratch);
+  if (lora.num_runs == 0) return;
+  require_rows("lora_gemm", x, "x must be [T, in] float32");
+  require_rows("lora_gemm", y, "y must be [T, >= out] float32");
+  require(y.size(0) == x.size(0) && y.size(1) >= out, "lora_gemm",
+          "y must have x's rows and at least `out` columns", y);
+  require(pair_index >= 0 && pair_index < lora.pairs_per_slot && lora.pairs != nullptr, "lora_gemm",
+          "pair_index must index the LoRA table's (layer, module) entries", x);
+  require(scratch.dtype() == DType::kFloat32 && scratch.is_contiguous(), "lora_gemm",
+          "scratch must be contiguous float32", scratch);
+  int64_t need = 0;
+  for (int32_t i = 0; i < lora.num_runs; ++i) {
+    const LoraRun& run = lora.runs[i];
+    if (run.begin < 0 || run.end > x.size(0) || run.begin > run.end || run.slot < 0 ||
+        run.slot >= lora.num_slots) {
+      raise<InvalidArgument>("lora_gemm: run ", i, " [", run.begin, ", ", run.end, ") of slot ",
+                             run.slot, " is outside the ", x.size(0), " tokens or the ",
+                             lora.num_slots, " slot(s)");
+    }
+    need +=
+        int64_t{run.end - run.begin} * lora.pairs[run.slot * lora.pairs_per_slot + pair_index].rank;
+  }
+  require(scratch.numel() >= need, "lora_gemm", "scratch is smaller than the runs' tokens * rank",
+          scratch);
+  LoraGemmParams p{};
+  p.x = x.data_as<const float>();
+  p.x_stride = x.stride(0);
+  p.y = y.data_as<float>();
+  p.y_stride = y.stride(0);
+  p.in = x.size(1);
+  p.out = out;
+  p.runs = lora.runs;
+  p.num_runs = lora.num_runs;
+  p.pairs = lora.pairs + pair_index;
+  p.slot_stride = lora.pairs_per_slot;
+  p.scratch = scratch.data_as<float>();
+  cpu::lora_gemm(p);
+}
+
+void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
+            const SamplingParams* params, uint64_t* rng_states, const Tensor& tokens,
+            const Tensor& log_probs, std::pair<float, int32_t>* scratch) {
+  check_device("sample", ctx, logits, rows, tokens);
+  require(logits.is_contiguous() && logits.dim() == 2 && logits.dtype() == DType::kFloat32,
+          "sample", "logits must be contiguous float32 [N, V]", logits);
+  require_int32("sample", rows, 1, "rows must be [R] int32");
+  require_int32("sample", tokens, 1, "tokens must be [R] int32");
+  require(tokens.size(0) == rows.size(0), "sample", "tokens must have one entry per row", tokens);
+  require(!log_probs.defined() || log_probs.numel() == 0 ||
+              (log_probs.dtype() == DType::kFloat32 && log_probs.numel() == rows.size(0)),
+          "sample", "log_probs must be float32 [R] or undefined", log_probs);
+  const int32_t* r = rows.data_as<const int32_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i) {
+    if (r[i] < 0 || r[i] >= logits.size(0)) {
+      raise<InvalidArgument>("sample: rows[", i, "] = ", r[i], " is out of range [0, ",
+                             logits.size(0), ")");
+    }
+  }
+  SampleParams p{};
+  p.logits = logits.data_as<const float>();
+  p.vocab = logits.size(1);
+  p.rows = r;
+  p.params = params;
+  p.rng_states = rng_states;
+  p.tokens = tokens.data_as<int32_t>();
+  p.log_probs = log_probs.numel() > 0 ? log_probs.data_as<float>() : nullptr;
+  p.num_samples = static_cast<int32_t>(rows.size(0));
+  cpu::sample(p, scratch);
+}
+
+void set_cpu_threads(int threads) { cpu::set_num_threads(threads); }
+
+int cpu_threads() { return cpu::num_threads(); }
 
 }  // namespace lorart::ops

@@ -1,32 +1,85 @@
-// The op entry points the model calls: one per op, each checks its arguments (names and expected
-// values in the message) and dispatches on the device of its tensors. Tensors are float32 unless
-// stated; shapes in comments. No op allocates: scratch comes from the caller's workspace.
+// The op entry points: the backend seam. The model calls only these. Each op takes Tensor views
+// (data, dtype, device, shape) and the ExecContext it runs in, checks dtypes, shapes and devices
+// with messages naming the argument, builds its kernel's parameter struct (kernels/params.h)
+// and dispatches on the device (and the dtypes) to an implementation: csrc/kernels/cpu/ today;
+// a CUDA kernel goes beside it (csrc/kernels/cuda/) and is added to the dispatch here once it
+// is checked against the CPU one. No op allocates: scratch comes from the caller.
+//
+// Activations are float32. Weights (`w`, `table`, `weight`, `bias`) may be float32, float16 or
+// bfloat16: kernels widen them exactly to float32 as they read, so the result is bitwise that of
+// the same call on a float32 copy of the weights (under Precision::kFloat32).
 #pragma once
 
+#include <utility>
+
 #include "core/tensor.h"
+#include "kernels/exec_context.h"
 #include "kernels/params.h"
 
 namespace lorart::ops {
 
 // out [T, H] = table [V, H] rows of ids [T] (int32, each in [0, V)).
-void embedding(const Tensor& table, const Tensor& ids, const Tensor& out);
+void embedding(const ExecContext& ctx, const Tensor& table, const Tensor& ids, const Tensor& out);
 // out [T, H] = RMSNorm(x [T, H]) * weight [H]; out may alias x.
-void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out);
+void rms_norm(const ExecContext& ctx, const Tensor& x, const Tensor& weight, float eps,
+              const Tensor& out);
 // In-place rotary embedding of x [T, heads * head_dim] (row stride may exceed the width, e.g. a
 // view into the fused qkv output) at positions [T] (int32) with inv_freq [head_dim / 2].
-void rope(const Tensor& x, int32_t head_dim, const Tensor& positions, const Tensor& inv_freq);
-// y [M, N] = x [M, K] @ w [N, K]^T + beta * y.
-void linear(const Tensor& x, const Tensor& w, const Tensor& y, float beta = 0.0f);
+void rope(const ExecContext& ctx, const Tensor& x, int32_t head_dim, const Tensor& positions,
+          const Tensor& inv_freq);
+// y [M, N] = x [M, K] @ w [N, K]^T + beta * y, at ctx.precision. `w_scales` ([N] float32
+// per-output-channel scales) is for quantized weights and must be undefined for float ones.
+void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& y,
+            float beta = 0.0f, const Tensor& w_scales = Tensor());
 // y [M, N] += bias [N].
-void add_bias(const Tensor& y, const Tensor& bias);
+void add_bias(const ExecContext& ctx, const Tensor& y, const Tensor& bias);
 // y += x (same shape, contiguous).
-void add(const Tensor& y, const Tensor& x);
+void add(const ExecContext& ctx, const Tensor& y, const Tensor& x);
 // out [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up [T, 2I].
-void silu_mul(const Tensor& gate_up, const Tensor& out);
-// Writes the chunk's k, v ([T, kv_heads * head_dim] views) into the layer's caches, then attends.
-void paged_attention(const Tensor& k, const Tensor& v, const PagedAttentionParams& params,
-                     float* k_cache, float* v_cache, Device device);
-// Grouped LoRA GEMM over adapter segments (see LoraGemmParams).
-void lora_gemm(const LoraGemmParams& params, Device device);
+void silu_mul(const ExecContext& ctx, const Tensor& gate_up, const Tensor& out);
+// out [N, W] = x [T, W] rows `rows` [N] (int32, each in [0, T)).
+void gather_rows(const ExecContext& ctx, const Tensor& x, const Tensor& rows, const Tensor& out);
+
+// The batch layout attention reads (the step's flat arrays, see model/forward_batch.h).
+struct AttentionBatch {
+  Tensor seq_starts;    // [S + 1] int32
+  Tensor context_lens;  // [S] int32
+  Tensor block_tables;  // [S, max_blocks] int32
+};
+struct AttentionShape {
+  int32_t num_heads, num_kv_heads, head_dim, sliding_window;
+  float scale;
+};
+// Writes the chunk's k, v ([T, kv_heads * head_dim] views with one row stride) into the layer's
+// caches k_cache, v_cache ([blocks, block_size, kv_heads, head_dim]), then out [T, heads *
+// head_dim] = causal attention of q ([T, heads * head_dim] view) over the cache.
+void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
+                     const AttentionShape& shape, const Tensor& out);
+
+// The adapters of one step as the LoRA op reads them: `pairs` holds, for each adapter slot,
+// `pairs_per_slot` entries indexed by (layer * lora_module::kCount + module).
+struct LoraBatch {
+  const LoraRun* runs = nullptr;  // token runs sharing one slot, in token order
+  int32_t num_runs = 0;
+  const LoraPair* pairs = nullptr;
+  int32_t num_slots = 0;
+  int64_t pairs_per_slot = 0;
+};
+// y[:, :out] += x @ A^T @ B^T per run, with each run's slot's pair at `pair_index` (layer *
+// kCount + module); x [T, in] and y [T, >= out] are row views, scratch holds T * max rank floats.
+void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t out,
+               const LoraBatch& lora, int64_t pair_index, const Tensor& scratch);
+
+// tokens[i] (int32 [R]) = a token drawn from logits [N, V] row rows[i] (int32 [R]) with
+// params[i] and rng_states[i] (advanced); log_probs (float32 [R], or undefined) receives log
+// p(token). `scratch` holds V (float, int32) pairs on the host.
+void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
+            const SamplingParams* params, uint64_t* rng_states, const Tensor& tokens,
+            const Tensor& log_probs, std::pair<float, int32_t>* scratch);
+
+// The CPU backend's thread pool: OpenMP threads of the calling thread's ops.
+void set_cpu_threads(int threads);
+int cpu_threads();
 
 }  // namespace lorart::ops

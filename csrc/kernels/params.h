@@ -1,5 +1,8 @@
-// Parameter structs of the kernels that take more than a few tensors. One struct per kernel, each
-// field commented with its layout; pointers are device pointers of the op's device.
+// Parameter structs of the kernels. The ops (kernels/ops.cc) build them from checked Tensors; a
+// kernel reads nothing else. Each field is commented with its layout; pointers are memory of the
+// op's device. Weights carry their storage dtype (float32, float16 or bfloat16; the kernels widen
+// to float32 as they read) and a place for per-output-channel scales, so quantized weights can
+// follow without another change of interface.
 #pragma once
 
 #include <cstdint>
@@ -8,16 +11,66 @@
 
 namespace lorart {
 
-// Causal attention over a paged KV cache for a packed batch of sequence chunks. The chunk's own
-// K/V must already be in the cache (paged_kv_write). Query token t of sequence s sits at absolute
-// position context_lens[s] + (t - seq_starts[s]) and attends to positions
+// A weight matrix [rows, cols] (row-major, row stride `stride` elements) in its storage dtype.
+struct WeightRef {
+  const void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  const float* scales = nullptr;  // [rows] per-output-channel scales of a quantized dtype; null
+  int64_t stride = 0;
+};
+
+// y[M, N] = x[M, K] @ w[N, K]^T + beta * y (beta == 0 never reads y).
+struct LinearParams {
+  const float* x;  // [m, k], row stride x_stride
+  int64_t x_stride;
+  WeightRef w;  // [n, k]
+  float* y;     // [m, n], row stride y_stride
+  int64_t y_stride;
+  int64_t m, n, k;
+  float beta;
+  Precision precision;
+};
+
+// out[t, :] = widen(table[ids[t], :]).
+struct EmbeddingParams {
+  WeightRef table;     // [vocab, hidden]
+  const int32_t* ids;  // [num_tokens], each in [0, vocab)
+  float* out;          // [num_tokens, hidden], contiguous
+  int64_t num_tokens, hidden;
+};
+
+// out[t] = weight * (x[t] / sqrt(mean(x[t]^2) + eps)); out may alias x.
+struct RmsNormParams {
+  const float* x;  // [num_tokens, hidden], row stride x_stride
+  int64_t x_stride;
+  WeightRef weight;  // [hidden]
+  float* out;        // [num_tokens, hidden], row stride out_stride
+  int64_t out_stride;
+  int64_t num_tokens, hidden;
+  float eps;
+};
+
+// y[t, :cols] += widen(bias).
+struct BiasParams {
+  float* y;  // [num_tokens, >= cols], row stride y_stride
+  int64_t y_stride;
+  WeightRef bias;  // [cols]
+  int64_t num_tokens, cols;
+};
+
+// Causal attention over a paged KV cache for a packed batch of sequence chunks. First the
+// chunk's own K/V rows are written to their cache slots, then every query token t of sequence s,
+// at absolute position context_lens[s] + (t - seq_starts[s]), attends to positions
 // (pos - sliding_window, pos] (all of [0, pos] when sliding_window == 0).
 struct PagedAttentionParams {
-  const float* q;               // [num_tokens, num_heads, head_dim], row stride q_stride
-  int64_t q_stride;             // elements between consecutive tokens of q
+  const float* q;  // [num_tokens, num_heads, head_dim], row stride q_stride
+  int64_t q_stride;
+  const float* k;  // [num_tokens, num_kv_heads * head_dim] new keys, row stride kv_stride
+  const float* v;  // same layout as k
+  int64_t kv_stride;
   float* out;                   // [num_tokens, num_heads, head_dim], contiguous
-  const float* k_cache;         // [num_blocks, block_size, num_kv_heads, head_dim] (this layer)
-  const float* v_cache;         // same layout as k_cache
+  float* k_cache;               // [num_blocks, block_size, num_kv_heads, head_dim] (this layer)
+  float* v_cache;               // same layout as k_cache
   const int32_t* seq_starts;    // [num_seqs + 1] token offsets into the packed batch
   const int32_t* context_lens;  // [num_seqs] tokens already cached before this chunk
   const int32_t* block_tables;  // [num_seqs, max_blocks_per_seq] block ids
@@ -42,24 +95,27 @@ struct LoraPair {
   int32_t rank = 0;  // 0: this adapter does not adapt the module
 };
 
-// A run of consecutive tokens of the packed batch that share one adapter.
-struct LoraSegment {
+// A run of consecutive tokens of the packed batch that share one adapter slot.
+struct LoraRun {
   int32_t begin;  // inclusive token index
   int32_t end;    // exclusive token index
-  LoraPair pair;
+  int32_t slot;   // >= 0
 };
 
-// y[:, out_offset : out_offset + out] += (x @ A^T) @ B^T for each segment's tokens.
+// y[:, out_offset : out_offset + out] += (x @ A^T) @ B^T for each run's tokens, with the pair of
+// the run's slot for this (layer, module): pairs[run.slot * slot_stride].
 struct LoraGemmParams {
   const float* x;  // [num_tokens, in], row stride x_stride
   int64_t x_stride;
-  float* y;  // [num_tokens, >= out_offset + out], row stride y_stride
+  float* y;  // [num_tokens, >= out], row stride y_stride (already offset to the module's columns)
   int64_t y_stride;
   int64_t in;
   int64_t out;
-  const LoraSegment* segments;  // [num_segments]
-  int32_t num_segments;
-  float* scratch;  // >= sum over segments of (end - begin) * rank floats (one block each)
+  const LoraRun* runs;  // [num_runs]
+  int32_t num_runs;
+  const LoraPair* pairs;  // this (layer, module)'s pair of slot 0
+  int64_t slot_stride;    // LoraPair entries between one slot's pair and the next's
+  float* scratch;         // >= sum over runs of (end - begin) * rank floats
 };
 
 // How one request picks its next token from a row of logits.
@@ -67,6 +123,20 @@ struct SamplingParams {
   int32_t top_k;      // 0 = whole vocabulary; 1 = greedy
   float top_p;        // keep the smallest set of top tokens whose probability reaches top_p
   float temperature;  // 0 = greedy
+};
+
+// Picks tokens[i] from logits row rows[i] with params[i], drawing from rng_states[i] (advanced
+// once per sampled token). log_probs[i] (when non-null) receives log p(token) under the
+// unmodified distribution (temperature 1).
+struct SampleParams {
+  const float* logits;  // [num_logits_rows, vocab], contiguous
+  int64_t vocab;
+  const int32_t* rows;           // [num_samples]
+  const SamplingParams* params;  // [num_samples]
+  uint64_t* rng_states;          // [num_samples], in/out
+  int32_t* tokens;               // [num_samples] out
+  float* log_probs;              // [num_samples] out, or null
+  int32_t num_samples;
 };
 
 }  // namespace lorart

@@ -22,6 +22,8 @@ KvCache::KvCache(const ModelConfig& config, int64_t num_blocks, int64_t block_si
   num_blocks_ = num_blocks;
   block_size_ = block_size;
   kv_width_ = config.num_kv_heads * config.head_dim;
+  num_kv_heads_ = config.num_kv_heads;
+  head_dim_ = config.head_dim;
   buffer_ = Buffer::allocate(bytes, device, describe(num_blocks, block_size));
   buffer_.zero();
 }
@@ -53,6 +55,12 @@ size_t KvCache::bytes_per_token(const ModelConfig& config) {
 float* KvCache::base(int64_t layer, int kv) const {
   const int64_t per = num_blocks_ * block_size_ * kv_width_;
   return static_cast<float*>(buffer_.data()) + (layer * 2 + kv) * per;
+}
+
+Tensor KvCache::layer_view(int64_t layer, int kv) const {
+  const int64_t shape[4] = {num_blocks_, block_size_, num_kv_heads_, head_dim_};
+  const int64_t strides[4] = {block_size_ * kv_width_, kv_width_, head_dim_, 1};
+  return Tensor(base(layer, kv), DType::kFloat32, 4, shape, strides, buffer_.device());
 }
 
 }  // namespace lorart

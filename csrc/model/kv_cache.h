@@ -32,14 +32,19 @@ class KvCache {
   size_t nbytes() const { return buffer_.size(); }
   float* keys(int64_t layer) const { return base(layer, 0); }
   float* values(int64_t layer) const { return base(layer, 1); }
+  // Layer `layer`'s keys / values as [num_blocks, block_size, num_kv_heads, head_dim] float32.
+  Tensor key_view(int64_t layer) const { return layer_view(layer, 0); }
+  Tensor value_view(int64_t layer) const { return layer_view(layer, 1); }
   Device device() const { return buffer_.device(); }
   // Bytes one cached token takes across all layers (K and V); throws InvalidArgument on overflow.
   static size_t bytes_per_token(const ModelConfig& config);
 
  private:
   float* base(int64_t layer, int kv) const;
+  Tensor layer_view(int64_t layer, int kv) const;
 
   int64_t num_layers_ = 0, num_blocks_ = 0, block_size_ = 0, kv_width_ = 0;
+  int64_t num_kv_heads_ = 0, head_dim_ = 0;
   Buffer buffer_;
 };
 

@@ -22,6 +22,13 @@ Tensor rows(const Buffer& b, int64_t n, int64_t cols, int64_t offset = 0, int64_
 
 Tensor vec(const Buffer& b, int64_t n) { return b.view(DType::kFloat32, {n}); }
 
+// Columns [offset, offset + cols) of a row view.
+Tensor rows_of(const Tensor& t, int64_t offset, int64_t cols) {
+  const int64_t shape[2] = {t.size(0), cols};
+  const int64_t strides[2] = {t.stride(0), 1};
+  return Tensor(t.data_as<float>() + offset, DType::kFloat32, 2, shape, strides, t.device());
+}
+
 Buffer workspace(int64_t count, const char* what, DType dtype = DType::kFloat32) {
   return Buffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * dtype_size(dtype),
                           Device::cpu(), what);
@@ -85,10 +92,8 @@ LlamaModel::LlamaModel(const ModelConfig& config, ModelWeights weights, int64_t 
   proj_ = workspace(t * h, "the projection workspace");
   gate_up_ = workspace(t * 2 * inter, "the gate_up workspace");
   act_ = workspace(t * inter, "the MLP activation workspace");
-  positions_ = workspace(t, "the positions workspace", DType::kInt32);
   lora_scratch_ = workspace(t * max_lora_rank, "the LoRA scratch workspace");
   runs_.reserve(t);
-  segments_.reserve(t);
 }
 
 size_t LlamaModel::workspace_bytes(const ModelConfig& config, int64_t max_num_tokens,
@@ -107,8 +112,7 @@ size_t LlamaModel::workspace_bytes(const ModelConfig& config, int64_t max_num_to
   const int64_t qkv_out = q_out + 2 * config.num_kv_heads * config.head_dim;
   const int64_t floats = 3 * h + qkv_out + q_out + 3 * inter + max_lora_rank;
   const int64_t per_token =
-      floats * static_cast<int64_t>(sizeof(float)) +
-      static_cast<int64_t>(sizeof(int32_t) + sizeof(Run) + sizeof(LoraSegment));
+      floats * static_cast<int64_t>(sizeof(float)) + static_cast<int64_t>(sizeof(LoraRun));
   const int64_t bytes = checked_add(
       checked_mul(max_num_tokens, per_token,
                   "LlamaModel workspace bytes (max_num_tokens * bytes per token)"),
@@ -122,8 +126,9 @@ size_t LlamaModel::workspace_bytes(const ModelConfig& config, int64_t max_num_to
 }
 
 void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
-                          const std::vector<const LoraAdapter*>& adapters) const {
+                          const LoraTable& lora) const {
   check_index_tensor(b.token_ids, "token_ids", 1);
+  check_index_tensor(b.positions, "positions", 1);
   check_index_tensor(b.seq_starts, "seq_starts", 1);
   check_index_tensor(b.context_lens, "context_lens", 1);
   check_index_tensor(b.block_tables, "block_tables", 2);
@@ -144,6 +149,19 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
     raise<InvalidArgument>("batch has ", num_tokens,
                            " tokens; it must have 1 to max_num_tokens = ", max_num_tokens_);
   }
+  if (b.positions.size(0) != num_tokens) {
+    raise<InvalidArgument>("positions has ", b.positions.size(0), " entries; token_ids has ",
+                           num_tokens);
+  }
+  if (lora.num_slots() > 0 && !(lora.model_shape() == LoraAdapter::shape_of(config_))) {
+    raise<InvalidArgument>("the LoRA table was laid out for a model of another shape (",
+                           lora.model_shape(), "; this model: ", LoraAdapter::shape_of(config_),
+                           ")");
+  }
+  if (lora.max_rank() > max_lora_rank_) {
+    raise<InvalidArgument>("the LoRA table holds an adapter of rank ", lora.max_rank(),
+                           ", above max_lora_rank = ", max_lora_rank_);
+  }
   if (num_seqs < 1 || b.seq_starts.size(0) != num_seqs + 1 || b.lora_slots.size(0) != num_seqs ||
       b.block_tables.size(0) != num_seqs) {
     raise<InvalidArgument>("seq_starts must have S + 1 entries and context_lens, lora_slots, ",
@@ -160,6 +178,7 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
   const int32_t* ctx = b.context_lens.data_as<const int32_t>();
   const int32_t* slots = b.lora_slots.data_as<const int32_t>();
   const int32_t* tables = b.block_tables.data_as<const int32_t>();
+  const int32_t* positions = b.positions.data_as<const int32_t>();
   const int64_t max_blocks = b.block_tables.size(1);
   if (max_blocks > kInt32Max) {  // the attention kernel takes the row width as int32
     raise<InvalidArgument>("block_tables has ", max_blocks, " columns; at most ", kInt32Max);
@@ -192,21 +211,16 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
                                " is out of range [0, num_kv_blocks = ", cache.num_blocks(), ")");
       }
     }
-    if (slots[s] < -1 || slots[s] >= static_cast<int64_t>(adapters.size()) ||
-        (slots[s] >= 0 && adapters[slots[s]] == nullptr)) {
+    for (int32_t t = starts[s]; t < starts[s + 1]; ++t) {
+      if (positions[t] != ctx[s] + (t - starts[s])) {
+        raise<InvalidArgument>("positions[", t, "] = ", positions[t], " but token ", t,
+                               " of sequence ", s, " sits at context_lens[", s, "] + ",
+                               t - starts[s], " = ", ctx[s] + (t - starts[s]));
+      }
+    }
+    if (slots[s] < -1 || slots[s] >= lora.num_slots()) {
       raise<InvalidArgument>("lora_slots[", s, "] = ", slots[s], " names no loaded adapter (",
-                             adapters.size(), " slot(s); -1 = base model)");
-    }
-    if (slots[s] < 0) continue;
-    const LoraAdapter& adapter = *adapters[slots[s]];
-    if (adapter.max_rank() > max_lora_rank_) {
-      raise<InvalidArgument>("lora_slots[", s, "]: adapter rank ", adapter.max_rank(),
-                             " exceeds max_lora_rank = ", max_lora_rank_);
-    }
-    if (!adapter.fits(config_)) {  // its (layer, module) table would be read out of bounds
-      raise<InvalidArgument>("lora_slots[", s, "]: the adapter was laid out for a model of ",
-                             "another shape (", adapter.model_shape(),
-                             "; this model: ", LoraAdapter::shape_of(config_), ")");
+                             lora.num_slots(), " slot(s); -1 = base model)");
     }
   }
   const int64_t n_out = b.logits_indices.size(0);
@@ -223,9 +237,13 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
   }
 }
 
-void LlamaModel::forward(const ForwardBatch& b, KvCache& cache,
-                         const std::vector<const LoraAdapter*>& adapters, const Tensor& logits) {
-  validate(b, cache, adapters);
+void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache& cache,
+                         const LoraTable& lora, const Tensor& logits) {
+  if (ctx.device != device()) {
+    raise<InvalidArgument>("forward: the context's device ", ctx.device.str(),
+                           " is not the model's (", device().str(), ")");
+  }
+  validate(b, cache, lora);
   const int64_t n_out = b.logits_indices.size(0);
   if (logits.dim() != 2 || logits.size(0) != n_out || logits.size(1) != config_.vocab_size ||
       logits.dtype() != DType::kFloat32 || !logits.is_contiguous()) {
@@ -235,129 +253,97 @@ void LlamaModel::forward(const ForwardBatch& b, KvCache& cache,
   const int64_t num_tokens = b.token_ids.size(0);
   const int64_t num_seqs = b.context_lens.size(0);
   const int32_t* starts = b.seq_starts.data_as<const int32_t>();
-  const int32_t* ctx = b.context_lens.data_as<const int32_t>();
   const int32_t* slots = b.lora_slots.data_as<const int32_t>();
-  auto* positions = static_cast<int32_t*>(positions_.data());
   runs_.clear();
   for (int64_t s = 0; s < num_seqs; ++s) {
-    for (int32_t t = starts[s]; t < starts[s + 1]; ++t) positions[t] = ctx[s] + (t - starts[s]);
     if (slots[s] < 0) continue;
-    const LoraAdapter* adapter = adapters[slots[s]];
-    if (!runs_.empty() && runs_.back().adapter == adapter && runs_.back().end == starts[s]) {
-      runs_.back().end = starts[s + 1];  // neighbours with one adapter share a segment
+    if (!runs_.empty() && runs_.back().slot == slots[s] && runs_.back().end == starts[s]) {
+      runs_.back().end = starts[s + 1];  // neighbours with one adapter share a run
     } else {
-      runs_.push_back({starts[s], starts[s + 1], adapter});
+      runs_.push_back({starts[s], starts[s + 1], slots[s]});
     }
   }
+  const Pass pass{ctx, b, cache, lora.batch(runs_), num_tokens};
 
   const int64_t h = config_.hidden_size;
-  ops::embedding(weights_.embed(), b.token_ids, rows(hidden_, num_tokens, h));
+  ops::embedding(ctx, weights_.embed(), b.token_ids, rows(hidden_, num_tokens, h));
   for (int64_t layer = 0; layer < config_.num_layers; ++layer) {
-    attention_block(layer, num_tokens, b, cache);
-    mlp_block(layer, num_tokens);
+    attention_block(pass, layer);
+    mlp_block(pass, layer);
   }
   // Final norm and lm_head only for the rows whose logits were asked for.
-  const int32_t* idx = b.logits_indices.data_as<const int32_t>();
-  const Tensor hidden = rows(hidden_, num_tokens, h);
   const Tensor picked = rows(normed_, n_out, h);
-  for (int64_t i = 0; i < n_out; ++i) {
-    std::copy_n(hidden.data_as<float>() + static_cast<int64_t>(idx[i]) * h, h,
-                picked.data_as<float>() + i * h);
-  }
-  ops::rms_norm(picked, weights_.final_norm(), static_cast<float>(config_.rms_norm_eps), picked);
-  ops::linear(picked, weights_.lm_head(), logits);
+  ops::gather_rows(ctx, rows(hidden_, num_tokens, h), b.logits_indices, picked);
+  ops::rms_norm(ctx, picked, weights_.final_norm(), static_cast<float>(config_.rms_norm_eps),
+                picked);
+  ops::linear(ctx, picked, weights_.lm_head(), logits);
 }
 
-void LlamaModel::attention_block(int64_t layer, int64_t n, const ForwardBatch& b, KvCache& cache) {
+void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
+  const ExecContext& ctx = pass.ctx;
+  const int64_t n = pass.num_tokens;
   const LayerWeights& w = weights_.layer(layer);
   const int64_t h = config_.hidden_size, hd = config_.head_dim;
   const int64_t q_out = config_.num_attention_heads * hd, kv_out = config_.num_kv_heads * hd;
   const int64_t qkv_out = q_out + 2 * kv_out;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
   const Tensor hidden = rows(hidden_, n, h), normed = rows(normed_, n, h);
   const Tensor qkv = rows(qkv_, n, qkv_out);
-  ops::rms_norm(hidden, vec(w.input_norm, h), static_cast<float>(config_.rms_norm_eps), normed);
-  ops::linear(normed, w.qkv.view(DType::kFloat32, {qkv_out, h}), qkv);
-  if (w.qkv_bias.size() > 0) ops::add_bias(qkv, vec(w.qkv_bias, qkv_out));
-  apply_lora(layer, lora_module::kAttnQkv, normed, qkv, 0);
-  apply_lora(layer, lora_module::kAttnQ, normed, qkv, 0);
-  apply_lora(layer, lora_module::kAttnK, normed, qkv, q_out);
-  apply_lora(layer, lora_module::kAttnV, normed, qkv, q_out + kv_out);
+  ops::rms_norm(ctx, hidden, w.input_norm, eps, normed);
+  ops::linear(ctx, normed, w.qkv, qkv);
+  if (w.qkv_bias.defined()) ops::add_bias(ctx, qkv, w.qkv_bias);
+  apply_lora(pass, layer, lora_module::kAttnQkv, normed, qkv, 0);
+  apply_lora(pass, layer, lora_module::kAttnQ, normed, qkv, 0);
+  apply_lora(pass, layer, lora_module::kAttnK, normed, qkv, q_out);
+  apply_lora(pass, layer, lora_module::kAttnV, normed, qkv, q_out + kv_out);
 
-  const Tensor q = rows(qkv_, n, q_out, 0, qkv_out);
-  const Tensor k = rows(qkv_, n, kv_out, q_out, qkv_out);
-  const Tensor v = rows(qkv_, n, kv_out, q_out + kv_out, qkv_out);
-  const Tensor positions = positions_.view(DType::kInt32, {n});
   // q and k heads sit side by side in each qkv row: one pass rotates both.
-  ops::rope(rows(qkv_, n, q_out + kv_out, 0, qkv_out), static_cast<int32_t>(hd), positions,
-            vec(inv_freq_, hd / 2));
-
-  PagedAttentionParams p{};
-  p.q = q.data_as<const float>();
-  p.q_stride = qkv_out;
-  p.out = static_cast<float*>(attn_.data());
-  p.k_cache = cache.keys(layer);
-  p.v_cache = cache.values(layer);
-  p.seq_starts = b.seq_starts.data_as<const int32_t>();
-  p.context_lens = b.context_lens.data_as<const int32_t>();
-  p.block_tables = b.block_tables.data_as<const int32_t>();
-  p.num_seqs = static_cast<int32_t>(b.context_lens.size(0));
-  p.max_blocks_per_seq = static_cast<int32_t>(b.block_tables.size(1));
-  p.block_size = static_cast<int32_t>(cache.block_size());
-  p.num_heads = static_cast<int32_t>(config_.num_attention_heads);
-  p.num_kv_heads = static_cast<int32_t>(config_.num_kv_heads);
-  p.head_dim = static_cast<int32_t>(hd);
-  p.sliding_window = static_cast<int32_t>(config_.sliding_window);
-  p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  ops::paged_attention(k, v, p, cache.keys(layer), cache.values(layer), cache.device());
-
+  ops::rope(ctx, rows(qkv_, n, q_out + kv_out, 0, qkv_out), static_cast<int32_t>(hd),
+            pass.batch.positions, vec(inv_freq_, hd / 2));
   const Tensor attn = rows(attn_, n, q_out), proj = rows(proj_, n, h);
-  ops::linear(attn, w.o.view(DType::kFloat32, {h, q_out}), proj);
-  if (w.o_bias.size() > 0) ops::add_bias(proj, vec(w.o_bias, h));
-  apply_lora(layer, lora_module::kAttnDense, attn, proj, 0);
-  ops::add(hidden, proj);
+  const ops::AttentionBatch batch{pass.batch.seq_starts, pass.batch.context_lens,
+                                  pass.batch.block_tables};
+  const ops::AttentionShape shape{
+      static_cast<int32_t>(config_.num_attention_heads), static_cast<int32_t>(config_.num_kv_heads),
+      static_cast<int32_t>(hd), static_cast<int32_t>(config_.sliding_window),
+      1.0f / std::sqrt(static_cast<float>(hd))};
+  ops::paged_attention(ctx, rows(qkv_, n, q_out, 0, qkv_out), rows(qkv_, n, kv_out, q_out, qkv_out),
+                       rows(qkv_, n, kv_out, q_out + kv_out, qkv_out), pass.cache.key_view(layer),
+                       pass.cache.value_view(layer), batch, shape, attn);
+
+  ops::linear(ctx, attn, w.o, proj);
+  if (w.o_bias.defined()) ops::add_bias(ctx, proj, w.o_bias);
+  apply_lora(pass, layer, lora_module::kAttnDense, attn, proj, 0);
+  ops::add(ctx, hidden, proj);
 }
 
-void LlamaModel::mlp_block(int64_t layer, int64_t n) {
+void LlamaModel::mlp_block(const Pass& pass, int64_t layer) {
+  const ExecContext& ctx = pass.ctx;
+  const int64_t n = pass.num_tokens;
   const LayerWeights& w = weights_.layer(layer);
   const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
   const Tensor hidden = rows(hidden_, n, h), normed = rows(normed_, n, h);
   const Tensor gate_up = rows(gate_up_, n, 2 * inter), act = rows(act_, n, inter);
   const Tensor proj = rows(proj_, n, h);
-  ops::rms_norm(hidden, vec(w.post_norm, h), static_cast<float>(config_.rms_norm_eps), normed);
-  ops::linear(normed, w.gate_up.view(DType::kFloat32, {2 * inter, h}), gate_up);
-  apply_lora(layer, lora_module::kMlpHTo4H, normed, gate_up, 0);     // gate_proj half
-  apply_lora(layer, lora_module::kMlpGate, normed, gate_up, inter);  // up_proj half
-  ops::silu_mul(gate_up, act);
-  ops::linear(act, w.down.view(DType::kFloat32, {h, inter}), proj);
-  apply_lora(layer, lora_module::kMlp4HToH, act, proj, 0);
-  ops::add(hidden, proj);
+  ops::rms_norm(ctx, hidden, w.post_norm, static_cast<float>(config_.rms_norm_eps), normed);
+  ops::linear(ctx, normed, w.gate_up, gate_up);
+  apply_lora(pass, layer, lora_module::kMlpHTo4H, normed, gate_up, 0);     // gate_proj half
+  apply_lora(pass, layer, lora_module::kMlpGate, normed, gate_up, inter);  // up_proj half
+  ops::silu_mul(ctx, gate_up, act);
+  ops::linear(ctx, act, w.down, proj);
+  apply_lora(pass, layer, lora_module::kMlp4HToH, act, proj, 0);
+  ops::add(ctx, hidden, proj);
 }
 
-int32_t LlamaModel::lora_segments(int64_t layer, int32_t module_id) {
-  segments_.clear();
-  for (const Run& run : runs_) {
-    const LoraPair& pair = run.adapter->pair(layer, module_id);
-    if (pair.rank > 0) segments_.push_back({run.begin, run.end, pair});
-  }
-  return static_cast<int32_t>(segments_.size());
-}
-
-void LlamaModel::apply_lora(int64_t layer, int32_t module_id, const Tensor& x, const Tensor& y,
-                            int64_t out_offset) {
-  const int32_t count = lora_segments(layer, module_id);
-  if (count == 0) return;
+void LlamaModel::apply_lora(const Pass& pass, int64_t layer, int32_t module_id, const Tensor& x,
+                            const Tensor& y, int64_t out_offset) {
+  if (pass.lora.num_runs == 0) return;
   const LoraModuleDims dims = config_.lora_module_dims(module_id);
-  LoraGemmParams p{};
-  p.x = x.data_as<const float>();
-  p.x_stride = x.stride(0);
-  p.y = y.data_as<float>() + out_offset;
-  p.y_stride = y.stride(0);
-  p.in = dims.in;
-  p.out = dims.out;
-  p.segments = segments_.data();
-  p.num_segments = count;
-  p.scratch = static_cast<float*>(lora_scratch_.data());
-  ops::lora_gemm(p, y.device());
+  const Tensor y_cols = rows_of(y, out_offset, dims.out);
+  const Tensor scratch = lora_scratch_.view(
+      DType::kFloat32, {static_cast<int64_t>(lora_scratch_.size() / sizeof(float))});
+  ops::lora_gemm(pass.ctx, x, y_cols, dims.out, pass.lora, layer * lora_module::kCount + module_id,
+                 scratch);
 }
 
 }  // namespace lorart

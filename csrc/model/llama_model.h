@@ -1,16 +1,19 @@
 // LlamaModel: the forward pass of the Llama family (Llama 2/3.x, Mistral, Qwen2) over a packed
-// batch with a paged KV cache and per-sequence LoRA adapters. Owns the weights and a workspace
-// sized at construction (no allocation per step). Not thread-safe: one forward at a time (the
-// executor's loop thread, or one Python caller).
+// batch with a paged KV cache and per-sequence LoRA adapters, written once against the ops
+// (kernels/ops.h): the device, the weights' dtype and the matmul precision are the ops' business
+// (the ExecContext and the weight Tensors), never the model's. Owns the weights and a workspace
+// sized at construction (no allocation per step). Not thread-safe: one forward at a time (its
+// ModelRunner, or one Python caller).
 #pragma once
 
 #include <vector>
 
 #include "core/buffer.h"
+#include "kernels/exec_context.h"
 #include "kernels/params.h"
 #include "model/forward_batch.h"
 #include "model/kv_cache.h"
-#include "model/lora_adapter.h"
+#include "model/lora_table.h"
 #include "model/model_config.h"
 #include "model/model_weights.h"
 
@@ -33,47 +36,49 @@ class LlamaModel {
 
   // Throws InvalidArgument naming the field and the limit for a batch forward() would refuse:
   // index tensors of the wrong kind or shape, token ids outside the vocabulary, seq_starts not
-  // strictly increasing from 0 to the token count, negative context_lens, positions past
-  // max_position_embeddings or the row's blocks, block ids outside [0, num_blocks), lora slots
-  // naming no adapter (or one of another model, or above max_lora_rank), logits_indices out of
-  // range, a KV cache of another shape. Reads only host memory; writes nothing.
-  void validate(const ForwardBatch& batch, const KvCache& cache,
-                const std::vector<const LoraAdapter*>& adapters) const;
+  // strictly increasing from 0 to the token count, negative context_lens, positions other than
+  // context_lens[s] + offset or past max_position_embeddings or the row's blocks, block ids
+  // outside [0, num_blocks), lora slots outside the table, a table of another model or above
+  // max_lora_rank, logits_indices out of range, a KV cache of another shape. Reads only host
+  // memory; writes nothing.
+  void validate(const ForwardBatch& batch, const KvCache& cache, const LoraTable& lora) const;
 
-  // Runs the batch, writing K/V of its tokens into `cache` and logits [N, vocab] (float32) into
-  // `logits`. `adapters[slot]` is the adapter of lora slot `slot` (null entries are not allowed
-  // where a sequence uses them). Throws InvalidArgument naming the field for a malformed batch
-  // (validate, plus the logits' shape); on error nothing has been written to the cache.
-  void forward(const ForwardBatch& batch, KvCache& cache,
-               const std::vector<const LoraAdapter*>& adapters, const Tensor& logits);
+  // Runs the batch in `ctx` (its device must be the model's), writing K/V of its tokens into
+  // `cache` and logits [N, vocab] (float32) into `logits`; sequence s uses slot lora_slots[s] of
+  // `lora`. Throws InvalidArgument naming the field for a malformed batch (validate, plus the
+  // logits' shape); on error nothing has been written to the cache.
+  void forward(const ExecContext& ctx, const ForwardBatch& batch, KvCache& cache,
+               const LoraTable& lora, const Tensor& logits);
 
   const ModelConfig& config() const { return config_; }
   int64_t max_num_tokens() const { return max_num_tokens_; }
   int64_t max_lora_rank() const { return max_lora_rank_; }
   size_t weight_bytes() const { return weights_.nbytes(); }
+  DType weight_dtype() const { return weights_.dtype(); }
+  Device device() const { return Device::cpu(); }
 
  private:
-  // Fills segments_ for one (layer, module) from the batch's adapter runs; returns the count.
-  int32_t lora_segments(int64_t layer, int32_t module_id);
-  void apply_lora(int64_t layer, int32_t module_id, const Tensor& x, const Tensor& y,
-                  int64_t out_offset);
-  void attention_block(int64_t layer, int64_t num_tokens, const ForwardBatch& batch,
-                       KvCache& cache);
-  void mlp_block(int64_t layer, int64_t num_tokens);
+  // The state of the forward in progress.
+  struct Pass {
+    const ExecContext& ctx;
+    const ForwardBatch& batch;
+    KvCache& cache;
+    ops::LoraBatch lora;
+    int64_t num_tokens;
+  };
+  void apply_lora(const Pass& pass, int64_t layer, int32_t module_id, const Tensor& x,
+                  const Tensor& y, int64_t out_offset);
+  void attention_block(const Pass& pass, int64_t layer);
+  void mlp_block(const Pass& pass, int64_t layer);
 
   ModelConfig config_;
   ModelWeights weights_;
   int64_t max_num_tokens_, max_lora_rank_;
   Buffer inv_freq_;  // [head_dim / 2] rotary frequencies after scaling
   // Workspace, each sized for max_num_tokens rows.
-  Buffer hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, positions_, lora_scratch_;
-  // Per-step adapter runs: tokens [begin, end) use adapter `slot` (>= 0).
-  struct Run {
-    int32_t begin, end;
-    const LoraAdapter* adapter;
-  };
-  std::vector<Run> runs_;
-  std::vector<LoraSegment> segments_;
+  Buffer hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, lora_scratch_;
+  // The step's adapter runs (neighbouring sequences of one slot merged), built once per forward.
+  std::vector<LoraRun> runs_;
 };
 
 // Rotary inverse frequencies [head_dim / 2] as transformers computes them in float32, with the

@@ -42,6 +42,8 @@ class LoraAdapter {
 
   // rank 0 when the adapter leaves that module alone.
   const LoraPair& pair(int64_t layer, int32_t module_id) const;
+  // All pairs, [num_layers * lora_module::kCount] indexed by layer * kCount + module.
+  const LoraPair* pairs() const { return table_.data(); }
   int64_t max_rank() const { return max_rank_; }
   DType dtype() const { return dtype_; }
   size_t nbytes() const { return storage_.size(); }

@@ -14,9 +14,9 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }
 
 size_t total_bytes(const Buffer& embed, const Buffer& final_norm, const Buffer& lm_head,
-                   const std::vector<LayerWeights>& layers) {
+                   const std::vector<LayerBuffers>& layers) {
   size_t bytes = embed.size() + final_norm.size() + lm_head.size();
-  for (const LayerWeights& l : layers) {
+  for (const LayerBuffers& l : layers) {
     bytes += l.input_norm.size() + l.qkv.size() + l.qkv_bias.size() + l.o.size() + l.o_bias.size() +
              l.post_norm.size() + l.gate_up.size() + l.down.size();
   }
@@ -25,14 +25,21 @@ size_t total_bytes(const Buffer& embed, const Buffer& final_norm, const Buffer& 
 
 }  // namespace
 
-ModelWeightsBuilder::ModelWeightsBuilder(const ModelConfig& config) : config_(config) {
+ModelWeightsBuilder::ModelWeightsBuilder(const ModelConfig& config, DType dtype)
+    : config_(config), dtype_(dtype) {
   config_.validate();
+  if (!is_floating(dtype)) {
+    raise<InvalidArgument>("weight dtype must be float32, float16 or bfloat16, got ",
+                           dtype_name(dtype));
+  }
   // Refuse a config whose weights cannot fit before a single tensor is read. Nothing is
   // allocated here: each buffer is allocated when the first checkpoint tensor it holds arrives,
   // so a config.json claiming more layers than the checkpoint has costs only the layers present.
-  check_allocation(static_cast<size_t>(
-                       checked_mul(config_.weight_values(), sizeof(float), "model weight bytes")),
-                   Device::cpu(), "the model's float32 weights (config.json's sizes)");
+  check_allocation(
+      static_cast<size_t>(checked_mul(
+          config_.weight_values(), static_cast<int64_t>(dtype_size(dtype)), "model weight bytes")),
+      Device::cpu(),
+      std::string("the model's ") + dtype_name(dtype) + " weights (config.json's sizes)");
   const int64_t h = config.hidden_size, inter = config.intermediate_size;
   const int64_t q_out = config.num_attention_heads * config.head_dim;
   const int64_t kv_out = config.num_kv_heads * config.head_dim;
@@ -43,7 +50,7 @@ ModelWeightsBuilder::ModelWeightsBuilder(const ModelConfig& config) : config_(co
   if (!config.tie_word_embeddings) expect("lm_head.weight", &lm_head_, v * h, 0, {v, h}, true);
   layers_.resize(config.num_layers);
   for (int64_t i = 0; i < config.num_layers; ++i) {
-    LayerWeights& l = layers_[i];
+    LayerBuffers& l = layers_[i];
     const std::string p = "model.layers." + std::to_string(i) + ".";
     expect(p + "input_layernorm.weight", &l.input_norm, h, 0, {h}, true);
     expect(p + "post_attention_layernorm.weight", &l.post_norm, h, 0, {h}, true);
@@ -82,31 +89,61 @@ void ModelWeightsBuilder::allow_fused(const std::string& fused, std::vector<std:
   for (std::string& part : parts) fused_for_[std::move(part)] = fused;
 }
 
-void ModelWeightsBuilder::add(const std::string& name, const Tensor& tensor) {
+ModelWeightsBuilder::Slot& ModelWeightsBuilder::slot_for(const std::string& name, int rank,
+                                                         const int64_t* shape) {
   auto it = slots_.find(name);
   if (it == slots_.end()) {
     raise<InvalidArgument>("checkpoint tensor '", name, "' is not part of a ", config_.architecture,
                            " model with this config.json (unexpected weight)");
   }
   Slot& slot = it->second;
-  bool same = tensor.dim() == static_cast<int>(slot.shape.size());
-  for (int i = 0; same && i < tensor.dim(); ++i) same = tensor.size(i) == slot.shape[i];
+  bool same = rank == static_cast<int>(slot.shape.size());
+  for (int i = 0; same && i < rank; ++i) same = shape[i] == slot.shape[i];
   if (!same) {
-    raise<InvalidArgument>("checkpoint tensor '", name, "' has shape ", tensor.shape_str(),
+    std::vector<int64_t> got(shape, shape + rank);
+    raise<InvalidArgument>("checkpoint tensor '", name, "' has shape ", shape_str(got),
                            ", config.json implies ", shape_str(slot.shape));
   }
+  if (slot.dst->size() == 0) {  // the first tensor of a fused buffer (qkv, gate_up) allocates it
+    *slot.dst = Buffer::allocate(static_cast<size_t>(slot.dst_values) * dtype_size(dtype_),
+                                 Device::cpu(), "weights for checkpoint tensor '" + name + "'");
+  }
+  return slot;
+}
+
+namespace {
+
+// The part of a slot's (possibly fused) buffer that one checkpoint tensor fills.
+void* slot_data(const Buffer& dst, int64_t row_offset, const std::vector<int64_t>& shape,
+                DType dtype) {
+  const int64_t row_width = shape.size() == 2 ? shape[1] : 1;
+  return static_cast<unsigned char*>(dst.data()) +
+         row_offset * row_width * static_cast<int64_t>(dtype_size(dtype));
+}
+
+}  // namespace
+
+void ModelWeightsBuilder::add(const std::string& name, const Tensor& tensor) {
+  int64_t shape[Tensor::kMaxDims];
+  for (int i = 0; i < tensor.dim(); ++i) shape[i] = tensor.size(i);
+  Slot& slot = slot_for(name, tensor.dim(), shape);
   if (!is_floating(tensor.dtype()) || !tensor.device().is_cpu() || !tensor.is_contiguous()) {
     raise<InvalidArgument>("checkpoint tensor '", name, "' must be a contiguous host float ",
                            "tensor, got ", tensor.describe());
   }
-  if (slot.dst->size() == 0) {  // the first tensor of a fused buffer (qkv, gate_up) allocates it
-    *slot.dst = Buffer::allocate(static_cast<size_t>(slot.dst_values) * sizeof(float),
-                                 Device::cpu(), "weights for checkpoint tensor '" + name + "'");
-  }
-  const int64_t row_width = slot.shape.size() == 2 ? slot.shape[1] : 1;
-  auto* dst = static_cast<float*>(slot.dst->data()) + slot.row_offset * row_width;
-  convert_floats(tensor.data(), tensor.dtype(), dst, DType::kFloat32, tensor.numel());
+  void* dst = slot_data(*slot.dst, slot.row_offset, slot.shape, dtype_);
+  convert_floats(tensor.data(), tensor.dtype(), dst, dtype_, static_cast<size_t>(tensor.numel()));
   slot.filled = true;
+}
+
+Tensor ModelWeightsBuilder::destination(const std::string& name) {
+  const auto it = slots_.find(name);
+  const int rank = it == slots_.end() ? 0 : static_cast<int>(it->second.shape.size());
+  Slot& slot = slot_for(name, rank, it == slots_.end() ? nullptr : it->second.shape.data());
+  slot.filled = true;
+  const int64_t strides[2] = {rank == 2 ? slot.shape[1] : 1, 1};
+  return Tensor(slot_data(*slot.dst, slot.row_offset, slot.shape, dtype_), dtype_, rank,
+                slot.shape.data(), strides, Device::cpu());
 }
 
 size_t ModelWeightsBuilder::allocated_bytes() const {
@@ -125,7 +162,19 @@ std::vector<std::string> ModelWeightsBuilder::missing() const {
   return out;
 }
 
-ModelWeights::ModelWeights(ModelWeightsBuilder&& builder) {
+namespace {
+
+Tensor matrix(const Buffer& b, DType dtype, int64_t rows, int64_t cols) {
+  return b.size() == 0 ? Tensor() : b.view(dtype, {rows, cols});
+}
+
+Tensor vector_of(const Buffer& b, DType dtype, int64_t n) {
+  return b.size() == 0 ? Tensor() : b.view(dtype, {n});
+}
+
+}  // namespace
+
+ModelWeights::ModelWeights(ModelWeightsBuilder&& builder) : dtype_(builder.dtype_) {
   const std::vector<std::string> missing = builder.missing();
   if (!missing.empty()) {
     raise<InvalidArgument>("checkpoint is missing ", missing.size(), " tensor(s), first: '",
@@ -137,11 +186,19 @@ ModelWeights::ModelWeights(ModelWeightsBuilder&& builder) {
   lm_head_ = std::move(builder.lm_head_);
   layers_ = std::move(builder.layers_);
   builder.slots_.clear();  // its pointers aimed at the buffers we now own
-  embed_view_ = embed_.view(DType::kFloat32, {c.vocab_size, c.hidden_size});
-  lm_head_view_ = c.tie_word_embeddings
-                      ? embed_view_
-                      : lm_head_.view(DType::kFloat32, {c.vocab_size, c.hidden_size});
-  final_norm_view_ = final_norm_.view(DType::kFloat32, {c.hidden_size});
+  const int64_t h = c.hidden_size, inter = c.intermediate_size;
+  const int64_t q_out = c.num_attention_heads * c.head_dim;
+  const int64_t qkv_out = q_out + 2 * c.num_kv_heads * c.head_dim;
+  embed_view_ = matrix(embed_, dtype_, c.vocab_size, h);
+  lm_head_view_ = c.tie_word_embeddings ? embed_view_ : matrix(lm_head_, dtype_, c.vocab_size, h);
+  final_norm_view_ = vector_of(final_norm_, dtype_, h);
+  for (const LayerBuffers& l : layers_) {
+    layer_views_.push_back({vector_of(l.input_norm, dtype_, h), matrix(l.qkv, dtype_, qkv_out, h),
+                            vector_of(l.qkv_bias, dtype_, qkv_out), matrix(l.o, dtype_, h, q_out),
+                            vector_of(l.o_bias, dtype_, h), vector_of(l.post_norm, dtype_, h),
+                            matrix(l.gate_up, dtype_, 2 * inter, h),
+                            matrix(l.down, dtype_, h, inter)});
+  }
   nbytes_ = total_bytes(embed_, final_norm_, lm_head_, layers_);
 }
 

@@ -1,7 +1,10 @@
-// ModelWeights: the base model's parameters in the compute dtype (float32), owned in Buffers on the
-// model's device. Built once at load from HF-named tensors of any float dtype (converted on the
-// way in, one copy); q/k/v and gate/up are fused row-wise so each is one GEMM. Checkpoints that
-// already fuse them (self_attn.qkv_proj, mlp.gate_up_proj) load as they are.
+// ModelWeights: the base model's parameters in one storage dtype (float32, float16 or bfloat16:
+// normally the checkpoint's own), owned in Buffers on the model's device. The kernels widen
+// 16-bit weights to float32 as they read them. Built once at load from HF-named tensors: a tensor
+// already in the storage dtype is copied as it is (or read straight into destination()), one of
+// another float dtype is converted on the way in (an explicit choice of the caller's dtype);
+// never through a float32 copy. q/k/v and gate/up are fused row-wise so each is one GEMM;
+// checkpoints that already fuse them (self_attn.qkv_proj, mlp.gate_up_proj) load as they are.
 #pragma once
 
 #include <map>
@@ -13,15 +16,21 @@
 
 namespace lorart {
 
+// Views of one layer's weights (in ModelWeights::dtype()).
 struct LayerWeights {
-  Buffer input_norm;  // [H]
-  Buffer qkv;         // [q_out + 2 * kv_out, H]: rows q, then k, then v
-  Buffer qkv_bias;    // [q_out + 2 * kv_out] or empty
-  Buffer o;           // [H, q_out]
-  Buffer o_bias;      // [H] or empty
-  Buffer post_norm;   // [H]
-  Buffer gate_up;     // [2 * I, H]: rows gate, then up
-  Buffer down;        // [H, I]
+  Tensor input_norm;  // [H]
+  Tensor qkv;         // [q_out + 2 * kv_out, H]: rows q, then k, then v
+  Tensor qkv_bias;    // [q_out + 2 * kv_out], or undefined
+  Tensor o;           // [H, q_out]
+  Tensor o_bias;      // [H], or undefined
+  Tensor post_norm;   // [H]
+  Tensor gate_up;     // [2 * I, H]: rows gate, then up
+  Tensor down;        // [H, I]
+};
+
+// The buffers behind one layer's LayerWeights (a size-0 Buffer where the layer has no such weight).
+struct LayerBuffers {
+  Buffer input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, down;
 };
 
 // Allocates nothing up front: a weight buffer is allocated when the first checkpoint tensor it
@@ -29,12 +38,19 @@ struct LayerWeights {
 // fails at missing() / ModelWeights without having allocated the claimed size.
 class ModelWeightsBuilder {
  public:
-  // Throws InvalidArgument for an invalid config, or one whose float32 weights exceed the host's
-  // memory limit (check_allocation), before any tensor is read.
-  explicit ModelWeightsBuilder(const ModelConfig& config);
+  // Weights will be stored in `dtype` (float32, float16 or bfloat16). Throws InvalidArgument for
+  // an invalid config, another dtype, or weights whose bytes exceed the host's memory limit
+  // (check_allocation), before any tensor is read.
+  ModelWeightsBuilder(const ModelConfig& config, DType dtype = DType::kFloat32);
   // Adds one checkpoint tensor by its HF name (e.g. "model.layers.0.self_attn.q_proj.weight");
-  // host memory, any float dtype. Throws InvalidArgument for unknown names or wrong shapes.
+  // host memory, any float dtype (copied when it is dtype(), else converted, rounding to nearest
+  // even). Throws InvalidArgument for unknown names or wrong shapes.
   void add(const std::string& name, const Tensor& tensor);
+  // The place tensor `name` occupies, as a writable contiguous host view in dtype() (allocated
+  // on first use), for a loader that reads the checkpoint's bytes straight into it. Counts the
+  // tensor as added: the caller must fill all of it. Throws InvalidArgument as add() does.
+  Tensor destination(const std::string& name);
+  DType dtype() const { return dtype_; }
   // Bytes of weight buffers allocated so far (those that tensors added so far fill).
   size_t allocated_bytes() const;
   // Names still missing, in checkpoint order: embedding, final norm, lm_head, then layer by layer
@@ -45,7 +61,7 @@ class ModelWeightsBuilder {
   friend class ModelWeights;
   struct Slot {
     Buffer* dst;         // allocated by the first add() of a slot that fills it
-    int64_t dst_values;  // float32 values of all of dst (a fused buffer holds several slots)
+    int64_t dst_values;  // values of all of dst (a fused buffer holds several slots)
     int64_t row_offset;  // first row of dst this tensor fills
     std::vector<int64_t> shape;
     bool required;
@@ -55,13 +71,16 @@ class ModelWeightsBuilder {
               std::vector<int64_t> shape, bool required);
   // `fused` (e.g. qkv_proj) may stand in for all of `parts` (q_proj, k_proj, v_proj).
   void allow_fused(const std::string& fused, std::vector<std::string> parts);
+  // The slot of `name`, checked against `shape` ([rank] sizes); allocates its buffer.
+  Slot& slot_for(const std::string& name, int rank, const int64_t* shape);
 
   ModelConfig config_;
+  DType dtype_;
   std::map<std::string, Slot> slots_;
   std::vector<std::string> order_;                // slot names in the order expect() saw them
   std::map<std::string, std::string> fused_for_;  // part name -> fused name that covers it
   Buffer embed_, final_norm_, lm_head_;
-  std::vector<LayerWeights> layers_;
+  std::vector<LayerBuffers> layers_;
 };
 
 class ModelWeights {
@@ -72,12 +91,15 @@ class ModelWeights {
   const Tensor& embed() const { return embed_view_; }            // [V, H]
   const Tensor& lm_head() const { return lm_head_view_; }        // [V, H] (the embedding when tied)
   const Tensor& final_norm() const { return final_norm_view_; }  // [H]
-  const LayerWeights& layer(int64_t i) const { return layers_[i]; }
+  const LayerWeights& layer(int64_t i) const { return layer_views_[i]; }
+  DType dtype() const { return dtype_; }
   size_t nbytes() const { return nbytes_; }
 
  private:
+  DType dtype_;
   Buffer embed_, final_norm_, lm_head_;
-  std::vector<LayerWeights> layers_;
+  std::vector<LayerBuffers> layers_;
+  std::vector<LayerWeights> layer_views_;
   Tensor embed_view_, lm_head_view_, final_norm_view_;
   size_t nbytes_ = 0;
 };

@@ -252,6 +252,18 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         help="directory with tokenizer.json (default: the model dir)",
     )
     model.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="how the weights are stored (default: auto, the checkpoint's own dtype)",
+    )
+    model.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="matmul precision: float32 (exact, the default) or bfloat16 (bf16 dot products)",
+    )
 
     inputs = run.add_argument_group("inputs")
     inputs.add_argument("--input_text", nargs="+", default=None, help="one or more prompts")
@@ -362,6 +374,8 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         num_threads=args.threads,
         lora_dirs=args.lora_dir,
+        dtype=args.dtype,
+        precision=args.precision,
         max_batch_size=batch,
         max_seq_len=max_seq_len,
         kv_cache=KvCacheConfig(max_tokens=kv_tokens),

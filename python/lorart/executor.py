@@ -21,7 +21,9 @@ class Executor:
 
     ``config`` is checked against the checkpoint's ``config.json`` (``ExecutorConfig.resolve``:
     limits, ``max_seq_len`` against ``max_position_embeddings``, memory) before any weight is
-    read, so a bad size fails at once with a ``ValueError`` naming the field.
+    read, so a bad size fails at once with a ``ValueError`` naming the field. The weights are
+    stored in ``config.dtype`` (``"auto"``: the checkpoint's) and the matmuls run at
+    ``config.precision``.
     """
 
     def __init__(self, model_dir: str | Path, config: ExecutorConfig | None = None) -> None:
@@ -29,8 +31,13 @@ class Executor:
         model_config = hf.load_config(model_dir)
         config.resolve(model_config)
         model = load_core_model(
-            model_dir, config.max_num_tokens, config.max_lora_rank, config=model_config
+            model_dir,
+            config.max_num_tokens,
+            config.max_lora_rank,
+            config=model_config,
+            dtype=config.dtype,
         )
+        self._weight_dtype: str = model.weight_dtype
         self._core = _core.Executor(model, config)
 
     @property
@@ -38,6 +45,11 @@ class Executor:
         """The configuration it runs with (a copy): ``max_seq_len`` and ``num_threads`` resolved
         from their 0/None defaults."""
         return self._core.config
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype the model's weights are stored in (``"auto"`` resolved)."""
+        return self._weight_dtype
 
     @property
     def model_config(self) -> ModelConfig:

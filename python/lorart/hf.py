@@ -457,6 +457,60 @@ def check_checkpoint(model_dir: str | Path, config: ModelConfig) -> None:
         )
 
 
+# Weight dtypes the model stores, by their safetensors spelling.
+STORAGE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+
+
+def checkpoint_dtype(model_dir: str | Path, config: ModelConfig) -> str:
+    """The checkpoint's stored weight dtype (``"float32"``, ``"float16"`` or ``"bfloat16"``), from
+    the headers alone: the dtype holding most of the parameters, so a bf16 checkpoint with a few
+    float32 norms is ``"bfloat16"``. What ``dtype="auto"`` loads as."""
+    counts: dict[str, int] = {}
+    for name, (_, info) in read_checkpoint_index(model_dir).items():
+        if _is_skipped(name, config) or info.dtype not in STORAGE_DTYPES:
+            continue
+        counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
+    if not counts:
+        return "float32"
+    return STORAGE_DTYPES[max(counts, key=lambda d: counts[d])]
+
+
+def resolve_dtype(dtype: str, model_dir: str | Path, config: ModelConfig) -> str:
+    """``dtype`` (a :data:`DTYPE_CHOICES` entry, or ``fp32``/``fp16``/``bf16``) as the storage dtype
+    to load: ``"auto"`` is :func:`checkpoint_dtype`. ``ValueError`` naming the field otherwise."""
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    name = aliases.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if name not in DTYPE_CHOICES:
+        raise ValueError(
+            f"dtype must be one of {', '.join(DTYPE_CHOICES)} (auto: the checkpoint's own); "
+            f"got {dtype!r}"
+        )
+    return checkpoint_dtype(model_dir, config) if name == "auto" else name
+
+
+def iter_weight_ranges(model_dir: str | Path, config: ModelConfig):
+    """Yield ``(name, file, offset, nbytes, storage dtype name or None, array)`` for every
+    parameter tensor: where its bytes sit in its file, and a memory-mapped view of them (no
+    copies). The storage dtype is None for dtypes the model does not store (it converts)."""
+    from lorart._safetensors import read_safetensors
+
+    for path in checkpoint_files(model_dir):
+        index = read_index(path)
+        arrays = read_safetensors(path)
+        for name, info in index.tensors.items():
+            if _is_skipped(name, config):
+                continue
+            yield (
+                name,
+                path,
+                index.data_start + info.begin,
+                info.end - info.begin,
+                STORAGE_DTYPES.get(info.dtype),
+                arrays[name],
+            )
+
+
 def iter_weights(model_dir: str | Path, config: ModelConfig):
     """Yield ``(name, array)`` for every parameter tensor, memory-mapped (no copies), shard by
     shard. A tied ``lm_head.weight`` and recomputed buffers are skipped."""

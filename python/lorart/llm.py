@@ -95,6 +95,9 @@ class LLM:
     """Generate text with one base model and any number of LoRA adapters.
 
     ``num_threads``: CPU threads of the forward (None: the CPUs available to this process).
+    ``dtype``: how the weights are stored: ``"auto"`` (the checkpoint's dtype), ``"float32"``,
+    ``"float16"``, ``"bfloat16"``. ``precision``: ``"float32"`` (exact: a bf16 checkpoint gives
+    the tokens of its float32 copy) or ``"bfloat16"`` (bf16 dot products, faster).
     ``config`` takes :class:`lorart.ExecutorConfig`'s other fields (``max_batch_size``,
     ``max_num_tokens``, ``max_seq_len``, ``max_lora_rank``, ``lora_cache``, ``kv_cache``).
     ``lora_dirs`` are converted and validated against the model's ``config.json`` before the
@@ -109,13 +112,17 @@ class LLM:
         device: str = "cpu",
         num_threads: int | None = None,
         lora_dirs: Sequence[str | Path] = (),
+        dtype: str = "auto",
+        precision: str = "float32",
         **config: object,
     ) -> None:
         model_config = hf.load_config(model_dir)
         tokenizer_path = tokenizer_dir if tokenizer_dir is not None else model_dir
         self.tokenizer = load_tokenizer(tokenizer_path)
         check_vocab(self.tokenizer, model_config, where=f"{tokenizer_path}: ")
-        executor_config = ExecutorConfig(device=device, num_threads=num_threads, **config)
+        executor_config = ExecutorConfig(
+            device=device, num_threads=num_threads, dtype=dtype, precision=precision, **config
+        )
         self._adapters: dict[Path, tuple[int, LoraWeights, LoraConfig]] = {}
         self._lock = threading.Lock()
         self._abandoned: set[int] = set()  # cancelled request ids whose final response is unread

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -31,36 +32,88 @@ def load_core_model(
     max_lora_rank: int,
     progress: bool | None = None,
     config: ModelConfig | None = None,
+    dtype: str = "auto",
 ) -> _core.LlamaModel:
-    """Read an HF checkpoint into the C++ model (weights converted to float32 once, from
-    memory-mapped files). Shows a progress bar on stderr for checkpoints over 256 MiB (see
-    :func:`progress_bar`) and logs the load time to the ``lorart`` logger.
+    """Read an HF checkpoint into the C++ model, its weights stored in ``dtype``: ``"auto"`` (the
+    checkpoint's own, :func:`lorart.hf.checkpoint_dtype`), ``"float32"``, ``"float16"`` or
+    ``"bfloat16"``. A tensor already in that dtype is read from its file straight into the
+    model's buffer (no intermediate copy, no memory map held); one in another dtype is
+    converted once from the memory-mapped file (rounding to nearest even when narrowing). Shows a
+    progress bar on stderr for checkpoints over 256 MiB (see :func:`progress_bar`) and logs the
+    load time to the ``lorart`` logger.
 
     Raises ``ValueError`` naming the field and the limit for sizes the model cannot take
-    (``max_num_tokens``, ``max_lora_rank``, config.json's dimensions) before reading any weight.
-    ``config`` is the directory's ``hf.load_config``, for callers that have read it already.
+    (``max_num_tokens``, ``max_lora_rank``, config.json's dimensions, a ``dtype`` outside the
+    choices) before reading any weight. ``config`` is the directory's ``hf.load_config``, for
+    callers that have read it already.
     """
     if config is None:
         config = hf.load_config(model_dir)
     _core.LlamaModel.workspace_bytes(config, max_num_tokens, max_lora_rank)  # before any weight
     hf.check_checkpoint(model_dir, config)  # from the headers alone, before allocating
-    builder = _core.ModelWeightsBuilder(config)
-    tensors = list(hf.iter_weights(model_dir, config))
-    total = sum(a.nbytes for _, a in tensors)
+    storage = hf.resolve_dtype(dtype, model_dir, config)
+    builder = _core.ModelWeightsBuilder(config, storage)
+    tensors = list(hf.iter_weight_ranges(model_dir, config))
+    total = sum(t[3] for t in tensors)
     start = time.monotonic()
-    with progress_bar(total, f"loading {Path(model_dir).name}", "B", total, progress) as bar:
-        for name, array in tensors:
-            builder.add(name, array)
-            bar.update(array.nbytes)
+    files: dict[Path, BinaryIO] = {}
+    try:
+        with progress_bar(total, f"loading {Path(model_dir).name}", "B", total, progress) as bar:
+            for name, path, offset, nbytes, stored, array in tensors:
+                if stored == storage:
+                    if path not in files:
+                        files[path] = open(path, "rb", buffering=0)
+                    _read_exactly(files[path], offset, builder.destination(name), path, name)
+                else:
+                    builder.add(name, array)
+                bar.update(nbytes)
+    finally:
+        for f in files.values():
+            f.close()
     model = _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
     logger.info(
-        "loaded %s (%s, %.0f MiB) in %.1f s",
+        "loaded %s (%s, %.0f MiB, stored as %s) in %.1f s",
         model_dir,
         config.architecture,
         total / 2**20,
+        storage,
         time.monotonic() - start,
     )
     return model
+
+
+# Bytes per read() while loading: big enough for full disk speed, small enough for the progress
+# bar (and Ctrl-C) to keep up.
+_READ_CHUNK = 64 * 2**20
+
+
+def _read_exactly(f: BinaryIO, offset: int, dest: np.ndarray, path: Path, name: str) -> None:
+    """Fill ``dest`` (a writable uint8 array) from ``f`` at ``offset``; ``ValueError`` naming the
+    file and the tensor if the file ends first (it shrank since its header was checked)."""
+    view = memoryview(dest)
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done : done + _READ_CHUNK])
+        if not got:
+            raise ValueError(
+                f"{path}: tensor {name!r}: the file ended {len(view) - done} bytes early "
+                "(it changed while loading)"
+            )
+        done += got
+
+
+PRECISION_CHOICES = ("float32", "bfloat16")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISION_CHOICES`, else ``ValueError`` naming it."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(
+            f"precision must be 'float32' (exact) or 'bfloat16' (bf16 dot products); got "
+            f"{precision!r}"
+        )
+    return precision
 
 
 # Work smaller than this finishes too quickly to need a progress bar.
@@ -139,8 +192,15 @@ class SequenceChunk:
 class Model:
     """A loaded model plus its KV pool and adapter slots. Not thread-safe."""
 
-    def __init__(self, core: _core.LlamaModel, num_kv_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        core: _core.LlamaModel,
+        num_kv_blocks: int,
+        block_size: int,
+        precision: str = "float32",
+    ) -> None:
         self._core = core
+        self.precision: str = check_precision(precision)
         self.config: ModelConfig = core.config
         self.kv_cache = _core.KvCache(self.config, num_kv_blocks, block_size)
         self._adapters: list[_core.LoraAdapter] = []
@@ -156,11 +216,18 @@ class Model:
         max_lora_rank: int = 64,
         threads: int | None = None,
         progress: bool | None = None,
+        dtype: str = "auto",
+        precision: str = "float32",
     ) -> Model:
         """Load an HF checkpoint directory (``config.json`` + safetensors, float32/16/bf16).
 
-        Weights are converted to float32 once, straight from the memory-mapped files. A progress
-        bar is shown on stderr for checkpoints over 256 MiB (``progress`` forces it on/off).
+        ``dtype``: how the weights are stored, ``"auto"`` (the checkpoint's own dtype),
+        ``"float32"``, ``"float16"`` or ``"bfloat16"`` (see :func:`load_core_model`); the kernels
+        widen 16-bit weights to float32 as they read them, so with ``precision="float32"`` a bf16
+        checkpoint gives bitwise the logits of its float32 copy. ``precision="bfloat16"`` rounds
+        the matmuls' activations to bf16 and uses the CPU's bf16 dot products (faster, not exact).
+        A progress bar is shown on stderr for checkpoints over 256 MiB (``progress`` forces it
+        on/off).
 
         Sizes are checked before any weight is read: ``ValueError`` names the field and its limit
         when ``num_kv_blocks`` is outside ``[1, 2**31 - 1]``, ``block_size`` outside
@@ -168,12 +235,18 @@ class Model:
         KV pool, the workspace or the weights would exceed this host's memory
         (``lorart._core.host_memory_limit()``).
         """
+        check_precision(precision)
         config = hf.load_config(model_dir)
         _core.KvCache.checked_bytes(config, num_kv_blocks, block_size)
         if threads is not None:
             _core.set_num_threads(threads)
-        core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress, config)
-        return cls(core, num_kv_blocks, block_size)
+        core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress, config, dtype)
+        return cls(core, num_kv_blocks, block_size, precision)
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype the weights are stored in (``"auto"`` resolved)."""
+        return self._core.weight_dtype
 
     @property
     def block_size(self) -> int:
@@ -223,8 +296,12 @@ class Model:
             np.arange(starts[i], starts[i + 1]) if c.all_logits else [starts[i + 1] - 1]
             for i, c in enumerate(chunks)
         ]
+        positions = np.concatenate(
+            [np.arange(c.context_len, c.context_len + n) for c, n in zip(chunks, lengths)]  # noqa: B905
+        ).astype(np.int32)
         logits = self._core.forward(
             np.concatenate(ids).astype(np.int32),
+            positions,
             starts,
             np.array([c.context_len for c in chunks], dtype=np.int32),
             block_tables,
@@ -232,6 +309,7 @@ class Model:
             np.concatenate(picks).astype(np.int32),
             self.kv_cache,
             self._adapters,
+            self.precision,
         )
         bounds = np.cumsum([0] + [len(p) for p in picks])
         return [logits[bounds[i] : bounds[i + 1]] for i in range(len(chunks))]

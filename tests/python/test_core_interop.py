@@ -262,6 +262,7 @@ def test_big_endian_and_misaligned_model_inputs(gqa_llama_dir, lorart_model):
         cache = core.KvCache(config, 4, 16)
         args = [
             np.array([5, 17, 42, 99], np.int32),  # token_ids
+            np.array([0, 1, 2, 3], np.int32),  # positions
             np.array([0, 4], np.int32),  # seq_starts
             np.array([0], np.int32),  # context_lens
             np.array([[0]], np.int32),  # block_tables

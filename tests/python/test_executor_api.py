@@ -356,7 +356,8 @@ def test_reprs_are_short_and_constructor_like(exe):
         "LoraCacheConfig(host_cache_bytes=1024, device_cache_bytes=512)"
     )
     assert repr(lorart.ExecutorConfig(max_batch_size=4)) == (
-        "ExecutorConfig(device='cpu', dtype='float32', max_batch_size=4, max_num_tokens=2048, "
+        "ExecutorConfig(device='cpu', dtype='auto', precision='float32', max_batch_size=4, "
+        "max_num_tokens=2048, "
         "max_seq_len=0, max_lora_rank=64, num_threads=0, "
         "lora_cache=LoraCacheConfig(host_cache_bytes=1073741824, device_cache_bytes=268435456), "
         "kv_cache=KvCacheConfig(block_size=16, max_tokens=16384))"

@@ -147,6 +147,7 @@ def _raw_forward(model: Model, tokens, context, table, slot=-1):
     """The binding's forward with hand-made arrays: the C++ checks, without the Python ones."""
     return model._core.forward(
         np.array(tokens, np.int32),
+        (np.int64(context) + np.arange(len(tokens))).astype(np.int32),
         np.array([0, len(tokens)], np.int32),
         np.array([context], np.int32),
         np.array([table], np.int32),

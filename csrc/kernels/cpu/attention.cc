@@ -36,8 +36,10 @@ void token_sequences(const PagedAttentionParams& p, std::vector<int32_t>& seq_of
 
 }  // namespace
 
-void paged_kv_write(const float* k, const float* v, int64_t stride, const PagedAttentionParams& p,
-                    float* k_cache, float* v_cache) {
+namespace {
+
+// Copies the chunk's K and V rows to their cache slots (layout of PagedAttentionParams::k_cache).
+void paged_kv_write(const PagedAttentionParams& p) {
   const int64_t width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
   for (int32_t s = 0; s < p.num_seqs; ++s) {
     const int32_t* table = p.block_tables + static_cast<int64_t>(s) * p.max_blocks_per_seq;
@@ -45,13 +47,16 @@ void paged_kv_write(const float* k, const float* v, int64_t stride, const PagedA
       const int32_t pos = p.context_lens[s] + (t - p.seq_starts[s]);
       const int64_t slot =
           static_cast<int64_t>(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
-      std::memcpy(k_cache + slot * width, k + t * stride, width * sizeof(float));
-      std::memcpy(v_cache + slot * width, v + t * stride, width * sizeof(float));
+      std::memcpy(p.k_cache + slot * width, p.k + t * p.kv_stride, width * sizeof(float));
+      std::memcpy(p.v_cache + slot * width, p.v + t * p.kv_stride, width * sizeof(float));
     }
   }
 }
 
+}  // namespace
+
 void paged_attention(const PagedAttentionParams& p) {
+  paged_kv_write(p);
   // Filled by the calling thread; the OpenMP workers read it through a plain pointer (a
   // thread_local would give each worker its own, empty, copy).
   thread_local std::vector<int32_t> seq_storage;

@@ -1,35 +1,58 @@
-// Embedding, RMSNorm, RoPE, SwiGLU, bias and residual adds.
+// Embedding, RMSNorm, RoPE, SwiGLU, bias and residual adds, row gathers. Weights (embedding
+// table, norm weights, biases) arrive in their storage dtype and are widened exactly to float32.
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/float_mode.h"
 
 namespace lorart::cpu {
 
-void embedding(const float* table, int64_t hidden, const int32_t* ids, int64_t num_tokens,
-               float* out) {
-#pragma omp parallel for if (num_tokens * hidden > 65536)
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    std::memcpy(out + t * hidden, table + static_cast<int64_t>(ids[t]) * hidden,
-                hidden * sizeof(float));
+namespace {
+
+// `count` values of `w` as float32: the stored values when they are float32, else widened
+// (exactly) into `storage`, which belongs to the calling thread.
+const float* widened(const WeightRef& w, int64_t count, std::vector<float>& storage) {
+  if (w.dtype == DType::kFloat32) return static_cast<const float*>(w.data);
+  storage.resize(static_cast<size_t>(count));
+  convert_floats(w.data, w.dtype, storage.data(), DType::kFloat32, static_cast<size_t>(count));
+  return storage.data();
+}
+
+}  // namespace
+
+void embedding(const EmbeddingParams& p) {
+  const size_t row_bytes = static_cast<size_t>(p.hidden) * dtype_size(p.table.dtype);
+  const auto* table = static_cast<const unsigned char*>(p.table.data);
+  const int64_t stride = p.table.stride * static_cast<int64_t>(dtype_size(p.table.dtype));
+#pragma omp parallel for if (p.num_tokens * p.hidden > 65536)
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    const unsigned char* row = table + static_cast<int64_t>(p.ids[t]) * stride;
+    if (p.table.dtype == DType::kFloat32) {
+      std::memcpy(p.out + t * p.hidden, row, row_bytes);
+    } else {
+      convert_floats(row, p.table.dtype, p.out + t * p.hidden, DType::kFloat32,
+                     static_cast<size_t>(p.hidden));
+    }
   }
 }
 
-void rms_norm(const float* x, int64_t x_stride, const float* weight, int64_t num_tokens,
-              int64_t hidden, float eps, float* out, int64_t out_stride) {
+void rms_norm(const RmsNormParams& p) {
+  thread_local std::vector<float> weight_storage;
+  const float* weight = widened(p.weight, p.hidden, weight_storage);
   const FloatMode mode;
-#pragma omp parallel if (num_tokens * hidden > 65536)
+#pragma omp parallel if (p.num_tokens * p.hidden > 65536)
   {
     const FloatMode::Scope same(mode);
 #pragma omp for
-    for (int64_t t = 0; t < num_tokens; ++t) {
-      const float* row = x + t * x_stride;
+    for (int64_t t = 0; t < p.num_tokens; ++t) {
+      const float* row = p.x + t * p.x_stride;
       double sum = 0.0;  // double: the mean of squares is the one reduction that loses digits
-      for (int64_t i = 0; i < hidden; ++i) sum += static_cast<double>(row[i]) * row[i];
-      const float inv = 1.0f / std::sqrt(static_cast<float>(sum / hidden) + eps);
-      float* dst = out + t * out_stride;
-      for (int64_t i = 0; i < hidden; ++i) dst[i] = weight[i] * (row[i] * inv);
+      for (int64_t i = 0; i < p.hidden; ++i) sum += static_cast<double>(row[i]) * row[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(sum / p.hidden) + p.eps);
+      float* dst = p.out + t * p.out_stride;
+      for (int64_t i = 0; i < p.hidden; ++i) dst[i] = weight[i] * (row[i] * inv);
     }
   }
 }
@@ -78,10 +101,18 @@ void silu_mul(const float* gate_up, int64_t num_tokens, int64_t inter, float* ou
   }
 }
 
-void add_bias(float* y, int64_t stride, int64_t num_tokens, int64_t cols, const float* bias) {
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    float* row = y + t * stride;
-    for (int64_t i = 0; i < cols; ++i) row[i] += bias[i];
+void add_bias(const BiasParams& p) {
+  thread_local std::vector<float> bias_storage;
+  const float* bias = widened(p.bias, p.cols, bias_storage);
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    float* row = p.y + t * p.y_stride;
+    for (int64_t i = 0; i < p.cols; ++i) row[i] += bias[i];
+  }
+}
+
+void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t num_rows, float* out) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    std::memcpy(out + i * width, x + static_cast<int64_t>(rows[i]) * width, width * sizeof(float));
   }
 }
 

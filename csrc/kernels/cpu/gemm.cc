@@ -30,15 +30,15 @@ std::pair<int64_t, int64_t> column_share(int64_t n, int threads, int thread) {
 
 }  // namespace
 
-void linear(const float* x, int64_t x_stride, const float* w, int64_t m, int64_t n, int64_t k,
-            float beta, float* y, int64_t y_stride) {
-  const int threads = m * n * k < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
+void linear(const LinearParams& p) {
+  const int threads = p.m * p.n * p.k < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
   const FloatMode mode;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const FloatMode::Scope same(mode);
-    const auto [begin, end] = column_share(n, omp_get_num_threads(), omp_get_thread_num());
-    gemm_nt(DType::kFloat32, m, begin, end, k, x, x_stride, w, k, beta, y, y_stride);
+    const auto [begin, end] = column_share(p.n, omp_get_num_threads(), omp_get_thread_num());
+    gemm_nt(p.w.dtype, p.m, begin, end, p.k, p.x, p.x_stride, p.w.data, p.w.stride, p.beta, p.y,
+            p.y_stride);
   }
 }
 
@@ -50,6 +50,11 @@ namespace {
 // token blocks that shrink and expand their own rows, with the adapter widened to float32 once per
 // thread (float16 widening in registers costs ~2x a float32 load at prefill's reuse).
 constexpr int64_t kShortSegment = 16;
+
+struct Segment {
+  int32_t begin, end;
+  LoraPair pair;
+};
 
 // One unit of lora_gemm's parallel work: `seg`'s rows [begin, end), which are rank rows (short
 // shrink), output columns (short expand) or tokens (a long segment, shrink and expand both).
@@ -91,14 +96,24 @@ void lora_gemm(const LoraGemmParams& p) {
   // and the work items. Short segments run in two phases separated by a barrier: shrink, one item
   // per segment, then expand, items over output columns. Long segments are items over token
   // blocks that shrink and expand their own rows in the first phase.
+  // A segment is a run whose slot's adapter adapts this module, with that pair looked up once.
+  thread_local std::vector<Segment> segment_storage;
+  segment_storage.clear();
+  for (int32_t i = 0; i < p.num_runs; ++i) {
+    const LoraRun& run = p.runs[i];
+    const LoraPair& pair = p.pairs[run.slot * p.slot_stride];
+    if (pair.rank > 0 && run.end > run.begin) segment_storage.push_back({run.begin, run.end, pair});
+  }
+  const Segment* segments = segment_storage.data();
+  const auto num_segments = static_cast<int32_t>(segment_storage.size());
   thread_local std::vector<int64_t> offsets;
   thread_local std::vector<LoraItem> shrink_items, expand_items;
-  offsets.assign(p.num_segments, 0);
+  offsets.assign(num_segments, 0);
   shrink_items.clear();
   expand_items.clear();
   int64_t used = 0, weight_elements = 0;
-  for (int32_t i = 0; i < p.num_segments; ++i) {
-    const LoraSegment& seg = p.segments[i];
+  for (int32_t i = 0; i < num_segments; ++i) {
+    const Segment& seg = segments[i];
     const int64_t n = seg.end - seg.begin, r = seg.pair.rank;
     offsets[i] = used;
     used += n * r;
@@ -134,7 +149,7 @@ void lora_gemm(const LoraGemmParams& p) {
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < num_shrink; ++i) {
       const LoraItem& item = shrink[i];
-      const LoraSegment& seg = p.segments[item.seg];
+      const Segment& seg = segments[item.seg];
       const int64_t n = seg.end - seg.begin, r = seg.pair.rank;
       const float* x = p.x + seg.begin * p.x_stride;
       float* tmp = p.scratch + seg_offsets[item.seg];
@@ -154,7 +169,7 @@ void lora_gemm(const LoraGemmParams& p) {
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < num_expand; ++i) {
       const LoraItem& item = expand[i];
-      const LoraSegment& seg = p.segments[item.seg];
+      const Segment& seg = segments[item.seg];
       const int64_t r = seg.pair.rank;
       gemm_nn(seg.pair.dtype, seg.end - seg.begin, item.begin, item.end, r,
               p.scratch + seg_offsets[item.seg], r, seg.pair.b_t, p.out,

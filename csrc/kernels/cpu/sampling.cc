@@ -25,8 +25,6 @@ float log_softmax_at(const float* logits, int64_t vocab, int32_t token) {
   return static_cast<float>(logits[token] - max_logit - std::log(total));
 }
 
-}  // namespace
-
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& params,
                      uint64_t* rng_state, float* log_prob, std::pair<float, int32_t>* scratch) {
   int32_t token = 0;
@@ -77,6 +75,16 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p
   }
   if (log_prob != nullptr) *log_prob = log_softmax_at(logits, vocab, token);
   return token;
+}
+
+}  // namespace
+
+void sample(const SampleParams& p, std::pair<float, int32_t>* scratch) {
+  for (int32_t i = 0; i < p.num_samples; ++i) {
+    p.tokens[i] =
+        sample_token(p.logits + static_cast<int64_t>(p.rows[i]) * p.vocab, p.vocab, p.params[i],
+                     &p.rng_states[i], p.log_probs != nullptr ? &p.log_probs[i] : nullptr, scratch);
+  }
 }
 
 }  // namespace lorart::cpu

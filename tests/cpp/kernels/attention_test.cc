@@ -89,24 +89,24 @@ std::vector<float> run(const Shape& shape, const std::vector<Chunk>& chunks, Cac
   const Tensor k(rows.data() + shape.q_width(), DType::kFloat32, 2, kv_shape, strides);
   const Tensor v(rows.data() + shape.q_width() + shape.kv_width(), DType::kFloat32, 2, kv_shape,
                  strides);
-  PagedAttentionParams p{};
-  p.q = rows.data();
-  p.q_stride = width;
-  p.out = out.data();
-  p.k_cache = cache.k.data();
-  p.v_cache = cache.v.data();
-  p.seq_starts = starts.data();
-  p.context_lens = context_lens.data();
-  p.block_tables = tables.data();
-  p.num_seqs = static_cast<int32_t>(chunks.size());
-  p.max_blocks_per_seq = static_cast<int32_t>(max_blocks);
-  p.block_size = kBlockSize;
-  p.num_heads = shape.num_heads;
-  p.num_kv_heads = shape.num_kv_heads;
-  p.head_dim = kHeadDim;
-  p.sliding_window = shape.sliding_window;
-  p.scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
-  ops::paged_attention(k, v, p, cache.k.data(), cache.v.data(), Device::cpu());
+  const int64_t q_shape[2] = {tokens, shape.q_width()};
+  const Tensor q(rows.data(), DType::kFloat32, 2, q_shape, strides);
+  const int64_t num_blocks =
+      static_cast<int64_t>(cache.k.size()) / (int64_t{kBlockSize} * shape.kv_width());
+  const Tensor k_cache(cache.k.data(), DType::kFloat32,
+                       {num_blocks, kBlockSize, shape.num_kv_heads, kHeadDim});
+  const Tensor v_cache(cache.v.data(), DType::kFloat32,
+                       {num_blocks, kBlockSize, shape.num_kv_heads, kHeadDim});
+  const auto num_seqs = static_cast<int64_t>(chunks.size());
+  const ops::AttentionBatch batch{
+      Tensor(starts.data(), DType::kInt32, {num_seqs + 1}),
+      Tensor(context_lens.data(), DType::kInt32, {num_seqs}),
+      Tensor(tables.data(), DType::kInt32, {num_seqs, static_cast<int64_t>(max_blocks)})};
+  const ops::AttentionShape attn{shape.num_heads, shape.num_kv_heads, kHeadDim,
+                                 shape.sliding_window,
+                                 1.0f / std::sqrt(static_cast<float>(kHeadDim))};
+  ops::paged_attention(ExecContext::cpu(), q, k, v, k_cache, v_cache, batch, attn,
+                       Tensor(out.data(), DType::kFloat32, {tokens, shape.q_width()}));
   return out;
 }
 
@@ -270,10 +270,16 @@ TEST(PagedAttentionTest, WritesChunkKeysAndValuesToTheirSlots) {
 
 TEST(PagedAttentionTest, CudaHasNoImplementationYet) {
   std::vector<float> buf(16);
-  const Tensor kv(buf.data(), DType::kFloat32, {1, 16});
-  PagedAttentionParams p{};
+  const Tensor kv(buf.data(), DType::kFloat32, {1, 16}, Device::cuda());
+  const Tensor cache(buf.data(), DType::kFloat32, {1, 1, 1, 16}, Device::cuda());
+  const Tensor idx(buf.data(), DType::kInt32, {1}, Device::cuda());
+  ExecContext ctx;
+  ctx.device = Device::cuda();
   testing_util::expect_error<DeviceError>(
-      [&] { ops::paged_attention(kv, kv, p, buf.data(), buf.data(), Device::cuda()); },
+      [&] {
+        ops::paged_attention(ctx, kv, kv, kv, cache, cache, {idx, idx, idx}, {1, 1, 16, 0, 1.0f},
+                             kv);
+      },
       "paged_attention: no cuda:0 implementation in this build yet");
 }
 

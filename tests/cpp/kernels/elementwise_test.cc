@@ -35,7 +35,7 @@ TEST(RmsNormTest, MatchesDoubleReferenceAndMayRunInPlace) {
   const float eps = 1e-5f;
   std::vector<float> out(kT * kH);
   const Tensor weight(const_cast<float*>(w.data()), DType::kFloat32, {kH});
-  ops::rms_norm(rows_view(x.data(), kT, kH, kStride), weight, eps,
+  ops::rms_norm(ExecContext::cpu(), rows_view(x.data(), kT, kH, kStride), weight, eps,
                 Tensor(out.data(), DType::kFloat32, {kT, kH}));
   for (int64_t t = 0; t < kT; ++t) {
     double sum = 0.0;
@@ -47,7 +47,7 @@ TEST(RmsNormTest, MatchesDoubleReferenceAndMayRunInPlace) {
     }
   }
   const Tensor strided = rows_view(x.data(), kT, kH, kStride);
-  ops::rms_norm(strided, weight, eps, strided);
+  ops::rms_norm(ExecContext::cpu(), strided, weight, eps, strided);
   for (int64_t t = 0; t < kT; ++t) {
     for (int64_t i = 0; i < kH; ++i)
       EXPECT_EQ(x[t * kStride + i], out[t * kH + i]) << t << ", " << i;
@@ -66,7 +66,7 @@ TEST(RmsNormTest, WorkersComputeInTheCallersFloatMode) {
   testing_util::ScopedThreads two(2);
   std::vector<float> all(kT * kH), alone(kH);
   auto norm = [&](int64_t t, int64_t rows, float* out) {
-    ops::rms_norm(rows_view(x.data() + t * kH, rows, kH, kH), weight, 1e-6f,
+    ops::rms_norm(ExecContext::cpu(), rows_view(x.data() + t * kH, rows, kH, kH), weight, 1e-6f,
                   Tensor(out, DType::kFloat32, {rows, kH}));
   };
   norm(0, kT, all.data());  // starts the worker threads in the default mode
@@ -85,7 +85,7 @@ TEST(RopeTest, PositionZeroIsTheIdentity) {
   const std::vector<float> before = x;
   std::vector<int32_t> positions = {0, 0, 0};
   std::vector<float> inv = inv_freq(kHeadDim);
-  ops::rope(Tensor(x.data(), DType::kFloat32, {3, 2 * kHeadDim}), kHeadDim,
+  ops::rope(ExecContext::cpu(), Tensor(x.data(), DType::kFloat32, {3, 2 * kHeadDim}), kHeadDim,
             Tensor(positions.data(), DType::kInt32, {3}),
             Tensor(inv.data(), DType::kFloat32, {kHeadDim / 2}));
   for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(x[i], before[i]) << i;
@@ -99,7 +99,7 @@ TEST(RopeTest, MatchesRotateHalfFormulaAndPreservesPairNorms) {
   const std::vector<float> before = x;
   std::vector<int32_t> positions = {1, 7, 100, 4095, 3};
   std::vector<float> inv = inv_freq(kHeadDim);
-  ops::rope(Tensor(x.data(), DType::kFloat32, {kT, kWidth}), kHeadDim,
+  ops::rope(ExecContext::cpu(), Tensor(x.data(), DType::kFloat32, {kT, kWidth}), kHeadDim,
             Tensor(positions.data(), DType::kInt32, {kT}),
             Tensor(inv.data(), DType::kFloat32, {kHalf}));
   for (int64_t t = 0; t < kT; ++t) {
@@ -132,8 +132,10 @@ TEST(RopeTest, RotatesOnlyTheViewOfAWiderRow) {
   std::vector<float> inv = inv_freq(kHeadDim);
   const Tensor pos(positions.data(), DType::kInt32, {kT});
   const Tensor freq(inv.data(), DType::kFloat32, {kHeadDim / 2});
-  ops::rope(rows_view(fused.data() + kOffset, kT, kWidth, kStride), kHeadDim, pos, freq);
-  ops::rope(Tensor(alone.data(), DType::kFloat32, {kT, kWidth}), kHeadDim, pos, freq);
+  ops::rope(ExecContext::cpu(), rows_view(fused.data() + kOffset, kT, kWidth, kStride), kHeadDim,
+            pos, freq);
+  ops::rope(ExecContext::cpu(), Tensor(alone.data(), DType::kFloat32, {kT, kWidth}), kHeadDim, pos,
+            freq);
   for (int64_t t = 0; t < kT; ++t) {
     for (int64_t col = 0; col < kStride; ++col) {
       const int64_t i = t * kStride + col;
@@ -150,7 +152,7 @@ TEST(SiluMulTest, MatchesDoubleReference) {
   gate_up[0] = -30.0f;
   gate_up[1] = 30.0f;
   std::vector<float> out(kT * kI);
-  ops::silu_mul(Tensor(gate_up.data(), DType::kFloat32, {kT, 2 * kI}),
+  ops::silu_mul(ExecContext::cpu(), Tensor(gate_up.data(), DType::kFloat32, {kT, 2 * kI}),
                 Tensor(out.data(), DType::kFloat32, {kT, kI}));
   for (int64_t t = 0; t < kT; ++t) {
     for (int64_t i = 0; i < kI; ++i) {
@@ -164,13 +166,15 @@ TEST(SiluMulTest, MatchesDoubleReference) {
 TEST(AddTest, AddsElementwiseAndBiasPerRow) {
   std::vector<float> y = random_floats(12, 7), x = random_floats(12, 8);
   const std::vector<float> y0 = y;
-  ops::add(Tensor(y.data(), DType::kFloat32, {3, 4}), Tensor(x.data(), DType::kFloat32, {12}));
+  ops::add(ExecContext::cpu(), Tensor(y.data(), DType::kFloat32, {3, 4}),
+           Tensor(x.data(), DType::kFloat32, {12}));
   for (size_t i = 0; i < y.size(); ++i) EXPECT_EQ(y[i], y0[i] + x[i]) << i;
 
   // A bias on the middle 3 columns of 5-wide rows.
   std::vector<float> rows = random_floats(10, 9), bias = {1.5f, -2.0f, 0.25f};
   const std::vector<float> rows0 = rows;
-  ops::add_bias(rows_view(rows.data() + 1, 2, 3, 5), Tensor(bias.data(), DType::kFloat32, {3}));
+  ops::add_bias(ExecContext::cpu(), rows_view(rows.data() + 1, 2, 3, 5),
+                Tensor(bias.data(), DType::kFloat32, {3}));
   for (int64_t i = 0; i < 10; ++i) {
     const int64_t col = i % 5;
     EXPECT_EQ(rows[i], col >= 1 && col < 4 ? rows0[i] + bias[col - 1] : rows0[i]) << i;
@@ -182,7 +186,7 @@ TEST(EmbeddingTest, CopiesTheRowOfEachId) {
   std::vector<float> table = random_floats(kV * kH, 10);
   std::vector<int32_t> ids = {3, 0, 5, 3};
   std::vector<float> out(ids.size() * kH);
-  ops::embedding(Tensor(table.data(), DType::kFloat32, {kV, kH}),
+  ops::embedding(ExecContext::cpu(), Tensor(table.data(), DType::kFloat32, {kV, kH}),
                  Tensor(ids.data(), DType::kInt32, {4}),
                  Tensor(out.data(), DType::kFloat32, {4, kH}));
   for (size_t t = 0; t < ids.size(); ++t) {
@@ -197,36 +201,49 @@ TEST(ElementwiseArgumentsTest, ErrorsNameTheArgument) {
     return Tensor(f.data(), DType::kFloat32, shape);
   };
   const Tensor pos(f.data(), DType::kInt32, {2});
-  expect_error<InvalidArgument>([&] { ops::rope(floats({2, 6}), 3, pos, floats({1})); },
-                                "rope: head_dim must be even, <= 1024 and divide the row width, "
-                                "got [2, 6] float32 cpu");
-  expect_error<InvalidArgument>([&] { ops::rope(floats({2, 6}), 4, pos, floats({2})); },
-                                "rope: head_dim must be even, <= 1024 and divide the row width");
   expect_error<InvalidArgument>(
-      [&] { ops::rope(floats({2, 8}), 4, Tensor(i64.data(), DType::kInt64, {2}), floats({2})); },
-      "rope: positions must be [T] int32, got [2] int64 cpu");
-  expect_error<InvalidArgument>([&] { ops::rope(floats({2, 8}), 4, pos, floats({4})); },
-                                "rope: inv_freq must have head_dim / 2 elements, got [4] float32");
+      [&] { ops::rope(ExecContext::cpu(), floats({2, 6}), 3, pos, floats({1})); },
+      "rope: head_dim must be even, <= 1024 and divide the row width, "
+      "got [2, 6] float32 cpu");
+  expect_error<InvalidArgument>(
+      [&] { ops::rope(ExecContext::cpu(), floats({2, 6}), 4, pos, floats({2})); },
+      "rope: head_dim must be even, <= 1024 and divide the row width");
   expect_error<InvalidArgument>(
       [&] {
-        ops::embedding(floats({4, 2}), Tensor(i64.data(), DType::kInt64, {3}), floats({3, 2}));
+        ops::rope(ExecContext::cpu(), floats({2, 8}), 4, Tensor(i64.data(), DType::kInt64, {2}),
+                  floats({2}));
+      },
+      "rope: positions must be [T] int32, got [2] int64 cpu");
+  expect_error<InvalidArgument>(
+      [&] { ops::rope(ExecContext::cpu(), floats({2, 8}), 4, pos, floats({4})); },
+      "rope: inv_freq must be float32 [head_dim / 2], got [4] float32");
+  expect_error<InvalidArgument>(
+      [&] {
+        ops::embedding(ExecContext::cpu(), floats({4, 2}), Tensor(i64.data(), DType::kInt64, {3}),
+                       floats({3, 2}));
       },
       "embedding: ids must be [T] int32, got [3] int64 cpu");
-  expect_error<InvalidArgument>([&] { ops::embedding(floats({4, 2}), pos, floats({2, 3})); },
-                                "embedding: out must be [T, H], got [2, 3] float32 cpu");
   expect_error<InvalidArgument>(
-      [&] { ops::rms_norm(floats({2, 4}), floats({3}), 1e-6f, floats({2, 4})); },
-      "rms_norm: weight must have H elements, got [3] float32 cpu");
+      [&] { ops::embedding(ExecContext::cpu(), floats({4, 2}), pos, floats({2, 3})); },
+      "embedding: out must be contiguous float32 [T, H], got [2, 3] float32 cpu");
   expect_error<InvalidArgument>(
-      [&] { ops::rms_norm(floats({8}), floats({8}), 1e-6f, floats({8})); },
+      [&] {
+        ops::rms_norm(ExecContext::cpu(), floats({2, 4}), floats({3}), 1e-6f, floats({2, 4}));
+      },
+      "rms_norm: weight must have H float elements, got [3] float32 cpu");
+  expect_error<InvalidArgument>(
+      [&] { ops::rms_norm(ExecContext::cpu(), floats({8}), floats({8}), 1e-6f, floats({8})); },
       "rms_norm: x must be [T, H] float32 with unit column stride, got [8] float32 cpu");
-  expect_error<InvalidArgument>([&] { ops::silu_mul(floats({2, 6}), floats({2, 4})); },
-                                "silu_mul: gate_up must be [T, 2I] and out [T, I], contiguous, got "
-                                "[2, 6] float32 cpu");
-  expect_error<InvalidArgument>([&] { ops::add(floats({2, 4}), floats({7})); },
-                                "add: x and y must be contiguous with the same size, got [7]");
-  expect_error<InvalidArgument>([&] { ops::add_bias(floats({2, 4}), floats({3})); },
-                                "add_bias: bias must have N elements, got [3] float32 cpu");
+  expect_error<InvalidArgument>(
+      [&] { ops::silu_mul(ExecContext::cpu(), floats({2, 6}), floats({2, 4})); },
+      "silu_mul: gate_up must be [T, 2I] and out [T, I], contiguous float32, "
+      "got [2, 6] float32 cpu");
+  expect_error<InvalidArgument>(
+      [&] { ops::add(ExecContext::cpu(), floats({2, 4}), floats({7})); },
+      "add: x and y must be contiguous float32 with the same size, got [7]");
+  expect_error<InvalidArgument>(
+      [&] { ops::add_bias(ExecContext::cpu(), floats({2, 4}), floats({3})); },
+      "add_bias: bias must have N float elements, got [3] float32 cpu");
 }
 
 // Disabled until ops::rms_norm checks out against x (a bug): out [1, 8] for x [4, 8] passes the
@@ -235,28 +252,33 @@ TEST(ElementwiseArgumentsTest, RmsNormOutMustMatchX) {
   std::vector<float> f(64);
   const Tensor x(f.data(), DType::kFloat32, {4, 8}), w(f.data(), DType::kFloat32, {8});
   expect_error<InvalidArgument>(
-      [&] { ops::rms_norm(x, w, 1e-6f, Tensor(f.data() + 32, DType::kFloat32, {1, 8})); },
+      [&] {
+        ops::rms_norm(ExecContext::cpu(), x, w, 1e-6f,
+                      Tensor(f.data() + 32, DType::kFloat32, {1, 8}));
+      },
       "rms_norm: out must have the shape of x");
 }
 
 // The device check comes before any access, so host memory labelled cuda is never touched.
 TEST(ElementwiseArgumentsTest, CudaTensorsHaveNoImplementationYet) {
   std::vector<float> f(16);
+  ExecContext kCuda;
+  kCuda.device = Device::cuda();
   const Tensor cuda(f.data(), DType::kFloat32, {2, 8}, Device::cuda());
   const Tensor weight(f.data(), DType::kFloat32, {8}, Device::cuda());
   const Tensor ids(f.data(), DType::kInt32, {2}, Device::cuda());
   const Tensor freq(f.data(), DType::kFloat32, {2}, Device::cuda());
   const Tensor half(f.data(), DType::kFloat32, {2, 4}, Device::cuda());
-  expect_error<DeviceError>([&] { ops::rms_norm(cuda, weight, 1e-6f, cuda); },
+  expect_error<DeviceError>([&] { ops::rms_norm(kCuda, cuda, weight, 1e-6f, cuda); },
                             "rms_norm: no cuda:0 implementation in this build yet");
-  expect_error<DeviceError>([&] { ops::rope(cuda, 4, ids, freq); },
+  expect_error<DeviceError>([&] { ops::rope(kCuda, cuda, 4, ids, freq); },
                             "rope: no cuda:0 implementation");
-  expect_error<DeviceError>([&] { ops::embedding(cuda, ids, cuda); },
+  expect_error<DeviceError>([&] { ops::embedding(kCuda, cuda, ids, cuda); },
                             "embedding: no cuda:0 implementation");
-  expect_error<DeviceError>([&] { ops::silu_mul(cuda, half); },
+  expect_error<DeviceError>([&] { ops::silu_mul(kCuda, cuda, half); },
                             "silu_mul: no cuda:0 implementation");
-  expect_error<DeviceError>([&] { ops::add(cuda, cuda); }, "add: no cuda:0 implementation");
-  expect_error<DeviceError>([&] { ops::add_bias(cuda, weight); },
+  expect_error<DeviceError>([&] { ops::add(kCuda, cuda, cuda); }, "add: no cuda:0 implementation");
+  expect_error<DeviceError>([&] { ops::add_bias(kCuda, cuda, weight); },
                             "add_bias: no cuda:0 implementation");
 }
 
@@ -266,10 +288,14 @@ TEST(ElementwiseArgumentsTest, MixedDevicesAreRejected) {
   const Tensor cuda(f.data(), DType::kFloat32, {2, 8}, Device::cuda());
   const Tensor host(f.data(), DType::kFloat32, {2, 8});
   const Tensor host_weight(f.data(), DType::kFloat32, {8});
-  expect_error<InvalidArgument>([&] { ops::rms_norm(host, host_weight, 1e-6f, cuda); },
-                                "rms_norm: all tensors must be on cpu");
-  expect_error<InvalidArgument>([&] { ops::add(cuda, host); },
-                                "add: all tensors must be on cuda:0");
+  expect_error<InvalidArgument>(
+      [&] { ops::rms_norm(ExecContext::cpu(), host, host_weight, 1e-6f, cuda); },
+      "rms_norm: every tensor must be on the context's device cpu, got one on cuda:0");
+  ExecContext on_cuda;
+  on_cuda.device = Device::cuda();
+  expect_error<InvalidArgument>([&] { ops::add(on_cuda, cuda, host); },
+                                "add: every tensor must be on the context's device cuda:0, got "
+                                "one on cpu");
 }
 
 }  // namespace

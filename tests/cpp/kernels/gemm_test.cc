@@ -22,6 +22,20 @@
 namespace lorart {
 namespace {
 
+// ops::lora_gemm over `runs` of the slots of `table` (one (layer, module) entry per slot).
+void lora_gemm(const std::vector<LoraRun>& runs, const std::vector<LoraPair>& table, const float* x,
+               int64_t x_stride, int64_t in, float* y, int64_t y_stride, int64_t out,
+               int64_t tokens, std::vector<float>& scratch) {
+  const int64_t x_shape[2] = {tokens, in}, x_strides[2] = {x_stride, 1};
+  const int64_t y_shape[2] = {tokens, out}, y_strides[2] = {y_stride, 1};
+  const ops::LoraBatch lora{runs.data(), static_cast<int32_t>(runs.size()), table.data(),
+                            static_cast<int32_t>(table.size()), 1};
+  ops::lora_gemm(ExecContext::cpu(),
+                 Tensor(const_cast<float*>(x), DType::kFloat32, 2, x_shape, x_strides),
+                 Tensor(y, DType::kFloat32, 2, y_shape, y_strides), out, lora, 0,
+                 Tensor(scratch.data(), DType::kFloat32, {static_cast<int64_t>(scratch.size())}));
+}
+
 using testing_util::expect_error;
 using testing_util::kThreadCounts;
 using testing_util::max_abs_diff;
@@ -51,7 +65,8 @@ void check_linear(int64_t m, int64_t n, int64_t k, float beta) {
     }
   }
   const std::vector<float> before = y;
-  ops::linear(rows_view(const_cast<float*>(x.data()) + x_offset, m, k, x_stride),
+  ops::linear(ExecContext::cpu(),
+              rows_view(const_cast<float*>(x.data()) + x_offset, m, k, x_stride),
               Tensor(w.data(), DType::kFloat32, {n, k}),
               rows_view(y.data() + y_offset, m, n, y_stride), beta);
   for (int64_t r = 0; r < m; ++r) {
@@ -107,7 +122,8 @@ void check_rows_invariant(int64_t n, int64_t k, const std::vector<int64_t>& row_
       {
         ScopedThreads one(1);
         for (int64_t r = 0; r < max_m; ++r) {
-          ops::linear(rows_view(const_cast<float*>(x.data()) + r * x_stride, 1, k, x_stride), wt,
+          ops::linear(ExecContext::cpu(),
+                      rows_view(const_cast<float*>(x.data()) + r * x_stride, 1, k, x_stride), wt,
                       rows_view(ref.data() + r * y_stride, 1, n, y_stride), beta);
         }
       }
@@ -115,8 +131,8 @@ void check_rows_invariant(int64_t n, int64_t k, const std::vector<int64_t>& row_
         ScopedThreads scoped(threads);
         for (int64_t m : row_counts) {
           std::vector<float> y = y_init;
-          ops::linear(rows_view(const_cast<float*>(x.data()), m, k, x_stride), wt,
-                      rows_view(y.data(), m, n, y_stride), beta);
+          ops::linear(ExecContext::cpu(), rows_view(const_cast<float*>(x.data()), m, k, x_stride),
+                      wt, rows_view(y.data(), m, n, y_stride), beta);
           for (int64_t r = 0; r < m; ++r) {
             const float* got = y.data() + r * y_stride;
             const float* want = ref.data() + r * y_stride;
@@ -150,12 +166,14 @@ TEST(LinearTest, WorkersComputeInTheCallersFloatMode) {
   const Tensor wt(w.data(), DType::kFloat32, {n, k});
   ScopedThreads two(2);
   std::vector<float> warm(m * n);  // starts the worker threads in the default mode
-  ops::linear(rows_view(x.data(), m, k, k), wt, rows_view(warm.data(), m, n, n));
+  ops::linear(ExecContext::cpu(), rows_view(x.data(), m, k, k), wt,
+              rows_view(warm.data(), m, n, n));
   const unsigned int saved = _mm_getcsr();
   _mm_setcsr(saved | 0x8040u);  // DAZ | FTZ, on this thread only
   std::vector<float> all(m * n), alone(n);
-  ops::linear(rows_view(x.data(), m, k, k), wt, rows_view(all.data(), m, n, n));
-  ops::linear(rows_view(x.data(), 1, k, k), wt, rows_view(alone.data(), 1, n, n));
+  ops::linear(ExecContext::cpu(), rows_view(x.data(), m, k, k), wt, rows_view(all.data(), m, n, n));
+  ops::linear(ExecContext::cpu(), rows_view(x.data(), 1, k, k), wt,
+              rows_view(alone.data(), 1, n, n));
   _mm_setcsr(saved);
   EXPECT_EQ(0, std::memcmp(all.data(), alone.data(), n * sizeof(float)))
       << "max |diff| " << max_abs_diff(all.data(), alone.data(), n);
@@ -170,21 +188,23 @@ TEST(LinearTest, RejectsMismatchedShapes) {
   const Tensor w(buf.data(), DType::kFloat32, {3, 4});
   const Tensor y(buf.data(), DType::kFloat32, {2, 3});
   expect_error<InvalidArgument>(
-      [&] { ops::linear(x, Tensor(buf.data(), DType::kFloat32, {3, 5}), y); },
-      "linear: w must be contiguous [N, K] matching x [M, K] and y [M, N], got [3, 5] float32 "
-      "cpu");
+      [&] { ops::linear(ExecContext::cpu(), x, Tensor(buf.data(), DType::kFloat32, {3, 5}), y); },
+      "linear: w must be float [N, K] matching x [M, K], y [M, N], got [3, 5] float32 cpu");
   expect_error<InvalidArgument>(
-      [&] { ops::linear(x, w, Tensor(buf.data(), DType::kFloat32, {2, 4})); },
-      "linear: w must be contiguous [N, K] matching");
+      [&] { ops::linear(ExecContext::cpu(), x, w, Tensor(buf.data(), DType::kFloat32, {2, 4})); },
+      "linear: w must be float [N, K] matching");
   expect_error<InvalidArgument>(
-      [&] { ops::linear(x, w, Tensor(buf.data(), DType::kFloat32, {3, 3})); },
+      [&] { ops::linear(ExecContext::cpu(), x, w, Tensor(buf.data(), DType::kFloat32, {3, 3})); },
       "linear: y must have as many rows as x, got [3, 3] float32 cpu");
   expect_error<InvalidArgument>(
-      [&] { ops::linear(Tensor(buf.data(), DType::kInt32, {2, 4}), w, y); },
+      [&] { ops::linear(ExecContext::cpu(), Tensor(buf.data(), DType::kInt32, {2, 4}), w, y); },
       "linear: x must be [M, K] float32, got [2, 4] int32 cpu");
   const int64_t shape[2] = {2, 4}, strides[2] = {1, 2};
   expect_error<InvalidArgument>(
-      [&] { ops::linear(Tensor(buf.data(), DType::kFloat32, 2, shape, strides), w, y); },
+      [&] {
+        ops::linear(ExecContext::cpu(), Tensor(buf.data(), DType::kFloat32, 2, shape, strides), w,
+                    y);
+      },
       "linear: x must be [M, K] float32, got [2, 4] float32 cpu");
 }
 
@@ -192,7 +212,9 @@ TEST(LinearTest, CudaTensorsHaveNoImplementationYet) {
   std::vector<float> buf(16);
   const Tensor x(buf.data(), DType::kFloat32, {2, 2}, Device::cuda());
   const Tensor w(buf.data(), DType::kFloat32, {2, 2}, Device::cuda());
-  expect_error<DeviceError>([&] { ops::linear(x, w, w); },
+  ExecContext ctx;
+  ctx.device = Device::cuda();
+  expect_error<DeviceError>([&] { ops::linear(ctx, x, w, w); },
                             "linear: no cuda:0 implementation in this build yet");
 }
 
@@ -239,13 +261,16 @@ class LoraGemmTest : public ::testing::TestWithParam<DType> {
   }
 
   void run_and_check_once() {
-    std::vector<LoraSegment> segments;
+    // One LoRA table slot per segment, each with a single (layer, module) entry.
+    std::vector<LoraRun> runs;
+    std::vector<LoraPair> table;
     int64_t scratch_size = 0;
     for (size_t i = 0; i < pairs_.size(); ++i) {
       const Pair& p = pairs_[i];
       LoraPair pair;
       if (p.rank > 0) pair = {p.a.raw.data(), p.b_t.raw.data(), GetParam(), p.rank};
-      segments.push_back({ranges_[i].first, ranges_[i].second, pair});
+      runs.push_back({ranges_[i].first, ranges_[i].second, static_cast<int32_t>(i)});
+      table.push_back(pair);
       scratch_size += (ranges_[i].second - ranges_[i].first) * p.rank;
     }
     const std::vector<float> x = random_floats(kTokens * kXStride, 1);
@@ -253,17 +278,8 @@ class LoraGemmTest : public ::testing::TestWithParam<DType> {
     const std::vector<float> before = y;
     std::vector<float> scratch(scratch_size);
 
-    LoraGemmParams params{};
-    params.x = x.data();
-    params.x_stride = kXStride;
-    params.y = y.data() + kOutOffset;
-    params.y_stride = kYStride;
-    params.in = kIn;
-    params.out = kOut;
-    params.segments = segments.data();
-    params.num_segments = static_cast<int32_t>(segments.size());
-    params.scratch = scratch.data();
-    ops::lora_gemm(params, Device::cpu());
+    lora_gemm(runs, table, x.data(), kXStride, kIn, y.data() + kOutOffset, kYStride, kOut, kTokens,
+              scratch);
 
     std::vector<const Pair*> owner(kTokens, nullptr);
     for (size_t i = 0; i < pairs_.size(); ++i) {
@@ -341,27 +357,18 @@ class LoraGemmInvarianceTest : public ::testing::TestWithParam<DType> {
   // y after lora_gemm over `segments` ([begin, end) with the pair of rank kRank, or of rank 5
   // when `other`).
   std::vector<float> run(const std::vector<std::tuple<int32_t, int32_t, bool>>& ranges) {
-    std::vector<LoraSegment> segments;
+    // Slot 0: this adapter; slot 1: the other one (rank 5).
+    const std::vector<LoraPair> table = {
+        LoraPair{a_.raw.data(), b_t_.raw.data(), GetParam(), kRank},
+        LoraPair{other_a_.raw.data(), other_b_t_.raw.data(), GetParam(), 5}};
+    std::vector<LoraRun> runs;
     int64_t scratch_size = 0;
     for (const auto& [begin, end, other] : ranges) {
-      const LoraPair pair =
-          other ? LoraPair{other_a_.raw.data(), other_b_t_.raw.data(), GetParam(), 5}
-                : LoraPair{a_.raw.data(), b_t_.raw.data(), GetParam(), kRank};
-      segments.push_back({begin, end, pair});
-      scratch_size += (end - begin) * pair.rank;
+      runs.push_back({begin, end, other ? 1 : 0});
+      scratch_size += (end - begin) * table[other ? 1 : 0].rank;
     }
     std::vector<float> y = y_init_, scratch(scratch_size);
-    LoraGemmParams p{};
-    p.x = x_.data();
-    p.x_stride = kIn;
-    p.y = y.data();
-    p.y_stride = kOut;
-    p.in = kIn;
-    p.out = kOut;
-    p.segments = segments.data();
-    p.num_segments = static_cast<int32_t>(segments.size());
-    p.scratch = scratch.data();
-    ops::lora_gemm(p, Device::cpu());
+    lora_gemm(runs, table, x_.data(), kIn, kIn, y.data(), kOut, kOut, kTokens, scratch);
     return y;
   }
 
@@ -414,9 +421,33 @@ void LoraGemmInvarianceTest::check() {
 }
 
 TEST(LoraGemmDeviceTest, CudaHasNoImplementationYet) {
-  LoraGemmParams params{};
-  expect_error<DeviceError>([&] { ops::lora_gemm(params, Device::cuda()); },
+  std::vector<float> buf(16);
+  const Tensor t(buf.data(), DType::kFloat32, {1, 16}, Device::cuda());
+  ExecContext ctx;
+  ctx.device = Device::cuda();
+  expect_error<DeviceError>([&] { ops::lora_gemm(ctx, t, t, 16, ops::LoraBatch{}, 0, t); },
                             "lora_gemm: no cuda:0 implementation in this build yet");
+}
+
+TEST(LoraGemmDeviceTest, TensorsOffTheContextsDeviceAreRefused) {
+  std::vector<float> buf(16);
+  const Tensor t(buf.data(), DType::kFloat32, {1, 16});
+  ExecContext ctx;
+  ctx.device = Device::cuda();
+  expect_error<InvalidArgument>([&] { ops::lora_gemm(ctx, t, t, 16, ops::LoraBatch{}, 0, t); },
+                                "lora_gemm: every tensor must be on the context's device cuda:0");
+}
+
+TEST(LoraGemmOpTest, RunsOutsideTheBatchOrTableAreRefused) {
+  std::vector<float> x(4 * 8), y(4 * 8), scratch(64);
+  const Tensor xt(x.data(), DType::kFloat32, {4, 8}), yt(y.data(), DType::kFloat32, {4, 8});
+  const Tensor st(scratch.data(), DType::kFloat32, {64});
+  const std::vector<LoraPair> table(1);
+  for (const LoraRun run : {LoraRun{0, 5, 0}, LoraRun{0, 2, 1}, LoraRun{3, 2, 0}}) {
+    const ops::LoraBatch lora{&run, 1, table.data(), 1, 1};
+    expect_error<InvalidArgument>(
+        [&] { ops::lora_gemm(ExecContext::cpu(), xt, yt, 8, lora, 0, st); }, "lora_gemm: run 0");
+  }
 }
 
 }  // namespace

@@ -75,7 +75,7 @@ struct Seq {
 
 // Owns the int32 arrays a ForwardBatch views.
 struct Batch {
-  std::vector<int32_t> token_ids, seq_starts{0}, context_lens, block_tables, lora_slots,
+  std::vector<int32_t> token_ids, positions, seq_starts{0}, context_lens, block_tables, lora_slots,
       logits_indices;
   int64_t max_blocks = 1;
   ForwardBatch view() {
@@ -83,9 +83,13 @@ struct Batch {
       return Tensor(v.data(), DType::kInt32, {static_cast<int64_t>(v.size())});
     };
     const int64_t rows = static_cast<int64_t>(block_tables.size()) / max_blocks;
-    return {vec(token_ids),    vec(seq_starts),
-            vec(context_lens), Tensor(block_tables.data(), DType::kInt32, {rows, max_blocks}),
-            vec(lora_slots),   vec(logits_indices)};
+    return {vec(token_ids),
+            vec(positions),
+            vec(seq_starts),
+            vec(context_lens),
+            Tensor(block_tables.data(), DType::kInt32, {rows, max_blocks}),
+            vec(lora_slots),
+            vec(logits_indices)};
   }
 };
 
@@ -96,6 +100,10 @@ Batch pack(const std::vector<Seq>& seqs, bool all_logits = false) {
   for (const Seq& s : seqs) {
     const int32_t begin = b.seq_starts.back();
     b.token_ids.insert(b.token_ids.end(), s.tokens.begin(), s.tokens.end());
+    for (size_t i = 0; i < s.tokens.size(); ++i) {
+      // Wraps past INT32_MAX like the int32 arrays a buggy caller would pass.
+      b.positions.push_back(static_cast<int32_t>(int64_t{s.context} + static_cast<int64_t>(i)));
+    }
     b.seq_starts.push_back(begin + static_cast<int32_t>(s.tokens.size()));
     for (int32_t t = all_logits ? begin : b.seq_starts.back() - 1; t < b.seq_starts.back(); ++t) {
       b.logits_indices.push_back(t);
@@ -155,12 +163,20 @@ AdapterData adapter_data(const ModelConfig& c, const std::vector<LoraConfigRow>&
           LoraConfig::from_rows(rows)};
 }
 
+// A LoRA table with `adapters` as slots 0, 1, ... (null: a slot that adapts nothing).
+LoraTable table_of(const ModelConfig& config, const std::vector<const LoraAdapter*>& adapters) {
+  LoraTable table(config);
+  for (const LoraAdapter* a : adapters) a != nullptr ? table.add(*a) : table.add_none();
+  return table;
+}
+
 // Logits [logits_indices, vocab].
 std::vector<float> run_forward(LlamaModel& model, KvCache& cache, Batch& b,
                                const std::vector<const LoraAdapter*>& adapters = {}) {
   const int64_t rows = static_cast<int64_t>(b.logits_indices.size());
   std::vector<float> logits(rows * kVocab);
-  model.forward(b.view(), cache, adapters, Tensor(logits.data(), DType::kFloat32, {rows, kVocab}));
+  model.forward(ExecContext::cpu(), b.view(), cache, table_of(model.config(), adapters),
+                Tensor(logits.data(), DType::kFloat32, {rows, kVocab}));
   return logits;
 }
 
@@ -255,14 +271,14 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
        "block_tables[0, 1] = 40 is out of range [0, num_kv_blocks = 40)"},
       {[](Batch& b) { b.lora_slots[0] = 0; },
        "lora_slots[0] = 0 names no loaded adapter (0 slot(s); -1 = base model)"},
-      {[](Batch& b) { b.lora_slots[0] = 0; },
-       "lora_slots[0] = 0 names no loaded adapter (1 slot(s)",
+      {[](Batch& b) { b.lora_slots[0] = 1; },
+       "lora_slots[0] = 1 names no loaded adapter (1 slot(s)",
        {nullptr}},
-      {[](Batch& b) { b.lora_slots[0] = -2; },
-       "lora_slots[0] = -2 names no loaded adapter",
-       {&rank16}},
+      {[](Batch& b) { b.lora_slots[0] = -2; }, "lora_slots[0] = -2 names no loaded adapter"},
+      {[](Batch& b) { b.positions[3] = 7; },
+       "positions[3] = 7 but token 3 of sequence 0 sits at context_lens[0] + 3 = 3"},
       {[](Batch& b) { b.lora_slots[0] = 0; },
-       "lora_slots[0]: adapter rank 16 exceeds max_lora_rank = 8",
+       "the LoRA table holds an adapter of rank 16, above max_lora_rank = 8",
        {&rank16}},
       {[](Batch& b) { b.logits_indices = {3, 6}; }, "logits_indices[1] = 6 is out of range [0, 6)"},
       {[](Batch& b) { b.logits_indices = {-1}; }, "logits_indices[0] = -1 is out of range [0, 6)"},
@@ -290,7 +306,7 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
   std::vector<float> logits(kVocab);
   const Tensor narrow(logits.data(), DType::kFloat32, {1, kVocab - 1});
   expect_error<InvalidArgument>(
-      [&] { model_->forward(b.view(), cache_, {}, narrow); },
+      [&] { model_->forward(ExecContext::cpu(), b.view(), cache_, LoraTable(config_), narrow); },
       "logits must be contiguous float32 [1, 64], got [1, 63] float32 cpu");
   // The attention kernel takes the table width as int32. validate() refuses the width before it
   // reads a row, so a view claiming 2^31 columns over 2 ints is enough to show it.
@@ -298,7 +314,7 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
   wide_table.block_tables = Tensor(b.block_tables.data(), DType::kInt32, {1, int64_t{1} << 31});
   expect_error<InvalidArgument>(
       [&] {
-        model_->forward(wide_table, cache_, {},
+        model_->forward(ExecContext::cpu(), wide_table, cache_, LoraTable(config_),
                         Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
       },
       "block_tables has 2147483648 columns; at most 2147483647");
@@ -307,7 +323,8 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
   wide_ids.token_ids = Tensor(ids64.data(), DType::kInt64, {6});
   expect_error<InvalidArgument>(
       [&] {
-        model_->forward(wide_ids, cache_, {}, Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
+        model_->forward(ExecContext::cpu(), wide_ids, cache_, LoraTable(config_),
+                        Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
       },
       "token_ids must be a contiguous host int32 tensor with 1 dim(s), got [6] int64 cpu");
   EXPECT_EQ(std::memcmp(snapshot.data(), cache_.keys(0), snapshot.size()), 0);
@@ -338,7 +355,8 @@ TEST(LlamaModelPositionsTest, PositionsPastInt32AreRefused) {
   std::vector<float> logits(kVocab);
   expect_error<InvalidArgument>(
       [&] {
-        model->forward(b.view(), cache, {}, Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
+        model->forward(ExecContext::cpu(), b.view(), cache, LoraTable(config),
+                       Tensor(logits.data(), DType::kFloat32, {1, kVocab}));
       },
       "context_lens[0] = 2147483645 plus 6 token(s) reaches position 2147483651, past "
       "max_position_embeddings = 2147483647");
@@ -356,7 +374,7 @@ TEST_F(LlamaModelTest, AdapterOfAnotherModelShapeIsRefused) {
   Batch b = pack({{random_tokens(3, 1), 0, {0}, 0}});
   expect_error<InvalidArgument>(
       [&] { forward(b, {&adapter}); },
-      "lora_slots[0]: the adapter was laid out for a model of another shape (1 layers, hidden 32, "
+      "the adapter was laid out for a model of another shape (1 layers, hidden 32, "
       "intermediate 48, q 32, kv 16; this model: 2 layers, hidden 32, intermediate 48, q 32, kv "
       "16)");
 }
@@ -364,9 +382,8 @@ TEST_F(LlamaModelTest, AdapterOfAnotherModelShapeIsRefused) {
 TEST(LlamaModelWorkspaceTest, LimitsAreCheckedBeforeAllocating) {
   const ModelConfig config = tiny_config();
   // [t, 32] x 3, qkv [t, 64], attn [t, 32], gate_up + act [t, 144], LoRA [t, rank], then the
-  // int32 position and the per-token run (16 bytes) and segment (32) bookkeeping, and 4 rotary
-  // frequencies.
-  const size_t per_token = (3 * 32 + 64 + 32 + 144 + 8) * 4 + 4 + 16 + 32;
+  // per-token LoRA run bookkeeping (12 bytes), and 4 rotary frequencies.
+  const size_t per_token = (3 * 32 + 64 + 32 + 144 + 8) * 4 + 12;
   EXPECT_EQ(LlamaModel::workspace_bytes(config, 20, 8), 20 * per_token + 16);
   for (int64_t tokens : {int64_t{0}, int64_t{-3}, int64_t{1} << 31}) {
     expect_error<InvalidArgument>(

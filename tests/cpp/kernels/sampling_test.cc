@@ -1,4 +1,4 @@
-// cpu::sample_token: greedy, temperature, top-k, top-p, per-request RNG and log-probs.
+// ops::sample: greedy, temperature, top-k, top-p, per-request RNG and log-probs.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/ops.h"
 
 namespace lorart {
 namespace {
@@ -18,8 +18,16 @@ struct Sampler {
   int32_t operator()(const std::vector<float>& logits, SamplingParams params,
                      float* log_prob = nullptr) {
     scratch.resize(logits.size());
-    return cpu::sample_token(logits.data(), static_cast<int64_t>(logits.size()), params, &state,
-                             log_prob, scratch.data());
+    int32_t row = 0, token = -1;
+    float lp = 0.0f;
+    ops::sample(ExecContext::cpu(),
+                Tensor(const_cast<float*>(logits.data()), DType::kFloat32,
+                       {1, static_cast<int64_t>(logits.size())}),
+                Tensor(&row, DType::kInt32, {1}), &params, &state,
+                Tensor(&token, DType::kInt32, {1}),
+                log_prob != nullptr ? Tensor(&lp, DType::kFloat32, {1}) : Tensor(), scratch.data());
+    if (log_prob != nullptr) *log_prob = lp;
+    return token;
   }
   uint64_t state;
   std::vector<std::pair<float, int32_t>> scratch;

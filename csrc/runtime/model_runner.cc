@@ -1,0 +1,90 @@
+#include "runtime/model_runner.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/errors.h"
+#include "kernels/ops.h"
+
+namespace lorart {
+
+ModelRunner::ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_blocks,
+                         int64_t block_size, const ExecContext& ctx)
+    : model_(std::move(model)),
+      ctx_(ctx),
+      kv_cache_(model_->config(), num_kv_blocks, block_size, ctx.device) {
+  if (ctx.device != model_->device()) {
+    raise<InvalidArgument>("ModelRunner: the context's device ", ctx.device.str(),
+                           " is not the model's (", model_->device().str(), ")");
+  }
+  sample_scratch_.resize(static_cast<size_t>(model_->config().vocab_size));
+}
+
+int ModelRunner::bind_thread() const {
+  if (ctx_.num_threads > 0) ops::set_cpu_threads(ctx_.num_threads);
+  return ops::cpu_threads();
+}
+
+StepOutput ModelRunner::run(const StepInput& step) {
+  if (step.lora == nullptr) raise<InvalidArgument>("run: the step has no LoRA table");
+  const int64_t vocab = model_->config().vocab_size;
+  const int64_t n_out = step.batch.logits_indices.numel();
+  const int64_t num_samples = step.sample_rows.numel();
+  if (step.sample_rows.dim() != 1 || step.sample_rows.dtype() != DType::kInt32) {
+    raise<InvalidArgument>("sample_rows must be [R] int32, got ", step.sample_rows.describe());
+  }
+  if (num_samples > 0 && (step.sampling == nullptr || step.rng_states == nullptr)) {
+    raise<InvalidArgument>("run: sample rows need sampling params and RNG states");
+  }
+  const int32_t* rows = step.sample_rows.data_as<const int32_t>();
+  for (int64_t i = 0; i < num_samples; ++i) {
+    if (rows[i] < 0 || rows[i] >= n_out) {
+      raise<InvalidArgument>("sample_rows[", i, "] = ", rows[i], " is out of range [0, ", n_out,
+                             ") (the step's logits rows)");
+    }
+  }
+  logits_.resize(static_cast<size_t>(std::max<int64_t>(n_out, 1) * vocab));
+  const Tensor logits(logits_.data(), DType::kFloat32, {n_out, vocab});
+  model_->forward(ctx_, step.batch, kv_cache_, *step.lora, logits);
+
+  // Sample the rows whose logits are finite; a non-finite row is the caller's error to report
+  // (sampling it would order NaNs).
+  tokens_.assign(static_cast<size_t>(num_samples), -1);
+  log_probs_.assign(step.log_probs ? static_cast<size_t>(num_samples) : 0, 0.0f);
+  finite_rows_.clear();
+  finite_params_.clear();
+  finite_rng_.clear();
+  finite_index_.clear();
+  for (int64_t i = 0; i < num_samples; ++i) {
+    const float* row = logits_.data() + static_cast<int64_t>(rows[i]) * vocab;
+    if (!std::all_of(row, row + vocab, [](float v) { return std::isfinite(v); })) continue;
+    finite_index_.push_back(i);
+    finite_rows_.push_back(rows[i]);
+    finite_params_.push_back(step.sampling[i]);
+    finite_rng_.push_back(step.rng_states[i]);
+  }
+  const auto count = static_cast<int64_t>(finite_rows_.size());
+  finite_tokens_.resize(static_cast<size_t>(count));
+  finite_log_probs_.resize(step.log_probs ? static_cast<size_t>(count) : 0);
+  if (count > 0) {
+    ops::sample(
+        ctx_, logits, Tensor(finite_rows_.data(), DType::kInt32, {count}), finite_params_.data(),
+        finite_rng_.data(), Tensor(finite_tokens_.data(), DType::kInt32, {count}),
+        step.log_probs ? Tensor(finite_log_probs_.data(), DType::kFloat32, {count}) : Tensor(),
+        sample_scratch_.data());
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t i = finite_index_[j];
+    tokens_[i] = finite_tokens_[j];
+    step.rng_states[i] = finite_rng_[j];
+    if (step.log_probs) log_probs_[i] = finite_log_probs_[j];
+  }
+  StepOutput out;
+  out.logits = logits;
+  out.tokens = Tensor(tokens_.data(), DType::kInt32, {num_samples});
+  out.log_probs =
+      Tensor(log_probs_.data(), DType::kFloat32, {static_cast<int64_t>(log_probs_.size())});
+  return out;
+}
+
+}  // namespace lorart

@@ -1,0 +1,76 @@
+// ModelRunner: runs steps. It sits between the executor (scheduling, admission, the LoRA cache,
+// responses) and the model: it owns the model, its KV pool, the step's logits and the sampling
+// scratch, and runs one step as forward, then sampling, in its ExecContext. A CUDA backend is a
+// runner whose context names a CUDA device (the step's flat arrays go over in one copy);
+// tensor parallelism runs one runner per rank on the broadcast step. Not thread-safe: one
+// caller (the executor's loop thread, or a test).
+#pragma once
+
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "kernels/exec_context.h"
+#include "kernels/params.h"
+#include "model/forward_batch.h"
+#include "model/kv_cache.h"
+#include "model/llama_model.h"
+#include "model/lora_table.h"
+
+namespace lorart {
+
+// One step as the runner takes it.
+struct StepInput {
+  ForwardBatch batch;                        // the flat arrays (see forward_batch.h)
+  const LoraTable* lora = nullptr;           // the adapters of batch.lora_slots
+  Tensor sample_rows;                        // [R] int32: rows of the step's logits to sample
+  const SamplingParams* sampling = nullptr;  // [R]
+  uint64_t* rng_states = nullptr;            // [R], advanced by each sampled token
+  bool log_probs = false;                    // also return log p(token) per sample
+};
+
+// Views into the runner's buffers, valid until the next run().
+struct StepOutput {
+  Tensor logits;     // [N, vocab] float32 host: the rows of batch.logits_indices, in order
+  Tensor tokens;     // [R] int32: the sampled tokens; -1 where that row's logits are not finite
+  Tensor log_probs;  // [R] float32 when asked for, else empty
+};
+
+class ModelRunner {
+ public:
+  // Allocates the KV pool (`num_kv_blocks` blocks of `block_size` tokens) and the step buffers
+  // for the model's max_num_tokens rows. Throws InvalidArgument (KvCache::checked_bytes) first.
+  ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_blocks, int64_t block_size,
+              const ExecContext& ctx);
+
+  // Forward, then samples every sample row whose logits are all finite. Throws InvalidArgument
+  // naming the field for a malformed step (LlamaModel::validate, sample rows out of range);
+  // then nothing has been written to the KV pool.
+  StepOutput run(const StepInput& step);
+
+  // Applies the context's CPU thread pool to the calling thread; returns its thread count.
+  int bind_thread() const;
+
+  const ModelConfig& config() const { return model_->config(); }
+  const LlamaModel& model() const { return *model_; }
+  const KvCache& kv_cache() const { return kv_cache_; }
+  const ExecContext& context() const { return ctx_; }
+
+ private:
+  std::shared_ptr<LlamaModel> model_;
+  ExecContext ctx_;
+  KvCache kv_cache_;
+  std::vector<float> logits_;  // [max_num_tokens, vocab], grown on first use of each size
+  std::vector<int32_t> tokens_;
+  std::vector<float> log_probs_;
+  // The samples whose rows are finite (indices into the step's samples), and their inputs.
+  std::vector<int64_t> finite_index_;
+  std::vector<int32_t> finite_rows_;
+  std::vector<SamplingParams> finite_params_;
+  std::vector<uint64_t> finite_rng_;
+  std::vector<int32_t> finite_tokens_;
+  std::vector<float> finite_log_probs_;
+  std::vector<std::pair<float, int32_t>> sample_scratch_;  // [vocab]
+};
+
+}  // namespace lorart
