@@ -28,8 +28,8 @@ std::shared_ptr<LlamaModel> tiny_model(bool nan_norm = false) {
   uint32_t seed = 1;
   testing_util::for_each_llama_param(c, [&](const std::string& name, std::vector<int64_t> shape,
                                             float lo, float hi) {
-    storage.push_back(testing_util::random_floats(shape[0] * (shape.size() > 1 ? shape[1] : 1),
-                                                  seed++, lo, hi));
+    storage.push_back(
+        testing_util::random_floats(shape[0] * (shape.size() > 1 ? shape[1] : 1), seed++, lo, hi));
     if (nan_norm && name == "model.norm.weight") {
       storage.back()[0] = std::numeric_limits<float>::quiet_NaN();
     }
