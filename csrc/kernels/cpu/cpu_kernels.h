@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "core/dtype.h"
 #include "kernels/params.h"
 
 namespace lorart::cpu {
@@ -35,6 +36,12 @@ void lora_gemm(const LoraGemmParams& p);
 // y[M, N] (+)= x[M, K] @ w[N, K]^T
 void linear(const float* x, int64_t x_stride, const float* w, int64_t m, int64_t n, int64_t k,
             float beta, float* y, int64_t y_stride);
+// precision="bfloat16": y[M, N] (+)= bf16(x)[M, K] @ bf16(w)[N, K]^T, float32 accumulation in
+// a fixed order per element (bf16_gemm.h). w is [N, K] contiguous in `w_dtype` (float32, float16
+// or bfloat16; bfloat16 is read in place, the others rounded as they are read). beta == 0 never
+// reads y. Activations are rounded into a per-calling-thread buffer that grows and is kept.
+void linear_bf16(const float* x, int64_t x_stride, const void* w, DType w_dtype, int64_t m,
+                 int64_t n, int64_t k, float beta, float* y, int64_t y_stride);
 // Picks a token from logits [vocab] (greedy, or temperature / top-k / top-p sampling drawing
 // from the caller's RNG state, advanced once per sampled token). `log_prob` receives log p(token)
 // under the unmodified distribution (temperature 1). `scratch` holds vocab (index, value) pairs.
