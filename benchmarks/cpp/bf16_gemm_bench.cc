@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -25,8 +26,7 @@ namespace {
 using namespace lorart;
 
 double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 double load_average() {
@@ -63,10 +63,11 @@ int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::atoi(argv[1]) : 5;
   if (argc > 2) omp_set_num_threads(std::atoi(argv[2]));
   const int64_t max_m = argc > 3 ? std::atoll(argv[3]) : 1 << 30;
-  const int64_t shapes[][3] = {{1, 2560, 2048},     {1, 11264, 2048},   {8, 11264, 2048},
-                               {512, 11264, 2048},  {4096, 11264, 2048}, {4096, 2048, 5632}};
+  const int64_t shapes[][3] = {{1, 2560, 2048},    {1, 11264, 2048},    {8, 11264, 2048},
+                               {512, 11264, 2048}, {4096, 11264, 2048}, {4096, 2048, 5632}};
   std::vector<cpu::Bf16Isa> isas;
-  for (cpu::Bf16Isa isa : {cpu::Bf16Isa::kAmx, cpu::Bf16Isa::kAvx512Bf16, cpu::Bf16Isa::kEmulated}) {
+  for (cpu::Bf16Isa isa :
+       {cpu::Bf16Isa::kAmx, cpu::Bf16Isa::kAvx512Bf16, cpu::Bf16Isa::kEmulated}) {
     try {
       cpu::set_bf16_isa(isa);
       isas.push_back(isa);
@@ -87,12 +88,19 @@ int main(int argc, char** argv) {
     };
     for (float& v : x) v = rnd();
     for (float& v : wf) v = rnd();
-    std::vector<uint16_t> wb(n * k);
-    convert_floats(wf.data(), DType::kFloat32, wb.data(), DType::kBFloat16, wb.size());
+    // 64-byte aligned bf16 weights, as a loader that aligns its buffers gives them (AMX reads
+    // aligned rows in place; others are copied into aligned panels at prefill sizes).
+    std::vector<uint16_t> wb_storage(n * k + 32);
+    uint16_t* wb_data =
+        wb_storage.data() + (64 - reinterpret_cast<uintptr_t>(wb_storage.data()) % 64) % 64 / 2;
+    struct {
+      uint16_t* ptr;
+      uint16_t* data() const { return ptr; }
+    } wb{wb_data};
+    convert_floats(wf.data(), DType::kFloat32, wb.data(), DType::kBFloat16, n * k);
     std::vector<Variant> variants;
-    variants.push_back({"exact f32 weights", 4.0, [&] {
-                          cpu::linear(x.data(), k, wf.data(), m, n, k, 0.0f, y.data(), n);
-                        }});
+    variants.push_back({"exact f32 weights", 4.0,
+                        [&] { cpu::linear(x.data(), k, wf.data(), m, n, k, 0.0f, y.data(), n); }});
     variants.push_back(
         {"exact bf16 weights", 2.0, [&] { exact_bf16(x.data(), wb.data(), m, n, k, y.data()); }});
     for (cpu::Bf16Isa isa : isas) {

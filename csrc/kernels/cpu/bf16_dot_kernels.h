@@ -76,8 +76,8 @@ LORART_INLINE int64_t dot_groups(int64_t j, int64_t m, int64_t c_begin, int64_t 
 // Columns [n_begin, n_end) of y for all m packed activation rows, weights bfloat16 [N, ldw].
 // Column blocks sized for L2 (prefill) or L1 (a few rows) so each weight row comes from memory
 // once per call.
-void dot_gemm(int64_t m, int64_t n_begin, int64_t n_end, int64_t k, const uint16_t* x,
-              int64_t ldx, const uint16_t* w, int64_t ldw, float beta, float* y, int64_t ldy) {
+void dot_gemm(int64_t m, int64_t n_begin, int64_t n_end, int64_t k, const uint16_t* x, int64_t ldx,
+              const uint16_t* w, int64_t ldw, float beta, float* y, int64_t ldy) {
   const int64_t row_bytes = std::max<int64_t>(k, 1) * 2;
   const int64_t block =
       m <= 8 ? 32 : std::clamp<int64_t>((768 << 10) / row_bytes / 16 * 16, 16, 1024);

@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -91,8 +93,8 @@ TEST_P(Bf16GemmTest, MatchesDoubleReferenceOnRoundedInputs) {
     for (int64_t k : {1, 2, 31, 32, 33, 100, 512}) {
       for (int64_t n : {1, 15, 17, 70}) {
         for (float beta : {0.0f, 1.0f}) {
-          SCOPED_TRACE(testing::Message() << "m " << m << " k " << k << " n " << n << " beta "
-                                          << beta);
+          SCOPED_TRACE(testing::Message()
+                       << "m " << m << " k " << k << " n " << n << " beta " << beta);
           const int64_t ldx = k + 3, ldy = n + 5;
           const std::vector<float> x = random_floats(m * ldx, 1, -2.0f, 2.0f);
           const std::vector<uint16_t> w = to_bf16(random_floats(n * k, 2));
@@ -111,7 +113,8 @@ TEST_P(Bf16GemmTest, MatchesDoubleReferenceOnRoundedInputs) {
               }
               double ref = beta == 0.0f ? 0.0 : before[i * ldy + c], mag = std::abs(ref);
               for (int64_t j = 0; j < k; ++j) {
-                const double p = double{bf16_value(x[i * ldx + j])} * bfloat16_to_float(w[c * k + j]);
+                const double p =
+                    double{bf16_value(x[i * ldx + j])} * bfloat16_to_float(w[c * k + j]);
                 ref += p;
                 mag += std::abs(p);
               }
@@ -127,7 +130,7 @@ TEST_P(Bf16GemmTest, MatchesDoubleReferenceOnRoundedInputs) {
 
 // A row's output is bitwise the same alone and at any position of any batch, at any thread count.
 TEST_P(Bf16GemmTest, BatchInvariant) {
-  for (int64_t k : {64, 200, 2048}) {
+  for (int64_t k : {64, 77, 200, 2048}) {
     const int64_t n = k == 2048 ? 333 : 131;
     const std::vector<uint16_t> w = to_bf16(random_floats(n * k, 5));
     const std::vector<float> x = random_floats(300 * k, 6, -3.0f, 3.0f);
@@ -178,6 +181,24 @@ TEST_P(Bf16GemmTest, ColumnsIndependentOfTheirNeighbours) {
   }
 }
 
+// Weights on a cache-line boundary (read in place by AMX) and off it (copied into aligned panels
+// at prefill sizes) give the same bits, at decode and prefill row counts.
+TEST_P(Bf16GemmTest, WeightAlignmentDoesNotChangeResults) {
+  const int64_t k = 128, n = 70;
+  const std::vector<uint16_t> values = to_bf16(random_floats(n * k, 13));
+  std::vector<uint16_t> storage(n * k + 64);
+  const auto address = reinterpret_cast<uintptr_t>(storage.data());
+  uint16_t* aligned = storage.data() + ((64 - address % 64) % 64) / 2;
+  for (int64_t m : {1, 8, 40}) {
+    const std::vector<float> x = random_floats(m * k, 14);
+    std::copy(values.begin(), values.end(), aligned);
+    const std::vector<float> on = call(x, k, aligned, DType::kBFloat16, m, n, k);
+    std::copy(values.begin(), values.end(), aligned + 1);
+    const std::vector<float> off = call(x, k, aligned + 1, DType::kBFloat16, m, n, k);
+    EXPECT_EQ(first_difference(on, off), -1) << "m " << m;
+  }
+}
+
 // float32 and float16 weights give exactly the result of their bf16 rounding.
 TEST_P(Bf16GemmTest, Float32AndFloat16WeightsAreRoundedToBf16) {
   for (int64_t k : {48, 64, 77}) {
@@ -222,8 +243,8 @@ TEST(Bf16GemmIsas, EmulationMatchesAvx512Bf16Bitwise) {
   for (auto [lo, hi] : {std::pair{-8, 8}, std::pair{-140, -50}, std::pair{-75, -55}}) {
     for (int64_t k : {32, 45, 256}) {
       for (int64_t m : {1, 6, 9}) {
-        SCOPED_TRACE(testing::Message() << "exponents " << lo << ".." << hi << " k " << k
-                                        << " m " << m);
+        SCOPED_TRACE(testing::Message()
+                     << "exponents " << lo << ".." << hi << " k " << k << " m " << m);
         const int64_t n = 37;
         const std::vector<float> x = wide_floats(m * k, 11, lo, hi);
         const std::vector<uint16_t> w = to_bf16(wide_floats(n * k, 12, lo, hi));
