@@ -17,13 +17,18 @@
 //   a fused multiply-add (bfloat16 products are exact in float32) rounded to nearest even and
 //   flushed to zero if subnormal; a K tail is zero-padded. Then one fixed pairwise fold of the
 //   16 lanes (lane i + 8, then + 4, + 2, + 1) in float32 under the caller's MXCSR. The two sets
-//   give bitwise the same results (tests/cpp/kernels/cpu/bf16_gemm_test.cc checks it on this
-//   CPU), except for a subnormal intermediate that the hardware flushes when tiny before rounding
-//   and the emulation only when tiny after (never seen in testing).
-// - kAmx (tdpbf16ps, Sapphire Rapids and later): the tile unit's own float32 accumulation of each
-//   element over K in blocks of 32 (a K tail zero-padded), one chain per element from k = 0 up;
+//   give bitwise the same results (tests/cpp/kernels/cpu/bf16_gemm_test.cc checks it on random
+//   and near-underflow inputs). One corner is not proven: a sum within 2^-150 below FLT_MIN rounds
+//   to FLT_MIN in the emulation, which the hardware might flush if it detects tininess before
+//   rounding (never seen).
+// - kAmx (tdpbf16ps, CPUs with AMX-BF16): per element, C += the 32 products of one K block (in
+//   the tile unit's own internal order and rounding), blocks from k = 0 up, a K tail zero-padded;
 //   not bitwise equal to the other two, but per element independent of the tile's other rows
 //   and columns (tested), hence of the batch.
+//
+// Speed: with AMX, bfloat16 weights are read in place when K % 32 == 0; at prefill sizes (M > 16)
+// only if the weights start on a 64-byte boundary (unaligned tile loads ran ~6x slower), else each
+// ~1 MB panel is copied into aligned storage first (~20% slower). Loaders should align weights.
 #pragma once
 
 namespace lorart::cpu {
