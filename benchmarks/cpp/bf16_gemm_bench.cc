@@ -113,6 +113,18 @@ int main(int argc, char** argv) {
                         }});
     variants.push_back(
         {"exact bf16 weights", 2.0, [&] { exact_bf16(x.data(), wb.data(), m, n, k, y.data()); }});
+    variants.push_back({"exact bf16 (linear)", 2.0, [&] {
+                          cpu::linear({x.data(),
+                                       k,
+                                       {wb.data(), DType::kBFloat16, nullptr, k},
+                                       y.data(),
+                                       n,
+                                       m,
+                                       n,
+                                       k,
+                                       0.0f,
+                                       Precision::kFloat32});
+                        }});
     for (cpu::Bf16Isa isa : isas) {
       if (isa == cpu::Bf16Isa::kEmulated && m > 8) continue;  // minutes at prefill sizes
       variants.push_back({std::string("bf16 ") + cpu::bf16_isa_name(isa), 2.0, [&, isa] {
