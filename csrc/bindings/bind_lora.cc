@@ -10,6 +10,7 @@
 #include "lora/lora_tensors.h"
 #include "lora/lora_validation.h"
 #include "lora/module_ids.h"
+#include "model/model_config.h"
 
 namespace lorart::bindings {
 
@@ -112,7 +113,7 @@ void bind_lora(py::module_& m) {
         LoraLimits limits;
         limits.max_lora_rank = max_lora_rank;
         if (dtype) limits.dtype = dtype_from_name(*dtype, "dtype");
-        validate_lora(weights, config, model, limits);
+        validate_lora(weights, config, model.lora_target(), limits);
       },
       py::arg("weights").none(true), py::arg("config").none(true), py::arg("model_config"),
       py::arg("max_lora_rank") = 64, py::arg("dtype") = py::none(),

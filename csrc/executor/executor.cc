@@ -109,7 +109,7 @@ std::optional<std::string> Executor::validate(InferenceRequest& r) {
       if (r.lora_weights || r.lora_config) {
         if (!r.lora_weights || !r.lora_config) {  // names the missing one
           validate_lora(r.lora_weights ? &*r.lora_weights : nullptr,
-                        r.lora_config ? &*r.lora_config : nullptr, m, LoraLimits{});
+                        r.lora_config ? &*r.lora_config : nullptr, m.lora_target(), LoraLimits{});
         }
         // Stored (or matched) and referenced at once: no other request can replace it between.
         lora_cache_.put(*r.lora_task_id, *r.lora_weights, *r.lora_config, /*reference=*/true);

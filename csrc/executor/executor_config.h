@@ -6,7 +6,7 @@
 #include <limits>
 #include <string>
 
-#include "executor/lora_cache.h"
+#include "executor/lora_cache_config.h"
 #include "model/kv_cache.h"
 #include "model/model_config.h"
 

@@ -71,7 +71,7 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
   }
   // Copy and validate outside the lock: both are O(adapter size).
   LoraWeights copy = LoraWeights::copy_of(weights.tensor());
-  validate_lora(&copy, &config, model_, LoraLimits{max_lora_rank_, std::nullopt});
+  validate_lora(&copy, &config, model_.lora_target(), LoraLimits{max_lora_rank_, std::nullopt});
   const auto host_bytes = static_cast<int64_t>(copy.nbytes());
   const int64_t device_bytes = LoraAdapter::storage_bytes(config, model_, copy.dtype());
   if (host_bytes > config_.host_cache_bytes) {

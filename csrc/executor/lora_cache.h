@@ -24,16 +24,12 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "executor/lora_cache_config.h"
 #include "lora/lora_tensors.h"
 #include "model/lora_adapter.h"
 #include "model/model_config.h"
 
 namespace lorart {
-
-struct LoraCacheConfig {
-  int64_t host_cache_bytes = int64_t{1} << 30;
-  int64_t device_cache_bytes = int64_t{256} << 20;
-};
 
 struct LoraCacheStats {
   int64_t hits = 0;    // acquire() found the task resident on the device level

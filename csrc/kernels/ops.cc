@@ -106,9 +106,9 @@ void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tens
   // Float weights carry no scales; quantized dtypes (which will) have no kernel yet.
   require(!w_scales.defined() || w_scales.numel() == 0, "linear",
           "w_scales are for quantized weights; float weights take none", w_scales);
-  if (ctx.precision == Precision::kBFloat16) {
-    raise<InvalidArgument>("linear: precision 'bfloat16' has no CPU kernel in this build");
-  }
+  // The bf16 kernels read w as contiguous [N, K] (model weights always are).
+  require(ctx.precision == Precision::kFloat32 || ref.stride == x.size(1), "linear",
+          "w must be contiguous [N, K] at precision bfloat16", w);
   cpu::linear({x.data_as<float>(), x.stride(0), ref, y.data_as<float>(), y.stride(0), x.size(0),
                y.size(1), x.size(1), beta, ctx.precision});
 }

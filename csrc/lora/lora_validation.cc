@@ -9,23 +9,23 @@
 
 namespace lorart {
 
-int64_t lora_row_values(const ModelConfig& model, const LoraConfigRow& row) {
-  const LoraModuleDims dims = model.lora_module_dims(row.module_id);
+int64_t lora_row_values(const LoraTarget& model, const LoraConfigRow& row) {
+  const LoraModuleDims dims = model.dims[row.module_id];
   return static_cast<int64_t>(row.adapter_size) * (dims.in + dims.out);
 }
 
 namespace {
 
-void check_row(const ModelConfig& model, const LoraLimits& limits, int64_t i,
+void check_row(const LoraTarget& model, const LoraLimits& limits, int64_t i,
                const LoraConfigRow& row) {
   if (find_lora_module(row.module_id) == nullptr) {
     raise<LoraError>("lora_config row ", i, ": module_id ", row.module_id,
                      " is unknown (valid ids are 0..", lora_module::kCount - 1, ")");
   }
-  if (!model.has_lora_module(row.module_id)) {
+  if (!model.has_module(row.module_id)) {
     raise<LoraError>("lora_config row ", i, ": module_id ", row.module_id, " (",
                      lora_module_name(row.module_id), ") is not a LoRA module of ",
-                     model.architecture, " (supported: ", model.lora_module_names(), ")");
+                     model.architecture, " (supported: ", model.module_names(), ")");
   }
   if (row.layer_idx < 0 || row.layer_idx >= model.num_layers) {
     raise<LoraError>("lora_config row ", i, ": layer_idx ", row.layer_idx, " is out of range [0, ",
@@ -41,7 +41,7 @@ const char* describe_value(float v) { return std::isnan(v) ? "nan" : "inf"; }
 
 }  // namespace
 
-void validate_lora(const LoraWeights* weights, const LoraConfig* config, const ModelConfig& model,
+void validate_lora(const LoraWeights* weights, const LoraConfig* config, const LoraTarget& model,
                    const LoraLimits& limits) {
   if (weights == nullptr || config == nullptr) {
     raise<LoraError>(weights == nullptr ? "lora_weights" : "lora_config",
@@ -69,7 +69,7 @@ void validate_lora(const LoraWeights* weights, const LoraConfig* config, const M
                        lora_module_name(row.module_id), " of layer ", row.layer_idx,
                        "; each (module, layer) may appear once");
     }
-    const LoraModuleDims dims = model.lora_module_dims(row.module_id);
+    const LoraModuleDims dims = model.dims[row.module_id];
     const int64_t needed = lora_row_values(model, row);
     if (needed > weights->row_size()) {
       raise<LoraError>("lora_weights row ", i, " (", lora_module_name(row.module_id), ", layer ",

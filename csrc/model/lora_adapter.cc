@@ -14,7 +14,8 @@ namespace {
 // Validates before any copy is made; returns its argument for use in a member initializer.
 const LoraWeights& validated(const LoraWeights& weights, const LoraConfig& lora_config,
                              const ModelConfig& config, int64_t max_lora_rank) {
-  validate_lora(&weights, &lora_config, config, LoraLimits{max_lora_rank, std::nullopt});
+  validate_lora(&weights, &lora_config, config.lora_target(),
+                LoraLimits{max_lora_rank, std::nullopt});
   return weights;
 }
 

@@ -156,4 +156,12 @@ std::string ModelConfig::lora_module_names() const {
   return out;
 }
 
+LoraTarget ModelConfig::lora_target() const {
+  LoraTarget target;
+  target.architecture = architecture;
+  target.num_layers = num_layers;
+  for (int32_t id : lora_module_ids()) target.dims[id] = lora_module_dims(id);
+  return target;
+}
+
 }  // namespace lorart

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "lora/lora_target.h"
 
 namespace lorart {
 
@@ -17,11 +18,6 @@ struct RopeScaling {
   double low_freq_factor = 1.0;                  // llama3 only
   double high_freq_factor = 4.0;                 // llama3 only
   int64_t original_max_position_embeddings = 0;  // llama3 only
-};
-
-struct LoraModuleDims {
-  int64_t in = 0;   // Hi: columns of A
-  int64_t out = 0;  // Ho: rows of B
 };
 
 struct ModelConfig {
@@ -64,6 +60,8 @@ struct ModelConfig {
   LoraModuleDims lora_module_dims(int32_t module_id) const;
   // "attn_qkv, attn_q, ..." for messages.
   std::string lora_module_names() const;
+  // The model as the LoRA layer sees it (lora/lora_target.h).
+  LoraTarget lora_target() const;
 };
 
 }  // namespace lorart

@@ -8,15 +8,26 @@
 
 namespace lorart {
 
+namespace {
+
+// The model, checked to be there and on the context's device before anything is allocated.
+std::shared_ptr<LlamaModel> checked_model(std::shared_ptr<LlamaModel> model,
+                                          const ExecContext& ctx) {
+  if (model == nullptr) raise<InvalidArgument>("ModelRunner: model is null");
+  if (ctx.device != model->device()) {
+    raise<InvalidArgument>("ModelRunner: the context's device ", ctx.device.str(),
+                           " is not the model's (", model->device().str(), ")");
+  }
+  return model;
+}
+
+}  // namespace
+
 ModelRunner::ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_blocks,
                          int64_t block_size, const ExecContext& ctx)
-    : model_(std::move(model)),
+    : model_(checked_model(std::move(model), ctx)),
       ctx_(ctx),
       kv_cache_(model_->config(), num_kv_blocks, block_size, ctx.device) {
-  if (ctx.device != model_->device()) {
-    raise<InvalidArgument>("ModelRunner: the context's device ", ctx.device.str(),
-                           " is not the model's (", model_->device().str(), ")");
-  }
   sample_scratch_.resize(static_cast<size_t>(model_->config().vocab_size));
 }
 

@@ -28,8 +28,15 @@ void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t num
 // Writes the chunk's K/V rows to their cache slots, then attends.
 void paged_attention(const PagedAttentionParams& p);
 void lora_gemm(const LoraGemmParams& p);
-// Exact (Precision::kFloat32) or bf16 (Precision::kBFloat16) by p.precision.
+// Exact (Precision::kFloat32: fixed_order_gemm.h) or bf16 (Precision::kBFloat16: linear_bf16)
+// by p.precision.
 void linear(const LinearParams& p);
+// precision="bfloat16": y[M, N] (+)= bf16(x)[M, K] @ bf16(w)[N, K]^T, float32 accumulation in
+// a fixed order per element (bf16_gemm.h). w is [N, K] contiguous in `w_dtype` (float32, float16
+// or bfloat16; bfloat16 is read in place, the others rounded as they are read). beta == 0 never
+// reads y. Activations are rounded into a per-calling-thread buffer that grows and is kept.
+void linear_bf16(const float* x, int64_t x_stride, const void* w, DType w_dtype, int64_t m,
+                 int64_t n, int64_t k, float beta, float* y, int64_t y_stride);
 // `scratch` holds vocab (value, index) pairs.
 void sample(const SampleParams& p, std::pair<float, int32_t>* scratch);
 

@@ -31,6 +31,10 @@ std::pair<int64_t, int64_t> column_share(int64_t n, int threads, int thread) {
 }  // namespace
 
 void linear(const LinearParams& p) {
+  if (p.precision == Precision::kBFloat16) {
+    linear_bf16(p.x, p.x_stride, p.w.data, p.w.dtype, p.m, p.n, p.k, p.beta, p.y, p.y_stride);
+    return;
+  }
   const int threads = p.m * p.n * p.k < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
   const FloatMode mode;
 #pragma omp parallel num_threads(threads) if (threads > 1)

@@ -50,6 +50,11 @@ TEST(ExecutorConfigTest, EveryFieldNamesItsLimit) {
        "blocks of 1 tokens, more than the 2147483647 block ids"},
       {[](ExecutorConfig& c) { c.lora_cache.device_cache_bytes = 0; },
        "ExecutorConfig.lora_cache.device_cache_bytes must be > 0, got 0"},
+      {[](ExecutorConfig& c) { c.dtype = "int8"; },
+       "ExecutorConfig.dtype must be 'auto' (the checkpoint's), 'float32', 'float16' or "
+       "'bfloat16'; got 'int8'"},
+      {[](ExecutorConfig& c) { c.precision = "float16"; },
+       "ExecutorConfig.precision must be 'float32' (exact) or 'bfloat16'; got 'float16'"},
       {[](ExecutorConfig& c) {
          c.max_seq_len = 100;
          c.kv_cache.max_tokens = 99;

@@ -109,6 +109,11 @@ TEST(ExecutorTest, ConfigIsResolvedAndCheckedAgainstTheModel) {
   expect_error<InvalidArgument>([&] { make_executor(too_long); },
                                 "ExecutorConfig.max_seq_len (65) exceeds the model's "
                                 "max_position_embeddings (64)");
+  ExecutorConfig bf16 = small_config();
+  bf16.dtype = "bfloat16";  // the model's weights are float32
+  expect_error<InvalidArgument>([&] { make_executor(bf16); },
+                                "ExecutorConfig.dtype is 'bfloat16' but the model's weights are "
+                                "float32");
   ExecutorConfig wide = small_config();
   wide.max_num_tokens = 65;  // the model's workspace holds 64
   expect_error<InvalidArgument>([&] { make_executor(wide); },

@@ -452,3 +452,36 @@ TEST(LoraGemmOpTest, RunsOutsideTheBatchOrTableAreRefused) {
 
 }  // namespace
 }  // namespace lorart
+
+namespace lorart {
+namespace {
+
+// 16-bit weights give the bits of their float32 copy through ops::linear at every row count and
+// thread count (the kernels widen them in registers, exactly).
+TEST(LinearTest, SixteenBitWeightsMatchTheirFloat32CopyBitwise) {
+  constexpr int64_t kN = 300, kK = 200;
+  const std::vector<float> x = testing_util::random_floats(320 * kK, 31);
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    std::vector<uint16_t> w16(kN * kK);
+    const std::vector<float> w0 = testing_util::random_floats(kN * kK, 32);
+    convert_floats(w0.data(), DType::kFloat32, w16.data(), dtype, w16.size());
+    std::vector<float> w32(kN * kK);
+    convert_floats(w16.data(), dtype, w32.data(), DType::kFloat32, w32.size());
+    for (int threads : {1, 2, 3}) {
+      ScopedThreads scoped(threads);
+      for (int64_t m : {1, 17, 63, 64, 100, 320}) {
+        std::vector<float> want(m * kN), got(m * kN);
+        const Tensor xt(const_cast<float*>(x.data()), DType::kFloat32, {m, kK});
+        ops::linear(ExecContext::cpu(), xt, Tensor(w32.data(), DType::kFloat32, {kN, kK}),
+                    Tensor(want.data(), DType::kFloat32, {m, kN}));
+        ops::linear(ExecContext::cpu(), xt, Tensor(w16.data(), dtype, {kN, kK}),
+                    Tensor(got.data(), DType::kFloat32, {m, kN}));
+        ASSERT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)))
+            << dtype_name(dtype) << ", M = " << m << ", " << threads << " thread(s)";
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lorart

@@ -18,7 +18,10 @@ namespace {
 using testing_util::expect_error;
 
 // hidden 64, intermediate 128, q 4x16 = 64, kv 2x16 = 32, 3 layers.
-ModelConfig small_llama() { return testing_util::llama_config(100, 64, 128, 3, 4, 2, 16); }
+// The LoRA layer sees a model only as a LoraTarget (what ModelConfig::lora_target() builds).
+LoraTarget small_llama() {
+  return testing_util::llama_config(100, 64, 128, 3, 4, 2, 16).lora_target();
+}
 
 constexpr int64_t kRowSize = 260;
 constexpr float kNan = std::numeric_limits<float>::quiet_NaN();
@@ -51,7 +54,7 @@ void expect_rejected(const std::vector<LoraConfigRow>& rows, const std::string& 
 }
 
 TEST(LoraValidationTest, ValidAdapterPasses) {
-  const ModelConfig model = small_llama();
+  const LoraTarget model = small_llama();
   const LoraConfig config = LoraConfig::from_rows(kValidRows);
   const LoraWeights weights = make_weights(3, kRowSize);
   EXPECT_NO_THROW(validate_lora(&weights, &config, model, LoraLimits{}));
@@ -67,7 +70,7 @@ TEST(LoraValidationTest, ValidAdapterPasses) {
 }
 
 TEST(LoraValidationTest, RowValuesAreRankTimesInPlusOut) {
-  const ModelConfig model = small_llama();
+  const LoraTarget model = small_llama();
   EXPECT_EQ(lora_row_values(model, {1, 0, 2}), 256);
   EXPECT_EQ(lora_row_values(model, {2, 1, 1}), 96);
   EXPECT_EQ(lora_row_values(model, {6, 2, 1}), 192);

@@ -576,5 +576,69 @@ TEST(LlamaModelInvarianceTest, KvAndLogitsAreBitwiseTheSameWhateverTheChunking) 
   }
 }
 
+// Weights stored in bfloat16 or float16 give bitwise the logits of the float32 path on a float32
+// copy of the same values: the kernels widen exactly as they read and sum in the float32 order.
+// Covers every weight kind (embedding, norms, fused qkv / gate_up, o and down, biases, lm_head),
+// an adapter and a mixed batch of prefill chunks and decode tokens.
+class LlamaModelDtypeTest : public ::testing::TestWithParam<DType> {};
+
+INSTANTIATE_TEST_SUITE_P(StorageDtypes, LlamaModelDtypeTest,
+                         ::testing::Values(DType::kBFloat16, DType::kFloat16),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+TEST_P(LlamaModelDtypeTest, SixteenBitWeightsGiveTheFloat32PathsLogitsBitwise) {
+  const DType dtype = GetParam();
+  ModelConfig c = tiny_config();
+  c.attention_bias = true;  // Llama's attention_bias: q, k, v and o biases
+  Checkpoint ckpt = random_checkpoint(c);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> dist(-0.1f, 0.1f);
+  const int64_t q = c.num_attention_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+    for (const auto& [name, n] : std::vector<std::pair<std::string, int64_t>>{
+             {"q_proj.bias", q}, {"k_proj.bias", kv}, {"v_proj.bias", kv}, {"o_proj.bias", 32}}) {
+      std::vector<float> values(n);
+      for (float& v : values) v = dist(rng);
+      ckpt[p + name] = Param{{n}, std::move(values)};
+    }
+  }
+  // The values of the 16-bit checkpoint, held in float32 for the reference model.
+  for (auto& [name, param] : ckpt) {
+    std::vector<uint16_t> words(param.values.size());
+    convert_floats(param.values.data(), DType::kFloat32, words.data(), dtype, words.size());
+    convert_floats(words.data(), dtype, param.values.data(), DType::kFloat32, words.size());
+  }
+  const auto reference = build_model(c, ckpt);
+  ModelWeightsBuilder builder(c, dtype);
+  std::vector<std::vector<uint16_t>> storage;
+  for (auto& [name, param] : ckpt) {  // handed over as 16-bit tensors, as a checkpoint holds them
+    storage.emplace_back(param.values.size());
+    convert_floats(param.values.data(), DType::kFloat32, storage.back().data(), dtype,
+                   param.values.size());
+    const int64_t* s = param.shape.data();
+    builder.add(name, param.shape.size() == 1 ? Tensor(storage.back().data(), dtype, {s[0]})
+                                              : Tensor(storage.back().data(), dtype, {s[0], s[1]}));
+  }
+  LlamaModel model(c, ModelWeights(std::move(builder)), kMaxTokens, kMaxRank);
+  EXPECT_EQ(model.weight_dtype(), dtype);
+  EXPECT_EQ(model.weight_bytes() * 2, reference->weight_bytes());
+
+  const AdapterData data = adapter_data(c, kAdapterRows);
+  const LoraAdapter adapter(data.weights, data.config, c, kMaxRank);
+  KvCache cache_a(c, kNumBlocks, kBlockSize), cache_b(c, kNumBlocks, kBlockSize);
+  // A prefill, then a mixed step: a decode token under the adapter and a new base prefill.
+  const std::vector<int32_t> ids = random_tokens(9, 4), other = random_tokens(6, 5);
+  for (const auto& seqs : std::vector<std::vector<Seq>>{
+           {{ids, 0, {0, 1, 2}, 0}}, {{{17}, 9, {0, 1, 2}, 0}, {other, 0, {5, 6}, -1}}}) {
+    Batch a = pack(seqs, /*all_logits=*/true), b = pack(seqs, true);
+    const std::vector<float> want = run_forward(*reference, cache_a, a, {&adapter});
+    const std::vector<float> got = run_forward(model, cache_b, b, {&adapter});
+    ASSERT_EQ(want.size(), got.size());
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)));
+  }
+  EXPECT_EQ(0, std::memcmp(cache_a.keys(0), cache_b.keys(0), cache_a.nbytes()));
+}
+
 }  // namespace
 }  // namespace lorart

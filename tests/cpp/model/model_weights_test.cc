@@ -5,8 +5,10 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -114,6 +116,75 @@ TEST(ModelWeightsBuilderTest, WeightsOverTheHostMemoryAreRefusedBeforeAnyTensor)
   config.num_layers = 0;
   expect_error<InvalidArgument>([&] { ModelWeightsBuilder builder(config); },
                                 "num_hidden_layers must be > 0, got 0");
+}
+
+}  // namespace
+}  // namespace lorart
+
+namespace lorart {
+namespace {
+
+// Weights keep one storage dtype: a tensor of that dtype is copied bit for bit, one of another is
+// converted (round to nearest even), and destination() is the tensor's place in the fused buffer.
+TEST(ModelWeightsDtypeTest, TensorsAreStoredInTheBuildersDtype) {
+  const ModelConfig config = testing_util::llama_config(16, 8, 12, 1, 2, 1, 4);
+  ModelWeightsBuilder builder(config, DType::kBFloat16);
+  EXPECT_EQ(builder.dtype(), DType::kBFloat16);
+  // q_proj arrives as bfloat16 words (copied), k_proj as float32 (rounded), v_proj through
+  // destination() (the caller writes the words).
+  std::vector<uint16_t> q(8 * 8);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = float_to_bfloat16(0.01f * static_cast<float>(i));
+  builder.add("model.layers.0.self_attn.q_proj.weight", Tensor(q.data(), DType::kBFloat16, {8, 8}));
+  std::vector<float> k(4 * 8, 1.0f + 0x1p-9f);  // halfway between two bf16 values: rounds to even
+  builder.add("model.layers.0.self_attn.k_proj.weight", Tensor(k.data(), DType::kFloat32, {4, 8}));
+  const Tensor v = builder.destination("model.layers.0.self_attn.v_proj.weight");
+  EXPECT_EQ(v.dtype(), DType::kBFloat16);
+  EXPECT_EQ(v.shape_str(), "[4, 8]");
+  for (int64_t i = 0; i < v.numel(); ++i) v.data_as<uint16_t>()[i] = float_to_bfloat16(-2.0f);
+  // The rest, so the weights are complete.
+  std::vector<float> zeros(12 * 16, 0.0f);
+  for (const auto& [name, rows, cols] : std::vector<std::tuple<std::string, int64_t, int64_t>>{
+           {"model.embed_tokens.weight", 16, 8},
+           {"lm_head.weight", 16, 8},
+           {"model.norm.weight", 8, 0},
+           {"model.layers.0.input_layernorm.weight", 8, 0},
+           {"model.layers.0.post_attention_layernorm.weight", 8, 0},
+           {"model.layers.0.self_attn.o_proj.weight", 8, 8},
+           {"model.layers.0.mlp.gate_proj.weight", 12, 8},
+           {"model.layers.0.mlp.up_proj.weight", 12, 8},
+           {"model.layers.0.mlp.down_proj.weight", 8, 12}}) {
+    builder.add(name, cols > 0 ? Tensor(zeros.data(), DType::kFloat32, {rows, cols})
+                               : Tensor(zeros.data(), DType::kFloat32, {rows}));
+  }
+  const ModelWeights weights(std::move(builder));
+  EXPECT_EQ(weights.dtype(), DType::kBFloat16);
+  const Tensor qkv = weights.layer(0).qkv;
+  ASSERT_EQ(qkv.dtype(), DType::kBFloat16);
+  ASSERT_EQ(qkv.shape_str(), "[16, 8]");
+  const auto* words = qkv.data_as<const uint16_t>();
+  EXPECT_EQ(0, std::memcmp(words, q.data(), q.size() * 2));
+  for (int64_t i = 64; i < 96; ++i) EXPECT_EQ(bfloat16_to_float(words[i]), 1.0f) << i;
+  for (int64_t i = 96; i < 128; ++i) EXPECT_EQ(bfloat16_to_float(words[i]), -2.0f) << i;
+  EXPECT_FALSE(weights.layer(0).qkv_bias.defined());
+  // Half the float32 bytes: 16-bit storage all the way.
+  EXPECT_EQ(weights.nbytes(), static_cast<size_t>(config.weight_values()) * 2);
+}
+
+TEST(ModelWeightsDtypeTest, DestinationAndDtypeErrorsNameTheirSubject) {
+  const ModelConfig config = testing_util::llama_config(16, 8, 12, 1, 2, 1, 4);
+  expect_error<InvalidArgument>([&] { ModelWeightsBuilder builder(config, DType::kInt32); },
+                                "weight dtype must be float32, float16 or bfloat16, got int32");
+  ModelWeightsBuilder builder(config, DType::kFloat16);
+  expect_error<InvalidArgument>(
+      [&] { builder.destination("model.layers.3.mlp.up_proj.weight"); },
+      "checkpoint tensor 'model.layers.3.mlp.up_proj.weight' is not part");
+  EXPECT_EQ(builder.allocated_bytes(), 0u);
+  // The 16-bit size is what the memory check counts.
+  ModelConfig big = testing_util::llama_config(ModelConfig::kMaxDim, 1 << 20, 16, 1, 4, 2, 32);
+  expect_error<InvalidArgument>(
+      [&] { ModelWeightsBuilder b(big, DType::kBFloat16); },
+      "cannot allocate the model's bfloat16 weights (config.json's sizes): " +
+          std::to_string(big.weight_values() * 2) + " bytes");
 }
 
 }  // namespace

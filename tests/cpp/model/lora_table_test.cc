@@ -1,0 +1,67 @@
+#include "model/lora_table.h"
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "core/errors.h"
+#include "lora/module_ids.h"
+#include "test_util.h"
+
+namespace lorart {
+namespace {
+
+using testing_util::expect_error;
+
+ModelConfig config_of(int64_t layers) {
+  return testing_util::llama_config(32, 16, 24, layers, 2, 1, 8);
+}
+
+LoraAdapter adapter_of(const ModelConfig& c, int32_t layer, int32_t rank) {
+  const LoraModuleDims d = c.lora_module_dims(lora_module::kAttnQ);
+  std::vector<float> values(rank * (d.in + d.out), 0.25f);
+  const LoraWeights weights = LoraWeights::copy_of(
+      Tensor(values.data(), DType::kFloat32, {1, static_cast<int64_t>(values.size())}));
+  return LoraAdapter(weights, LoraConfig::from_rows({{lora_module::kAttnQ, layer, rank}}), c, 64);
+}
+
+// Slot s's entry for (layer, module) is the adapter's own pair; a slot added with add_none()
+// adapts nothing; clear() empties the table for the next step.
+TEST(LoraTableTest, SlotsCopyTheirAdaptersPairs) {
+  const ModelConfig c = config_of(2);
+  const LoraAdapter first = adapter_of(c, 1, 4), second = adapter_of(c, 0, 8);
+  LoraTable table(c);
+  EXPECT_EQ(table.pairs_per_slot(), 2 * lora_module::kCount);
+  EXPECT_EQ(table.add(first), 0);
+  EXPECT_EQ(table.add_none(), 1);
+  EXPECT_EQ(table.add(second), 2);
+  EXPECT_EQ(table.num_slots(), 3);
+  EXPECT_EQ(table.max_rank(), 8);
+  const std::vector<LoraRun> runs = {{0, 3, 2}, {3, 4, 0}};
+  const ops::LoraBatch batch = table.batch(runs);
+  ASSERT_EQ(batch.num_runs, 2);
+  EXPECT_EQ(batch.runs, runs.data());
+  EXPECT_EQ(batch.num_slots, 3);
+  const int64_t q_of_layer1 = 1 * lora_module::kCount + lora_module::kAttnQ;
+  const LoraPair& p0 = batch.pairs[0 * batch.pairs_per_slot + q_of_layer1];
+  EXPECT_EQ(p0.rank, 4);
+  EXPECT_EQ(p0.a, first.pair(1, lora_module::kAttnQ).a);
+  EXPECT_EQ(batch.pairs[1 * batch.pairs_per_slot + q_of_layer1].rank, 0);
+  EXPECT_EQ(batch.pairs[2 * batch.pairs_per_slot + lora_module::kAttnQ].rank, 8);
+  EXPECT_EQ(batch.pairs[2 * batch.pairs_per_slot + q_of_layer1].rank, 0);
+  table.clear();
+  EXPECT_EQ(table.num_slots(), 0);
+  EXPECT_EQ(table.max_rank(), 0);
+}
+
+TEST(LoraTableTest, AnAdapterOfAnotherModelShapeIsRefused) {
+  const ModelConfig shallow = config_of(1);
+  const LoraAdapter adapter = adapter_of(shallow, 0, 4);
+  LoraTable table(config_of(2));
+  expect_error<InvalidArgument>([&] { table.add(adapter); },
+                                "the adapter was laid out for a model of another shape (1 layers");
+  EXPECT_EQ(table.num_slots(), 0);
+}
+
+}  // namespace
+}  // namespace lorart
