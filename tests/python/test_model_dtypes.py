@@ -21,6 +21,7 @@ from executor_helpers import final
 from tiny_models import ALL_PROJECTIONS, bits, hf_logits, load_hf
 
 import lorart
+import lorart.demo
 from lorart.model import Model, SequenceChunk
 
 BLOCK = 16
@@ -173,6 +174,19 @@ def test_bad_dtype_or_precision_is_a_value_error_naming_the_field(gqa_llama_dir)
     for field, value in (("dtype", "int8"), ("precision", "half")):
         with pytest.raises(ValueError, match=field):
             lorart.Executor(gqa_llama_dir, lorart.ExecutorConfig(**{field: value}))
+        with pytest.raises(ValueError, match=field):
+            lorart.LLM(lorart.demo.DEMO / "model", **{field: value})
+
+
+def test_llm_and_executor_report_the_resolved_dtype(copies):
+    stored, _ = copies("gqa_llama_dir", "bfloat16")
+    with lorart.Executor(stored, lorart.ExecutorConfig()) as exe:
+        assert exe.weight_dtype == "bfloat16"
+    with lorart.Executor(stored, lorart.ExecutorConfig(dtype="float32")) as exe:
+        assert exe.weight_dtype == "float32"
+    with lorart.LLM(lorart.demo.DEMO / "model", dtype="bfloat16") as llm:
+        assert llm.executor.weight_dtype == "bfloat16"
+        assert len(llm.generate("hello", max_new_tokens=2)[0].token_ids) == 2
 
 
 # ----------------------------------------------------------------------------- the exact path
@@ -330,4 +344,5 @@ def test_executor_greedy_tokens_equal_on_a_16bit_checkpoint_and_its_widened_copy
             results = [final(exe, rid) for rid in rids]
         assert all(r.finish_reason == "length" for r in results), [r.error for r in results]
         outputs[name] = [list(r.output_token_ids) for r in results]
+        assert exe.weight_dtype == (dtype if name == "stored" else "float32")
     assert outputs["stored"] == outputs["widened"]
