@@ -85,7 +85,9 @@ void ExecutorConfig::validate() const {
     raise<InvalidArgument>("ExecutorConfig.device '", device, "' is not supported by this build ",
                            "(supported: cpu; the CUDA executor lands with the CUDA kernels)");
   }
-  if (dtype != "auto" && dtype != "float32" && dtype != "float16" && dtype != "bfloat16") {
+  static const char* const kDtypes[] = {"auto", "float32", "float16", "bfloat16",
+                                        "fp32", "fp16",    "bf16"};
+  if (std::find(std::begin(kDtypes), std::end(kDtypes), dtype) == std::end(kDtypes)) {
     raise<InvalidArgument>("ExecutorConfig.dtype must be 'auto' (the checkpoint's), 'float32', ",
                            "'float16' or 'bfloat16'; got '", dtype, "'");
   }

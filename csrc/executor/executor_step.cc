@@ -25,10 +25,9 @@ void Executor::step() {
     prompt_tokens += std::max<int64_t>(
         0, std::min(chunk.begin + chunk.count, chunk.seq->prompt_len) - chunk.begin);
   }
-  const StepInput input = build_step(plan);
   StepOutput out;
   try {
-    out = runner_.run(input);
+    out = runner_.run(build_step(plan));
   } catch (const std::exception& e) {
     // A failed step fails its requests alone; the loop and every other request go on.
     for (const ScheduledChunk& chunk : plan) {

@@ -1,5 +1,6 @@
 #include "kernels/ops.h"
 
+#include "core/checked_math.h"
 #include "core/errors.h"
 #include "kernels/cpu/cpu_kernels.h"
 
@@ -41,17 +42,29 @@ void require_int32(const char* op, const Tensor& t, int dims, const char* what) 
   require(t.dim() == dims && t.dtype() == DType::kInt32 && t.is_contiguous(), op, what, t);
 }
 
-// A weight in a float storage dtype: [rows, cols] with unit column stride, or a contiguous
-// vector of `cols` values (rows == 0).
+// A weight matrix in a float storage dtype: [rows, cols] with unit column stride.
 WeightRef weight_ref(const char* op, const char* what, const Tensor& w, int64_t rows,
                      int64_t cols) {
   require(is_floating(w.dtype()), op, what, w);
-  if (rows == 0) {
-    require(w.is_contiguous() && w.numel() == cols, op, what, w);
-    return {w.data(), w.dtype(), nullptr, cols};
-  }
   require(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.stride(1) == 1, op, what, w);
   return {w.data(), w.dtype(), nullptr, w.stride(0)};
+}
+
+// A weight vector (norm weight, bias) of `n` float values, contiguous.
+WeightRef weight_vector(const char* op, const char* what, const Tensor& w, int64_t n) {
+  require(is_floating(w.dtype()) && w.is_contiguous() && w.numel() == n, op, what, w);
+  return {w.data(), w.dtype(), nullptr, n};
+}
+
+// Every entry of the int32 vector `t` in [0, limit).
+void require_indices(const char* op, const char* name, const Tensor& t, int64_t limit) {
+  const int32_t* v = t.data_as<const int32_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (v[i] < 0 || v[i] >= limit) {
+      raise<InvalidArgument>(op, ": ", name, "[", i, "] = ", v[i], " is out of range [0, ", limit,
+                             ")");
+    }
+  }
 }
 
 }  // namespace
@@ -65,6 +78,7 @@ void embedding(const ExecContext& ctx, const Tensor& table, const Tensor& ids, c
   require(out.is_contiguous() && out.dim() == 2 && out.dtype() == DType::kFloat32 &&
               out.size(0) == ids.size(0) && out.size(1) == table.size(1),
           "embedding", "out must be contiguous float32 [T, H]", out);
+  require_indices("embedding", "ids", ids, table.size(0));
   cpu::embedding({t, ids.data_as<int32_t>(), out.data_as<float>(), ids.size(0), table.size(1)});
 }
 
@@ -76,7 +90,7 @@ void rms_norm(const ExecContext& ctx, const Tensor& x, const Tensor& weight, flo
   require(out.size(0) == x.size(0) && out.size(1) == x.size(1), "rms_norm",
           "out must have the shape of x", out);
   const WeightRef w =
-      weight_ref("rms_norm", "weight must have H float elements", weight, 0, x.size(1));
+      weight_vector("rms_norm", "weight must have H float elements", weight, x.size(1));
   cpu::rms_norm({x.data_as<float>(), x.stride(0), w, out.data_as<float>(), out.stride(0), x.size(0),
                  x.size(1), eps});
 }
@@ -116,7 +130,7 @@ void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tens
 void add_bias(const ExecContext& ctx, const Tensor& y, const Tensor& bias) {
   check_device("add_bias", ctx, y, bias);
   require_rows("add_bias", y, "y must be [M, N] float32");
-  const WeightRef b = weight_ref("add_bias", "bias must have N float elements", bias, 0, y.size(1));
+  const WeightRef b = weight_vector("add_bias", "bias must have N float elements", bias, y.size(1));
   cpu::add_bias({y.data_as<float>(), y.stride(0), b, y.size(0), y.size(1)});
 }
 
@@ -145,14 +159,9 @@ void gather_rows(const ExecContext& ctx, const Tensor& x, const Tensor& rows, co
   require(out.is_contiguous() && out.dim() == 2 && out.dtype() == DType::kFloat32 &&
               out.size(0) == rows.size(0) && out.size(1) == x.size(1),
           "gather_rows", "out must be contiguous float32 [N, W]", out);
-  const int32_t* r = rows.data_as<int32_t>();
-  for (int64_t i = 0; i < rows.size(0); ++i) {
-    if (r[i] < 0 || r[i] >= x.size(0)) {
-      raise<InvalidArgument>("gather_rows: rows[", i, "] = ", r[i], " is out of range [0, ",
-                             x.size(0), ")");
-    }
-  }
-  cpu::gather_rows(x.data_as<float>(), x.size(1), r, rows.size(0), out.data_as<float>());
+  require_indices("gather_rows", "rows", rows, x.size(0));
+  cpu::gather_rows(x.data_as<float>(), x.size(1), rows.data_as<int32_t>(), rows.size(0),
+                   out.data_as<float>());
 }
 
 void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -190,6 +199,36 @@ void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, c
   require(out.is_contiguous() && out.dtype() == DType::kFloat32 && out.dim() == 2 &&
               out.size(0) == q.size(0) && out.size(1) == q.size(1),
           "paged_attention", "out must be contiguous float32 [T, heads * head_dim]", out);
+  // The layout's contents, O(S + blocks): every position's block inside the cache.
+  const int32_t* starts = batch.seq_starts.data_as<const int32_t>();
+  const int32_t* ctx_lens = batch.context_lens.data_as<const int32_t>();
+  const int32_t* tables = batch.block_tables.data_as<const int32_t>();
+  const int64_t width = batch.block_tables.size(1), block_size = k_cache.size(1);
+  if (starts[0] != 0 || starts[num_seqs] != q.size(0)) {
+    raise<InvalidArgument>("paged_attention: seq_starts must run from 0 to the ", q.size(0),
+                           " query tokens");
+  }
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    if (starts[s + 1] <= starts[s] || ctx_lens[s] < 0) {
+      raise<InvalidArgument>("paged_attention: sequence ", s,
+                             " has no tokens or a negative context length");
+    }
+  }
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t end = int64_t{ctx_lens[s]} + (starts[s + 1] - starts[s]);
+    const int64_t blocks = (end + block_size - 1) / block_size;
+    if (end > kInt32Max || blocks > width) {
+      raise<InvalidArgument>("paged_attention: sequence ", s, " reaches position ", end,
+                             " beyond its ", width, " block(s) of ", block_size);
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int32_t id = tables[s * width + b];
+      if (id < 0 || id >= k_cache.size(0)) {
+        raise<InvalidArgument>("paged_attention: block_tables[", s, ", ", b, "] = ", id,
+                               " is out of range [0, ", k_cache.size(0), ")");
+      }
+    }
+  }
   PagedAttentionParams p{};
   p.q = q.data_as<const float>();
   p.q_stride = q.stride(0);
@@ -266,11 +305,15 @@ void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
   require(!log_probs.defined() || log_probs.numel() == 0 ||
               (log_probs.dtype() == DType::kFloat32 && log_probs.numel() == rows.size(0)),
           "sample", "log_probs must be float32 [R] or undefined", log_probs);
+  require(logits.size(1) > 0, "sample", "logits must have a vocabulary", logits);
+  require_indices("sample", "rows", rows, logits.size(0));
   const int32_t* r = rows.data_as<const int32_t>();
   for (int64_t i = 0; i < rows.size(0); ++i) {
-    if (r[i] < 0 || r[i] >= logits.size(0)) {
-      raise<InvalidArgument>("sample: rows[", i, "] = ", r[i], " is out of range [0, ",
-                             logits.size(0), ")");
+    const SamplingParams& sp = params[i];
+    if (!(sp.temperature >= 0.0f) || sp.top_k < 0 || !(sp.top_p > 0.0f && sp.top_p <= 1.0f)) {
+      raise<InvalidArgument>("sample: params[", i, "] needs temperature >= 0, top_k >= 0 and ",
+                             "top_p in (0, 1]; got ", sp.temperature, ", ", sp.top_k, ", ",
+                             sp.top_p);
     }
   }
   SampleParams p{};

@@ -3,7 +3,8 @@
 // with messages naming the argument, builds its kernel's parameter struct (kernels/params.h)
 // and dispatches on the device (and the dtypes) to an implementation: csrc/kernels/cpu/ today;
 // a CUDA kernel goes beside it (csrc/kernels/cuda/) and is added to the dispatch here once it
-// is checked against the CPU one. No op allocates: scratch comes from the caller.
+// is checked against the CPU one. No op allocates per call: scratch comes from the caller (a few
+// CPU kernels keep a per-thread buffer that grows to the largest call and stays).
 //
 // Activations are float32. Weights (`w`, `table`, `weight`, `bias`) may be float32, float16 or
 // bfloat16: kernels widen them exactly to float32 as they read, so the result is bitwise that of

@@ -10,6 +10,11 @@
 namespace lorart {
 
 int64_t lora_row_values(const LoraTarget& model, const LoraConfigRow& row) {
+  if (!model.has_module(row.module_id)) {
+    raise<LoraError>("module_id ", row.module_id, " (", lora_module_name(row.module_id),
+                     ") is not a LoRA module of ", model.architecture,
+                     " (supported: ", model.module_names(), ")");
+  }
   const LoraModuleDims dims = model.dims[row.module_id];
   return static_cast<int64_t>(row.adapter_size) * (dims.in + dims.out);
 }

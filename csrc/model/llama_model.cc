@@ -78,6 +78,13 @@ LlamaModel::LlamaModel(const ModelConfig& config, ModelWeights weights, int64_t 
       weights_(std::move(weights)),
       max_num_tokens_(max_num_tokens),
       max_lora_rank_(max_lora_rank) {
+  if (!weights_.built_for(config_)) {  // layer(i) and the tables' sizes come from the config
+    raise<InvalidArgument>("the weights were built for another model config (",
+                           weights_.config().num_layers, " layers, vocab ",
+                           weights_.config().vocab_size, ", hidden ", weights_.config().hidden_size,
+                           "); this config has ", config_.num_layers, " layers, vocab ",
+                           config_.vocab_size, ", hidden ", config_.hidden_size);
+  }
   workspace_bytes(config_, max_num_tokens, max_lora_rank);  // every product below fits
   const std::vector<float> inv = rope_inv_freq(config_);
   inv_freq_ = workspace(static_cast<int64_t>(inv.size()), "rotary frequencies");
@@ -186,10 +193,13 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
   if (starts[0] != 0 || starts[num_seqs] != num_tokens) {
     raise<InvalidArgument>("seq_starts must start at 0 and end at the token count ", num_tokens);
   }
+  // Every start first, so the per-token loops below stay inside the token arrays.
   for (int64_t s = 0; s < num_seqs; ++s) {
     if (starts[s + 1] <= starts[s]) {
       raise<InvalidArgument>("seq_starts must increase: sequence ", s, " has no tokens");
     }
+  }
+  for (int64_t s = 0; s < num_seqs; ++s) {
     if (ctx[s] < 0) raise<InvalidArgument>("context_lens[", s, "] = ", ctx[s], " is negative");
     // Positions are int32 in the kernels: max_position_embeddings (<= INT32_MAX) bounds them.
     const int64_t end = static_cast<int64_t>(ctx[s]) + (starts[s + 1] - starts[s]);

@@ -174,7 +174,17 @@ Tensor vector_of(const Buffer& b, DType dtype, int64_t n) {
 
 }  // namespace
 
-ModelWeights::ModelWeights(ModelWeightsBuilder&& builder) : dtype_(builder.dtype_) {
+bool ModelWeights::built_for(const ModelConfig& c) const {
+  const ModelConfig& w = config_;
+  return c.vocab_size == w.vocab_size && c.hidden_size == w.hidden_size &&
+         c.intermediate_size == w.intermediate_size && c.num_layers == w.num_layers &&
+         c.num_attention_heads == w.num_attention_heads && c.num_kv_heads == w.num_kv_heads &&
+         c.head_dim == w.head_dim && c.tie_word_embeddings == w.tie_word_embeddings &&
+         c.attention_bias == w.attention_bias && c.architecture == w.architecture;
+}
+
+ModelWeights::ModelWeights(ModelWeightsBuilder&& builder)
+    : config_(builder.config_), dtype_(builder.dtype_) {
   const std::vector<std::string> missing = builder.missing();
   if (!missing.empty()) {
     raise<InvalidArgument>("checkpoint is missing ", missing.size(), " tensor(s), first: '",

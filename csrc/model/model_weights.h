@@ -2,9 +2,10 @@
 // normally the checkpoint's own), owned in Buffers on the model's device. The kernels widen
 // 16-bit weights to float32 as they read them. Built once at load from HF-named tensors: a tensor
 // already in the storage dtype is copied as it is (or read straight into destination()), one of
-// another float dtype is converted on the way in (an explicit choice of the caller's dtype);
-// never through a float32 copy. q/k/v and gate/up are fused row-wise so each is one GEMM;
-// checkpoints that already fuse them (self_attn.qkv_proj, mlp.gate_up_proj) load as they are.
+// another float dtype is converted on the way in (rounded to nearest even when narrowing, as
+// transformers' torch_dtype casts); never through a float32 copy. q/k/v and gate/up are fused
+// row-wise so each is one GEMM; checkpoints that already fuse them (self_attn.qkv_proj,
+// mlp.gate_up_proj) load as they are.
 #pragma once
 
 #include <map>
@@ -48,7 +49,8 @@ class ModelWeightsBuilder {
   void add(const std::string& name, const Tensor& tensor);
   // The place tensor `name` occupies, as a writable contiguous host view in dtype() (allocated
   // on first use), for a loader that reads the checkpoint's bytes straight into it. Counts the
-  // tensor as added: the caller must fill all of it. Throws InvalidArgument as add() does.
+  // tensor as added: the caller must fill all of it. The view is valid until the builder's
+  // buffers move into a ModelWeights. Throws InvalidArgument as add() does.
   Tensor destination(const std::string& name);
   DType dtype() const { return dtype_; }
   // Bytes of weight buffers allocated so far (those that tensors added so far fill).
@@ -94,8 +96,13 @@ class ModelWeights {
   const LayerWeights& layer(int64_t i) const { return layer_views_[i]; }
   DType dtype() const { return dtype_; }
   size_t nbytes() const { return nbytes_; }
+  // The config the builder laid the weights out for.
+  const ModelConfig& config() const { return config_; }
+  // Whether `config` implies exactly these weights (every size and flag the layout depends on).
+  bool built_for(const ModelConfig& config) const;
 
  private:
+  ModelConfig config_;
   DType dtype_;
   Buffer embed_, final_norm_, lm_head_;
   std::vector<LayerBuffers> layers_;

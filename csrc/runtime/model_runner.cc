@@ -40,14 +40,18 @@ StepOutput ModelRunner::run(const StepInput& step) {
   if (step.lora == nullptr) raise<InvalidArgument>("run: the step has no LoRA table");
   const int64_t vocab = model_->config().vocab_size;
   const int64_t n_out = step.batch.logits_indices.numel();
-  const int64_t num_samples = step.sample_rows.numel();
-  if (step.sample_rows.dim() != 1 || step.sample_rows.dtype() != DType::kInt32) {
+  // Before the logits are sized by the batch: a malformed one is refused, never allocated for.
+  model_->validate(step.batch, kv_cache_, *step.lora);
+  const int64_t num_samples = step.sample_rows.defined() ? step.sample_rows.numel() : 0;
+  if (num_samples > 0 &&
+      (step.sample_rows.dim() != 1 || step.sample_rows.dtype() != DType::kInt32 ||
+       !step.sample_rows.is_contiguous())) {
     raise<InvalidArgument>("sample_rows must be [R] int32, got ", step.sample_rows.describe());
   }
   if (num_samples > 0 && (step.sampling == nullptr || step.rng_states == nullptr)) {
     raise<InvalidArgument>("run: sample rows need sampling params and RNG states");
   }
-  const int32_t* rows = step.sample_rows.data_as<const int32_t>();
+  const int32_t* rows = num_samples > 0 ? step.sample_rows.data_as<const int32_t>() : nullptr;
   for (int64_t i = 0; i < num_samples; ++i) {
     if (rows[i] < 0 || rows[i] >= n_out) {
       raise<InvalidArgument>("sample_rows[", i, "] = ", rows[i], " is out of range [0, ", n_out,

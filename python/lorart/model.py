@@ -37,8 +37,10 @@ def load_core_model(
     """Read an HF checkpoint into the C++ model, its weights stored in ``dtype``: ``"auto"`` (the
     checkpoint's own, :func:`lorart.hf.checkpoint_dtype`), ``"float32"``, ``"float16"`` or
     ``"bfloat16"``. A tensor already in that dtype is read from its file straight into the
-    model's buffer (no intermediate copy, no memory map held); one in another dtype is
-    converted once from the memory-mapped file (rounding to nearest even when narrowing). Shows a
+    model's buffer (no intermediate copy; the file's pages are never mapped); one in another
+    dtype is converted once from the memory-mapped file (rounding to nearest even when narrowing,
+    as transformers' ``torch_dtype`` does: a bf16 checkpoint with float32 norms loads them as
+    bf16 under ``"auto"``, and a warning on the ``lorart`` logger counts them). Shows a
     progress bar on stderr for checkpoints over 256 MiB (see :func:`progress_bar`) and logs the
     load time to the ``lorart`` logger.
 
@@ -57,6 +59,7 @@ def load_core_model(
     total = sum(t[3] for t in tensors)
     start = time.monotonic()
     files: dict[Path, BinaryIO] = {}
+    narrowed = 0
     try:
         with progress_bar(total, f"loading {Path(model_dir).name}", "B", total, progress) as bar:
             for name, path, offset, nbytes, stored, array in tensors:
@@ -66,10 +69,20 @@ def load_core_model(
                     _read_exactly(files[path], offset, builder.destination(name), path, name)
                 else:
                     builder.add(name, array)
+                    narrowed += array.dtype.itemsize > np.dtype(_ITEMSIZE[storage]).itemsize
                 bar.update(nbytes)
     finally:
         for f in files.values():
             f.close()
+    if narrowed:
+        logger.warning(
+            "%s: %d tensor(s) stored in a wider dtype were rounded to %s (dtype=%r); load with "
+            "dtype='float32' to keep them exact",
+            model_dir,
+            narrowed,
+            storage,
+            dtype,
+        )
     model = _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
     logger.info(
         "loaded %s (%s, %.0f MiB, stored as %s) in %.1f s",
@@ -81,6 +94,8 @@ def load_core_model(
     )
     return model
 
+
+_ITEMSIZE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float16}
 
 # Bytes per read() while loading: big enough for full disk speed, small enough for the progress
 # bar (and Ctrl-C) to keep up.

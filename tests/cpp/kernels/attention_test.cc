@@ -283,5 +283,33 @@ TEST(PagedAttentionTest, CudaHasNoImplementationYet) {
       "paged_attention: no cuda:0 implementation in this build yet");
 }
 
+// The op checks the layout's contents, not just its shapes: a block id past the cache or a
+// sequence longer than its row of blocks would make the kernel write outside the cache.
+TEST(PagedAttentionTest, LayoutsReachingOutsideTheCacheAreRefused) {
+  std::vector<float> rows(2 * 32), cache(2 * 4 * 16), out(2 * 16);
+  const int64_t shape[2] = {2, 16}, strides[2] = {32, 1};
+  const Tensor q(rows.data(), DType::kFloat32, 2, shape, strides);
+  const Tensor kv(rows.data() + 16, DType::kFloat32, 2, shape, strides);
+  const Tensor k_cache(cache.data(), DType::kFloat32, {1, 4, 1, 16});
+  const Tensor v_cache(cache.data() + 64, DType::kFloat32, {1, 4, 1, 16});
+  std::vector<int32_t> starts = {0, 2}, ctx = {0}, table = {1};
+  const ops::AttentionBatch batch{Tensor(starts.data(), DType::kInt32, {2}),
+                                  Tensor(ctx.data(), DType::kInt32, {1}),
+                                  Tensor(table.data(), DType::kInt32, {1, 1})};
+  const ops::AttentionShape attn{1, 1, 16, 0, 0.25f};
+  const Tensor out_t(out.data(), DType::kFloat32, {2, 16});
+  auto run = [&] {
+    ops::paged_attention(ExecContext::cpu(), q, kv, kv, k_cache, v_cache, batch, attn, out_t);
+  };
+  testing_util::expect_error<InvalidArgument>(
+      run, "paged_attention: block_tables[0, 0] = 1 is out of range [0, 1)");
+  table[0] = 0;
+  ctx[0] = 3;  // positions 3..4 need a second block
+  testing_util::expect_error<InvalidArgument>(
+      run, "paged_attention: sequence 0 reaches position 5 beyond its 1 block(s) of 4");
+  ctx[0] = 0;
+  EXPECT_NO_THROW(run());
+}
+
 }  // namespace
 }  // namespace lorart

@@ -298,5 +298,17 @@ TEST(ElementwiseArgumentsTest, MixedDevicesAreRejected) {
                                 "one on cpu");
 }
 
+TEST(ElementwiseArgumentsTest, IndicesOutsideTheirTableAreRefused) {
+  std::vector<float> table(4 * 3), out(2 * 3);
+  std::vector<int32_t> ids = {1, 4};
+  expect_error<InvalidArgument>(
+      [&] {
+        ops::embedding(ExecContext::cpu(), Tensor(table.data(), DType::kFloat32, {4, 3}),
+                       Tensor(ids.data(), DType::kInt32, {2}),
+                       Tensor(out.data(), DType::kFloat32, {2, 3}));
+      },
+      "embedding: ids[1] = 4 is out of range [0, 4)");
+}
+
 }  // namespace
 }  // namespace lorart

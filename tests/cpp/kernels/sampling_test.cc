@@ -8,7 +8,9 @@
 #include <utility>
 #include <vector>
 
+#include "core/errors.h"
 #include "kernels/ops.h"
+#include "test_util.h"
 
 namespace lorart {
 namespace {
@@ -220,6 +222,27 @@ TEST(SamplingTest, LogProbIsLogSoftmaxOfTheUnmodifiedLogits) {
   float log_prob = 0.0f;
   EXPECT_EQ(s(big, SamplingParams{1, 1.0f, 1.0f}, &log_prob), 0);
   EXPECT_NEAR(log_prob, std::log(softmax(big)[0]), 1e-5);
+}
+
+TEST(SampleOpTest, BadParamsAndRowsAreRefusedByName) {
+  std::vector<float> logits = {0.1f, 0.9f, 0.3f};
+  std::vector<std::pair<float, int32_t>> scratch(3);
+  int32_t row = 0, token = -1;
+  uint64_t rng = 1;
+  const Tensor l(logits.data(), DType::kFloat32, {1, 3});
+  auto run = [&](SamplingParams p) {
+    ops::sample(ExecContext::cpu(), l, Tensor(&row, DType::kInt32, {1}), &p, &rng,
+                Tensor(&token, DType::kInt32, {1}), Tensor(), scratch.data());
+  };
+  testing_util::expect_error<InvalidArgument>([&] { run({0, 1.0f, -1.0f}); },
+                                              "sample: params[0] needs temperature >= 0");
+  testing_util::expect_error<InvalidArgument>([&] { run({0, 0.0f, 1.0f}); }, "top_p in (0, 1]");
+  row = 1;
+  testing_util::expect_error<InvalidArgument>([&] { run({1, 1.0f, 0.0f}); },
+                                              "sample: rows[0] = 1 is out of range [0, 1)");
+  row = 0;
+  run({1, 1.0f, 0.0f});
+  EXPECT_EQ(token, 1);
 }
 
 }  // namespace

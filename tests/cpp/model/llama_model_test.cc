@@ -261,6 +261,12 @@ TEST_F(LlamaModelTest, MalformedBatchesAreRejectedWithoutTouchingTheCache) {
          b.seq_starts = {0, 0, 6};
        },
        "seq_starts must increase: sequence 0 has no tokens"},
+      // An inner start past the token count is refused before any per-token loop reads past T.
+      {[](Batch& b) {
+         b = pack({{random_tokens(2, 4), 0, {20}}, {random_tokens(4, 5), 0, {21}}});
+         b.seq_starts = {0, 100, 6};
+       },
+       "seq_starts must increase: sequence 1 has no tokens"},
       {[](Batch& b) { b.lora_slots.push_back(-1); },
        "seq_starts must have S + 1 entries and context_lens, lora_slots, block_tables S rows (S = "
        "1)"},
@@ -377,6 +383,19 @@ TEST_F(LlamaModelTest, AdapterOfAnotherModelShapeIsRefused) {
       "the adapter was laid out for a model of another shape (1 layers, hidden 32, "
       "intermediate 48, q 32, kv 16; this model: 2 layers, hidden 32, intermediate 48, q 32, kv "
       "16)");
+}
+
+TEST(LlamaModelWeightsTest, WeightsOfAnotherConfigAreRefused) {
+  const ModelConfig c = tiny_config();
+  ModelWeightsBuilder builder(c);
+  Checkpoint ckpt = random_checkpoint(c);
+  for (auto& [name, param] : ckpt) builder.add(name, param.tensor());
+  ModelConfig deeper = c;
+  deeper.num_layers = 3;  // would index a layer the weights do not have
+  expect_error<InvalidArgument>(
+      [&] { LlamaModel model(deeper, ModelWeights(std::move(builder)), kMaxTokens, kMaxRank); },
+      "the weights were built for another model config (2 layers, vocab 64, hidden 32); this "
+      "config has 3 layers");
 }
 
 TEST(LlamaModelWorkspaceTest, LimitsAreCheckedBeforeAllocating) {

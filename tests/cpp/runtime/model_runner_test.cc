@@ -117,6 +117,11 @@ TEST(ModelRunnerTest, MalformedStepsAreRefusedNamingTheField) {
   step.sample_rows[1] = 5;
   expect_error<InvalidArgument>([&] { runner.run(step.input(lora)); },
                                 "sample_rows[1] = 5 is out of range [0, 5)");
+  // A logits row count past max_num_tokens is refused before any logits are allocated.
+  Step many;
+  many.picks.assign(100000, 0);
+  expect_error<InvalidArgument>([&] { runner.run(many.input(lora)); },
+                                "logits_indices asks for 100000 rows; at most max_num_tokens = 16");
   Step no_table;
   StepInput in = no_table.input(lora);
   in.lora = nullptr;
