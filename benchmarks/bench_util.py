@@ -7,6 +7,41 @@ import os
 import platform
 from pathlib import Path
 
+# Model shapes (config.json fields) the benchmarks share: cpu_forward's default, the issue's
+# TinyLlama-1.1B-sized model (untied) and Llama-2-7B.
+SHAPES: dict[str, dict] = {
+    "110m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    ),
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    ),
+}
+
 
 def device_name(threads: int) -> str:
     """``cpu (<model name>, <threads> of <cores> threads)`` for the JSON records."""

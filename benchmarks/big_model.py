@@ -42,30 +42,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_util import append_records, device_name
+from bench_util import SHAPES, append_records, device_name
 
 RESULTS = Path(__file__).parent / "results" / "big_model.jsonl"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPES = {
-    "7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    ),
-    "1.1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    ),
-}
 NUM_SEQS = 8
 PROMPT_LEN = 64
 RANK = 16
@@ -164,7 +144,7 @@ def config_json(shape: dict) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        **shape,
+        **{k: v for k, v in shape.items() if k != "tie_word_embeddings"},
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,

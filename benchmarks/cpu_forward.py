@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_util import append_records, device_name
+from bench_util import SHAPES, append_records, device_name
 
 import lorart
 from lorart.model import Model, SequenceChunk
@@ -43,29 +43,6 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 BLOCK = 16
 RESULTS = Path(__file__).parent / "results" / "cpu_forward.jsonl"
 
-SHAPES = {
-    "110m": dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=32000,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-    ),
-    # The issue's shape (TinyLlama-1.1B's sizes, untied).
-    "1.1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        max_position_embeddings=2048,
-    ),
-}
 FULL = dict(
     model=SHAPES["110m"],
     num_prompts=8,

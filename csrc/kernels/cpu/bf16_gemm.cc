@@ -11,6 +11,7 @@
 
 #include "core/dtype.h"
 #include "core/errors.h"
+#include "kernels/cpu/column_share.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/float_mode.h"
 
@@ -492,16 +493,6 @@ void dot_gemm(Bf16Isa isa, int64_t m, int64_t n_begin, int64_t n_end, int64_t k,
     const uint16_t* a = weight_panel(w, w_dtype, ldw, p, p + rows, rows, k, kp, storage);
     kernel(m, 0, rows, k, packed, kp, a, kp, beta, y + p, ldy);
   }
-}
-
-// Column blocks are multiples of this, as in linear.
-constexpr int64_t kColumnAlign = 64;
-
-std::pair<int64_t, int64_t> column_share(int64_t n, int threads, int thread) {
-  const int64_t per = (n + threads - 1) / threads;
-  const int64_t block = (per + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
-  const int64_t begin = std::min<int64_t>(n, thread * block);
-  return {begin, std::min<int64_t>(n, begin + block)};
 }
 
 }  // namespace

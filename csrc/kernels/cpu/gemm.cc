@@ -9,26 +9,12 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/cpu/column_share.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/fixed_order_gemm.h"
 #include "kernels/cpu/float_mode.h"
 
 namespace lorart::cpu {
-
-namespace {
-
-// Column blocks are multiples of this, so every thread's block keeps the wide kernels busy.
-constexpr int64_t kColumnAlign = 64;
-
-// [begin, end) of thread `thread`'s share of n columns in blocks aligned to kColumnAlign.
-std::pair<int64_t, int64_t> column_share(int64_t n, int threads, int thread) {
-  const int64_t per = (n + threads - 1) / threads;
-  const int64_t block = (per + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
-  const int64_t begin = std::min<int64_t>(n, thread * block);
-  return {begin, std::min<int64_t>(n, begin + block)};
-}
-
-}  // namespace
 
 void linear(const LinearParams& p) {
   if (p.precision == Precision::kBFloat16) {
