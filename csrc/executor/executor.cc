@@ -62,6 +62,9 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
   // The per-step scratch at its largest (resolve() bounded each), so steps do not allocate.
   block_tables_.reserve(static_cast<size_t>(config_.max_batch_size) *
                         kv_manager_.blocks_for(config_.max_seq_len));
+  for (auto* v : {&token_ids_, &positions_, &logits_indices_}) {
+    v->reserve(static_cast<size_t>(config_.max_num_tokens));
+  }
   stats_.total_kv_blocks = kv_manager_.num_blocks();
   std::promise<void> started;
   std::future<void> ready = started.get_future();

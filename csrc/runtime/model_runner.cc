@@ -29,6 +29,15 @@ ModelRunner::ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_block
       ctx_(ctx),
       kv_cache_(model_->config(), num_kv_blocks, block_size, ctx.device) {
   sample_scratch_.resize(static_cast<size_t>(model_->config().vocab_size));
+  // The step buffers at their largest up front (LlamaModel::workspace_bytes bounded the logits):
+  // grown step by step, each reallocation left the old block to the heap, and RSS crept up.
+  const auto rows = static_cast<size_t>(model_->max_num_tokens());
+  logits_.reserve(rows * static_cast<size_t>(model_->config().vocab_size));
+  for (auto* v : {&tokens_, &finite_rows_, &finite_tokens_}) v->reserve(rows);
+  for (auto* v : {&log_probs_, &finite_log_probs_}) v->reserve(rows);
+  finite_index_.reserve(rows);
+  finite_params_.reserve(rows);
+  finite_rng_.reserve(rows);
 }
 
 int ModelRunner::bind_thread() const {

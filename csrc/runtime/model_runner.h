@@ -60,7 +60,7 @@ class ModelRunner {
   std::shared_ptr<LlamaModel> model_;
   ExecContext ctx_;
   KvCache kv_cache_;
-  std::vector<float> logits_;  // [max_num_tokens, vocab], grown on first use of each size
+  std::vector<float> logits_;  // [rows, vocab]; capacity for max_num_tokens rows from the start
   std::vector<int32_t> tokens_;
   std::vector<float> log_probs_;
   // The samples whose rows are finite (indices into the step's samples), and their inputs.
