@@ -74,7 +74,9 @@ void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t
 
 // tokens[i] (int32 [R]) = a token drawn from logits [N, V] row rows[i] (int32 [R]) with
 // params[i] and rng_states[i] (advanced); log_probs (float32 [R], or undefined) receives log
-// p(token). `scratch` holds V (float, int32) pairs on the host.
+// p(token). -inf masks a token; a row holding NaN or +inf gets token -1 and leaves its RNG state
+// as it was. `scratch`
+// holds V (float, int32) pairs on the host.
 void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
             const SamplingParams* params, uint64_t* rng_states, const Tensor& tokens,
             const Tensor& log_probs, std::pair<float, int32_t>* scratch);

@@ -127,7 +127,8 @@ struct SamplingParams {
 
 // Picks tokens[i] from logits row rows[i] with params[i], drawing from rng_states[i] (advanced
 // once per sampled token). log_probs[i] (when non-null) receives log p(token) under the
-// unmodified distribution (temperature 1).
+// unmodified distribution (temperature 1). -inf logits mask their tokens; a row holding NaN or
+// +inf is not sampled: token -1, its RNG state untouched.
 struct SampleParams {
   const float* logits;  // [num_logits_rows, vocab], contiguous
   int64_t vocab;

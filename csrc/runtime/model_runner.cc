@@ -33,11 +33,8 @@ ModelRunner::ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_block
   // grown step by step, each reallocation left the old block to the heap, and RSS crept up.
   const auto rows = static_cast<size_t>(model_->max_num_tokens());
   logits_.reserve(rows * static_cast<size_t>(model_->config().vocab_size));
-  for (auto* v : {&tokens_, &finite_rows_, &finite_tokens_}) v->reserve(rows);
-  for (auto* v : {&log_probs_, &finite_log_probs_}) v->reserve(rows);
-  finite_index_.reserve(rows);
-  finite_params_.reserve(rows);
-  finite_rng_.reserve(rows);
+  tokens_.reserve(rows);
+  log_probs_.reserve(rows);
 }
 
 int ModelRunner::bind_thread() const {
@@ -49,8 +46,6 @@ StepOutput ModelRunner::run(const StepInput& step) {
   if (step.lora == nullptr) raise<InvalidArgument>("run: the step has no LoRA table");
   const int64_t vocab = model_->config().vocab_size;
   const int64_t n_out = step.batch.logits_indices.numel();
-  // Before the logits are sized by the batch: a malformed one is refused, never allocated for.
-  model_->validate(step.batch, kv_cache_, *step.lora);
   const int64_t num_samples = step.sample_rows.defined() ? step.sample_rows.numel() : 0;
   if (num_samples > 0 &&
       (step.sample_rows.dim() != 1 || step.sample_rows.dtype() != DType::kInt32 ||
@@ -67,41 +62,24 @@ StepOutput ModelRunner::run(const StepInput& step) {
                              ") (the step's logits rows)");
     }
   }
-  logits_.resize(static_cast<size_t>(std::max<int64_t>(n_out, 1) * vocab));
+  // Within the capacity reserved for max_num_tokens rows: forward() validates the batch (at most
+  // max_num_tokens logits rows) before it writes a row, so a malformed one is refused without
+  // an allocation, and a valid one never reallocates.
+  logits_.resize(
+      static_cast<size_t>(std::clamp<int64_t>(n_out, 1, model_->max_num_tokens()) * vocab));
   const Tensor logits(logits_.data(), DType::kFloat32, {n_out, vocab});
   model_->forward(ctx_, step.batch, kv_cache_, *step.lora, logits);
 
-  // Sample the rows whose logits are finite; a non-finite row is the caller's error to report
-  // (sampling it would order NaNs).
-  tokens_.assign(static_cast<size_t>(num_samples), -1);
-  log_probs_.assign(step.log_probs ? static_cast<size_t>(num_samples) : 0, 0.0f);
-  finite_rows_.clear();
-  finite_params_.clear();
-  finite_rng_.clear();
-  finite_index_.clear();
-  for (int64_t i = 0; i < num_samples; ++i) {
-    const float* row = logits_.data() + static_cast<int64_t>(rows[i]) * vocab;
-    if (!std::all_of(row, row + vocab, [](float v) { return std::isfinite(v); })) continue;
-    finite_index_.push_back(i);
-    finite_rows_.push_back(rows[i]);
-    finite_params_.push_back(step.sampling[i]);
-    finite_rng_.push_back(step.rng_states[i]);
-  }
-  const auto count = static_cast<int64_t>(finite_rows_.size());
-  finite_tokens_.resize(static_cast<size_t>(count));
-  finite_log_probs_.resize(step.log_probs ? static_cast<size_t>(count) : 0);
-  if (count > 0) {
+  tokens_.resize(static_cast<size_t>(num_samples));
+  log_probs_.resize(step.log_probs ? static_cast<size_t>(num_samples) : 0);
+  if (num_samples > 0) {
+    // A row holding NaN or +inf gets token -1; the executor fails its request on any non-finite
+    // logit.
     ops::sample(
-        ctx_, logits, Tensor(finite_rows_.data(), DType::kInt32, {count}), finite_params_.data(),
-        finite_rng_.data(), Tensor(finite_tokens_.data(), DType::kInt32, {count}),
-        step.log_probs ? Tensor(finite_log_probs_.data(), DType::kFloat32, {count}) : Tensor(),
+        ctx_, logits, step.sample_rows, step.sampling, step.rng_states,
+        Tensor(tokens_.data(), DType::kInt32, {num_samples}),
+        step.log_probs ? Tensor(log_probs_.data(), DType::kFloat32, {num_samples}) : Tensor(),
         sample_scratch_.data());
-  }
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t i = finite_index_[j];
-    tokens_[i] = finite_tokens_[j];
-    step.rng_states[i] = finite_rng_[j];
-    if (step.log_probs) log_probs_[i] = finite_log_probs_[j];
   }
   StepOutput out;
   out.logits = logits;

@@ -43,7 +43,8 @@ class ModelRunner {
   ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_blocks, int64_t block_size,
               const ExecContext& ctx);
 
-  // Forward, then samples every sample row whose logits are all finite. Throws InvalidArgument
+  // Forward, then samples every sample row (token -1 where its logits hold NaN or +inf).
+  // Throws InvalidArgument
   // naming the field for a malformed step (LlamaModel::validate, sample rows out of range);
   // then nothing has been written to the KV pool.
   StepOutput run(const StepInput& step);
@@ -63,13 +64,6 @@ class ModelRunner {
   std::vector<float> logits_;  // [rows, vocab]; capacity for max_num_tokens rows from the start
   std::vector<int32_t> tokens_;
   std::vector<float> log_probs_;
-  // The samples whose rows are finite (indices into the step's samples), and their inputs.
-  std::vector<int64_t> finite_index_;
-  std::vector<int32_t> finite_rows_;
-  std::vector<SamplingParams> finite_params_;
-  std::vector<uint64_t> finite_rng_;
-  std::vector<int32_t> finite_tokens_;
-  std::vector<float> finite_log_probs_;
   std::vector<std::pair<float, int32_t>> sample_scratch_;  // [vocab]
 };
 

@@ -514,10 +514,5 @@ def iter_weight_ranges(model_dir: str | Path, config: ModelConfig):
 def iter_weights(model_dir: str | Path, config: ModelConfig):
     """Yield ``(name, array)`` for every parameter tensor, memory-mapped (no copies), shard by
     shard. A tied ``lm_head.weight`` and recomputed buffers are skipped."""
-    from lorart._safetensors import read_safetensors
-
-    for path in checkpoint_files(model_dir):
-        for name, array in read_safetensors(path).items():
-            if _is_skipped(name, config):
-                continue
-            yield name, array
+    for name, *_, array in iter_weight_ranges(model_dir, config):
+        yield name, array

@@ -69,7 +69,7 @@ def load_core_model(
                     _read_exactly(files[path], offset, builder.destination(name), path, name)
                 else:
                     builder.add(name, array)
-                    narrowed += array.dtype.itemsize > np.dtype(_ITEMSIZE[storage]).itemsize
+                    narrowed += array.dtype.itemsize > (4 if storage == "float32" else 2)
                 bar.update(nbytes)
     finally:
         for f in files.values():
@@ -94,8 +94,6 @@ def load_core_model(
     )
     return model
 
-
-_ITEMSIZE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float16}
 
 # Bytes per read() while loading: big enough for full disk speed, small enough for the progress
 # bar (and Ctrl-C) to keep up.

@@ -33,7 +33,7 @@ def no_weight_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read before the sizes were checked")
 
-    monkeypatch.setattr(model_module.hf, "iter_weights", refuse)
+    monkeypatch.setattr(model_module.hf, "iter_weight_ranges", refuse)
 
 
 # ------------------------------------------------------------------------------ load-time sizes
