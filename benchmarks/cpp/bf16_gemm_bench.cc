@@ -1,9 +1,10 @@
 // GEMM throughput of the CPU backend's precisions on the 1.1B model's shapes:
 //   exact float32 (linear, float32 weights), exact on bf16 weights (gemm_nt widening bf16 in
-//   registers, split over threads as linear does), and precision="bfloat16" (linear_bf16) on each
-//   bf16 instruction set this CPU runs. Variants run round-robin, `reps` rounds; prints the median
-//   GFLOP/s and weight GB/s per shape and the load average. Checks each bf16 variant against the
-//   exact result before timing. Usage: lorart_bf16_gemm_bench [reps] [threads] [max_m]
+//   registers, split over threads as linear does; row-major and k32-interleaved), and
+//   precision="bfloat16" (linear_bf16) on each bf16 instruction set this CPU runs, both layouts.
+//   Variants run round-robin, `reps` rounds; prints the median GFLOP/s and weight GB/s per shape
+//   and the load average. Checks each bf16 variant against the exact result before timing. Usage:
+//   lorart_bf16_gemm_bench [reps] [threads] [max_m]
 #include <omp.h>
 
 #include <algorithm>
@@ -125,13 +126,37 @@ int main(int argc, char** argv) {
                                        0.0f,
                                        Precision::kFloat32});
                         }});
+    // The same weights in the layout the model keeps bfloat16 matrices in on the CPU.
+    std::vector<uint16_t> wi_storage(n * k + 32);
+    uint16_t* wi =
+        wi_storage.data() + (64 - reinterpret_cast<uintptr_t>(wi_storage.data()) % 64) % 64 / 2;
+    std::copy(wb.data(), wb.data() + n * k, wi);
+    cpu::to_layout(wi, n, k, k, WeightLayout::kK32Interleaved);
+    variants.push_back({"exact bf16 interleaved", 2.0, [&] {
+                          cpu::linear(
+                              {x.data(),
+                               k,
+                               {wi, DType::kBFloat16, nullptr, k, WeightLayout::kK32Interleaved},
+                               y.data(),
+                               n,
+                               m,
+                               n,
+                               k,
+                               0.0f,
+                               Precision::kFloat32});
+                        }});
     for (cpu::Bf16Isa isa : isas) {
       if (isa == cpu::Bf16Isa::kEmulated && m > 8) continue;  // minutes at prefill sizes
-      variants.push_back({std::string("bf16 ") + cpu::bf16_isa_name(isa), 2.0, [&, isa] {
-                            cpu::set_bf16_isa(isa);
-                            cpu::linear_bf16(x.data(), k, wb.data(), DType::kBFloat16, m, n, k,
-                                             0.0f, y.data(), n);
-                          }});
+      for (WeightLayout layout : {WeightLayout::kRowMajor, WeightLayout::kK32Interleaved}) {
+        const bool interleaved = layout == WeightLayout::kK32Interleaved;
+        variants.push_back(
+            {std::string("bf16 ") + cpu::bf16_isa_name(isa) + (interleaved ? " interleaved" : ""),
+             2.0, [&, isa, layout, interleaved] {
+               cpu::set_bf16_isa(isa);
+               cpu::linear_bf16(x.data(), k, interleaved ? wi : wb.data(), DType::kBFloat16, m, n,
+                                k, 0.0f, y.data(), n, layout);
+             }});
+      }
     }
     // Check before timing: every bf16 variant within bf16 rounding of the exact result.
     exact_bf16(x.data(), wb.data(), m, n, k, ref.data());

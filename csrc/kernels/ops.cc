@@ -110,21 +110,39 @@ void rope(const ExecContext& ctx, const Tensor& x, int32_t head_dim, const Tenso
 }
 
 void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& y, float beta,
-            const Tensor& w_scales) {
+            const Tensor& w_scales, WeightLayout w_layout) {
   check_device("linear", ctx, x, w, y);
   require_rows("linear", x, "x must be [M, K] float32");
   require_rows("linear", y, "y must be [M, N] float32");
   require(y.size(0) == x.size(0), "linear", "y must have as many rows as x", y);
-  const WeightRef ref = weight_ref("linear", "w must be float [N, K] matching x [M, K], y [M, N]",
-                                   w, y.size(1), x.size(1));
+  WeightRef ref = weight_ref("linear", "w must be float [N, K] matching x [M, K], y [M, N]", w,
+                             y.size(1), x.size(1));
   // Float weights carry no scales; quantized dtypes (which will) have no kernel yet.
   require(!w_scales.defined() || w_scales.numel() == 0, "linear",
           "w_scales are for quantized weights; float weights take none", w_scales);
   // The bf16 kernels read w as contiguous [N, K] (model weights always are).
   require(ctx.precision == Precision::kFloat32 || ref.stride == x.size(1), "linear",
           "w must be contiguous [N, K] at precision bfloat16", w);
+  require(w_layout == WeightLayout::kRowMajor || w.dtype() == DType::kBFloat16, "linear",
+          "w in the k32-interleaved layout must be bfloat16", w);
+  ref.layout = w_layout;
   cpu::linear({x.data_as<float>(), x.stride(0), ref, y.data_as<float>(), y.stride(0), x.size(0),
                y.size(1), x.size(1), beta, ctx.precision});
+}
+
+WeightLayout preferred_layout(const ExecContext& ctx, DType dtype) {
+  return ctx.device.is_cpu() && dtype == DType::kBFloat16 ? WeightLayout::kK32Interleaved
+                                                          : WeightLayout::kRowMajor;
+}
+
+void relayout_weight(const ExecContext& ctx, const Tensor& w, WeightLayout layout) {
+  check_device("relayout_weight", ctx, w);
+  if (layout == WeightLayout::kRowMajor) return;
+  require(w.dtype() == DType::kBFloat16 && w.dim() == 2 && w.stride(1) == 1, "relayout_weight",
+          "w must be a bfloat16 [N, K] matrix with unit column stride for the k32-interleaved "
+          "layout",
+          w);
+  cpu::to_layout(w.data_as<uint16_t>(), w.size(0), w.size(1), w.stride(0), layout);
 }
 
 void add_bias(const ExecContext& ctx, const Tensor& y, const Tensor& bias) {

@@ -30,8 +30,18 @@ void rope(const ExecContext& ctx, const Tensor& x, int32_t head_dim, const Tenso
           const Tensor& inv_freq);
 // y [M, N] = x [M, K] @ w [N, K]^T + beta * y, at ctx.precision. `w_scales` ([N] float32
 // per-output-channel scales) is for quantized weights and must be undefined for float ones.
+// `w_layout` is how w's rows hold their values (relayout_weight); the result does not depend on
+// it under Precision::kFloat32.
 void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& y,
-            float beta = 0.0f, const Tensor& w_scales = Tensor());
+            float beta = 0.0f, const Tensor& w_scales = Tensor(),
+            WeightLayout w_layout = WeightLayout::kRowMajor);
+// The layout the device's linear kernels read a weight matrix of `dtype` fastest in: on the CPU
+// kK32Interleaved for bfloat16 (decode reads each weight once per step, and the interleaved
+// rows widen with a shift and a mask instead of a shuffle), kRowMajor otherwise.
+WeightLayout preferred_layout(const ExecContext& ctx, DType dtype);
+// Converts the row-major matrix w [N, K] (unit column stride) in place to `layout`; kRowMajor
+// leaves it as it is. kK32Interleaved takes bfloat16 only.
+void relayout_weight(const ExecContext& ctx, const Tensor& w, WeightLayout layout);
 // y [M, N] += bias [N].
 void add_bias(const ExecContext& ctx, const Tensor& y, const Tensor& bias);
 // y += x (same shape, contiguous).

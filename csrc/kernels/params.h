@@ -11,12 +11,25 @@
 
 namespace lorart {
 
-// A weight matrix [rows, cols] (row-major, row stride `stride` elements) in its storage dtype.
+// How a weight matrix's values are ordered within a row (rows are always `stride` apart).
+enum class WeightLayout : int8_t {
+  kRowMajor,
+  // bfloat16 only, the CPU layout of the model's matrices (ops::relayout_weight): each full block
+  // of 32 values of a row (columns 32 b .. 32 b + 31) is stored as 16 pairs, position 32 b + 2 j
+  // holding column 32 b + j and position 32 b + 2 j + 1 column 32 b + 16 + j; the K % 32 columns
+  // after the last full block stay in order. One 64-byte load then widens to the block's two
+  // float32 vectors in column order with a shift and a mask (no shuffle), and the values'
+  // arithmetic is unchanged: kernels give bitwise the results of the row-major matrix.
+  kK32Interleaved,
+};
+
+// A weight matrix [rows, cols] (row stride `stride` elements) in its storage dtype and layout.
 struct WeightRef {
   const void* data = nullptr;
   DType dtype = DType::kFloat32;
   const float* scales = nullptr;  // [rows] per-output-channel scales of a quantized dtype; null
   int64_t stride = 0;
+  WeightLayout layout = WeightLayout::kRowMajor;
 };
 
 // y[M, N] = x[M, K] @ w[N, K]^T + beta * y (beta == 0 never reads y).

@@ -286,13 +286,14 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
   ops::gather_rows(ctx, rows(hidden_, num_tokens, h), b.logits_indices, picked);
   ops::rms_norm(ctx, picked, weights_.final_norm(), static_cast<float>(config_.rms_norm_eps),
                 picked);
-  ops::linear(ctx, picked, weights_.lm_head(), logits);
+  ops::linear(ctx, picked, weights_.lm_head(), logits, 0.0f, Tensor(), weights_.lm_head_layout());
 }
 
 void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
   const ExecContext& ctx = pass.ctx;
   const int64_t n = pass.num_tokens;
   const LayerWeights& w = weights_.layer(layer);
+  const WeightLayout layout = weights_.matrix_layout();
   const int64_t h = config_.hidden_size, hd = config_.head_dim;
   const int64_t q_out = config_.num_attention_heads * hd, kv_out = config_.num_kv_heads * hd;
   const int64_t qkv_out = q_out + 2 * kv_out;
@@ -300,7 +301,7 @@ void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
   const Tensor hidden = rows(hidden_, n, h), normed = rows(normed_, n, h);
   const Tensor qkv = rows(qkv_, n, qkv_out);
   ops::rms_norm(ctx, hidden, w.input_norm, eps, normed);
-  ops::linear(ctx, normed, w.qkv, qkv);
+  ops::linear(ctx, normed, w.qkv, qkv, 0.0f, Tensor(), layout);
   if (w.qkv_bias.defined()) ops::add_bias(ctx, qkv, w.qkv_bias);
   apply_lora(pass, layer, lora_module::kAttnQkv, normed, qkv, 0);
   apply_lora(pass, layer, lora_module::kAttnQ, normed, qkv, 0);
@@ -321,7 +322,7 @@ void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
                        rows(qkv_, n, kv_out, q_out + kv_out, qkv_out), pass.cache.key_view(layer),
                        pass.cache.value_view(layer), batch, shape, attn);
 
-  ops::linear(ctx, attn, w.o, proj);
+  ops::linear(ctx, attn, w.o, proj, 0.0f, Tensor(), layout);
   if (w.o_bias.defined()) ops::add_bias(ctx, proj, w.o_bias);
   apply_lora(pass, layer, lora_module::kAttnDense, attn, proj, 0);
   ops::add(ctx, hidden, proj);
@@ -331,16 +332,17 @@ void LlamaModel::mlp_block(const Pass& pass, int64_t layer) {
   const ExecContext& ctx = pass.ctx;
   const int64_t n = pass.num_tokens;
   const LayerWeights& w = weights_.layer(layer);
+  const WeightLayout layout = weights_.matrix_layout();
   const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
   const Tensor hidden = rows(hidden_, n, h), normed = rows(normed_, n, h);
   const Tensor gate_up = rows(gate_up_, n, 2 * inter), act = rows(act_, n, inter);
   const Tensor proj = rows(proj_, n, h);
   ops::rms_norm(ctx, hidden, w.post_norm, static_cast<float>(config_.rms_norm_eps), normed);
-  ops::linear(ctx, normed, w.gate_up, gate_up);
+  ops::linear(ctx, normed, w.gate_up, gate_up, 0.0f, Tensor(), layout);
   apply_lora(pass, layer, lora_module::kMlpHTo4H, normed, gate_up, 0);     // gate_proj half
   apply_lora(pass, layer, lora_module::kMlpGate, normed, gate_up, inter);  // up_proj half
   ops::silu_mul(ctx, gate_up, act);
-  ops::linear(ctx, act, w.down, proj);
+  ops::linear(ctx, act, w.down, proj, 0.0f, Tensor(), layout);
   apply_lora(pass, layer, lora_module::kMlp4HToH, act, proj, 0);
   ops::add(ctx, hidden, proj);
 }

@@ -2,6 +2,7 @@
 
 #include "core/checked_math.h"
 #include "core/errors.h"
+#include "kernels/ops.h"
 
 namespace lorart {
 
@@ -208,6 +209,19 @@ ModelWeights::ModelWeights(ModelWeightsBuilder&& builder)
                             vector_of(l.o_bias, dtype_, h), vector_of(l.post_norm, dtype_, h),
                             matrix(l.gate_up, dtype_, 2 * inter, h),
                             matrix(l.down, dtype_, h, inter)});
+  }
+  // The matrices in the layout the kernels read fastest; the embedding (and a tied lm_head) stays
+  // row-major: its rows are gathered.
+  const ExecContext ctx = ExecContext::cpu();
+  matrix_layout_ = ops::preferred_layout(ctx, dtype_);
+  for (const LayerWeights& l : layer_views_) {
+    for (const Tensor* w : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
+      ops::relayout_weight(ctx, *w, matrix_layout_);
+    }
+  }
+  if (!c.tie_word_embeddings) {
+    lm_head_layout_ = matrix_layout_;
+    ops::relayout_weight(ctx, lm_head_view_, lm_head_layout_);
   }
   nbytes_ = total_bytes(embed_, final_norm_, lm_head_, layers_);
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/buffer.h"
+#include "kernels/params.h"
 #include "model/model_config.h"
 
 namespace lorart {
@@ -95,6 +96,11 @@ class ModelWeights {
   const Tensor& final_norm() const { return final_norm_view_; }  // [H]
   const LayerWeights& layer(int64_t i) const { return layer_views_[i]; }
   DType dtype() const { return dtype_; }
+  // How the layers' matrices (qkv, o, gate_up, down) hold their values: the device's preferred
+  // layout for dtype() (ops::preferred_layout), set when the weights are taken over.
+  WeightLayout matrix_layout() const { return matrix_layout_; }
+  // The lm_head's: matrix_layout(), or kRowMajor when it is the (gathered) embedding.
+  WeightLayout lm_head_layout() const { return lm_head_layout_; }
   size_t nbytes() const { return nbytes_; }
   // The config the builder laid the weights out for.
   const ModelConfig& config() const { return config_; }
@@ -108,6 +114,8 @@ class ModelWeights {
   std::vector<LayerBuffers> layers_;
   std::vector<LayerWeights> layer_views_;
   Tensor embed_view_, lm_head_view_, final_norm_view_;
+  WeightLayout matrix_layout_ = WeightLayout::kRowMajor;
+  WeightLayout lm_head_layout_ = WeightLayout::kRowMajor;
   size_t nbytes_ = 0;
 };
 

@@ -301,13 +301,14 @@ LORART_INLINE void transpose16(__m512i* r) {
 
 // Token block `block` (16 tokens from block * 16; those past m zero) of x rounded and packed.
 void pack_tokens(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t kp, int64_t block,
-                 uint16_t* packed, std::vector<uint16_t>& rows) {
+                 bool interleave, uint16_t* packed, std::vector<uint16_t>& rows) {
   rows.resize(16 * kp);
   for (int64_t t = 0; t < 16; ++t) {
     const int64_t token = block * 16 + t;
     uint16_t* row = rows.data() + t * kp;
     if (token < m) {
       round_row(x + token * ldx, k, row, kp);
+      if (interleave) interleave_k32(row, k);
     } else {
       std::fill(row, row + kp, uint16_t{0});
     }
@@ -498,9 +499,17 @@ void dot_gemm(Bf16Isa isa, int64_t m, int64_t n_begin, int64_t n_end, int64_t k,
 }  // namespace
 
 void linear_bf16(const float* x, int64_t x_stride, const void* w, DType w_dtype, int64_t m,
-                 int64_t n, int64_t k, float beta, float* y, int64_t y_stride) {
+                 int64_t n, int64_t k, float beta, float* y, int64_t y_stride,
+                 WeightLayout w_layout) {
   if (w_dtype != DType::kFloat32 && w_dtype != DType::kFloat16 && w_dtype != DType::kBFloat16) {
     raise<InvalidArgument>("linear_bf16: weights must be float32, float16 or bfloat16, got ",
+                           dtype_name(w_dtype));
+  }
+  // Interleaved weights meet activations interleaved the same way: every product pairs the
+  // values it pairs row-major, only the order of the pairs within a 32-column block differs.
+  const bool interleave = w_layout == WeightLayout::kK32Interleaved;
+  if (interleave && w_dtype != DType::kBFloat16) {
+    raise<InvalidArgument>("linear_bf16: the k32-interleaved layout is for bfloat16 weights, got ",
                            dtype_name(w_dtype));
   }
   if (m <= 0 || n <= 0) return;
@@ -529,11 +538,12 @@ void linear_bf16(const float* x, int64_t x_stride, const void* w, DType w_dtype,
     for (int64_t u = 0; u < units; ++u) {
 #if LORART_BF16_X86
       if (tiles) {
-        amx::pack_tokens(x, x_stride, m, k, kp, u, packed, rows);
+        amx::pack_tokens(x, x_stride, m, k, kp, u, interleave, packed, rows);
         continue;
       }
 #endif
       round_row(x + u * x_stride, k, packed + u * kp, kp);
+      if (interleave) interleave_k32(packed + u * kp, k);
     }
     const auto [begin, end] = column_share(n, omp_get_num_threads(), omp_get_thread_num());
     if (begin < end) {

@@ -13,6 +13,10 @@
 namespace lorart::cpu {
 
 void embedding(const EmbeddingParams& p);
+// One row of k bfloat16 values, row-major -> WeightLayout::kK32Interleaved, in place.
+void interleave_k32(uint16_t* row, int64_t k);
+// A row-major bfloat16 matrix [rows, cols] (row stride `stride`) -> `layout`, in place.
+void to_layout(uint16_t* w, int64_t rows, int64_t cols, int64_t stride, WeightLayout layout);
 void rms_norm(const RmsNormParams& p);
 // Rotates [num_tokens, num_heads, head_dim] (token row stride `stride`) in place, HF's
 // rotate_half layout: pairs (i, i + head_dim/2) turn by positions[t] * inv_freq[i].
@@ -35,8 +39,12 @@ void linear(const LinearParams& p);
 // a fixed order per element (bf16_gemm.h). w is [N, K] contiguous in `w_dtype` (float32, float16
 // or bfloat16; bfloat16 is read in place, the others rounded as they are read). beta == 0 never
 // reads y. Activations are rounded into a per-calling-thread buffer that grows and is kept.
+// bfloat16 w in WeightLayout::kK32Interleaved gives the results of the row-major call on
+// activations and weights both interleaved (each output the same products, paired in another
+// order within a 32-column block).
 void linear_bf16(const float* x, int64_t x_stride, const void* w, DType w_dtype, int64_t m,
-                 int64_t n, int64_t k, float beta, float* y, int64_t y_stride);
+                 int64_t n, int64_t k, float beta, float* y, int64_t y_stride,
+                 WeightLayout w_layout = WeightLayout::kRowMajor);
 // `scratch` holds vocab (value, index) pairs.
 void sample(const SampleParams& p, std::pair<float, int32_t>* scratch);
 

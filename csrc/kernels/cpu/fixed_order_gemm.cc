@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "core/errors.h"
@@ -37,10 +38,15 @@ struct Half {
 struct BFloat16 {
   uint16_t bits;
 };
+// bfloat16 in WeightLayout::kK32Interleaved.
+struct BFloat16Pairs {
+  uint16_t bits;
+};
 
-// The entry points of one instruction set: nt and nn for each weight dtype.
+// The entry points of one instruction set: nt for each weight dtype (and bfloat16 interleaved,
+// index 3), nn for each weight dtype.
 struct Kernels {
-  void (*nt[3])(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const void*, int64_t,
+  void (*nt[4])(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const void*, int64_t,
                 float, float*, int64_t);
   void (*nn[3])(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const void*, int64_t,
                 float*, int64_t);
@@ -174,8 +180,16 @@ void set_gemm_isa(GemmIsa isa) {
 }
 
 void gemm_nt(DType w_dtype, int64_t m, int64_t n_begin, int64_t n_end, int64_t k, const float* x,
-             int64_t ldx, const void* w, int64_t ldw, float beta, float* y, int64_t ldy) {
-  const int index = dtype_index(w_dtype, "gemm_nt");
+             int64_t ldx, const void* w, int64_t ldw, float beta, float* y, int64_t ldy,
+             WeightLayout w_layout) {
+  int index = dtype_index(w_dtype, "gemm_nt");
+  if (w_layout == WeightLayout::kK32Interleaved) {
+    if (w_dtype != DType::kBFloat16) {
+      raise<InvalidArgument>("gemm_nt: the k32-interleaved layout is for bfloat16 weights, got ",
+                             dtype_name(w_dtype));
+    }
+    index = 3;
+  }
   if (m <= 0 || n_begin >= n_end) return;
   kernels().nt[index](m, n_begin, n_end, k, x, ldx, w, ldw, beta, y, ldy);
 }

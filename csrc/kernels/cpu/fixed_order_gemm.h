@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "kernels/params.h"
 
 namespace lorart::cpu {
 
@@ -37,9 +38,11 @@ GemmIsa gemm_isa();
 void set_gemm_isa(GemmIsa isa);
 
 // Columns n_begin <= c < n_end of y[M, N] = x[M, K] @ w[N, K]^T + beta * y, with w in `w_dtype`
-// (float32, float16 or bfloat16) and row stride ldw. beta == 0 never reads y.
+// (float32, float16 or bfloat16) and row stride ldw. beta == 0 never reads y. bfloat16 w may be
+// in WeightLayout::kK32Interleaved, with bitwise the results of its row-major copy.
 void gemm_nt(DType w_dtype, int64_t m, int64_t n_begin, int64_t n_end, int64_t k, const float* x,
-             int64_t ldx, const void* w, int64_t ldw, float beta, float* y, int64_t ldy);
+             int64_t ldx, const void* w, int64_t ldw, float beta, float* y, int64_t ldy,
+             WeightLayout w_layout = WeightLayout::kRowMajor);
 
 // Columns n_begin <= c < n_end of y[M, N] += x[M, K] @ w[K, N], with w in `w_dtype` and row stride
 // ldw. Meant for small K (a LoRA rank, a run of attention keys): each weight row is read once per

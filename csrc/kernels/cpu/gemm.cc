@@ -18,7 +18,8 @@ namespace lorart::cpu {
 
 void linear(const LinearParams& p) {
   if (p.precision == Precision::kBFloat16) {
-    linear_bf16(p.x, p.x_stride, p.w.data, p.w.dtype, p.m, p.n, p.k, p.beta, p.y, p.y_stride);
+    linear_bf16(p.x, p.x_stride, p.w.data, p.w.dtype, p.m, p.n, p.k, p.beta, p.y, p.y_stride,
+                p.w.layout);
     return;
   }
   const int threads = p.m * p.n * p.k < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
@@ -28,7 +29,7 @@ void linear(const LinearParams& p) {
     const FloatMode::Scope same(mode);
     const auto [begin, end] = column_share(p.n, omp_get_num_threads(), omp_get_thread_num());
     gemm_nt(p.w.dtype, p.m, begin, end, p.k, p.x, p.x_stride, p.w.data, p.w.stride, p.beta, p.y,
-            p.y_stride);
+            p.y_stride, p.w.layout);
   }
 }
 

@@ -217,11 +217,47 @@ TEST_P(Bf16GemmTest, Float32AndFloat16WeightsAreRoundedToBf16) {
   }
 }
 
+// Interleaved bfloat16 weights give the row-major call on activations interleaved the same way
+// (float32 values moved, so rounding them is unchanged), at decode and prefill row counts, with K
+// a multiple of 32 (AMX reads in place) or not (a tail block in order).
+TEST_P(Bf16GemmTest, InterleavedWeightsPairLikeInterleavedActivations) {
+  for (int64_t k : {32, 64, 80, 2048}) {
+    const int64_t n = 45;
+    std::vector<uint16_t> w = to_bf16(random_floats(n * k, 21));
+    to_layout(w.data(), n, k, k, WeightLayout::kK32Interleaved);
+    for (int64_t m : {1, 8, 40}) {
+      const std::vector<float> x = random_floats(m * k, 22);
+      std::vector<float> x_interleaved = x;
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = x_interleaved.data() + r * k;
+        for (int64_t b = 0; b + 32 <= k; b += 32) {
+          for (int j = 0; j < 16; ++j) {
+            row[b + 2 * j] = x[r * k + b + j];
+            row[b + 2 * j + 1] = x[r * k + b + 16 + j];
+          }
+        }
+      }
+      std::vector<float> y(m * n, std::numeric_limits<float>::quiet_NaN());
+      linear_bf16(x.data(), k, w.data(), DType::kBFloat16, m, n, k, 0.0f, y.data(), n,
+                  WeightLayout::kK32Interleaved);
+      EXPECT_EQ(first_difference(y, call(x_interleaved, k, w.data(), DType::kBFloat16, m, n, k)),
+                -1)
+          << "k " << k << ", m " << m;
+    }
+  }
+}
+
 TEST(Bf16GemmErrors, RejectsIntegerWeights) {
   const float x[4] = {};
   float y[4] = {};
   const int32_t w[4] = {};
   EXPECT_THROW(linear_bf16(x, 2, w, DType::kInt32, 2, 2, 2, 0.0f, y, 2), InvalidArgument);
+  const float wf[4] = {};
+  testing_util::expect_error<InvalidArgument>(
+      [&] {
+        linear_bf16(x, 2, wf, DType::kFloat32, 2, 2, 2, 0.0f, y, 2, WeightLayout::kK32Interleaved);
+      },
+      "k32-interleaved layout is for bfloat16 weights, got float32");
 }
 
 // Values over the whole exponent range (subnormal products and sums included, no inf / NaN).

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "kernels/cpu/cpu_kernels.h"
 #include "kernels/kernel_test_util.h"
 #include "test_util.h"
 
@@ -235,6 +236,63 @@ TEST_P(FixedOrderGemmTest, SixteenBitWeightsMatchTheirFloat32Values) {
         << m << " rows: max |diff| " << max_abs_diff(low.data(), wide.data(), m * n);
     EXPECT_EQ(0, std::memcmp(low_nn.data(), wide_nn.data(), low_nn.size() * 4)) << m << " rows";
   }
+}
+
+// bfloat16 weights in the k32-interleaved layout give bitwise the row-major results: every K with
+// full blocks only, a tail shorter or longer than a register (16 / 8 / 4 lanes), or no full
+// block; every row-group tile; column splits and beta; on every instruction set.
+TEST(FixedOrderGemmLayoutTest, InterleavedBfloat16MatchesRowMajorBitwise) {
+  for (GemmIsa isa : testing_util::supported_gemm_isas()) {
+    SCOPED_TRACE(gemm_isa_name(isa));
+    testing_util::ScopedGemmIsa scoped(isa);
+    for (int64_t k : {7, 16, 31, 32, 33, 48, 50, 64, 96, 101, 2048}) {
+      const int64_t n = 37, ldw = k + 3;  // rows padded: the layout is per row
+      const Weights w = make_weights(n * ldw, DType::kBFloat16, 71 + static_cast<uint32_t>(k));
+      std::vector<uint16_t> interleaved(n * ldw);
+      std::memcpy(interleaved.data(), w.raw.data(), interleaved.size() * 2);
+      to_layout(interleaved.data(), n, k, ldw, WeightLayout::kK32Interleaved);
+      if (k >= 32) EXPECT_NE(0, std::memcmp(interleaved.data(), w.raw.data(), n * ldw * 2));
+      const std::vector<float> x = random_floats(20 * k, 72);
+      for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 13, 20}) {
+        for (float beta : {0.0f, 0.5f}) {
+          std::vector<float> row_major(m * n, 1.0f), ours(m * n, 1.0f);
+          gemm_nt(DType::kBFloat16, m, 0, n, k, x.data(), k, w.raw.data(), ldw, beta,
+                  row_major.data(), n);
+          gemm_nt(DType::kBFloat16, m, 0, 11, k, x.data(), k, interleaved.data(), ldw, beta,
+                  ours.data(), n, WeightLayout::kK32Interleaved);
+          gemm_nt(DType::kBFloat16, m, 11, n, k, x.data(), k, interleaved.data(), ldw, beta,
+                  ours.data(), n, WeightLayout::kK32Interleaved);
+          EXPECT_EQ(0, std::memcmp(row_major.data(), ours.data(), ours.size() * 4))
+              << "k " << k << ", m " << m << ", beta " << beta << ": max |diff| "
+              << max_abs_diff(row_major.data(), ours.data(), m * n);
+        }
+      }
+    }
+  }
+}
+
+TEST(FixedOrderGemmLayoutTest, InterleavingPairsEachBlocksHalvesAndKeepsTheTail) {
+  std::vector<uint16_t> row(70);
+  for (int i = 0; i < 70; ++i) row[i] = static_cast<uint16_t>(i);
+  interleave_k32(row.data(), 70);
+  for (int b = 0; b < 64; b += 32) {
+    for (int j = 0; j < 16; ++j) {
+      EXPECT_EQ(row[b + 2 * j], b + j);
+      EXPECT_EQ(row[b + 2 * j + 1], b + 16 + j);
+    }
+  }
+  for (int i = 64; i < 70; ++i) EXPECT_EQ(row[i], i);
+}
+
+TEST(FixedOrderGemmLayoutTest, InterleavedLayoutIsForBfloat16Only) {
+  const std::vector<float> x(32, 1.0f), w(32, 1.0f);
+  float y = 0.0f;
+  testing_util::expect_error<InvalidArgument>(
+      [&] {
+        gemm_nt(DType::kFloat32, 1, 0, 1, 32, x.data(), 32, w.data(), 32, 0.0f, &y, 1,
+                WeightLayout::kK32Interleaved);
+      },
+      "k32-interleaved layout is for bfloat16 weights, got float32");
 }
 
 // Widening is exact for every class of 16-bit value: x = e_i picks out weight i unchanged.

@@ -208,6 +208,44 @@ TEST(LinearTest, RejectsMismatchedShapes) {
       "linear: x must be [M, K] float32, got [2, 4] float32 cpu");
 }
 
+// The op in the layout the CPU prefers for bfloat16: relayout_weight then linear with that layout
+// equals the row-major call bitwise (exact precision), threads splitting the columns.
+TEST(LinearTest, PreferredBfloat16LayoutGivesTheRowMajorResult) {
+  const ExecContext ctx = ExecContext::cpu();
+  EXPECT_EQ(ops::preferred_layout(ctx, DType::kBFloat16), WeightLayout::kK32Interleaved);
+  EXPECT_EQ(ops::preferred_layout(ctx, DType::kFloat32), WeightLayout::kRowMajor);
+  EXPECT_EQ(ops::preferred_layout(ctx, DType::kFloat16), WeightLayout::kRowMajor);
+  const int64_t n = 300, k = 2048, m = 3;
+  const std::vector<float> values = random_floats(n * k, 51);
+  std::vector<uint16_t> row_major(n * k);
+  convert_floats(values.data(), DType::kFloat32, row_major.data(), DType::kBFloat16, n * k);
+  std::vector<uint16_t> relaid = row_major;
+  const Tensor w(relaid.data(), DType::kBFloat16, {n, k});
+  ops::relayout_weight(ctx, w, WeightLayout::kK32Interleaved);
+  std::vector<float> x = random_floats(m * k, 52), expected(m * n), got(m * n);
+  ScopedThreads two(2);
+  ops::linear(ctx, rows_view(x.data(), m, k, k), Tensor(row_major.data(), DType::kBFloat16, {n, k}),
+              rows_view(expected.data(), m, n, n));
+  ops::linear(ctx, rows_view(x.data(), m, k, k), w, rows_view(got.data(), m, n, n), 0.0f, Tensor(),
+              WeightLayout::kK32Interleaved);
+  EXPECT_EQ(0, std::memcmp(expected.data(), got.data(), got.size() * sizeof(float)));
+}
+
+TEST(LinearTest, InterleavedLayoutNeedsBfloat16) {
+  std::vector<float> buf(64);
+  const Tensor x(buf.data(), DType::kFloat32, {2, 4});
+  const Tensor w(buf.data(), DType::kFloat32, {3, 4});
+  const Tensor y(buf.data(), DType::kFloat32, {2, 3});
+  const ExecContext ctx = ExecContext::cpu();
+  expect_error<InvalidArgument>(
+      [&] { ops::linear(ctx, x, w, y, 0.0f, Tensor(), WeightLayout::kK32Interleaved); },
+      "linear: w in the k32-interleaved layout must be bfloat16, got [3, 4] float32 cpu");
+  expect_error<InvalidArgument>(
+      [&] { ops::relayout_weight(ctx, w, WeightLayout::kK32Interleaved); },
+      "relayout_weight: w must be a bfloat16 [N, K] matrix with unit column stride");
+  ops::relayout_weight(ctx, w, WeightLayout::kRowMajor);  // nothing to do, any dtype
+}
+
 TEST(LinearTest, CudaTensorsHaveNoImplementationYet) {
   std::vector<float> buf(16);
   const Tensor x(buf.data(), DType::kFloat32, {2, 2}, Device::cuda());

@@ -170,6 +170,65 @@ TEST(ModelWeightsDtypeTest, TensorsAreStoredInTheBuildersDtype) {
   EXPECT_EQ(weights.nbytes(), static_cast<size_t>(config.weight_values()) * 2);
 }
 
+// A complete one-layer checkpoint of `config` in bfloat16, value i of each tensor = word i (so a
+// relayout shows), `tied` leaving lm_head out.
+ModelWeights ramp_weights(ModelConfig config, DType dtype, bool tied) {
+  config.tie_word_embeddings = tied;
+  ModelWeightsBuilder builder(config, dtype);
+  const int64_t h = config.hidden_size, i = config.intermediate_size;
+  const int64_t q = config.num_attention_heads * config.head_dim;
+  const int64_t kv = config.num_kv_heads * config.head_dim;
+  std::vector<std::tuple<std::string, int64_t, int64_t>> tensors = {
+      {"model.embed_tokens.weight", config.vocab_size, h},
+      {"model.norm.weight", h, 0},
+      {"model.layers.0.input_layernorm.weight", h, 0},
+      {"model.layers.0.post_attention_layernorm.weight", h, 0},
+      {"model.layers.0.self_attn.q_proj.weight", q, h},
+      {"model.layers.0.self_attn.k_proj.weight", kv, h},
+      {"model.layers.0.self_attn.v_proj.weight", kv, h},
+      {"model.layers.0.self_attn.o_proj.weight", h, q},
+      {"model.layers.0.mlp.gate_proj.weight", i, h},
+      {"model.layers.0.mlp.up_proj.weight", i, h},
+      {"model.layers.0.mlp.down_proj.weight", h, i}};
+  if (!tied) tensors.emplace_back("lm_head.weight", config.vocab_size, h);
+  for (const auto& [name, rows, cols] : tensors) {
+    const Tensor dst = builder.destination(name);
+    for (int64_t v = 0; v < dst.numel(); ++v) {
+      if (dtype == DType::kBFloat16) {
+        dst.data_as<uint16_t>()[v] = static_cast<uint16_t>(v);
+      } else {
+        dst.data_as<float>()[v] = static_cast<float>(v);
+      }
+    }
+  }
+  return ModelWeights(std::move(builder));
+}
+
+// bfloat16 matrices are kept in the CPU's k32-interleaved layout (the embedding, and a tied
+// lm_head with it, row-major: rows are gathered); float32 ones row-major.
+TEST(ModelWeightsDtypeTest, Bfloat16MatricesTakeTheCpusInterleavedLayout) {
+  const ModelConfig config = testing_util::llama_config(40, 32, 48, 1, 4, 2, 8);
+  for (bool tied : {false, true}) {
+    const ModelWeights w = ramp_weights(config, DType::kBFloat16, tied);
+    EXPECT_EQ(w.matrix_layout(), WeightLayout::kK32Interleaved);
+    EXPECT_EQ(w.lm_head_layout(), tied ? WeightLayout::kRowMajor : WeightLayout::kK32Interleaved);
+    // down [32, 48]: per row, one interleaved block of 32, then 16 values in order.
+    const auto* down = w.layer(0).down.data_as<const uint16_t>();
+    EXPECT_EQ(down[48 + 0], 48 + 0);
+    EXPECT_EQ(down[48 + 1], 48 + 16);
+    EXPECT_EQ(down[48 + 2], 48 + 1);
+    EXPECT_EQ(down[48 + 40], 48 + 40);
+    const auto* embed = w.embed().data_as<const uint16_t>();
+    for (int v = 0; v < 64; ++v) EXPECT_EQ(embed[v], v);
+    const auto* lm_head = w.lm_head().data_as<const uint16_t>();
+    EXPECT_EQ(lm_head[1], tied ? 1 : 16);
+  }
+  const ModelWeights f32 = ramp_weights(config, DType::kFloat32, false);
+  EXPECT_EQ(f32.matrix_layout(), WeightLayout::kRowMajor);
+  EXPECT_EQ(f32.lm_head_layout(), WeightLayout::kRowMajor);
+  EXPECT_EQ(f32.layer(0).down.data_as<const float>()[1], 1.0f);
+}
+
 TEST(ModelWeightsDtypeTest, DestinationAndDtypeErrorsNameTheirSubject) {
   const ModelConfig config = testing_util::llama_config(16, 8, 12, 1, 2, 1, 4);
   expect_error<InvalidArgument>([&] { ModelWeightsBuilder builder(config, DType::kInt32); },
