@@ -40,7 +40,8 @@ void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tens
 // rows widen with a shift and a mask instead of a shuffle), kRowMajor otherwise.
 WeightLayout preferred_layout(const ExecContext& ctx, DType dtype);
 // Converts the row-major matrix w [N, K] (unit column stride) in place to `layout`; kRowMajor
-// leaves it as it is. kK32Interleaved takes bfloat16 only.
+// leaves it as it is. kK32Interleaved takes bfloat16 only. Call it once per matrix: a matrix
+// already in the layout is not recognised, and a second call would interleave it again.
 void relayout_weight(const ExecContext& ctx, const Tensor& w, WeightLayout layout);
 // y [M, N] += bias [N].
 void add_bias(const ExecContext& ctx, const Tensor& y, const Tensor& bias);

@@ -13,7 +13,9 @@
 //
 // Order per output element, by instruction set (picked once per process, Bf16Isa):
 // - kAvx512Bf16 (vdpbf16ps) and kEmulated (plain C++, for CPUs without AVX512-BF16): 16 float32
-//   lanes; lane l takes k = 32 j + 2 l + 1 then k = 32 j + 2 l for j = 0, 1, ... in order, each
+//   lanes; lane l takes k = 32 j + 2 l + 1 then k = 32 j + 2 l for j = 0, 1, ... in order (for
+//   weights in WeightLayout::kK32Interleaved, the model's bf16 matrices: k = 32 j + 16 + l then
+//   32 j + l within each full block), each
 //   a fused multiply-add (bfloat16 products are exact in float32) rounded to nearest even and
 //   flushed to zero if subnormal; a K tail is zero-padded. Then one fixed pairwise fold of the
 //   16 lanes (lane i + 8, then + 4, + 2, + 1) in float32 under the caller's MXCSR. The two sets

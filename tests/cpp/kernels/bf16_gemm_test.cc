@@ -219,9 +219,10 @@ TEST_P(Bf16GemmTest, Float32AndFloat16WeightsAreRoundedToBf16) {
 
 // Interleaved bfloat16 weights give the row-major call on activations interleaved the same way
 // (float32 values moved, so rounding them is unchanged), at decode and prefill row counts, with K
-// a multiple of 32 (AMX reads in place) or not (a tail block in order).
+// a multiple of 32 (AMX reads in place) or not (a tail in order: shorter than a block, shorter
+// than half a block, longer), K < 32 (nothing interleaved).
 TEST_P(Bf16GemmTest, InterleavedWeightsPairLikeInterleavedActivations) {
-  for (int64_t k : {32, 64, 80, 2048}) {
+  for (int64_t k : {20, 32, 40, 64, 80, 2048}) {
     const int64_t n = 45;
     std::vector<uint16_t> w = to_bf16(random_floats(n * k, 21));
     to_layout(w.data(), n, k, k, WeightLayout::kK32Interleaved);

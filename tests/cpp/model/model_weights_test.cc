@@ -212,6 +212,12 @@ TEST(ModelWeightsDtypeTest, Bfloat16MatricesTakeTheCpusInterleavedLayout) {
     const ModelWeights w = ramp_weights(config, DType::kBFloat16, tied);
     EXPECT_EQ(w.matrix_layout(), WeightLayout::kK32Interleaved);
     EXPECT_EQ(w.lm_head_layout(), tied ? WeightLayout::kRowMajor : WeightLayout::kK32Interleaved);
+    // qkv, o, gate_up [*, 32]: one interleaved block per row.
+    for (const Tensor* m : {&w.layer(0).qkv, &w.layer(0).o, &w.layer(0).gate_up}) {
+      const auto* v = m->data_as<const uint16_t>();
+      EXPECT_EQ(v[32 + 1], 32 + 16) << m->shape_str();
+      EXPECT_EQ(v[32 + 3], 32 + 17) << m->shape_str();
+    }
     // down [32, 48]: per row, one interleaved block of 32, then 16 values in order.
     const auto* down = w.layer(0).down.data_as<const uint16_t>();
     EXPECT_EQ(down[48 + 0], 48 + 0);
