@@ -53,6 +53,7 @@ py::dict stats_dict(const ExecutorStats& s) {
   d["free_kv_blocks"] = s.free_kv_blocks;
   d["total_kv_blocks"] = s.total_kv_blocks;
   d["num_threads"] = s.num_threads;
+  d["uncollected"] = s.uncollected;
   d["lora_cache"] = lora;
   return d;
 }
@@ -122,7 +123,10 @@ std::string repr_response(const Response& r) {
                     (r.finish_reason == FinishReason::kNotFinished
                          ? std::string("None")
                          : repr_str(finish_reason_name(r.finish_reason)));
-  if (!r.error.empty()) out += ", error=" + repr_str(r.error);
+  if (!r.error.empty()) {
+    out +=
+        ", error=" + repr_str(r.error) + ", error_kind=" + repr_str(error_kind_name(r.error_kind));
+  }
   auto rows = [&](const char* name, const std::vector<float>& values, int64_t columns) {
     if (values.empty()) return;
     out += std::string(", ") + name + "=<float32 [" + std::to_string(values.size() / columns) +
@@ -239,6 +243,14 @@ void bind_executor(py::module_& m) {
                                return r.error.empty() ? py::object(py::none())
                                                       : py::object(py::str(r.error));
                              })
+      .def_property_readonly(
+          "error_kind",
+          [](const Response& r) -> py::object {
+            if (r.error_kind == ErrorKind::kNone) return py::none();
+            return py::str(error_kind_name(r.error_kind));
+          },
+          "For an error: 'invalid_request' (the request broke a rule) or "
+          "'internal' (the runtime failed); else None.")
       .def_readonly("is_final", &Response::is_final)
       .def_property_readonly(
           "context_logits",
@@ -323,6 +335,9 @@ void bind_executor(py::module_& m) {
            "Wait (GIL released, Ctrl-C honoured within 0.1 s) for responses of request_id; "
            "timeout None/inf: no deadline, else seconds >= 0.")
       .def("cancel_request", &Executor::cancel_request, py::arg("request_id"))
+      .def("release_request", &Executor::release_request, py::arg("request_id"),
+           "The caller will not collect request_id's responses: they are dropped and its channel "
+           "is freed at its final response (does not cancel it; unknown ids are ignored).")
       .def("stats", [](const Executor& e) { return stats_dict(e.stats()); })
       .def("shutdown", &Executor::shutdown, py::call_guard<py::gil_scoped_release>())
       // Copies: the executor's own are const, and Python may set fields on what it gets.

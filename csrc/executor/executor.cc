@@ -19,11 +19,13 @@ uint64_t fresh_seed() {
   return (static_cast<uint64_t>(device()) << 32) ^ device();
 }
 
-Response final_response(uint64_t id, FinishReason reason, std::string error = "") {
+Response final_response(uint64_t id, FinishReason reason, std::string error = "",
+                        ErrorKind kind = ErrorKind::kNone) {
   Response r;
   r.request_id = id;
   r.finish_reason = reason;
   r.error = std::move(error);
+  r.error_kind = kind;
   r.is_final = true;
   return r;
 }
@@ -75,7 +77,7 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
 
 Executor::~Executor() { shutdown(); }
 
-std::optional<std::string> Executor::validate(InferenceRequest& r) {
+std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r) {
   const ModelConfig& m = runner_.config();
   std::ostringstream err;
   const int64_t prompt = static_cast<int64_t>(r.input_token_ids.size());
@@ -126,7 +128,8 @@ std::optional<std::string> Executor::validate(InferenceRequest& r) {
     return std::string(e.what());
   } catch (const std::bad_alloc&) {
     // Copying the adapter into the cache ran out of memory: this request fails, nothing else.
-    return std::string("out of memory while caching the request's LoRA weights");
+    return RequestError("out of memory while caching the request's LoRA weights",
+                        ErrorKind::kInternal);
   }
   return std::nullopt;
 }
@@ -134,12 +137,14 @@ std::optional<std::string> Executor::validate(InferenceRequest& r) {
 uint64_t Executor::enqueue_request(InferenceRequest request) {
   const uint64_t id = next_id_++;
   {
+    auto channel = std::make_shared<Channel>();
+    channel->streaming = request.streaming;
     std::lock_guard<std::mutex> lock(channel_mutex_);
-    channels_[id].streaming = request.streaming;
+    channels_.emplace(id, std::move(channel));
   }
   std::vector<Response> out;
-  if (std::optional<std::string> error = validate(request)) {
-    out.push_back(final_response(id, FinishReason::kError, *error));
+  if (std::optional<RequestError> error = validate(request)) {
+    out.push_back(final_response(id, FinishReason::kError, error->message, error->kind));
   } else {
     auto seq = std::make_unique<Sequence>();
     seq->id = id;
@@ -178,16 +183,14 @@ std::vector<Response> Executor::await_responses(uint64_t id,
   std::optional<Clock::time_point> deadline;
   if (timeout && *timeout < kWaitForever) deadline = Clock::now() + *timeout;
   std::unique_lock<std::mutex> lock(channel_mutex_);
-  if (channels_.find(id) == channels_.end()) {
+  auto found = channels_.find(id);
+  if (found == channels_.end() || found->second->released) {
     raise<InvalidArgument>("unknown request id ", id,
-                           " (never enqueued, or its final response was already returned)");
+                           " (never enqueued, released, or its final response was already "
+                           "returned)");
   }
-  // Another waiter may take the final response and erase the channel meanwhile: look it up
-  // afresh every time.
-  auto ready = [&] {
-    auto it = channels_.find(id);
-    return it == channels_.end() || !it->second.responses.empty();
-  };
+  const std::shared_ptr<Channel> channel = found->second;
+  auto ready = [&] { return channel->closed || channel->released || !channel->responses.empty(); };
   while (!ready()) {
     std::optional<Clock::time_point> until = deadline;
     if (poll) {
@@ -195,26 +198,30 @@ std::vector<Response> Executor::await_responses(uint64_t id,
       if (!until || next < *until) until = next;
     }
     if (!until) {
-      channel_cv_.wait(lock, ready);
+      channel->ready.wait(lock, ready);
       break;
     }
-    if (channel_cv_.wait_until(lock, *until, ready)) break;
+    if (channel->ready.wait_until(lock, *until, ready)) break;
     if (deadline && Clock::now() >= *deadline) return {};
     lock.unlock();  // poll() may take its time, or throw to end the wait
     poll();
     lock.lock();
   }
-  auto it = channels_.find(id);
-  if (it == channels_.end()) {
-    raise<InvalidArgument>("request id ", id,
-                           " finished while this call waited: its final response went to another "
-                           "await_responses call");
+  if (channel->responses.empty()) {
+    raise<InvalidArgument>("request id ", id, " ",
+                           channel->released ? "was released while this call waited"
+                                             : "finished while this call waited: its final "
+                                               "response went to another await_responses call");
   }
-  std::deque<Response>& responses = it->second.responses;
+  std::deque<Response>& responses = channel->responses;
   std::vector<Response> out(std::make_move_iterator(responses.begin()),
                             std::make_move_iterator(responses.end()));
   responses.clear();
-  if (out.back().is_final) channels_.erase(it);
+  if (out.back().is_final) {
+    channel->closed = true;
+    channels_.erase(id);
+    channel->ready.notify_all();  // the other waiters of this id, if any, end with an error
+  }
   return out;
 }
 
@@ -227,8 +234,14 @@ void Executor::cancel_request(uint64_t id) {
 }
 
 ExecutorStats Executor::stats() const {
+  int64_t uncollected = 0;
+  {
+    std::lock_guard<std::mutex> lock(channel_mutex_);
+    uncollected = static_cast<int64_t>(channels_.size());
+  }
   std::lock_guard<std::mutex> lock(stats_mutex_);
   ExecutorStats out = stats_;
+  out.uncollected = uncollected;
   out.lora = lora_cache_.stats();
   out.tokens_per_second =
       out.busy_seconds > 0 ? (out.prompt_tokens + out.generated_tokens) / out.busy_seconds : 0.0;
@@ -246,18 +259,34 @@ void Executor::shutdown() {
   if (thread_.joinable()) thread_.join();
 }
 
+void Executor::release_request(uint64_t id) {
+  std::lock_guard<std::mutex> lock(channel_mutex_);
+  auto it = channels_.find(id);
+  if (it == channels_.end()) return;
+  Channel& channel = *it->second;
+  const bool ended = !channel.responses.empty() && channel.responses.back().is_final;
+  channel.released = true;
+  channel.responses.clear();
+  channel.ready.notify_all();  // its waiters, if any, end with an error
+  if (ended) channels_.erase(it);
+}
+
 void Executor::emit(std::vector<Response>& responses) {
   if (responses.empty()) return;
-  {
-    std::lock_guard<std::mutex> lock(channel_mutex_);
-    for (Response& response : responses) {
-      response.vocab_size = runner_.config().vocab_size;
-      auto it = channels_.find(response.request_id);
-      if (it != channels_.end()) it->second.responses.push_back(std::move(response));
+  std::lock_guard<std::mutex> lock(channel_mutex_);
+  for (Response& response : responses) {
+    auto it = channels_.find(response.request_id);
+    if (it == channels_.end()) continue;
+    Channel& channel = *it->second;
+    if (channel.released) {  // nobody collects: forget it at its end
+      if (response.is_final) channels_.erase(it);
+      continue;
     }
+    response.vocab_size = runner_.config().vocab_size;
+    channel.responses.push_back(std::move(response));
+    channel.ready.notify_one();  // a response for one of this id's waiters, no one else's
   }
   responses.clear();
-  channel_cv_.notify_all();
 }
 
 void Executor::flush() {

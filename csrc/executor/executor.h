@@ -43,6 +43,9 @@ struct ExecutorStats {
   int64_t free_kv_blocks = 0;
   int64_t total_kv_blocks = 0;
   int64_t num_threads = 0;  // CPU threads of the forward, as the loop thread's OpenMP reports
+  // Requests whose responses are held for a caller who has not collected them all yet (a
+  // released request is held only until its final response).
+  int64_t uncollected = 0;
   LoraCacheStats lora;
 };
 
@@ -53,20 +56,27 @@ class Executor {
   ~Executor();
 
   // Validates the request on the calling thread (a bad request gets its error as a final
-  // response, never an exception) and queues it. Returns at once with the request id.
+  // response with ErrorKind::kInvalidRequest, never an exception) and queues it. Returns at once
+  // with the request id.
   uint64_t enqueue_request(InferenceRequest request);
   // Blocks until at least one response of `id` is ready (or `timeout` passes: then returns
   // none; a timeout of kWaitForever or more waits without one). While it waits, `poll` (when
   // set) runs every `poll_interval` without any lock held; it may throw to end the wait (the
   // bindings check Python's signals there). Several callers may wait on one id: each response
   // goes to exactly one of them, and those still waiting when another took the final response
-  // get InvalidArgument. Throws InvalidArgument for a negative timeout and for an id that is
-  // unknown or already finished and collected.
+  // (or when the id is released) get InvalidArgument. A response wakes only the callers waiting
+  // on its own id. Throws InvalidArgument for a negative timeout and for an id that is unknown,
+  // released, or already finished and collected.
   std::vector<Response> await_responses(
       uint64_t id, std::optional<std::chrono::milliseconds> timeout,
       const std::function<void()>& poll = {},
       std::chrono::milliseconds poll_interval = std::chrono::milliseconds(100));
   void cancel_request(uint64_t id);
+  // The caller will not collect `id`'s responses (a client that went away): those queued are
+  // dropped now and later ones as they come, and the request's channel is freed at its final
+  // response even though nobody awaits it. Does not cancel the request (cancel_request does).
+  // Unknown or already collected ids are ignored.
+  void release_request(uint64_t id);
   ExecutorStats stats() const;
   // Stops the loop; requests not finished end with finish reason `cancelled`. Idempotent and
   // thread-safe: every caller returns once the loop has stopped.
@@ -79,11 +89,23 @@ class Executor {
   LoraCache& lora_cache() { return lora_cache_; }
 
  private:
+  // One request's responses on their way to its callers. Held by shared_ptr: a waiter keeps
+  // its channel while another waiter takes the final response and erases it from channels_.
   struct Channel {
     std::deque<Response> responses;
+    std::condition_variable ready;  // its own waiters only, one per response
     bool streaming = false;
+    bool released = false;  // release_request: nobody will collect; freed at the final response
+    bool closed = false;    // a waiter took the final response
   };
-  std::optional<std::string> validate(InferenceRequest& request);
+  struct RequestError {
+    RequestError(std::string m, ErrorKind k = ErrorKind::kInvalidRequest)
+        : message(std::move(m)), kind(k) {}
+    RequestError(const char* m) : RequestError(std::string(m)) {}
+    std::string message;
+    ErrorKind kind;
+  };
+  std::optional<RequestError> validate(InferenceRequest& request);
   void loop(std::promise<void>& started);  // started: set once the thread count is applied
   bool has_work() const;
   // schedule, run, postprocess.
@@ -93,8 +115,10 @@ class Executor {
   // Books the step's logits and sampled tokens into each chunk's sequence and response.
   int64_t postprocess(const std::vector<ScheduledChunk>& plan, const StepOutput& out);
   void publish_state();  // queue lengths and free blocks into stats_ (loop thread)
-  // A final response: counts it, frees the sequence and queues the response in outbox_.
-  void finish(Sequence* seq, FinishReason reason, const std::string& error = "");
+  // A final response: counts it, frees the sequence and queues the response in outbox_. An
+  // error found while running a request is the runtime's (kInternal) unless said otherwise.
+  void finish(Sequence* seq, FinishReason reason, const std::string& error = "",
+              ErrorKind kind = ErrorKind::kInternal);
   // Publishes the state into stats_, then hands outbox_'s responses to their channels.
   void flush();
   void emit(std::vector<Response>& responses);  // into the channels (any thread)
@@ -116,9 +140,8 @@ class Executor {
   std::vector<uint64_t> cancels_;
   bool stop_ = false;
 
-  mutable std::mutex channel_mutex_;  // guards channels_
-  std::condition_variable channel_cv_;
-  std::unordered_map<uint64_t, Channel> channels_;
+  mutable std::mutex channel_mutex_;  // guards channels_ and every Channel's fields
+  std::unordered_map<uint64_t, std::shared_ptr<Channel>> channels_;
 
   std::atomic<uint64_t> next_id_{1};
   std::unordered_map<uint64_t, Sequence*> live_;  // loop thread: admitted sequences by id

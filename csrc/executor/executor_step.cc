@@ -234,7 +234,8 @@ bool Executor::ends_with_stop(const Sequence& seq, const std::vector<int32_t>& s
   return std::equal(stop.begin(), stop.end(), seq.tokens.end() - n);
 }
 
-void Executor::finish(Sequence* seq, FinishReason reason, const std::string& error) {
+void Executor::finish(Sequence* seq, FinishReason reason, const std::string& error,
+                      ErrorKind kind) {
   live_.erase(seq->id);
   std::unique_ptr<Sequence> owned = scheduler_.remove(seq);
   if (owned && owned->request.lora_task_id) lora_cache_.unref(*owned->request.lora_task_id);
@@ -242,6 +243,7 @@ void Executor::finish(Sequence* seq, FinishReason reason, const std::string& err
   out.request_id = seq->id;
   out.finish_reason = reason;
   out.error = error;
+  out.error_kind = reason == FinishReason::kError ? kind : ErrorKind::kNone;
   out.is_final = true;
   const int64_t from = seq->request.streaming ? seq->emitted : 0;
   out.output_token_ids.assign(seq->tokens.begin() + seq->prompt_len + from, seq->tokens.end());

@@ -35,4 +35,16 @@ const char* finish_reason_name(FinishReason reason) {
   return "unknown";
 }
 
+const char* error_kind_name(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::kNone:
+      return "none";
+    case ErrorKind::kInvalidRequest:
+      return "invalid_request";
+    case ErrorKind::kInternal:
+      return "internal";
+  }
+  return "unknown";
+}
+
 }  // namespace lorart

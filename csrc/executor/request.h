@@ -39,12 +39,19 @@ struct InferenceRequest {
 enum class FinishReason : int8_t { kNotFinished, kLength, kEndId, kStop, kCancelled, kError };
 const char* finish_reason_name(FinishReason reason);  // "length", "end_id", ...
 
+// Whose fault a kError response is, so a server can answer 400 or 500: the request's (it broke
+// a rule: a field out of its limit, an adapter that fails validation) or the runtime's (out of
+// memory, a failed forward, non-finite logits).
+enum class ErrorKind : int8_t { kNone, kInvalidRequest, kInternal };
+const char* error_kind_name(ErrorKind kind);  // "none", "invalid_request", "internal"
+
 struct Response {
   uint64_t request_id = 0;
   // Non-streaming: every generated token. Streaming: the tokens new since the last response.
   std::vector<int32_t> output_token_ids;
   FinishReason finish_reason = FinishReason::kNotFinished;
-  std::string error;  // empty unless finish_reason == kError
+  std::string error;                        // empty unless finish_reason == kError
+  ErrorKind error_kind = ErrorKind::kNone;  // kNone unless finish_reason == kError
   bool is_final = false;
   // [prompt_len, vocab] when asked for: in the final response, or in the first response of a
   // streaming request.

@@ -1,6 +1,7 @@
 # Type stubs of the compiled module lorart._core (csrc/bindings/). Generated from the built
 # module with `python -m pybind11_stubgen lorart._core -o python` (the docstrings are the
-# bindings'); tests/python/test_core_stubs.py checks that they name what the module exports.
+# bindings'; the two exception classes, which the generator imports from lorart, are written
+# out here); tests/python/test_core_stubs.py checks that they name what the module exports.
 """
 lorart core: tensors, LoRA format and validation, model configuration (C++)
 """
@@ -13,7 +14,12 @@ import typing
 import numpy
 import numpy.typing
 
-from lorart import DeviceError, LoraError
+class LoraError(ValueError):
+    """An adapter broke a rule of the LoRA format (the message names it); exported as
+    lorart.LoraError."""
+
+class DeviceError(RuntimeError):
+    """A device is missing or has no implementation of an op; exported as lorart.DeviceError."""
 
 __all__: list[str] = [
     "DeviceError",
@@ -412,6 +418,11 @@ class Response:
     @property
     def error(self) -> typing.Any: ...
     @property
+    def error_kind(self) -> typing.Any:
+        """
+        For an error: 'invalid_request' (the request broke a rule) or 'internal' (the runtime failed); else None.
+        """
+    @property
     def finish_reason(self) -> typing.Any: ...
     @property
     def generation_logits(self) -> typing.Any: ...
@@ -532,6 +543,10 @@ class Executor:
         Wait (GIL released, Ctrl-C honoured within 0.1 s) for responses of request_id; timeout None/inf: no deadline, else seconds >= 0.
         """
     def cancel_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def release_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        The caller will not collect request_id's responses: they are dropped and its channel is freed at its final response (does not cancel it; unknown ids are ignored).
+        """
     def contains_lora_task(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
     def enqueue_request(self, request: InferenceRequest) -> int: ...
     def lora_task_on_device(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool: ...

@@ -3,7 +3,9 @@
 Names follow DESIGN.md's public API: ``enqueue_request`` returns a request id at once,
 ``await_responses`` blocks (the GIL released, Ctrl-C honoured) until responses arrive,
 ``cancel_request``, ``stats`` and ``shutdown``. Bad requests never raise here: they come back as a
-final :class:`Response` with ``finish_reason == "error"`` and the message in ``error``.
+final :class:`Response` with ``finish_reason == "error"``, the message in ``error`` and whose
+fault it is in ``error_kind`` (``"invalid_request"``: the request broke a rule; ``"internal"``:
+the runtime failed, e.g. out of memory or non-finite logits).
 """
 
 from __future__ import annotations
@@ -73,10 +75,18 @@ class Executor:
         """Stop a request; its final response has ``finish_reason == "cancelled"``."""
         self._core.cancel_request(request_id)
 
+    def release_request(self, request_id: int) -> None:
+        """Say that nobody will read ``request_id``'s responses (a client that went away): those
+        queued are dropped, later ones too, and the executor forgets the request at its final
+        response. It does not stop the request (:meth:`cancel_request` does); waiters on it get
+        ``ValueError``. Unknown or already collected ids are ignored."""
+        self._core.release_request(request_id)
+
     def stats(self) -> dict[str, Any]:
-        """Queue lengths, steps, tokens and tokens/s, KV blocks, ``num_threads``, and LoRA cache
-        hits, misses, evictions, replacements, bytes and tasks per level. Booked before the
-        responses they count are visible."""
+        """Queue lengths, steps, tokens and tokens/s, KV blocks, ``num_threads``, ``uncollected``
+        (requests whose responses still wait for a reader), and LoRA cache hits, misses,
+        evictions, replacements, bytes and tasks per level. Booked before the responses they
+        count are visible."""
         return self._core.stats()
 
     def contains_lora_task(self, task_id: int) -> bool:

@@ -125,7 +125,6 @@ class LLM:
         )
         self._adapters: dict[Path, tuple[int, LoraWeights, LoraConfig]] = {}
         self._lock = threading.Lock()
-        self._abandoned: set[int] = set()  # cancelled request ids whose final response is unread
         self._max_lora_rank = executor_config.max_lora_rank
         if lora_dirs:
             self._convert_all(lora_dirs, model_config)
@@ -201,8 +200,8 @@ class LLM:
 
     def _drive(self, requests: list[InferenceRequest]) -> Iterator[tuple[int, Response]]:
         """Enqueue ``requests``; yield ``(index, response)`` as responses arrive. Requests not
-        finished when this stops (an exception, Ctrl-C, the caller closing it) are cancelled."""
-        self._collect_abandoned()
+        finished when this stops (an exception, Ctrl-C, the caller closing it) are cancelled
+        and released (the executor frees them at their end without anyone reading them)."""
         pending: dict[int, int] = {}  # index -> request id, in prompt order
         try:
             for i, request in enumerate(requests):
@@ -219,19 +218,7 @@ class LLM:
         finally:
             for request_id in pending.values():
                 self.executor.cancel_request(request_id)
-                self._abandoned.add(request_id)
-
-    def _collect_abandoned(self) -> None:
-        """Read the final responses of requests cancelled earlier, so the executor can forget
-        them."""
-        for request_id in list(self._abandoned):
-            try:
-                responses = self.executor.await_responses(request_id, timeout=0.0)
-            except ValueError:  # already collected
-                responses = []
-                self._abandoned.discard(request_id)
-            if responses and responses[-1].is_final:
-                self._abandoned.discard(request_id)
+                self.executor.release_request(request_id)
 
     def generate_iter(
         self,

@@ -1,5 +1,6 @@
 """python/lorart/_core.pyi names exactly what the compiled lorart._core exports: every public
-function and class, and every public method, property and attribute of each class. (Regenerate
+function and class (its exception types included), and every public method, property and
+attribute of each class. (Regenerate
 with `python -m pybind11_stubgen lorart._core -o python`, then `ruff format`, after changing the
 bindings.)"""
 
@@ -37,7 +38,7 @@ def module_names() -> tuple[set[str], dict[str, set[str]]]:
     for name, value in vars(_core).items():
         if name.startswith("_"):
             continue
-        if inspect.isclass(value) and value.__module__ == _core.__name__:
+        if inspect.isclass(value) and value.__module__.startswith("lorart"):
             top.add(name)
             members[name] = {n for n in vars(value) if not n.startswith("_")}
         elif callable(value) and not inspect.isclass(value):

@@ -349,7 +349,7 @@ def test_reprs_are_short_and_constructor_like(exe):
     assert repr(bad) == (
         f"Response(request_id={bad.request_id}, output_token_ids=[], finish_reason='error', "
         "error='input_token_ids is empty; a request needs at least one prompt token', "
-        "is_final=True)"
+        "error_kind='invalid_request', is_final=True)"
     )
     assert repr(lorart.KvCacheConfig()) == "KvCacheConfig(block_size=16, max_tokens=16384)"
     assert repr(lorart.LoraCacheConfig(host_cache_bytes=1024, device_cache_bytes=512)) == (
@@ -424,3 +424,29 @@ def test_openmp_spins_briefly_unless_the_user_chose():
     assert spin() == "10000"
     assert spin(OMP_WAIT_POLICY="ACTIVE") == "None"
     assert spin(GOMP_SPINCOUNT="INFINITE") == "INFINITE"
+
+
+def test_errors_say_whose_fault_they_are(exe):
+    bad = final(exe, exe.enqueue_request(request(ids=[10**6])))  # past the vocabulary
+    assert bad.finish_reason == "error"
+    assert bad.error_kind == "invalid_request"
+    assert "input_token_ids[0] = 1000000 is out of the vocabulary" in bad.error
+    assert "error_kind='invalid_request'" in repr(bad)
+    ok = final(exe, exe.enqueue_request(request()))
+    assert ok.error is None and ok.error_kind is None
+
+
+def test_released_requests_are_forgotten_unread(exe):
+    done = exe.enqueue_request(request(max_new_tokens=2))
+    final(exe, exe.enqueue_request(request(max_new_tokens=4)))  # `done` has ended by now
+    running = [exe.enqueue_request(request(max_new_tokens=60, streaming=True)) for _ in range(3)]
+    for rid in [done, *running]:
+        exe.release_request(rid)
+    exe.release_request(done)  # twice, and unknown ids: ignored
+    exe.release_request(10**9)
+    with pytest.raises(ValueError, match="released"):
+        exe.await_responses(running[0], timeout=0.0)
+    deadline = time.monotonic() + TIMEOUT
+    while exe.stats()["uncollected"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exe.stats()["uncollected"] == 0

@@ -208,9 +208,10 @@ def test_ctrl_c_cancels_in_flight_requests_and_reraises(endless_llm, how):
     timer.join()
     assert time.monotonic() - start < 1.5  # raised in the wait, not after the requests end
     wait_idle(endless_llm)
-    # The LLM is still usable and the cancelled requests were collected.
+    # The LLM is still usable and the executor forgot the cancelled requests (released: nobody
+    # read their final responses).
     assert len(endless_llm.generate(["a"], max_new_tokens=5)[0].token_ids) == 5
-    assert not endless_llm._abandoned
+    assert endless_llm.executor.stats()["uncollected"] == 0
 
 
 def test_closing_a_stream_early_cancels_its_request(endless_llm):
@@ -218,6 +219,10 @@ def test_closing_a_stream_early_cancels_its_request(endless_llm):
     next(stream)
     stream.close()
     wait_idle(endless_llm)
+    deadline = time.monotonic() + 2.0  # its final response reaches the released channel
+    while endless_llm.executor.stats()["uncollected"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert endless_llm.executor.stats()["uncollected"] == 0
 
 
 def test_a_failed_prompt_cancels_the_others(endless_llm):

@@ -214,6 +214,7 @@ TEST(ExecutorTest, NonFiniteLogitsFailOnlyTheirRequest) {
   const uint64_t c = e->enqueue_request(greedy(8));
   const Response bad = final_of(*e, b);
   EXPECT_EQ(bad.finish_reason, FinishReason::kError);
+  EXPECT_EQ(bad.error_kind, ErrorKind::kInternal);  // the runtime's failure, not the request's
   EXPECT_PRED_FORMAT2(testing::IsSubstring, "the logits are not finite (", bad.error);
   EXPECT_PRED_FORMAT2(testing::IsSubstring,
                       ") at generated token 0 with LoRA task 5: the adapter's values overflow "
@@ -223,12 +224,80 @@ TEST(ExecutorTest, NonFiniteLogitsFailOnlyTheirRequest) {
   for (uint64_t id : {a, c}) {
     const Response ok = final_of(*e, id);
     EXPECT_EQ(ok.finish_reason, FinishReason::kLength);
+    EXPECT_EQ(ok.error_kind, ErrorKind::kNone);
     EXPECT_EQ(ok.output_token_ids, solo.output_token_ids);
   }
   const ExecutorStats s = e->stats();
   EXPECT_EQ(s.free_kv_blocks, s.total_kv_blocks);
   EXPECT_EQ(s.lora.referenced_tasks, 0);
   EXPECT_EQ(s.lora.pinned_tasks, 0);
+}
+
+TEST(ExecutorTest, ARequestThatBreaksARuleFailsAsAnInvalidRequest) {
+  auto e = make_executor();
+  const Response empty = final_of(*e, e->enqueue_request(greedy(4, {})));
+  EXPECT_EQ(empty.finish_reason, FinishReason::kError);
+  EXPECT_EQ(empty.error_kind, ErrorKind::kInvalidRequest);
+  const Response too_long = final_of(*e, e->enqueue_request(greedy(64)));
+  EXPECT_EQ(too_long.error_kind, ErrorKind::kInvalidRequest);
+  EXPECT_PRED_FORMAT2(testing::IsSubstring, "exceeds max_seq_len = 64", too_long.error);
+  EXPECT_STREQ(error_kind_name(ErrorKind::kInvalidRequest), "invalid_request");
+  EXPECT_STREQ(error_kind_name(ErrorKind::kInternal), "internal");
+}
+
+// Released requests (a client gone) are never collected, yet their channels go at their end:
+// released while queued, while running, after finishing, and cancelled and released; the
+// collected ones alongside are unaffected.
+TEST(ExecutorTest, ReleasedRequestsFreeTheirChannelsAtTheirEnd) {
+  auto e = make_executor(small_config(2));
+  const uint64_t finished = e->enqueue_request(greedy(2));
+  std::vector<uint64_t> kept, released;
+  for (int i = 0; i < 6; ++i) {
+    InferenceRequest r = greedy(12);
+    r.streaming = i % 2 == 0;
+    (i < 3 ? kept : released).push_back(e->enqueue_request(r));
+  }
+  const uint64_t cancelled = e->enqueue_request(greedy(40));
+  // Until `finished` has ended, then release it without reading it.
+  const auto deadline = std::chrono::steady_clock::now() + kTimeout;
+  while (e->stats().completed < 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  e->release_request(finished);
+  for (uint64_t id : released) e->release_request(id);
+  e->cancel_request(cancelled);
+  e->release_request(cancelled);
+  e->release_request(123456);  // unknown: ignored
+  expect_error<InvalidArgument>([&] { e->await_responses(released[0], 0ms); }, "released");
+  const Response solo = final_of(*e, kept[1]);
+  for (uint64_t id : {kept[0], kept[2]}) {
+    EXPECT_EQ(final_of(*e, id).output_token_ids, solo.output_token_ids);
+  }
+  while ((e->stats().completed < 8 || e->stats().uncollected > 0) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);
+  }
+  EXPECT_EQ(e->stats().completed, 8);
+  EXPECT_EQ(e->stats().uncollected, 0);
+  // A waiter on a request that is released meanwhile (still queued behind 40 others) ends with
+  // the reason.
+  for (int i = 0; i < 40; ++i) e->enqueue_request(greedy(50));
+  const uint64_t waited = e->enqueue_request(greedy(40));
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(20ms);
+    e->release_request(waited);
+  });
+  std::string error;
+  try {
+    while (true) {
+      std::vector<Response> got = e->await_responses(waited, kTimeout);
+      if (!got.empty() && got.back().is_final) break;
+    }
+  } catch (const InvalidArgument& err) {
+    error = err.what();
+  }
+  releaser.join();
+  EXPECT_PRED_FORMAT2(testing::IsSubstring, "released", error);
 }
 
 }  // namespace
