@@ -155,15 +155,18 @@ int64_t Executor::postprocess(const std::vector<ScheduledChunk>& plan, const Ste
     }
     if (r.sample_row < 0) continue;
     seq.rng_state = rng_states_[r.sample_index];
-    if (seq.request.return_log_probs) {
+    const int32_t token = tokens[r.sample_index];
+    // The end id ends the output and is not part of it, nor are its log-prob and logits row.
+    const bool ends = seq.request.end_id && token == *seq.request.end_id;
+    if (seq.request.return_log_probs && !ends) {
       seq.pending.log_probs.push_back(out.log_probs.data_as<const float>()[r.sample_index]);
     }
-    if (seq.request.return_generation_logits) {
+    if (seq.request.return_generation_logits && !ends) {
       const float* row = logits + r.sample_row * vocab;
       seq.pending.generation_logits.insert(seq.pending.generation_logits.end(), row, row + vocab);
     }
     ++sampled;
-    on_sampled(seq, tokens[r.sample_index]);
+    on_sampled(seq, token);
   }
   return sampled;
 }

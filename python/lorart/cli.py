@@ -147,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(run)
     run.set_defaults(run=_run)
 
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="an OpenAI-compatible multi-LoRA HTTP server",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, runtime adapter "
+        "loading (/v1/load_lora_adapter, /v1/unload_lora_adapter), /health and /metrics. "
+        "A request's 'model' names the base model (--served-model-name) or an adapter.",
+    )
+    _add_serve_flags(serve)
+    serve.set_defaults(run=_serve)
+
     demo = commands.add_parser(
         "demo",
         parents=[common],
@@ -321,6 +332,132 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         "--use_py_session", action="store_true", help="accepted for run.py compatibility; no effect"
     )
     _add_threads_flag(run)
+
+
+def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
+    from lorart.demo import DEMO
+
+    serve.add_argument(
+        "--model_dir",
+        "--model-dir",
+        dest="model_dir",
+        default=str(DEMO / "model"),
+        help="HF checkpoint directory (default: the embedded demo model)",
+    )
+    serve.add_argument("--tokenizer_dir", "--tokenizer-dir", dest="tokenizer_dir", default=None)
+    serve.add_argument(
+        "--lora-modules",
+        "--lora_modules",
+        dest="lora_modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="adapters served from the start: PEFT or converted .npy directories",
+    )
+    serve.add_argument(
+        "--lora-root",
+        "--lora_root",
+        dest="lora_root",
+        default=None,
+        help="directory /v1/load_lora_adapter may load from (without it runtime loading is off)",
+    )
+    serve.add_argument("--api-key", dest="api_key", default=None, help="required Bearer token")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    _add_threads_flag(serve)
+    serve.add_argument(
+        "--max-batch-size", "--max_batch_size", dest="max_batch_size", type=int, default=8
+    )
+    serve.add_argument(
+        "--max-num-tokens",
+        "--max_num_tokens",
+        dest="max_num_tokens",
+        type=int,
+        default=None,
+        help="tokens per step (default: the executor's)",
+    )
+    serve.add_argument(
+        "--max-seq-len",
+        "--max_seq_len",
+        dest="max_seq_len",
+        type=int,
+        default=None,
+        help="prompt + output tokens (default: the model's)",
+    )
+    serve.add_argument(
+        "--max-lora-rank", "--max_lora_rank", dest="max_lora_rank", type=int, default=64
+    )
+    serve.add_argument(
+        "--max-queue",
+        "--max_queue",
+        dest="max_queue",
+        type=int,
+        default=256,
+        help="requests held at once; more are refused with 429",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        "--served_model_name",
+        dest="served_model_name",
+        default=None,
+        help="the base model's name (default: its directory's)",
+    )
+    serve.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
+    )
+    serve.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    serve.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may finish after SIGTERM",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lorart import serve
+
+    _check_int_flags(
+        args,
+        port=(0, 65535),
+        max_batch_size=(1, INT32_MAX),
+        max_queue=(1, INT32_MAX),
+        max_lora_rank=(1, INT32_MAX),
+    )
+    config = {"max_batch_size": args.max_batch_size, "max_lora_rank": args.max_lora_rank}
+    if args.max_num_tokens is not None:
+        config["max_num_tokens"] = args.max_num_tokens
+    if args.max_seq_len is not None:
+        config["max_seq_len"] = args.max_seq_len
+    try:
+        _start_server(serve, args, config)
+    except Interrupted as err:
+        # uvicorn has drained the in-flight requests (up to --drain-timeout) and handed the
+        # signal on: SIGTERM is how a server is told to stop, so that is a clean exit.
+        if err.signum != signal.SIGTERM:
+            raise
+        logger.info("stopped by SIGTERM")
+    return 0
+
+
+def _start_server(serve, args: argparse.Namespace, config: dict) -> None:
+    serve.serve(
+        host=args.host,
+        port=args.port,
+        drain_timeout=args.drain_timeout,
+        model_dir=args.model_dir,
+        tokenizer_dir=args.tokenizer_dir,
+        lora_modules=serve.parse_lora_modules(args.lora_modules),
+        lora_root=args.lora_root,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_queue=args.max_queue,
+        num_threads=args.threads,
+        dtype=args.dtype,
+        precision=args.precision,
+        **config,
+    )
 
 
 def _add_threads_flag(parser: argparse.ArgumentParser) -> None:

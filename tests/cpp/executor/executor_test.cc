@@ -233,6 +233,36 @@ TEST(ExecutorTest, NonFiniteLogitsFailOnlyTheirRequest) {
   EXPECT_EQ(s.lora.pinned_tasks, 0);
 }
 
+// The end id is not part of the output, and neither are its log-prob and logits row.
+TEST(ExecutorTest, LogProbsAndGenerationLogitsCoverTheOutputTokensOnly) {
+  auto e = make_executor();
+  const Response free_run = final_of(*e, e->enqueue_request(greedy(6)));
+  ASSERT_EQ(free_run.output_token_ids.size(), 6u);
+  for (bool streaming : {false, true}) {
+    InferenceRequest r = greedy(6);
+    r.end_id = free_run.output_token_ids[3];  // greedy: the 4th token ends it
+    r.return_log_probs = true;
+    r.return_generation_logits = true;
+    r.streaming = streaming;
+    const uint64_t id = e->enqueue_request(r);
+    std::vector<Response> all;
+    while (all.empty() || !all.back().is_final) {
+      std::vector<Response> got = e->await_responses(id, kTimeout);
+      all.insert(all.end(), got.begin(), got.end());
+    }
+    size_t tokens = 0, log_probs = 0, rows = 0;
+    for (const Response& resp : all) {
+      tokens += resp.output_token_ids.size();
+      log_probs += resp.log_probs.size();
+      rows += resp.generation_logits.size() / resp.vocab_size;
+    }
+    EXPECT_EQ(all.back().finish_reason, FinishReason::kEndId);
+    EXPECT_EQ(tokens, 3u) << streaming;
+    EXPECT_EQ(log_probs, 3u) << streaming;
+    EXPECT_EQ(rows, 3u) << streaming;
+  }
+}
+
 TEST(ExecutorTest, ARequestThatBreaksARuleFailsAsAnInvalidRequest) {
   auto e = make_executor();
   const Response empty = final_of(*e, e->enqueue_request(greedy(4, {})));

@@ -1,0 +1,103 @@
+"""The adapters a server knows by name: each gets its own LoRA task id (never reused, so the
+executor's cache can never confuse two adapters), and its converted weights are kept here and
+sent with every request, so no request depends on what the cache still holds.
+
+Runtime loading reads only from under ``--lora-root``: the requested path is resolved with every
+symlink followed and must stay inside the resolved root."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorart import lora
+from lorart._core import LoraConfig, LoraWeights, ModelConfig
+from lorart.serve.protocol import ApiError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    task_id: int
+    path: Path
+    weights: LoraWeights
+    config: LoraConfig
+
+
+class AdapterRegistry:
+    """Thread-safe name -> Adapter map."""
+
+    def __init__(self, model_config: ModelConfig, max_lora_rank: int, root: str | None) -> None:
+        self._model_config = model_config
+        self._max_rank = max_lora_rank
+        self.root = Path(root).resolve(strict=True) if root else None
+        self._lock = threading.Lock()
+        self._by_name: dict[str, Adapter] = {}
+        self._next_task_id = 1
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._by_name)
+
+    def get(self, name: str) -> Adapter | None:
+        with self._lock:
+            return self._by_name.get(name)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_name)
+
+    def resolve_runtime_path(self, path: str) -> Path:
+        """``path`` (relative to the root, or absolute) as a real directory under the root;
+        ApiError 403 when runtime loading is off or the path leaves the root, 404 when there is
+        nothing there."""
+        if self.root is None:
+            raise ApiError(
+                403, "runtime adapter loading is off: start the server with --lora-root DIR"
+            )
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = self.root / candidate
+        real = Path(os.path.realpath(candidate))
+        if os.path.commonpath([real, self.root]) != str(self.root):
+            raise ApiError(
+                403,
+                f"lora_path {path!r} resolves outside --lora-root ({self.root})",
+                param="lora_path",
+            )
+        if not real.is_dir():
+            raise ApiError(404, f"lora_path {path!r}: no adapter directory there", "lora_path")
+        return real
+
+    def add(self, name: str, path: Path, served_model_name: str) -> Adapter:
+        """Converts and validates the adapter at ``path`` (PEFT or .npy directory) and names it;
+        ApiError 400 with the validation message when it does not fit the model."""
+        if name == served_model_name:
+            raise ApiError(400, f"lora_name {name!r} is the base model's name", "lora_name")
+        with self._lock:
+            if name in self._by_name:
+                raise ApiError(400, f"an adapter named {name!r} is already loaded", "lora_name")
+        try:
+            if lora.is_npy_dir(path):
+                weights, config = lora.load_npy(path)
+            else:
+                weights, config = lora.from_peft(path, self._model_config)
+            lora.validate(weights, config, self._model_config, self._max_rank)
+        except (ValueError, FileNotFoundError) as err:
+            raise ApiError(400, f"adapter {name!r} ({path}): {err}", "lora_path") from None
+        with self._lock:
+            if name in self._by_name:  # another load of the same name won the race
+                raise ApiError(400, f"an adapter named {name!r} is already loaded", "lora_name")
+            adapter = Adapter(name, self._next_task_id, path, weights, config)
+            self._next_task_id += 1
+            self._by_name[name] = adapter
+        return adapter
+
+    def remove(self, name: str) -> Adapter:
+        with self._lock:
+            adapter = self._by_name.pop(name, None)
+        if adapter is None:
+            raise ApiError(404, f"no adapter named {name!r} is loaded", "lora_name")
+        return adapter
