@@ -423,3 +423,58 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_seeds_six_concurrent_clients_print_the_demo_table():
+    """examples/multi_lora_client.py run six at once, as the seed's shell loop does (top-p 0.5,
+    10 tokens, task uids -1 0 1 -1 0 1): each answer is the demo table's."""
+    import subprocess
+    import sys
+
+    client = Path(__file__).resolve().parents[2] / "examples" / "multi_lora_client.py"
+    s = Server(lora_root=DEMO)
+    try:
+        texts = [ZH_PROMPT] * 3 + [JA_PROMPT] * 3
+        paths = ["", "lora_zh", "lora_ja"] * 2
+        expected = s.engine.llm.generate(
+            texts, lora=[DEMO / p if p else None for p in paths], max_new_tokens=10, top_k=1
+        )
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(client),
+                    "--top-k",
+                    "0",
+                    "--top-p",
+                    "0.5",
+                    "--request-output-len",
+                    "10",
+                    "--text",
+                    text,
+                    "--tokenizer-dir",
+                    str(DEMO / "model"),
+                    "--url",
+                    s.url,
+                    *(["--lora-path", p] if p else []),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for text, p in zip(texts, paths, strict=True)
+        ]
+        for proc, text, want in zip(procs, texts, expected, strict=True):
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            lines = out.splitlines()
+            assert lines[0].startswith("Input sequence:  [1, ")
+            assert lines[1:4] == [
+                "Got completed request",
+                f"Input: {text}",
+                f"Output beam 0: {want.text}",
+            ]
+            ids = json.loads(lines[4].removeprefix("Output sequence:  "))
+            assert ids == want.prompt_token_ids + want.token_ids
+    finally:
+        s.stop()

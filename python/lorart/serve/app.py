@@ -135,15 +135,18 @@ def create_app(
         if req.sampling.stream:
             return sse(completion_events(generations, first, meta, req.sampling))
         chunks = await run_to_end(generations, first, request)
-        choices = [
-            {
+        choices = []
+        for i, (g, cs) in enumerate(zip(generations, chunks, strict=True)):
+            choice = {
                 "index": i,
                 "text": "".join(c.text for c in cs),
                 "logprobs": completion_logprobs(g, cs) if req.sampling.logprobs else None,
                 "finish_reason": g.finish_reason,
             }
-            for i, (g, cs) in enumerate(zip(generations, chunks, strict=True))
-        ]
+            if req.sampling.return_token_ids:
+                choice["prompt_token_ids"] = g.prompt_ids
+                choice["token_ids"] = g.token_ids
+            choices.append(choice)
         return JSONResponse(
             {**meta, "object": "text_completion", "choices": choices, "usage": usage(generations)}
         )
@@ -279,7 +282,8 @@ def create_app(
         base = {**meta, "object": "text_completion"}
         try:
             async for i, chunk in merged(generations, first):
-                if not chunk.text and chunk.finish_reason is None:
+                ids_only = sampling.return_token_ids and chunk.token_ids
+                if not chunk.text and not ids_only and chunk.finish_reason is None:
                     continue
                 logprobs = None
                 if sampling.logprobs:
@@ -290,6 +294,8 @@ def create_app(
                     "logprobs": logprobs,
                     "finish_reason": chunk.finish_reason,
                 }
+                if sampling.return_token_ids:
+                    choice["token_ids"] = chunk.token_ids
                 yield {**base, "choices": [choice]}
         except ApiError as err:
             yield err.body()

@@ -64,6 +64,7 @@ class Sampling:
     include_usage: bool = False
     logprobs: bool = False
     ignore_eos: bool = False
+    return_token_ids: bool = False  # lorart / vLLM extension: prompt and output token ids
 
 
 @dataclass
@@ -190,6 +191,7 @@ def _sampling(body: dict, max_tokens_field: str, default_tokens: int | None) -> 
         stream=stream,
         include_usage=bool(options and _bool(options, "include_usage", False)),
         ignore_eos=_bool(body, "ignore_eos", False),
+        return_token_ids=_bool(body, "return_token_ids", False),
     )
 
 
