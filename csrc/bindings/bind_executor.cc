@@ -61,26 +61,38 @@ py::dict stats_dict(const ExecutorStats& s) {
 // `timeout`: None or inf wait without a deadline; any other value >= 0 is seconds (huge ones
 // included). While waiting, the signal handlers run every 0.1 s with the GIL held, so Ctrl-C
 // raises KeyboardInterrupt during a long wait.
-std::vector<Response> await_interruptibly(Executor& e, uint64_t id, std::optional<double> timeout) {
+std::optional<std::chrono::milliseconds> wait_limit(const char* op, std::optional<double> timeout) {
   std::optional<std::chrono::milliseconds> ms;
   if (timeout) {
     if (!(*timeout >= 0.0)) {  // NaN fails this too
-      throw py::value_error(
-          "await_responses: timeout must be None or a number of seconds >= 0 (inf: no "
-          "deadline), got " +
-          repr_float(*timeout));
+      throw py::value_error(std::string(op) +
+                            ": timeout must be None or a number of seconds >= 0 (inf: no "
+                            "deadline), got " +
+                            repr_float(*timeout));
     }
     const double limit = std::chrono::duration<double>(Executor::kWaitForever).count();
     if (*timeout < limit) {
       ms = std::chrono::milliseconds(static_cast<int64_t>(std::ceil(*timeout * 1000.0)));
     }
   }
-  auto check_signals = [] {
-    py::gil_scoped_acquire gil;
-    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-  };
+  return ms;
+}
+
+void check_signals() {
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+std::vector<Response> await_interruptibly(Executor& e, uint64_t id, std::optional<double> timeout) {
+  const auto ms = wait_limit("await_responses", timeout);
   py::gil_scoped_release release;
   return e.await_responses(id, ms, check_signals);
+}
+
+std::vector<Response> await_any_interruptibly(Executor& e, std::optional<double> timeout) {
+  const auto ms = wait_limit("await_any", timeout);
+  py::gil_scoped_release release;
+  return e.await_any(ms, check_signals);
 }
 
 std::string repr_sampling(const SamplingConfig& c) {
@@ -334,6 +346,12 @@ void bind_executor(py::module_& m) {
            py::arg("timeout") = py::none(),
            "Wait (GIL released, Ctrl-C honoured within 0.1 s) for responses of request_id; "
            "timeout None/inf: no deadline, else seconds >= 0.")
+      .def("enqueue_shared", &Executor::enqueue_shared, py::arg("request"),
+           py::call_guard<py::gil_scoped_release>(),
+           "As enqueue_request, but its responses go to the shared queue that await_any reads.")
+      .def("await_any", &await_any_interruptibly, py::arg("timeout") = py::none(),
+           "Wait (GIL released, Ctrl-C honoured within 0.1 s) until the shared queue holds "
+           "responses, then take them all (each with its request_id).")
       .def("cancel_request", &Executor::cancel_request, py::arg("request_id"))
       .def("release_request", &Executor::release_request, py::arg("request_id"),
            "The caller will not collect request_id's responses: they are dropped and its channel "

@@ -135,10 +135,19 @@ std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r) {
 }
 
 uint64_t Executor::enqueue_request(InferenceRequest request) {
+  return enqueue(std::move(request), false);
+}
+
+uint64_t Executor::enqueue_shared(InferenceRequest request) {
+  return enqueue(std::move(request), true);
+}
+
+uint64_t Executor::enqueue(InferenceRequest request, bool shared) {
   const uint64_t id = next_id_++;
   {
     auto channel = std::make_shared<Channel>();
     channel->streaming = request.streaming;
+    channel->shared = shared;
     std::lock_guard<std::mutex> lock(channel_mutex_);
     channels_.emplace(id, std::move(channel));
   }
@@ -190,6 +199,10 @@ std::vector<Response> Executor::await_responses(uint64_t id,
                            "returned)");
   }
   const std::shared_ptr<Channel> channel = found->second;
+  if (channel->shared) {
+    raise<InvalidArgument>("request id ", id,
+                           " was enqueued with enqueue_shared: its responses come from await_any");
+  }
   auto ready = [&] { return channel->closed || channel->released || !channel->responses.empty(); };
   while (!ready()) {
     std::optional<Clock::time_point> until = deadline;
@@ -259,6 +272,39 @@ void Executor::shutdown() {
   if (thread_.joinable()) thread_.join();
 }
 
+std::vector<Response> Executor::await_any(std::optional<std::chrono::milliseconds> timeout,
+                                          const std::function<void()>& poll,
+                                          std::chrono::milliseconds poll_interval) {
+  using Clock = std::chrono::steady_clock;
+  if (timeout && timeout->count() < 0) {
+    raise<InvalidArgument>("await_any: timeout must be >= 0, got ", timeout->count(), " ms");
+  }
+  std::optional<Clock::time_point> deadline;
+  if (timeout && *timeout < kWaitForever) deadline = Clock::now() + *timeout;
+  std::unique_lock<std::mutex> lock(channel_mutex_);
+  auto ready = [&] { return !shared_.empty(); };
+  while (!ready()) {
+    std::optional<Clock::time_point> until = deadline;
+    if (poll) {
+      const Clock::time_point next = Clock::now() + poll_interval;
+      if (!until || next < *until) until = next;
+    }
+    if (!until) {
+      shared_ready_.wait(lock, ready);
+      break;
+    }
+    if (shared_ready_.wait_until(lock, *until, ready)) break;
+    if (deadline && Clock::now() >= *deadline) return {};
+    lock.unlock();
+    poll();
+    lock.lock();
+  }
+  std::vector<Response> out(std::make_move_iterator(shared_.begin()),
+                            std::make_move_iterator(shared_.end()));
+  shared_.clear();
+  return out;
+}
+
 void Executor::release_request(uint64_t id) {
   std::lock_guard<std::mutex> lock(channel_mutex_);
   auto it = channels_.find(id);
@@ -283,10 +329,17 @@ void Executor::emit(std::vector<Response>& responses) {
       continue;
     }
     response.vocab_size = runner_.config().vocab_size;
+    if (channel.shared) {
+      const bool final = response.is_final;
+      shared_.push_back(std::move(response));
+      if (final) channels_.erase(it);  // the shared queue's reader owns it from here
+      continue;
+    }
     channel.responses.push_back(std::move(response));
     channel.ready.notify_one();  // a response for one of this id's waiters, no one else's
   }
   responses.clear();
+  if (!shared_.empty()) shared_ready_.notify_one();  // one wake-up per step for all of them
 }
 
 void Executor::flush() {

@@ -59,6 +59,17 @@ class Executor {
   // response with ErrorKind::kInvalidRequest, never an exception) and queues it. Returns at once
   // with the request id.
   uint64_t enqueue_request(InferenceRequest request);
+  // As enqueue_request, but the request's responses go to the executor's shared queue, read by
+  // await_any() with those of every other such request (one waiter for many requests, e.g. a
+  // server's dispatcher, instead of one per request). await_responses() refuses its id.
+  uint64_t enqueue_shared(InferenceRequest request);
+  // Blocks until the shared queue holds a response (or `timeout` passes: then returns none),
+  // then takes every response in it, in the order they were produced (each carries its
+  // request_id; a request's final one ends it). `poll` as for await_responses. Several callers
+  // may wait: each response goes to exactly one.
+  std::vector<Response> await_any(
+      std::optional<std::chrono::milliseconds> timeout, const std::function<void()>& poll = {},
+      std::chrono::milliseconds poll_interval = std::chrono::milliseconds(100));
   // Blocks until at least one response of `id` is ready (or `timeout` passes: then returns
   // none; a timeout of kWaitForever or more waits without one). While it waits, `poll` (when
   // set) runs every `poll_interval` without any lock held; it may throw to end the wait (the
@@ -75,7 +86,8 @@ class Executor {
   // The caller will not collect `id`'s responses (a client that went away): those queued are
   // dropped now and later ones as they come, and the request's channel is freed at its final
   // response even though nobody awaits it. Does not cancel the request (cancel_request does).
-  // Unknown or already collected ids are ignored.
+  // Unknown or already collected ids are ignored; responses of an enqueue_shared request already
+  // in the shared queue stay there.
   void release_request(uint64_t id);
   ExecutorStats stats() const;
   // Stops the loop; requests not finished end with finish reason `cancelled`. Idempotent and
@@ -95,6 +107,7 @@ class Executor {
     std::deque<Response> responses;
     std::condition_variable ready;  // its own waiters only, one per response
     bool streaming = false;
+    bool shared = false;    // enqueue_shared: its responses go to shared_ (await_any)
     bool released = false;  // release_request: nobody will collect; freed at the final response
     bool closed = false;    // a waiter took the final response
   };
@@ -140,8 +153,11 @@ class Executor {
   std::vector<uint64_t> cancels_;
   bool stop_ = false;
 
-  mutable std::mutex channel_mutex_;  // guards channels_ and every Channel's fields
+  mutable std::mutex channel_mutex_;  // guards channels_, every Channel's fields and shared_
   std::unordered_map<uint64_t, std::shared_ptr<Channel>> channels_;
+  std::deque<Response> shared_;  // responses of enqueue_shared requests, for await_any
+  std::condition_variable shared_ready_;
+  uint64_t enqueue(InferenceRequest request, bool shared);
 
   std::atomic<uint64_t> next_id_{1};
   std::unordered_map<uint64_t, Sequence*> live_;  // loop thread: admitted sequences by id

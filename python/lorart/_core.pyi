@@ -542,6 +542,16 @@ class Executor:
         """
         Wait (GIL released, Ctrl-C honoured within 0.1 s) for responses of request_id; timeout None/inf: no deadline, else seconds >= 0.
         """
+    def await_any(
+        self, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None
+    ) -> list[Response]:
+        """
+        Wait (GIL released, Ctrl-C honoured within 0.1 s) until the shared queue holds responses, then take them all (each with its request_id).
+        """
+    def enqueue_shared(self, request: InferenceRequest) -> int:
+        """
+        As enqueue_request, but its responses go to the shared queue that await_any reads.
+        """
     def cancel_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None: ...
     def release_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
         """

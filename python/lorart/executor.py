@@ -62,6 +62,18 @@ class Executor:
         :meth:`await_responses`."""
         return self._core.enqueue_request(request)
 
+    def enqueue_shared(self, request: InferenceRequest) -> int:
+        """As :meth:`enqueue_request`, but the responses go to the executor's shared queue,
+        which :meth:`await_any` reads for every such request at once (one waiting thread for
+        many requests, as a server's dispatcher wants); :meth:`await_responses` refuses its id."""
+        return self._core.enqueue_shared(request)
+
+    def await_any(self, timeout: float | None = None) -> list[Response]:
+        """Every response in the shared queue, waiting until there is one (or ``timeout``
+        seconds: then an empty list); each carries its ``request_id`` and a request's final one
+        ends it. Timeouts and Ctrl-C as for :meth:`await_responses`."""
+        return self._core.await_any(timeout)
+
     def await_responses(self, request_id: int, timeout: float | None = None) -> list[Response]:
         """Responses of ``request_id`` ready so far, waiting for at least one (or ``timeout``
         seconds: then an empty list; ``None`` or ``inf`` wait without a deadline, NaN or a negative

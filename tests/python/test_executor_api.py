@@ -450,3 +450,22 @@ def test_released_requests_are_forgotten_unread(exe):
     while exe.stats()["uncollected"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert exe.stats()["uncollected"] == 0
+
+
+def test_shared_requests_come_back_through_await_any(exe):
+    solo = final(exe, exe.enqueue_request(request(max_new_tokens=6))).output_token_ids
+    ids = [exe.enqueue_shared(request(max_new_tokens=6, streaming=i % 2 == 0)) for i in range(4)]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    finals = set()
+    deadline = time.monotonic() + TIMEOUT
+    while len(finals) < len(ids) and time.monotonic() < deadline:
+        for r in exe.await_any(timeout=1.0):
+            tokens[r.request_id] += r.output_token_ids
+            if r.is_final:
+                assert r.request_id not in finals
+                finals.add(r.request_id)
+    assert finals == set(ids)
+    assert all(t == solo for t in tokens.values())
+    assert exe.await_any(timeout=0.0) == []
+    with pytest.raises(ValueError, match="await_any: timeout must be None or a number"):
+        exe.await_any(timeout=-1.0)

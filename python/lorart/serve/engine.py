@@ -1,10 +1,12 @@
 """The server's side of the executor: one :class:`Generation` per prompt, fed to asyncio.
 
-Each generation is a streaming executor request. Its responses are awaited on a thread pool
-(the C++ wait releases the GIL and wakes only for its own request), decoded to text as they come
-(whole characters only), checked for stop strings (text that could still become one is held
-back), and ended early by cancelling its request. A generation whose caller leaves (a closed
-connection, an exception) cancels and releases its request, so the executor forgets it."""
+Each generation is a streaming executor request enqueued to the executor's shared queue: one
+dispatcher thread reads it (``Executor.await_any``, the GIL released while it waits) and hands
+each step's responses to their generations on the event loop in one wake-up, however many
+requests are in flight. A generation decodes its tokens to text as they come (whole characters
+only), checks for stop strings (text that could still become one is held back) and ends early
+by cancelling its request. A generation whose caller leaves (a closed connection, an exception)
+cancels and releases its request, so the executor forgets it."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from lorart._core import InferenceRequest, SamplingConfig
 from lorart.llm import LLM
@@ -21,7 +23,7 @@ from lorart.serve.adapters import Adapter, AdapterRegistry
 from lorart.serve.metrics import Metrics
 from lorart.serve.protocol import ApiError, Sampling
 
-# How long one executor wait blocks before the caller checks its connection again.
+# How long one dispatcher wait blocks before it checks whether the server is stopping.
 _WAIT_SECONDS = 0.25
 
 FINISH_REASONS = {"length": "length", "end_id": "stop", "stop": "stop", "cancelled": "abort"}
@@ -52,18 +54,14 @@ class Generation:
     first_token: float | None = None
     finish_reason: str | None = None
     _open: bool = True
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # filled by the dispatcher
 
     async def next(self) -> Chunk:
         """The next piece (waits for it); the last one has ``finish_reason`` set. ApiError when
         the request failed before anything was handed out."""
-        engine = self.engine
-        loop = asyncio.get_running_loop()
-        while True:
-            responses = await loop.run_in_executor(
-                engine.pool, engine.executor.await_responses, self.request_id, _WAIT_SECONDS
-            )
-            if responses:
-                break
+        responses = [await self.queue.get()]
+        while not self.queue.empty():
+            responses.append(self.queue.get_nowait())
         new_ids: list[int] = []
         new_logprobs: list[float] = []
         final = None
@@ -116,9 +114,50 @@ class Generation:
             self._open = False
             self.engine.executor.cancel_request(self.request_id)
             self.engine.executor.release_request(self.request_id)
+        self.engine.dispatcher.forget(self.request_id)
         if self.finish_reason is None:
             self.finish_reason = reason
             self.engine.finished(self)
+
+
+class Dispatcher:
+    """One thread that reads the executor's shared queue and hands the responses to their
+    generations' queues on the event loop (one loop wake-up per batch of responses)."""
+
+    def __init__(self, executor: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._executor, self._loop = executor, loop
+        self._queues: dict[int, asyncio.Queue] = {}  # request id -> queue; loop thread only
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lorart-dispatch", daemon=True)
+        self._thread.start()
+
+    def add(self, request_id: int, queue: asyncio.Queue) -> None:
+        self._queues[request_id] = queue
+
+    def forget(self, request_id: int) -> None:
+        self._queues.pop(request_id, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                responses = self._executor.await_any(timeout=_WAIT_SECONDS)
+            except Exception:  # the executor is gone: the server is stopping
+                return
+            if responses:
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver, responses)
+                except RuntimeError:  # the loop closed
+                    return
+
+    def _deliver(self, responses: list) -> None:
+        for r in responses:
+            queue = self._queues.get(r.request_id)
+            if queue is not None:  # else a generation that was closed: dropped
+                queue.put_nowait(r)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2 * _WAIT_SECONDS + 1)
 
 
 class Engine:
@@ -140,8 +179,7 @@ class Engine:
         self.chat_template = chat_template
         self.max_seq_len = self.executor.config.max_seq_len
         self.metrics = Metrics(self.executor.stats, lambda: len(adapters))
-        # One thread per generation waiting at once, at most: each wait blocks in C++.
-        self.pool = ThreadPoolExecutor(max_workers=max_queue + 4, thread_name_prefix="lorart-wait")
+        self._dispatcher: Dispatcher | None = None  # started by the first request, on its loop
         self._lock = threading.Lock()
         self._active = 0
 
@@ -216,11 +254,19 @@ class Engine:
             request.lora_config = adapter.config
         generation = Generation(self, model, prompt_ids, sampling)
         try:
-            generation.request_id = self.executor.enqueue_request(request)
+            generation.request_id = self.executor.enqueue_shared(request)
         except BaseException:
             self._release_slot()
             raise
+        # Before any response can be delivered: delivery runs on this (the loop's) thread.
+        self.dispatcher.add(generation.request_id, generation.queue)
         return generation
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self.executor, asyncio.get_running_loop())
+        return self._dispatcher
 
     def finished(self, g: Generation) -> None:
         self._release_slot()
@@ -243,7 +289,8 @@ class Engine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
 
 
 async def until_disconnected(is_disconnected: Callable[[], Awaitable[bool]]) -> None:

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -261,6 +262,56 @@ TEST(ExecutorTest, LogProbsAndGenerationLogitsCoverTheOutputTokensOnly) {
     EXPECT_EQ(log_probs, 3u) << streaming;
     EXPECT_EQ(rows, 3u) << streaming;
   }
+}
+
+// Requests enqueued shared deliver through await_any, each response once, in order per request,
+// the same tokens as through their own channels; a refused one's error arrives there too.
+TEST(ExecutorTest, SharedRequestsAreCollectedTogetherByAwaitAny) {
+  auto e = make_executor(small_config(4));
+  const Response solo = final_of(*e, e->enqueue_request(greedy(10)));
+  std::map<uint64_t, std::vector<int32_t>> tokens;
+  std::map<uint64_t, int> finals;
+  // Queued behind long requests, a shared one is still waiting when await_responses refuses it.
+  std::vector<uint64_t> ahead;
+  for (int i = 0; i < 40; ++i) ahead.push_back(e->enqueue_request(greedy(50)));
+  const uint64_t waiting = e->enqueue_shared(greedy(10));
+  expect_error<InvalidArgument>([&] { e->await_responses(waiting, 0ms); },
+                                "its responses come from await_any");
+  for (uint64_t id : ahead) {
+    e->cancel_request(id);
+    e->release_request(id);
+  }
+  std::vector<uint64_t> ids = {waiting};
+  for (int i = 0; i < 6; ++i) {
+    InferenceRequest r = greedy(10);
+    r.streaming = i % 2 == 0;
+    ids.push_back(e->enqueue_shared(r));
+  }
+  const uint64_t refused = e->enqueue_shared(greedy(4, {}));
+  const uint64_t own = e->enqueue_request(greedy(10));  // its own channel, untouched
+  std::string refused_error;
+  const auto deadline = std::chrono::steady_clock::now() + kTimeout;
+  while (finals.size() < ids.size() + 1 && std::chrono::steady_clock::now() < deadline) {
+    for (Response& r : e->await_any(kTimeout)) {
+      EXPECT_NE(r.request_id, own);
+      if (r.request_id == refused) refused_error = r.error;
+      tokens[r.request_id].insert(tokens[r.request_id].end(), r.output_token_ids.begin(),
+                                  r.output_token_ids.end());
+      if (r.is_final) ++finals[r.request_id];
+    }
+  }
+  for (uint64_t id : ids) {
+    EXPECT_EQ(finals[id], 1) << id;
+    EXPECT_EQ(tokens[id], solo.output_token_ids) << id;
+  }
+  EXPECT_PRED_FORMAT2(testing::IsSubstring, "input_token_ids is empty", refused_error);
+  EXPECT_EQ(final_of(*e, own).output_token_ids, solo.output_token_ids);
+  EXPECT_TRUE(e->await_any(0ms).empty());
+  while (e->stats().uncollected > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(1ms);  // the released ones end
+  }
+  EXPECT_EQ(e->stats().uncollected, 0);
+  expect_error<InvalidArgument>([&] { e->await_any(-1ms); }, "await_any: timeout must be >= 0");
 }
 
 TEST(ExecutorTest, ARequestThatBreaksARuleFailsAsAnInvalidRequest) {
