@@ -3,6 +3,7 @@ talked to with the ``openai`` package and raw HTTP (httpx)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -261,25 +262,58 @@ def test_adapters_load_and_unload_at_run_time(srv, lora_root):
     assert "bad" not in [m["id"] for m in srv.http.get("/v1/models").json()["data"]]
 
 
-def test_a_client_that_disconnects_cancels_its_request(srv):
+def abort_count(s: Server, model: str, headers=None) -> float:
+    text = s.http.get("/metrics", headers=headers or {}).text
+    key = f'lorart:requests_total{{finish_reason="abort",model="{model}"}} '
+    return sum(float(line[len(key) :]) for line in text.splitlines() if line.startswith(key))
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every chunk after a generation's first takes 1 s more: requests outlive a client."""
+    from lorart.serve import engine
+
+    original = engine.Generation.next
+
+    async def slow(self):
+        if self.token_ids:
+            await asyncio.sleep(1.0)
+        return await original(self)
+
+    monkeypatch.setattr(engine.Generation, "next", slow)
+
+
+@pytest.mark.parametrize(
+    "which,stream", [("srv", False), ("srv", True), ("strict", False), ("strict", True)]
+)
+def test_a_client_that_disconnects_cancels_its_request(request, slow_steps, which, stream):
+    """Also behind the API key's middleware, which must not hide the disconnect."""
+    s = request.getfixturevalue(which)
+    model = "ja" if which == "srv" else MODEL
+    headers = {"Authorization": "Bearer sesame"} if which == "strict" else {}
+    before = abort_count(s, model, headers)
     body = {
-        "model": "zh",
-        "prompt": ZH_PROMPT,
+        "model": model,
+        "prompt": JA_PROMPT,
         "max_tokens": 100,
         "temperature": 0,
         "ignore_eos": True,
-        "stream": True,
+        "stream": stream,
     }
-    with srv.http.stream("POST", "/v1/completions", json=body) as r:
-        next(r.iter_lines())
+    if stream:
+        with s.http.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            next(r.iter_lines())  # one chunk, then the client goes away
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            s.http.post("/v1/completions", json=body, headers=headers, timeout=0.5)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        s = srv.engine.executor.stats()
-        if srv.engine._active == 0 and s["running"] == 0 and s["uncollected"] == 0:
-            break
+    while abort_count(s, model, headers) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert abort_count(s, model, headers) == before + 1  # ended as aborted, not run to its end
+    while s.engine.executor.stats()["uncollected"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert srv.engine._active == 0
-    assert srv.engine.executor.stats()["uncollected"] == 0
+    assert s.engine._active == 0
+    assert s.engine.executor.stats()["uncollected"] == 0
 
 
 def test_metrics_after_traffic(srv):
@@ -343,14 +377,19 @@ def test_api_key_queue_limit_body_limit_and_chat(strict):
         client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "x"}])
     # A generation the server holds (never read, so never finished) fills --max-queue 1: the
     # next request gets 429, and once it ends the server takes requests again.
-    held = strict.engine.start(MODEL, None, [1, 2, 3], serve.protocol.Sampling(max_tokens=4))
+    loop = strict.engine.dispatcher.loop
+
+    async def hold():
+        return strict.engine.start(MODEL, None, [1, 2, 3], serve.protocol.Sampling(max_tokens=4))
+
+    held = asyncio.run_coroutine_threadsafe(hold(), loop).result(10)
     try:
         err = error_of(
             strict.post("/v1/completions", {"model": MODEL, "prompt": "x"}, headers=key), 429
         )
         assert "--max-queue" in err["message"] and err["type"] == "rate_limit_error"
     finally:
-        held.close()
+        loop.call_soon_threadsafe(held.close)
     ok = strict.post(
         "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}, headers=key
     )

@@ -57,11 +57,13 @@ class AdapterRegistry:
             raise ApiError(
                 403, "runtime adapter loading is off: start the server with --lora-root DIR"
             )
+        if "\0" in path:
+            raise ApiError(400, "lora_path must not contain NUL characters", param="lora_path")
         candidate = Path(path)
         if not candidate.is_absolute():
             candidate = self.root / candidate
         real = Path(os.path.realpath(candidate))
-        if os.path.commonpath([real, self.root]) != str(self.root):
+        if not self._inside(real):
             raise ApiError(
                 403,
                 f"lora_path {path!r} resolves outside --lora-root ({self.root})",
@@ -69,7 +71,17 @@ class AdapterRegistry:
             )
         if not real.is_dir():
             raise ApiError(404, f"lora_path {path!r}: no adapter directory there", "lora_path")
+        for entry in real.iterdir():  # the adapter's files must not lead out either
+            if not self._inside(Path(os.path.realpath(entry))):
+                raise ApiError(
+                    403,
+                    f"lora_path {path!r}: {entry.name} resolves outside --lora-root",
+                    param="lora_path",
+                )
         return real
+
+    def _inside(self, real: Path) -> bool:
+        return os.path.commonpath([real, self.root]) == str(self.root)
 
     def add(self, name: str, path: Path, served_model_name: str) -> Adapter:
         """Converts and validates the adapter at ``path`` (PEFT or .npy directory) and names it;

@@ -33,11 +33,44 @@ from lorart.serve.protocol import (
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
+class _ApiKey:
+    """Requires ``Authorization: Bearer KEY`` on every /v1 route (401 otherwise)."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self._expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                err = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _Stream(StreamingResponse):
+    """A server-sent event stream that ends its generations however it ends: done, failed, or
+    cancelled by a client that went away."""
+
+    def __init__(self, body: AsyncIterator[bytes], generations: list[Generation]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self._generations = generations
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for g in self._generations:
+                g.close()
+
+
 def create_app(
     engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start_dispatcher(asyncio.get_running_loop())
         yield
         engine.shutdown()  # requests still running end cancelled
 
@@ -59,14 +92,10 @@ def create_app(
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         return JSONResponse(ApiError(500, f"internal error: {err}").body(), status_code=500)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Response:
-        if api_key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                err = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    if api_key is not None:
+        # A plain ASGI middleware: Starlette's @app.middleware wrapper would hide client
+        # disconnects from the routes (request.is_disconnected() never turns true under it).
+        app.add_middleware(_ApiKey, api_key=api_key)
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -133,7 +162,7 @@ def create_app(
         first = await first_chunks(generations, request)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
         if req.sampling.stream:
-            return sse(completion_events(generations, first, meta, req.sampling))
+            return sse(completion_events(generations, first, meta, req.sampling), generations)
         chunks = await run_to_end(generations, first, request)
         choices = []
         for i, (g, cs) in enumerate(zip(generations, chunks, strict=True)):
@@ -172,7 +201,7 @@ def create_app(
             "model": req.model,
         }
         if req.sampling.stream:
-            return sse(chat_events(generations[0], first[0], meta, req.sampling))
+            return sse(chat_events(generations[0], first[0], meta, req.sampling), generations)
         [chunks] = await run_to_end(generations, first, request)
         g = generations[0]
         choice = {
@@ -228,19 +257,20 @@ def create_app(
                 raise ApiError(499, "the client closed the connection")
             return work.result()
         except BaseException:
+            work.cancel()  # a failed generation's siblings must not wait on
             for g in generations:
                 g.close()
             raise
         finally:
             watch.cancel()
 
-    def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    def sse(events: AsyncIterator[dict[str, Any]], generations: list[Generation]) -> _Stream:
         async def body() -> AsyncIterator[bytes]:
             async for event in events:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return _Stream(body(), generations)
 
     async def merged(
         generations: list[Generation], first: list[Chunk]
@@ -280,14 +310,21 @@ def create_app(
         generations: list[Generation], first: list[Chunk], meta: dict, sampling: Sampling
     ) -> AsyncIterator[dict[str, Any]]:
         base = {**meta, "object": "text_completion"}
+        # Tokens whose text is not out yet (a partial character, text held back for a stop
+        # string) go with the next chunk that carries text, and offsets run on across chunks.
+        pending: dict[int, list[Chunk]] = {i: [] for i in range(len(generations))}
+        offsets = dict.fromkeys(range(len(generations)), 0)
         try:
             async for i, chunk in merged(generations, first):
+                pending[i].append(chunk)
                 ids_only = sampling.return_token_ids and chunk.token_ids
                 if not chunk.text and not ids_only and chunk.finish_reason is None:
                     continue
+                carried, pending[i] = pending[i], []
                 logprobs = None
                 if sampling.logprobs:
-                    logprobs = completion_logprobs(generations[i], [chunk])
+                    logprobs = completion_logprobs(generations[i], carried, offsets[i])
+                    offsets[i] += sum(len(t) for t in logprobs["tokens"])
                 choice = {
                     "index": i,
                     "text": chunk.text,
@@ -295,7 +332,7 @@ def create_app(
                     "finish_reason": chunk.finish_reason,
                 }
                 if sampling.return_token_ids:
-                    choice["token_ids"] = chunk.token_ids
+                    choice["token_ids"] = [t for c in carried for t in c.token_ids]
                 yield {**base, "choices": [choice]}
         except ApiError as err:
             yield err.body()
@@ -309,14 +346,17 @@ def create_app(
         base = {**meta, "object": "chat.completion.chunk"}
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         yield {**base, "choices": [{**role, "logprobs": None}]}
+        pending: list[Chunk] = []
         try:
             async for _, chunk in merged([g], [first]):
+                pending.append(chunk)
                 if not chunk.text and chunk.finish_reason is None:
                     continue
+                carried, pending = pending, []
                 choice = {
                     "index": 0,
                     "delta": {"content": chunk.text} if chunk.text else {},
-                    "logprobs": chat_logprobs(g, [chunk]) if sampling.logprobs else None,
+                    "logprobs": chat_logprobs(g, carried) if sampling.logprobs else None,
                     "finish_reason": chunk.finish_reason,
                 }
                 yield {**base, "choices": [choice]}
@@ -329,11 +369,11 @@ def create_app(
     def token_texts(ids: list[int]) -> list[str]:
         return [engine.llm.decode([t], skip_special_tokens=False) for t in ids]
 
-    def completion_logprobs(g: Generation, chunks: list[Chunk]) -> dict[str, Any]:
+    def completion_logprobs(g: Generation, chunks: list[Chunk], at: int = 0) -> dict[str, Any]:
         ids = [t for c in chunks for t in c.token_ids]
         values = [v for c in chunks for v in c.log_probs]
         texts = token_texts(ids)
-        offsets, at = [], 0
+        offsets = []
         for t in texts:
             offsets.append(at)
             at += len(t)

@@ -11,6 +11,7 @@ cancels and releases its request, so the executor forgets it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,8 @@ from lorart.llm import LLM
 from lorart.serve.adapters import Adapter, AdapterRegistry
 from lorart.serve.metrics import Metrics
 from lorart.serve.protocol import ApiError, Sampling
+
+logger = logging.getLogger("lorart")
 
 # How long one dispatcher wait blocks before it checks whether the server is stopping.
 _WAIT_SECONDS = 0.25
@@ -125,7 +128,7 @@ class Dispatcher:
     generations' queues on the event loop (one loop wake-up per batch of responses)."""
 
     def __init__(self, executor: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self._executor, self._loop = executor, loop
+        self._executor, self.loop = executor, loop
         self._queues: dict[int, asyncio.Queue] = {}  # request id -> queue; loop thread only
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lorart-dispatch", daemon=True)
@@ -141,11 +144,13 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 responses = self._executor.await_any(timeout=_WAIT_SECONDS)
-            except Exception:  # the executor is gone: the server is stopping
+            except Exception:
+                if not self._stop.is_set():
+                    logger.exception("lorart serve: the response dispatcher stopped")
                 return
             if responses:
                 try:
-                    self._loop.call_soon_threadsafe(self._deliver, responses)
+                    self.loop.call_soon_threadsafe(self._deliver, responses)
                 except RuntimeError:  # the loop closed
                     return
 
@@ -224,21 +229,19 @@ class Engine:
         for t in sampling.stop_token_ids:
             if t >= vocab:
                 raise ApiError(400, f"stop_token_ids: {t} is past the vocabulary ({vocab})")
-        with self._lock:
-            if self._active >= self.max_queue:
+        for i, t in enumerate(prompt_ids):
+            if not 0 <= t < vocab:
                 raise ApiError(
-                    429,
-                    f"the server holds its maximum of {self.max_queue} requests (--max-queue); "
-                    "retry later",
-                    code="queue_full",
+                    400,
+                    f"prompt: token id [{i}] = {t} is out of the vocabulary [0, {vocab})",
+                    param="prompt",
                 )
-            self._active += 1
         greedy = sampling.temperature == 0.0
         request = InferenceRequest(
             prompt_ids,
             max_new_tokens=max_tokens,
             sampling_config=SamplingConfig(
-                top_k=1 if greedy else sampling.top_k,
+                top_k=1 if greedy else min(sampling.top_k, vocab),
                 top_p=sampling.top_p,
                 temperature=1.0 if greedy else sampling.temperature,
                 seed=sampling.seed,
@@ -252,6 +255,15 @@ class Engine:
             request.lora_task_id = adapter.task_id
             request.lora_weights = adapter.weights
             request.lora_config = adapter.config
+        with self._lock:  # only once nothing but the enqueue can fail
+            if self._active >= self.max_queue:
+                raise ApiError(
+                    429,
+                    f"the server holds its maximum of {self.max_queue} requests (--max-queue); "
+                    "retry later",
+                    code="queue_full",
+                )
+            self._active += 1
         generation = Generation(self, model, prompt_ids, sampling)
         try:
             generation.request_id = self.executor.enqueue_shared(request)
@@ -262,10 +274,15 @@ class Engine:
         self.dispatcher.add(generation.request_id, generation.queue)
         return generation
 
+    def start_dispatcher(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts the thread that feeds the generations, on the server's event loop."""
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self.executor, loop)
+
     @property
     def dispatcher(self) -> Dispatcher:
-        if self._dispatcher is None:
-            self._dispatcher = Dispatcher(self.executor, asyncio.get_running_loop())
+        if self._dispatcher is None:  # an app run without its lifespan
+            self.start_dispatcher(asyncio.get_running_loop())
         return self._dispatcher
 
     def finished(self, g: Generation) -> None:

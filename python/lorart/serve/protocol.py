@@ -184,7 +184,7 @@ def _sampling(body: dict, max_tokens_field: str, default_tokens: int | None) -> 
         max_tokens=max_tokens if max_tokens is not None else default_tokens,
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_float(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
-        top_k=max(0, _int(body, "top_k", 0, -1) or 0),  # -1 (vLLM's 'off') = 0
+        top_k=max(0, _int(body, "top_k", 0, -1, 2**31 - 1) or 0),  # -1 (vLLM's 'off') = 0
         seed=seed,
         stop=stops,
         stop_token_ids=[int(t) for t in stop_ids],
