@@ -30,6 +30,44 @@ Response final_response(uint64_t id, FinishReason reason, std::string error = ""
   return r;
 }
 
+using Clock = std::chrono::steady_clock;
+
+// When a wait of `timeout` started now ends (none: no deadline); InvalidArgument names `op` for
+// a negative timeout.
+std::optional<Clock::time_point> deadline_of(const char* op,
+                                             std::optional<std::chrono::milliseconds> timeout) {
+  if (timeout && timeout->count() < 0) {
+    raise<InvalidArgument>(op, ": timeout must be >= 0, got ", timeout->count(), " ms");
+  }
+  if (timeout && *timeout < Executor::kWaitForever) return Clock::now() + *timeout;
+  return std::nullopt;
+}
+
+// Waits on `cv` until ready() (true) or the deadline (false), running `poll` every
+// `poll_interval` with `lock` released (it may throw to end the wait).
+template <class Ready>
+bool wait_until_ready(std::unique_lock<std::mutex>& lock, std::condition_variable& cv, Ready ready,
+                      std::optional<Clock::time_point> deadline, const std::function<void()>& poll,
+                      std::chrono::milliseconds poll_interval) {
+  while (!ready()) {
+    std::optional<Clock::time_point> until = deadline;
+    if (poll) {
+      const Clock::time_point next = Clock::now() + poll_interval;
+      if (!until || next < *until) until = next;
+    }
+    if (!until) {
+      cv.wait(lock, ready);
+      return true;
+    }
+    if (cv.wait_until(lock, *until, ready)) return true;
+    if (deadline && Clock::now() >= *deadline) return false;
+    lock.unlock();
+    poll();
+    lock.lock();
+  }
+  return true;
+}
+
 // resolve(), plus what this model was built for: all before the executor allocates anything.
 ExecutorConfig checked_config(const ExecutorConfig& config, const LlamaModel* model) {
   if (model == nullptr) raise<InvalidArgument>("Executor: model is null");
@@ -185,12 +223,7 @@ std::vector<Response> Executor::await_responses(uint64_t id,
                                                 std::optional<std::chrono::milliseconds> timeout,
                                                 const std::function<void()>& poll,
                                                 std::chrono::milliseconds poll_interval) {
-  using Clock = std::chrono::steady_clock;
-  if (timeout && timeout->count() < 0) {
-    raise<InvalidArgument>("await_responses: timeout must be >= 0, got ", timeout->count(), " ms");
-  }
-  std::optional<Clock::time_point> deadline;
-  if (timeout && *timeout < kWaitForever) deadline = Clock::now() + *timeout;
+  const std::optional<Clock::time_point> deadline = deadline_of("await_responses", timeout);
   std::unique_lock<std::mutex> lock(channel_mutex_);
   auto found = channels_.find(id);
   if (found == channels_.end() || found->second->released) {
@@ -204,22 +237,7 @@ std::vector<Response> Executor::await_responses(uint64_t id,
                            " was enqueued with enqueue_shared: its responses come from await_any");
   }
   auto ready = [&] { return channel->closed || channel->released || !channel->responses.empty(); };
-  while (!ready()) {
-    std::optional<Clock::time_point> until = deadline;
-    if (poll) {
-      const Clock::time_point next = Clock::now() + poll_interval;
-      if (!until || next < *until) until = next;
-    }
-    if (!until) {
-      channel->ready.wait(lock, ready);
-      break;
-    }
-    if (channel->ready.wait_until(lock, *until, ready)) break;
-    if (deadline && Clock::now() >= *deadline) return {};
-    lock.unlock();  // poll() may take its time, or throw to end the wait
-    poll();
-    lock.lock();
-  }
+  if (!wait_until_ready(lock, channel->ready, ready, deadline, poll, poll_interval)) return {};
   if (channel->responses.empty()) {
     raise<InvalidArgument>("request id ", id, " ",
                            channel->released ? "was released while this call waited"
@@ -275,30 +293,10 @@ void Executor::shutdown() {
 std::vector<Response> Executor::await_any(std::optional<std::chrono::milliseconds> timeout,
                                           const std::function<void()>& poll,
                                           std::chrono::milliseconds poll_interval) {
-  using Clock = std::chrono::steady_clock;
-  if (timeout && timeout->count() < 0) {
-    raise<InvalidArgument>("await_any: timeout must be >= 0, got ", timeout->count(), " ms");
-  }
-  std::optional<Clock::time_point> deadline;
-  if (timeout && *timeout < kWaitForever) deadline = Clock::now() + *timeout;
+  const std::optional<Clock::time_point> deadline = deadline_of("await_any", timeout);
   std::unique_lock<std::mutex> lock(channel_mutex_);
   auto ready = [&] { return !shared_.empty(); };
-  while (!ready()) {
-    std::optional<Clock::time_point> until = deadline;
-    if (poll) {
-      const Clock::time_point next = Clock::now() + poll_interval;
-      if (!until || next < *until) until = next;
-    }
-    if (!until) {
-      shared_ready_.wait(lock, ready);
-      break;
-    }
-    if (shared_ready_.wait_until(lock, *until, ready)) break;
-    if (deadline && Clock::now() >= *deadline) return {};
-    lock.unlock();
-    poll();
-    lock.lock();
-  }
+  if (!wait_until_ready(lock, shared_ready_, ready, deadline, poll, poll_interval)) return {};
   std::vector<Response> out(std::make_move_iterator(shared_.begin()),
                             std::make_move_iterator(shared_.end()));
   shared_.clear();
