@@ -61,6 +61,15 @@ class Server:
 def lora_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lora_root")
     shutil.copytree(ZH, root / "zh")
+    # The same adapter converted to TensorRT-LLM's .npy pair (as `lorart convert` writes it).
+    from lorart import hf, lora
+
+    lora.save_npy(root / "zh_npy", *lora.from_peft(ZH, hf.load_config(DEMO / "model")))
+    # Finite values that overflow float32 in the forward: the runtime's failure (a 500).
+    import numpy as np
+
+    weights, config = lora.from_peft(ZH, hf.load_config(DEMO / "model"))
+    lora.save_npy(root / "blown", lora.LoraWeights(np.asarray(weights.numpy()) * 1e36), config)
     (root / "empty").mkdir()
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(JA, outside / "ja")
@@ -248,6 +257,14 @@ def test_adapters_load_and_unload_at_run_time(srv, lora_root):
     assert "zh2" in [m["id"] for m in srv.http.get("/v1/models").json()["data"]]
     assert error_of(load({"lora_name": "zh2", "lora_path": "zh"}), 400)["param"] == "lora_name"
     assert error_of(load({"lora_name": MODEL, "lora_path": "zh"}), 400)["param"] == "lora_name"
+    r = load({"lora_name": "zh-npy", "lora_path": "zh_npy"})
+    assert r.status_code == 200, r.text
+    assert complete(srv, "zh-npy", ZH_PROMPT, max_tokens=8)["choices"][0]["text"] == expected
+    assert unload({"lora_name": "zh-npy"}).status_code == 200
+    assert load({"lora_name": "blown", "lora_path": "blown"}).status_code == 200
+    err = error_of(srv.post("/v1/completions", {"model": "blown", "prompt": ZH_PROMPT}), 500)
+    assert "not finite" in err["message"] and err["type"] == "internal_error"
+    assert unload({"lora_name": "blown"}).status_code == 200
     assert unload({"lora_name": "zh2"}).status_code == 200
     error_of(srv.post("/v1/completions", {"model": "zh2", "prompt": "x"}), 404)
     error_of(unload({"lora_name": "zh2"}), 404)
