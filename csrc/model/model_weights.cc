@@ -219,10 +219,7 @@ ModelWeights::ModelWeights(ModelWeightsBuilder&& builder)
       ops::relayout_weight(ctx, *w, matrix_layout_);
     }
   }
-  if (!c.tie_word_embeddings) {
-    lm_head_layout_ = matrix_layout_;
-    ops::relayout_weight(ctx, lm_head_view_, lm_head_layout_);
-  }
+  if (!c.tie_word_embeddings) ops::relayout_weight(ctx, lm_head_view_, lm_head_layout());
   nbytes_ = total_bytes(embed_, final_norm_, lm_head_, layers_);
 }
 

@@ -100,7 +100,9 @@ class ModelWeights {
   // layout for dtype() (ops::preferred_layout), set when the weights are taken over.
   WeightLayout matrix_layout() const { return matrix_layout_; }
   // The lm_head's: matrix_layout(), or kRowMajor when it is the (gathered) embedding.
-  WeightLayout lm_head_layout() const { return lm_head_layout_; }
+  WeightLayout lm_head_layout() const {
+    return config_.tie_word_embeddings ? WeightLayout::kRowMajor : matrix_layout_;
+  }
   size_t nbytes() const { return nbytes_; }
   // The config the builder laid the weights out for.
   const ModelConfig& config() const { return config_; }
@@ -115,7 +117,6 @@ class ModelWeights {
   std::vector<LayerWeights> layer_views_;
   Tensor embed_view_, lm_head_view_, final_norm_view_;
   WeightLayout matrix_layout_ = WeightLayout::kRowMajor;
-  WeightLayout lm_head_layout_ = WeightLayout::kRowMajor;
   size_t nbytes_ = 0;
 };
 

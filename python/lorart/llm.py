@@ -152,10 +152,7 @@ class LLM:
         model_config = model_config if model_config is not None else self.executor.model_config
         with self._lock:
             if path not in self._adapters:
-                if lora.is_npy_dir(path):
-                    weights, config = lora.load_npy(path)
-                else:
-                    weights, config = lora.from_peft(path, model_config)
+                weights, config = lora.load_dir(path, model_config)
                 try:
                     lora.validate(weights, config, model_config, self._max_lora_rank)
                 except ValueError as err:

@@ -624,6 +624,14 @@ def is_npy_dir(path: str | Path) -> bool:
     return (Path(path) / WEIGHTS_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
 
 
+def load_dir(adapter_dir: str | Path, model_config: ModelConfig) -> tuple[LoraWeights, LoraConfig]:
+    """An adapter directory of either kind: the TensorRT-LLM ``.npy`` pair (:func:`load_npy`) or a
+    PEFT adapter converted for ``model_config`` (:func:`from_peft`). Not yet validated."""
+    if is_npy_dir(adapter_dir):
+        return load_npy(adapter_dir)
+    return from_peft(adapter_dir, model_config)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tensor parallelism
 

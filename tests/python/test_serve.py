@@ -242,6 +242,8 @@ def test_errors_have_the_right_status_and_name_the_field(srv):
     assert "exceeds the model's max_seq_len 128" in err["message"]
     err = error_of(post("/v1/completions", {"model": MODEL, "prompt": [10**6]}), 400)
     assert "out of the vocabulary" in err["message"]  # the executor's check, as a 400
+    err = error_of(post("/v1/completions", {"model": MODEL, "prompt": [2**40]}), 400)
+    assert err["param"] == "prompt" and "[0, 2^31)" in err["message"]
     assert error_of(srv.http.get("/v1/nothing"), 404)["message"].startswith("GET /v1/nothing")
     # The server keeps serving.
     assert complete(srv, "zh", ZH_PROMPT, max_tokens=4)["choices"][0]["text"]

@@ -92,10 +92,7 @@ class AdapterRegistry:
             if name in self._by_name:
                 raise ApiError(400, f"an adapter named {name!r} is already loaded", "lora_name")
         try:
-            if lora.is_npy_dir(path):
-                weights, config = lora.load_npy(path)
-            else:
-                weights, config = lora.from_peft(path, self._model_config)
+            weights, config = lora.load_dir(path, self._model_config)
             lora.validate(weights, config, self._model_config, self._max_rank)
         except (ValueError, FileNotFoundError) as err:
             raise ApiError(400, f"adapter {name!r} ({path}): {err}", "lora_path") from None

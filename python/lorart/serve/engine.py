@@ -229,13 +229,6 @@ class Engine:
         for t in sampling.stop_token_ids:
             if t >= vocab:
                 raise ApiError(400, f"stop_token_ids: {t} is past the vocabulary ({vocab})")
-        for i, t in enumerate(prompt_ids):
-            if not 0 <= t < vocab:
-                raise ApiError(
-                    400,
-                    f"prompt: token id [{i}] = {t} is out of the vocabulary [0, {vocab})",
-                    param="prompt",
-                )
         greedy = sampling.temperature == 0.0
         request = InferenceRequest(
             prompt_ids,

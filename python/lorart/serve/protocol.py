@@ -219,6 +219,9 @@ def parse_completion(body: Any) -> CompletionRequest:
         )
     if any(isinstance(p, str) and not p for p in prompts):
         raise bad("prompt", "must not be empty")
+    # The executor checks ids against the vocabulary; past int32 they could not reach it.
+    if any(not 0 <= t < 2**31 for p in prompts if not isinstance(p, str) for t in p):
+        raise bad("prompt", "token ids must be in [0, 2^31)")
     sampling = _sampling(body, "max_tokens", DEFAULT_COMPLETION_TOKENS)
     logprobs = _int(body, "logprobs", None, 0, 1)
     sampling.logprobs = logprobs is not None
