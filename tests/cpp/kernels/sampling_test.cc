@@ -245,5 +245,56 @@ TEST(SampleOpTest, BadParamsAndRowsAreRefusedByName) {
   EXPECT_EQ(token, 1);
 }
 
+// Rows of one step may have different vocabularies (an adapter's own is wider than the base's):
+// each row samples, and takes its log-prob, over its first `vocab` logits only.
+TEST(SampleOpTest, EachRowSamplesOverItsOwnVocabulary) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  // Row 0: 4 own tokens, then larger logits (and a NaN) past them. Row 1: the whole row of 6.
+  // Row 2: a vocab wider than the row means the row.
+  std::vector<float> logits = {0.0f, 0.5f, 0.2f, 0.1f, 9.0f, nan,   //
+                               0.0f, 0.5f, 0.2f, 0.1f, 9.0f, 1.0f,  //
+                               0.0f, 0.5f, 0.2f, 0.1f, 1.0f, 9.0f};
+  std::vector<int32_t> rows = {0, 1, 2}, tokens(3, -2);
+  std::vector<float> log_probs(3);
+  std::vector<uint64_t> rng = {1, 2, 3};
+  std::vector<std::pair<float, int32_t>> scratch(6);
+  const SamplingParams greedy{1, 1.0f, 0.0f};
+  std::vector<SamplingParams> params = {greedy, greedy, greedy};
+  params[0].vocab = 4;
+  params[2].vocab = 100;
+  ops::sample(ExecContext::cpu(), Tensor(logits.data(), DType::kFloat32, {3, 6}),
+              Tensor(rows.data(), DType::kInt32, {3}), params.data(), rng.data(),
+              Tensor(tokens.data(), DType::kInt32, {3}),
+              Tensor(log_probs.data(), DType::kFloat32, {3}), scratch.data());
+  EXPECT_EQ(tokens, (std::vector<int32_t>{1, 4, 5}));
+  const std::vector<double> own = softmax({0.0f, 0.5f, 0.2f, 0.1f});
+  EXPECT_NEAR(log_probs[0], std::log(own[1]), 1e-6);
+  EXPECT_NEAR(log_probs[1], std::log(softmax({0.0f, 0.5f, 0.2f, 0.1f, 9.0f, 1.0f})[4]), 1e-6);
+
+  // Random draws never leave the row's vocabulary.
+  for (float& v : logits) v = std::isnan(v) ? 0.0f : v;
+  params[0] = SamplingParams{0, 1.0f, 1.0f, 2};
+  for (int i = 0; i < 500; ++i) {
+    ops::sample(ExecContext::cpu(), Tensor(logits.data(), DType::kFloat32, {3, 6}),
+                Tensor(rows.data(), DType::kInt32, {1}), params.data(), rng.data(),
+                Tensor(tokens.data(), DType::kInt32, {1}), Tensor(), scratch.data());
+    ASSERT_TRUE(tokens[0] == 0 || tokens[0] == 1) << "draw " << i << ": " << tokens[0];
+  }
+  // A NaN or +inf within the row's vocabulary still fails the row.
+  logits[3] = inf;
+  params[0] = greedy;
+  params[0].vocab = 4;
+  ops::sample(ExecContext::cpu(), Tensor(logits.data(), DType::kFloat32, {3, 6}),
+              Tensor(rows.data(), DType::kInt32, {1}), params.data(), rng.data(),
+              Tensor(tokens.data(), DType::kInt32, {1}), Tensor(), scratch.data());
+  EXPECT_EQ(tokens[0], -1);
+  params[0].vocab = 3;  // the +inf is past it
+  ops::sample(ExecContext::cpu(), Tensor(logits.data(), DType::kFloat32, {3, 6}),
+              Tensor(rows.data(), DType::kInt32, {1}), params.data(), rng.data(),
+              Tensor(tokens.data(), DType::kInt32, {1}), Tensor(), scratch.data());
+  EXPECT_EQ(tokens[0], 1);
+}
+
 }  // namespace
 }  // namespace lorart

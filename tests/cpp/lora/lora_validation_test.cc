@@ -2,8 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
 #include <typeinfo>
 #include <vector>
@@ -273,6 +275,323 @@ TEST(LoraTensorsTest, WeightsConvertBetweenFloatDtypes) {
   expect_error<LoraError>([&] { weights.to(DType::kInt32); },
                           "lora_weights can only be converted to float32, float16 or bfloat16, "
                           "not int32");
+}
+
+// --- DoRA rows (TensorRT-LLM's 4th column) -------------------------------------------------------
+
+TEST(LoraValidationTest, IsDoraMustBeZeroOrOne) {
+  expect_rejected({{1, 0, 2, 2}}, "lora_config row 0: is_dora 2 must be 0 or 1");
+  expect_rejected({{1, 0, 1, 0}, {2, 0, 1, -1}}, "lora_config row 1: is_dora -1 must be 0 or 1");
+  const LoraConfig config = LoraConfig::from_rows({{1, 0, 2, 1}, {2, 1, 1, 0}});
+  const LoraWeights weights = make_weights(2, 320);
+  EXPECT_NO_THROW(validate_lora(&weights, &config, small_llama(), {}));
+}
+
+// A DoRA row appends Ho magnitudes: attn_q rank 2 needs 2*64 + 64*2 + 64 = 320 values.
+TEST(LoraValidationTest, DoraRowMustHoldItsMagnitudes) {
+  const LoraTarget model = small_llama();
+  EXPECT_EQ(lora_row_values(model, {1, 0, 2, 1}), 320);
+  EXPECT_EQ(lora_row_values(model, {6, 0, 1, 1}), 192 + 64);  // mlp_4h_to_h: Ho = hidden
+  EXPECT_EQ(lora_row_values(model, {2, 0, 1, 1}), 96 + 32);   // attn_k: Ho = kv
+  const LoraConfig config = LoraConfig::from_rows({{1, 0, 2, 1}});
+  const LoraWeights short_row = make_weights(1, 319);
+  expect_lora_error(&short_row, &config,
+                    "lora_weights row 0 (attn_q, layer 0): adapter_size 2 needs 320 values (2*64 "
+                    "in + 64*2 out + 64 magnitudes) but rows hold 319");
+  // The same row without DoRA fits in 256.
+  const LoraConfig plain = LoraConfig::from_rows({{1, 0, 2, 0}});
+  const LoraWeights plain_row = make_weights(1, 256);
+  EXPECT_NO_THROW(validate_lora(&plain_row, &plain, model, {}));
+}
+
+TEST(LoraValidationTest, DoraMagnitudesMustBeFinite) {
+  const LoraConfig config = LoraConfig::from_rows({{1, 0, 2, 1}});
+  const LoraWeights nan_magnitude = make_weights(1, kRowSize + 64, {{319, kNan}});
+  expect_lora_error(&nan_magnitude, &config,
+                    "lora_weights row 0 (attn_q, layer 0): value at column 319 is nan; LoRA "
+                    "weights must be finite");
+  const LoraWeights inf_first = make_weights(1, kRowSize + 64, {{256, kInf}});
+  expect_lora_error(&inf_first, &config, "value at column 256 is inf");
+  // Past the magnitudes is padding.
+  const LoraWeights padded = make_weights(1, kRowSize + 64, {{320, kNan}});
+  EXPECT_NO_THROW(validate_lora(&padded, &config, small_llama(), {}));
+  // Without DoRA, column 256 is padding too.
+  const LoraConfig plain = LoraConfig::from_rows({{1, 0, 2}});
+  EXPECT_NO_THROW(validate_lora(&inf_first, &plain, small_llama(), {}));
+}
+
+TEST(LoraTensorsTest, ConfigHasAFourthColumnOnlyWithDoraRows) {
+  const LoraConfig plain = LoraConfig::from_rows({{1, 0, 2}, {2, 1, 1, 0}});
+  EXPECT_EQ(plain.num_columns(), 3);
+  EXPECT_EQ(plain.row(1).is_dora, 0);
+  const LoraConfig dora = LoraConfig::from_rows({{1, 0, 2}, {2, 1, 1, 1}});
+  ASSERT_EQ(dora.num_columns(), 4);
+  EXPECT_EQ(dora.tensor().shape_str(), "[2, 4]");
+  EXPECT_EQ(dora.row(0).is_dora, 0);
+  EXPECT_EQ(dora.row(1).is_dora, 1);
+  EXPECT_EQ(dora.row(1).module_id, 2);
+  EXPECT_EQ(dora.row(1).adapter_size, 1);
+  // TensorRT-LLM's 3-D form, and an owning copy, keep the 4 columns.
+  std::vector<int32_t> table = {1, 0, 2, 1, 6, 2, 4, 0};
+  const LoraConfig batched(Tensor(table.data(), DType::kInt32, {1, 2, 4}), nullptr);
+  EXPECT_EQ(batched.tensor().shape_str(), "[2, 4]");
+  EXPECT_EQ(batched.row(0).is_dora, 1);
+  EXPECT_EQ(batched.row(1).layer_idx, 2);
+  EXPECT_EQ(batched.row(1).adapter_size, 4);
+  const LoraConfig copy = LoraConfig::copy_of(Tensor(table.data(), DType::kInt32, {2, 4}));
+  table[3] = 0;
+  EXPECT_EQ(copy.num_columns(), 4);
+  EXPECT_EQ(copy.row(0).is_dora, 1);
+  EXPECT_EQ(copy.row(1).module_id, 6);
+}
+
+// --- Embedding-side parts ------------------------------------------------------------------------
+
+using P = LoraEmbeddings;
+using Parts = std::array<P::Input, P::kNumParts>;
+
+// A [rows, cols] float32 part of finite values, with `patch` applied on top.
+P::Input emb_part(int64_t rows, int64_t cols,
+                  const std::vector<std::pair<int64_t, float>>& patch = {}) {
+  auto values = std::make_shared<std::vector<float>>(rows * cols);
+  for (size_t i = 0; i < values->size(); ++i) (*values)[i] = static_cast<float>(i % 7) * 0.25f;
+  for (const auto& [index, value] : patch) (*values)[index] = value;
+  return {Tensor(values->data(), DType::kFloat32, {rows, cols}), values};
+}
+
+// Zero rows and `parts`: an adapter made of embedding-side parts only.
+struct PartsOnly {
+  LoraWeights weights;
+  LoraConfig config;
+};
+PartsOnly parts_only(const Parts& parts) {
+  return {LoraWeights(Tensor(nullptr, DType::kFloat32, {0, 0}), nullptr,
+                      std::make_shared<const LoraEmbeddings>(parts)),
+          LoraConfig::from_rows({})};
+}
+
+void expect_parts_error(const Parts& parts, const std::string& needle,
+                        const LoraLimits& limits = {}) {
+  SCOPED_TRACE(needle);
+  const PartsOnly a = parts_only(parts);
+  expect_lora_error(&a.weights, &a.config, needle, limits);
+  // The same rule applies to validate_lora_embeddings called alone.
+  if (a.weights.embeddings() == nullptr) return;  // no parts: nothing for it to check
+  expect_error<LoraError>(
+      [&] { validate_lora_embeddings(*a.weights.embeddings(), small_llama(), limits); }, needle);
+}
+
+void expect_parts_ok(const Parts& parts, const LoraLimits& limits = {}) {
+  const PartsOnly a = parts_only(parts);
+  EXPECT_NO_THROW(validate_lora(&a.weights, &a.config, small_llama(), limits));
+}
+
+TEST(LoraValidationTest, ZeroRowsNeedEmbeddingSideParts) {
+  Parts parts;
+  parts[P::kEmbedTokens] = emb_part(100, 64);
+  expect_parts_ok(parts);
+  // An empty LoraEmbeddings is no parts: zero rows are an error again.
+  expect_parts_error(Parts{},
+                     "lora_config has no rows: a LoRA adapter adapts at least one "
+                     "(module, layer) or brings embedding-side parts");
+  // Parts beside rows are validated too.
+  Parts bad;
+  bad[P::kLmHead] = emb_part(100, 63);
+  const LoraConfig config = LoraConfig::from_rows(kValidRows);
+  const LoraWeights rows = make_weights(3, kRowSize);
+  const LoraWeights with_parts(rows.tensor(), rows.owner(),
+                               std::make_shared<const LoraEmbeddings>(bad));
+  expect_lora_error(&with_parts, &config, "lm_head must be [V, hidden_size]");
+}
+
+TEST(LoraValidationTest, TablesMustBeVByHiddenWithOneV) {
+  Parts cols;
+  cols[P::kEmbedTokens] = emb_part(100, 63);
+  expect_parts_error(cols,
+                     "embed_tokens must be [V, hidden_size] (any x 64 for this model), got "
+                     "[100, 63]");
+  Parts head_cols;
+  head_cols[P::kLmHead] = emb_part(100, 65);
+  expect_parts_error(head_cols,
+                     "lm_head must be [V, hidden_size] (any x 64 for this model), got [100, 65]");
+  Parts disagree;
+  disagree[P::kEmbedTokens] = emb_part(120, 64);
+  disagree[P::kLmHead] = emb_part(110, 64);
+  expect_parts_error(disagree,
+                     "lm_head must be [V, hidden_size] (120 x 64 for this model), got [110, 64]");
+  Parts both;
+  both[P::kEmbedTokens] = emb_part(120, 64);
+  both[P::kLmHead] = emb_part(120, 64);
+  expect_parts_ok(both);
+  // The base vocabulary with one table: the adapter unties or replaces just that table.
+  Parts embed_only;
+  embed_only[P::kEmbedTokens] = emb_part(100, 64);
+  expect_parts_ok(embed_only);
+  Parts head_only;
+  head_only[P::kLmHead] = emb_part(100, 64);
+  expect_parts_ok(head_only);
+}
+
+TEST(LoraValidationTest, VocabularyIsAtLeastTheBaseAndAtMostTheLimit) {
+  Parts smaller;
+  smaller[P::kEmbedTokens] = emb_part(99, 64);
+  smaller[P::kLmHead] = emb_part(99, 64);
+  expect_parts_error(smaller,
+                     "embed_tokens has 99 rows (the adapter's vocabulary); it must be in [the "
+                     "base vocab_size = 100, 16777216]");
+  Parts smaller_head;
+  smaller_head[P::kLmHead] = emb_part(99, 64);
+  expect_parts_error(smaller_head, "lm_head has 99 rows (the adapter's vocabulary)");
+
+  // At and past kMaxLoraVocabSize, on a model of hidden size 1 (a tied table of bf16 zeros).
+  LoraTarget narrow = small_llama();
+  narrow.hidden_size = 1;
+  for (const int64_t v : {kMaxLoraVocabSize, kMaxLoraVocabSize + 1}) {
+    auto values = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(v), 0);
+    Parts parts;
+    parts[P::kEmbedTokens] = {Tensor(values->data(), DType::kBFloat16, {v, 1}), values};
+    parts[P::kLmHead] = parts[P::kEmbedTokens];
+    const LoraEmbeddings e(parts);
+    if (v == kMaxLoraVocabSize) {
+      EXPECT_NO_THROW(validate_lora_embeddings(e, narrow, {}));
+    } else {
+      expect_error<LoraError>([&] { validate_lora_embeddings(e, narrow, {}); },
+                              "embed_tokens has 16777217 rows (the adapter's vocabulary); it must "
+                              "be in [the base vocab_size = 100, 16777216]");
+    }
+  }
+}
+
+TEST(LoraValidationTest, AnExtendedVocabularyNeedsBothTables) {
+  Parts embed_only;
+  embed_only[P::kEmbedTokens] = emb_part(110, 64);
+  expect_parts_error(embed_only,
+                     "embed_tokens has 110 rows but the adapter brings no lm_head (the base "
+                     "model's has vocab_size = 100 rows): an extended vocabulary needs both "
+                     "tables");
+  Parts head_only;
+  head_only[P::kLmHead] = emb_part(110, 64);
+  expect_parts_error(head_only,
+                     "lm_head has 110 rows but the adapter brings no embed_tokens (the base "
+                     "model's has vocab_size = 100 rows)");
+  // Kept tied: one array for both is both tables.
+  Parts tied;
+  tied[P::kEmbedTokens] = emb_part(110, 64);
+  tied[P::kLmHead] = tied[P::kEmbedTokens];
+  expect_parts_ok(tied);
+}
+
+TEST(LoraValidationTest, LoraPairsOnEmbeddingsHaveTheirShapes) {
+  // V is the tables' when given, else the base vocabulary.
+  Parts embed;
+  embed[P::kEmbedLoraA] = emb_part(2, 100);
+  embed[P::kEmbedLoraB] = emb_part(64, 2);
+  embed[P::kLmHeadLoraA] = emb_part(3, 64);
+  embed[P::kLmHeadLoraB] = emb_part(100, 3);
+  expect_parts_ok(embed);
+  Parts wide = embed;
+  wide[P::kEmbedTokens] = emb_part(110, 64);
+  wide[P::kLmHead] = emb_part(110, 64);
+  expect_parts_error(wide, "embed_lora_a must be [r, V] (any x 110 for this model), got [2, 100]");
+  wide[P::kEmbedLoraA] = emb_part(2, 110);
+  expect_parts_error(wide, "lm_head_lora_b must be [V, r] (110 x 3 for this model), got [100, 3]");
+  wide[P::kLmHeadLoraB] = emb_part(110, 3);
+  expect_parts_ok(wide);
+
+  Parts b_rank = embed;
+  b_rank[P::kEmbedLoraB] = emb_part(64, 3);
+  expect_parts_error(b_rank,
+                     "embed_lora_b must be [hidden_size, r] (64 x 2 for this model), got [64, 3]");
+  Parts b_rows = embed;
+  b_rows[P::kEmbedLoraB] = emb_part(63, 2);
+  expect_parts_error(b_rows, "embed_lora_b must be [hidden_size, r] (64 x 2 for this model)");
+  Parts head_a = embed;
+  head_a[P::kLmHeadLoraA] = emb_part(3, 32);
+  expect_parts_error(head_a,
+                     "lm_head_lora_a must be [r, hidden_size] (any x 64 for this model), got "
+                     "[3, 32]");
+  Parts head_b = embed;
+  head_b[P::kLmHeadLoraB] = emb_part(100, 2);
+  expect_parts_error(head_b,
+                     "lm_head_lora_b must be [V, r] (100 x 3 for this model), got [100, 2]");
+}
+
+TEST(LoraValidationTest, LoraPairsOnEmbeddingsComeTogether) {
+  Parts a_only;
+  a_only[P::kEmbedLoraA] = emb_part(2, 100);
+  expect_parts_error(a_only,
+                     "embed_lora_b is missing: embed_lora_a and embed_lora_b come together");
+  Parts b_only;
+  b_only[P::kEmbedLoraB] = emb_part(64, 2);
+  expect_parts_error(b_only,
+                     "embed_lora_a is missing: embed_lora_a and embed_lora_b come together");
+  Parts head_a_only;
+  head_a_only[P::kLmHeadLoraA] = emb_part(2, 64);
+  expect_parts_error(head_a_only,
+                     "lm_head_lora_b is missing: lm_head_lora_a and lm_head_lora_b come together");
+  Parts head_b_only;
+  head_b_only[P::kLmHeadLoraB] = emb_part(100, 2);
+  expect_parts_error(head_b_only, "lm_head_lora_a is missing");
+}
+
+TEST(LoraValidationTest, LoraRanksOnEmbeddingsAreInOneToMaxRank) {
+  Parts zero;
+  zero[P::kEmbedLoraA] = emb_part(0, 100);
+  zero[P::kEmbedLoraB] = emb_part(64, 0);
+  expect_parts_error(zero, "embed_lora_a has rank 0; it must be in [1, max_lora_rank = 64]");
+  Parts nine;
+  nine[P::kLmHeadLoraA] = emb_part(9, 64);
+  nine[P::kLmHeadLoraB] = emb_part(100, 9);
+  expect_parts_error(nine, "lm_head_lora_a has rank 9; it must be in [1, max_lora_rank = 8]",
+                     LoraLimits{8, std::nullopt});
+  expect_parts_ok(nine, LoraLimits{9, std::nullopt});
+}
+
+TEST(LoraValidationTest, PartsMustHaveTheRequiredDtype) {
+  Parts parts;
+  parts[P::kEmbedTokens] = emb_part(100, 64);
+  parts[P::kLmHeadLoraA] = emb_part(2, 64);
+  parts[P::kLmHeadLoraB] = emb_part(100, 2);
+  const LoraEmbeddings bf16 = LoraEmbeddings(parts).to(DType::kBFloat16);
+  const PartsOnly a{LoraWeights(Tensor(nullptr, DType::kBFloat16, {0, 0}), nullptr,
+                                std::make_shared<const LoraEmbeddings>(bf16)),
+                    LoraConfig::from_rows({})};
+  EXPECT_NO_THROW(validate_lora(&a.weights, &a.config, small_llama(), {}));
+  EXPECT_NO_THROW(validate_lora(&a.weights, &a.config, small_llama(), {64, DType::kBFloat16}));
+  // Rows of the required dtype do not excuse parts of another.
+  const PartsOnly f32_rows{LoraWeights(Tensor(nullptr, DType::kFloat32, {0, 0}), nullptr,
+                                       std::make_shared<const LoraEmbeddings>(bf16)),
+                           LoraConfig::from_rows({})};
+  expect_lora_error(&f32_rows.weights, &f32_rows.config,
+                    "embed_tokens has dtype bfloat16 but the adapter must be float32",
+                    LoraLimits{64, DType::kFloat32});
+  // One part of another dtype among float32 ones.
+  Parts mixed = parts;
+  mixed[P::kLmHeadLoraB] = {bf16.part(P::kLmHeadLoraB), nullptr};
+  expect_parts_error(mixed, "lm_head_lora_b has dtype bfloat16 but the adapter must be float32",
+                     LoraLimits{64, DType::kFloat32});
+}
+
+TEST(LoraValidationTest, PartsMustBeFinite) {
+  Parts nan_embed;
+  nan_embed[P::kEmbedTokens] = emb_part(100, 64, {{3 * 64 + 5, kNan}});
+  expect_parts_error(nan_embed, "embed_tokens[3, 5] is nan; LoRA weights must be finite");
+  Parts inf_head;
+  inf_head[P::kEmbedTokens] = emb_part(110, 64);
+  inf_head[P::kLmHead] = emb_part(110, 64, {{110 * 64 - 1, -kInf}});
+  expect_parts_error(inf_head, "lm_head[109, 63] is inf; LoRA weights must be finite");
+  Parts lora;
+  lora[P::kEmbedLoraA] = emb_part(2, 100);
+  lora[P::kEmbedLoraB] = emb_part(64, 2, {{7, kInf}});
+  expect_parts_error(lora, "embed_lora_b[3, 1] is inf");
+  Parts head;
+  head[P::kLmHeadLoraA] = emb_part(2, 64, {{64, kNan}});
+  head[P::kLmHeadLoraB] = emb_part(100, 2);
+  expect_parts_error(head, "lm_head_lora_a[1, 0] is nan");
+  // 16-bit parts keep inf and nan.
+  const LoraEmbeddings half = LoraEmbeddings(nan_embed).to(DType::kFloat16);
+  expect_error<LoraError>([&] { validate_lora_embeddings(half, small_llama(), {}); },
+                          "embed_tokens[3, 5] is nan");
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
+#include <memory>
 #include <vector>
 
 #include "core/errors.h"
@@ -61,6 +63,78 @@ TEST(LoraTableTest, AnAdapterOfAnotherModelShapeIsRefused) {
   expect_error<InvalidArgument>([&] { table.add(adapter); },
                                 "the adapter was laid out for a model of another shape (1 layers");
   EXPECT_EQ(table.num_slots(), 0);
+}
+
+// An adapter of embedding-side tables only, of vocabulary `vocab`.
+LoraAdapter tables_of(const ModelConfig& c, int64_t vocab) {
+  auto values = std::make_shared<std::vector<float>>(vocab * c.hidden_size, 0.5f);
+  std::array<LoraEmbeddings::Input, LoraEmbeddings::kNumParts> parts;
+  parts[LoraEmbeddings::kEmbedTokens] = {
+      Tensor(values->data(), DType::kFloat32, {vocab, c.hidden_size}), values};
+  parts[LoraEmbeddings::kLmHead] = parts[LoraEmbeddings::kEmbedTokens];
+  const LoraWeights w(Tensor(nullptr, DType::kFloat32, {0, 0}), nullptr,
+                      std::make_shared<const LoraEmbeddings>(parts));
+  return LoraAdapter(w, LoraConfig::from_rows({}), c, 64);
+}
+
+// The table keeps each slot's adapter for the forward's embedding-side paths and sums up what
+// the step needs: whether any slot has such parts or DoRA, and the widest vocabulary.
+TEST(LoraTableTest, SlotsKeepTheirAdaptersVocabularies) {
+  const ModelConfig c = config_of(2);
+  const LoraAdapter plain = adapter_of(c, 0, 4), wide = tables_of(c, 50), wider = tables_of(c, 70);
+  LoraTable table(c);
+  table.add(plain);
+  table.add_none();
+  EXPECT_FALSE(table.has_embedding_parts());
+  EXPECT_FALSE(table.has_dora());
+  EXPECT_EQ(table.max_vocab_size(), 0);
+  table.add(wider);
+  table.add(wide);
+  EXPECT_TRUE(table.has_embedding_parts());
+  EXPECT_EQ(table.max_vocab_size(), 70);
+  EXPECT_EQ(table.adapter(0), &plain);
+  EXPECT_EQ(table.adapter(1), nullptr);
+  EXPECT_EQ(table.adapter(2), &wider);
+  EXPECT_EQ(table.adapter(3), &wide);
+  EXPECT_EQ(table.adapter(4), nullptr);
+  EXPECT_EQ(table.adapter(-1), nullptr);
+  EXPECT_EQ(table.vocab_size(-1, 32), 32);  // base
+  EXPECT_EQ(table.vocab_size(0, 32), 32);   // an adapter that keeps the model's
+  EXPECT_EQ(table.vocab_size(1, 32), 32);
+  EXPECT_EQ(table.vocab_size(2, 32), 70);
+  EXPECT_EQ(table.vocab_size(3, 32), 50);
+  table.clear();
+  EXPECT_FALSE(table.has_embedding_parts());
+  EXPECT_EQ(table.max_vocab_size(), 0);
+  EXPECT_EQ(table.adapter(0), nullptr);
+  EXPECT_EQ(table.add(plain), 0);
+  EXPECT_EQ(table.vocab_size(0, 32), 32);
+}
+
+TEST(LoraTableTest, ADoraAdapterMarksTheTableAndItsPairsCarryTheScales) {
+  const ModelConfig c = config_of(1);
+  const LoraModuleDims d = c.lora_module_dims(lora_module::kAttnV);
+  std::vector<float> values(2 * (d.in + d.out) + d.out, 0.25f);
+  const LoraWeights w = LoraWeights::copy_of(
+      Tensor(values.data(), DType::kFloat32, {1, static_cast<int64_t>(values.size())}));
+  const std::vector<float> scales(d.out, 1.5f);
+  const LoraAdapter dora(w, LoraConfig::from_rows({{lora_module::kAttnV, 0, 2, 1}}), c, 64,
+                         &scales);
+  const LoraAdapter plain = adapter_of(c, 0, 2);
+  LoraTable table(c);
+  table.add(plain);
+  EXPECT_FALSE(table.has_dora());
+  table.add(dora);
+  EXPECT_TRUE(table.has_dora());
+  const std::vector<LoraRun> runs = {{0, 1, 1}};
+  const ops::LoraBatch batch = table.batch(runs);
+  const LoraPair& v = batch.pairs[1 * batch.pairs_per_slot + lora_module::kAttnV];
+  ASSERT_NE(v.dora_scale, nullptr);
+  EXPECT_EQ(v.dora_scale, dora.pair(0, lora_module::kAttnV).dora_scale);
+  EXPECT_EQ(v.dora_scale[0], 1.5f);
+  EXPECT_EQ(batch.pairs[0 * batch.pairs_per_slot + lora_module::kAttnV].dora_scale, nullptr);
+  table.clear();
+  EXPECT_FALSE(table.has_dora());
 }
 
 }  // namespace

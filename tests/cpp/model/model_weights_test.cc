@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/errors.h"
+#include "lora/module_ids.h"
 #include "test_util.h"
 
 namespace lorart {
@@ -250,6 +251,51 @@ TEST(ModelWeightsDtypeTest, DestinationAndDtypeErrorsNameTheirSubject) {
       [&] { ModelWeightsBuilder b(big, DType::kBFloat16); },
       "cannot allocate the model's bfloat16 weights (config.json's sizes): " +
           std::to_string(big.weight_values() * 2) + " bytes");
+}
+
+// The matrix and first row each LoRA module adapts (DoRA's norms are taken over those rows).
+TEST(ModelWeightsTest, ModuleRowsNameEachModulesMatrixAndFirstRow) {
+  const ModelConfig c = testing_util::llama_config(64, 32, 48, 2, 4, 2, 8);
+  ModelWeightsBuilder builder(c);
+  std::vector<std::vector<float>> storage;
+  testing_util::for_each_llama_param(c, [&](const std::string& name, std::vector<int64_t> shape,
+                                            float lo, float hi) {
+    storage.push_back(testing_util::random_floats(shape[0] * (shape.size() > 1 ? shape[1] : 1),
+                                                  static_cast<uint32_t>(storage.size()), lo, hi));
+    float* d = storage.back().data();
+    builder.add(name, shape.size() == 1 ? Tensor(d, DType::kFloat32, {shape[0]})
+                                        : Tensor(d, DType::kFloat32, {shape[0], shape[1]}));
+  });
+  const ModelWeights w(std::move(builder));
+  for (int64_t l = 0; l < 2; ++l) {
+    const LayerWeights& layer = w.layer(l);
+    const std::vector<std::tuple<int32_t, const Tensor*, int64_t>> cases = {
+        {lora_module::kAttnQkv, &layer.qkv, 0},      {lora_module::kAttnQ, &layer.qkv, 0},
+        {lora_module::kAttnK, &layer.qkv, 32},       {lora_module::kAttnV, &layer.qkv, 48},
+        {lora_module::kAttnDense, &layer.o, 0},      {lora_module::kMlpHTo4H, &layer.gate_up, 0},
+        {lora_module::kMlpGate, &layer.gate_up, 48}, {lora_module::kMlp4HToH, &layer.down, 0}};
+    for (const auto& [module, matrix, offset] : cases) {
+      SCOPED_TRACE(lora_module_name(module));
+      const auto [t, first] = w.module_rows(l, module);
+      EXPECT_EQ(t.data(), matrix->data());
+      EXPECT_EQ(t.size(0), matrix->size(0));
+      EXPECT_EQ(t.size(1), matrix->size(1));
+      EXPECT_EQ(first, offset);
+    }
+  }
+  // Row 0 of k_proj of layer 1 is row 32 of its qkv (its values, not just the offset).
+  const auto [qkv, k_row] = w.module_rows(1, lora_module::kAttnK);
+  const std::vector<float>* k_proj = nullptr;
+  size_t index = 0;
+  testing_util::for_each_llama_param(
+      c, [&](const std::string& name, std::vector<int64_t>, float, float) {
+        if (name == "model.layers.1.self_attn.k_proj.weight") k_proj = &storage[index];
+        ++index;
+      });
+  ASSERT_NE(k_proj, nullptr);
+  EXPECT_EQ(0, std::memcmp(qkv.data_as<const float>() + k_row * 32, k_proj->data(), 32 * 4));
+  expect_error<LoraError>([&] { w.module_rows(0, 9); },
+                          "module_id 9 (cross_attn_q) is not a LoRA module of LlamaForCausalLM");
 }
 
 }  // namespace
