@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "core/checked_math.h"
 #include "core/errors.h"
@@ -76,8 +77,11 @@ size_t LoraAdapter::nbytes() const {
   return total;
 }
 
-int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
-                                   DType dtype) {
+namespace {
+
+// Bytes of the pairs (storage_, in `dtype`) and of the DoRA rows' float32 scales (dora_).
+std::pair<int64_t, int64_t> pair_and_scale_bytes(const LoraConfig& lora_config,
+                                                 const ModelConfig& config, DType dtype) {
   constexpr std::string_view what = "LoRA adapter storage values";
   int64_t elements = 0, dora_values = 0;
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
@@ -89,17 +93,25 @@ int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelCon
     elements = checked_add(elements, values, what);
     if (row.is_dora != 0) dora_values = checked_add(dora_values, dims.out, what);
   }
-  return checked_add(
+  return {
       checked_mul(elements, static_cast<int64_t>(dtype_size(dtype)), "LoRA adapter storage bytes"),
-      checked_mul(dora_values, int64_t{sizeof(float)}, "LoRA adapter DoRA scale bytes"),
-      "LoRA adapter storage bytes");
+      checked_mul(dora_values, int64_t{sizeof(float)}, "LoRA adapter DoRA scale bytes")};
+}
+
+}  // namespace
+
+int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
+                                   DType dtype) {
+  const auto [pairs, scales] = pair_and_scale_bytes(lora_config, config, dtype);
+  return checked_add(pairs, scales, "LoRA adapter storage bytes");
 }
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
                          const ModelConfig& config, const std::vector<float>* dora_scales)
     : shape_(validated_shape(config)),
-      storage_(Buffer::allocate(storage_bytes(lora_config, config, weights.dtype()), Device::cpu(),
-                                "LoRA adapter storage")),
+      // The pairs only: the DoRA scales live in dora_ (storage_bytes counts both, once).
+      storage_(Buffer::allocate(pair_and_scale_bytes(lora_config, config, weights.dtype()).first,
+                                Device::cpu(), "LoRA adapter storage")),
       table_(static_cast<size_t>(config.num_layers) * lora_module::kCount),
       dtype_(weights.dtype()) {
   const size_t size = dtype_size(dtype_);
