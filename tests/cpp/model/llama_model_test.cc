@@ -3,9 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <random>
@@ -14,6 +16,7 @@
 
 #include "core/errors.h"
 #include "lora/module_ids.h"
+#include "model/dora.h"
 #include "test_util.h"
 
 namespace lorart {
@@ -657,6 +660,473 @@ TEST_P(LlamaModelDtypeTest, SixteenBitWeightsGiveTheFloat32PathsLogitsBitwise) {
     EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)));
   }
   EXPECT_EQ(0, std::memcmp(cache_a.keys(0), cache_b.keys(0), cache_a.nbytes()));
+}
+
+// --- Adapters with their own embedding tables, lm_head, vocabulary; DoRA (issue 11) -------------
+
+using P = LoraEmbeddings;
+using Parts = std::array<P::Input, P::kNumParts>;
+
+constexpr int64_t kWide = 80;  // the extended adapter's vocabulary
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+const std::map<int32_t, std::vector<std::string>>& module_targets() {
+  static const std::map<int32_t, std::vector<std::string>> kTargets = {
+      {lora_module::kAttnQkv, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
+      {lora_module::kAttnQ, {"self_attn.q_proj"}},
+      {lora_module::kAttnK, {"self_attn.k_proj"}},
+      {lora_module::kAttnV, {"self_attn.v_proj"}},
+      {lora_module::kAttnDense, {"self_attn.o_proj"}},
+      {lora_module::kMlpHTo4H, {"mlp.gate_proj"}},
+      {lora_module::kMlp4HToH, {"mlp.down_proj"}},
+      {lora_module::kMlpGate, {"mlp.up_proj"}}};
+  return kTargets;
+}
+
+// The tiny model with q/k/v/o biases (DoRA must keep the bias out of its scale).
+ModelConfig biased_config() {
+  ModelConfig c = tiny_config();
+  c.attention_bias = true;
+  return c;
+}
+
+Checkpoint checkpoint_of(const ModelConfig& c) {
+  Checkpoint ckpt = random_checkpoint(c);
+  if (c.tie_word_embeddings) ckpt.erase("lm_head.weight");
+  if (c.attention_bias) {
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> dist(-0.1f, 0.1f);
+    const int64_t q = c.num_attention_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+      for (const auto& [name, n] : std::vector<std::pair<std::string, int64_t>>{
+               {"q_proj.bias", q}, {"k_proj.bias", kv}, {"v_proj.bias", kv}, {"o_proj.bias", 32}}) {
+        std::vector<float> values(n);
+        for (float& v : values) v = dist(rng);
+        ckpt[p + name] = Param{{n}, std::move(values)};
+      }
+    }
+  }
+  return ckpt;
+}
+
+P::Input owned(int64_t rows, int64_t cols, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  auto values = std::make_shared<std::vector<float>>(
+      testing_util::random_floats(static_cast<size_t>(rows * cols), seed, lo, hi));
+  return {Tensor(values->data(), DType::kFloat32, {rows, cols}), values};
+}
+const float* values_of(const P::Input& in) { return in.tensor.data_as<const float>(); }
+
+LoraWeights with_parts(const LoraWeights& rows, const Parts& parts) {
+  return LoraWeights(rows.tensor(), rows.owner(), std::make_shared<const LoraEmbeddings>(parts));
+}
+LoraWeights parts_only(const Parts& parts) {
+  return LoraWeights(Tensor(nullptr, DType::kFloat32, {0, 0}), nullptr,
+                     std::make_shared<const LoraEmbeddings>(parts));
+}
+
+// W += B @ A for each row of the adapter (DoRA rows: W = m / ||W + B A|| * (W + B A) per
+// output row), in float64, on `ckpt`'s HF tensors: the merged model an adapter must match.
+void merge_rows(Checkpoint& ckpt, const ModelConfig& c, const LoraWeights& w,
+                const LoraConfig& config) {
+  for (int64_t i = 0; i < config.num_rows(); ++i) {
+    const LoraConfigRow row = config.row(i);
+    const LoraModuleDims d = c.lora_module_dims(row.module_id);
+    const int64_t r = row.adapter_size;
+    std::vector<float*> out_rows;  // the module's output rows, through the targets
+    for (const std::string& t : module_targets().at(row.module_id)) {
+      Param& p = ckpt.at("model.layers." + std::to_string(row.layer_idx) + "." + t + ".weight");
+      for (int64_t o = 0; o < p.shape[0]; ++o) out_rows.push_back(p.values.data() + o * d.in);
+    }
+    ASSERT_EQ(static_cast<int64_t>(out_rows.size()), d.out);
+    for (int64_t o = 0; o < d.out; ++o) {
+      std::vector<double> merged(d.in);
+      double sum = 0.0;
+      for (int64_t k = 0; k < d.in; ++k) {
+        merged[k] = out_rows[o][k];
+        for (int64_t j = 0; j < r; ++j) {
+          merged[k] += double{w.value(i, r * d.in + o * r + j)} * w.value(i, j * d.in + k);
+        }
+        sum += merged[k] * merged[k];
+      }
+      const double scale = row.is_dora ? w.value(i, r * (d.in + d.out) + o) / std::sqrt(sum) : 1.0;
+      for (int64_t k = 0; k < d.in; ++k) out_rows[o][k] = static_cast<float>(scale * merged[k]);
+    }
+  }
+}
+
+// A DoRA adapter on all 7 projections with mixed ranks (and a plain row): magnitudes chosen as
+// ||W + B A|| times a factor in [0.6, 1.4), so each row's scale is that factor.
+AdapterData dora_adapter(const ModelConfig& c, const Checkpoint& base) {
+  const std::vector<LoraConfigRow> rows = {
+      {lora_module::kAttnQ, 0, 2, 1},    {lora_module::kAttnK, 1, 4, 1},
+      {lora_module::kAttnV, 0, 1, 1},    {lora_module::kAttnDense, 1, 8, 1},
+      {lora_module::kMlpHTo4H, 0, 2, 1}, {lora_module::kMlpGate, 1, 4, 1},
+      {lora_module::kMlp4HToH, 0, 8, 1}, {lora_module::kAttnQ, 1, 2, 0}};
+  const int64_t row_size = 8 * (48 + 32) + 32;
+  std::vector<float> values(rows.size() * row_size, 0.0f);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const LoraModuleDims d = c.lora_module_dims(rows[i].module_id);
+    const int64_t r = rows[i].adapter_size;
+    float* v = values.data() + i * row_size;
+    const std::vector<float> ab =
+        testing_util::random_floats(r * (d.in + d.out), 300 + i, -0.2f, 0.2f);
+    std::copy(ab.begin(), ab.end(), v);
+    if (!rows[i].is_dora) continue;
+    const std::vector<float> factor = testing_util::random_floats(d.out, 400 + i, 0.6f, 1.4f);
+    Checkpoint merged = base;
+    const LoraWeights one = LoraWeights::copy_of(Tensor(v, DType::kFloat32, {1, row_size}));
+    LoraConfigRow plain = rows[i];
+    plain.is_dora = 0;
+    merge_rows(merged, c, one, LoraConfig::from_rows({plain}));
+    int64_t o = 0;
+    for (const std::string& t : module_targets().at(rows[i].module_id)) {
+      const Param& p =
+          merged.at("model.layers." + std::to_string(rows[i].layer_idx) + "." + t + ".weight");
+      for (int64_t po = 0; po < p.shape[0]; ++po, ++o) {
+        double sum = 0.0;
+        for (int64_t k = 0; k < d.in; ++k)
+          sum += double{p.values[po * d.in + k]} * p.values[po * d.in + k];
+        v[r * (d.in + d.out) + o] = static_cast<float>(std::sqrt(sum) * factor[o]);
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(rows.size());
+  return {LoraWeights::copy_of(Tensor(values.data(), DType::kFloat32, {n, row_size})),
+          LoraConfig::from_rows(rows)};
+}
+
+// Logits [logits_indices, width] of a base-only forward of a model of vocabulary `width`.
+std::vector<float> run_forward_wide_base(LlamaModel& model, KvCache& cache, Batch& b,
+                                         int64_t width) {
+  const int64_t rows = static_cast<int64_t>(b.logits_indices.size());
+  std::vector<float> logits(rows * width);
+  model.forward(ExecContext::cpu(), b.view(), cache, LoraTable(model.config()),
+                Tensor(logits.data(), DType::kFloat32, {rows, width}));
+  return logits;
+}
+
+// Logits [logits_indices, model.logits_width(table)] of a forward with `adapters`.
+std::vector<float> forward_wide(LlamaModel& model, KvCache& cache, Batch& b,
+                                const std::vector<const LoraAdapter*>& adapters) {
+  const LoraTable table = table_of(model.config(), adapters);
+  const int64_t rows = static_cast<int64_t>(b.logits_indices.size());
+  const int64_t width = model.logits_width(table);
+  std::vector<float> logits(rows * width);
+  model.forward(ExecContext::cpu(), b.view(), cache, table,
+                Tensor(logits.data(), DType::kFloat32, {rows, width}));
+  return logits;
+}
+
+// Columns [0, n) of `count` rows of `got` (width gw, from row g0) against `want` (width ww, from
+// w0), relative to max(1, |want|).
+void expect_block_near(const std::vector<float>& got, int64_t gw, int64_t g0,
+                       const std::vector<float>& want, int64_t ww, int64_t w0, int64_t count,
+                       int64_t n, double tol) {
+  for (int64_t row = 0; row < count; ++row) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float w = want[(w0 + row) * ww + i];
+      ASSERT_NEAR(got[(g0 + row) * gw + i], w, tol * std::max(1.0f, std::abs(w)))
+          << "row " << g0 + row << " col " << i;
+    }
+  }
+}
+
+// Rows [g0, g0 + count) hold -inf in columns [from, width): not their tokens.
+void expect_masked(const std::vector<float>& got, int64_t width, int64_t g0, int64_t count,
+                   int64_t from) {
+  for (int64_t row = g0; row < g0 + count; ++row) {
+    for (int64_t i = from; i < width; ++i) {
+      ASSERT_EQ(got[row * width + i], kNegInf) << "row " << row << " col " << i;
+    }
+  }
+}
+
+double max_diff(const std::vector<float>& a, int64_t aw, int64_t a0, const std::vector<float>& b,
+                int64_t bw, int64_t b0, int64_t count, int64_t n) {
+  double d = 0.0;
+  for (int64_t row = 0; row < count; ++row) {
+    for (int64_t i = 0; i < n; ++i) {
+      d = std::max(d, std::abs(double{a[(a0 + row) * aw + i]} - b[(b0 + row) * bw + i]));
+    }
+  }
+  return d;
+}
+
+// One batch of base sequences and three adapters: one with its own embed_tokens / lm_head over
+// 80 tokens, one with LoRA on embed_tokens and lm_head (plus layer rows), one DoRA on every
+// projection. Each adapter's rows match a model that holds the adapter merged into its weights
+// (the replacement tables as its own, at vocab 80); base rows are bitwise those of a base-only
+// forward; every row holds -inf past its own vocabulary.
+TEST(LlamaModelEmbeddingsTest, MixedBatchMatchesEachAdaptersMergedModel) {
+  const ModelConfig c = biased_config();
+  const Checkpoint base_ckpt = checkpoint_of(c);
+  auto model = build_model(c, base_ckpt);
+  KvCache cache(c, kNumBlocks, kBlockSize);
+
+  // T: replacement tables of 80 rows.
+  Parts tables;
+  tables[P::kEmbedTokens] = owned(kWide, 32, 21);
+  tables[P::kLmHead] = owned(kWide, 32, 22, -0.3f, 0.3f);
+  const LoraAdapter t(parts_only(tables), LoraConfig::from_rows({}), c, kMaxRank);
+  // L: LoRA on embed_tokens (rank 4) and lm_head (rank 3), and on every layer module.
+  Parts lora;
+  lora[P::kEmbedLoraA] = owned(4, kVocab, 23, -0.5f, 0.5f);
+  lora[P::kEmbedLoraB] = owned(32, 4, 24, -0.5f, 0.5f);
+  lora[P::kLmHeadLoraA] = owned(3, 32, 25, -0.5f, 0.5f);
+  lora[P::kLmHeadLoraB] = owned(kVocab, 3, 26, -0.5f, 0.5f);
+  const AdapterData l_rows = adapter_data(c, kAdapterRows);
+  const LoraWeights l_weights = with_parts(l_rows.weights, lora);
+  const LoraAdapter l(l_weights, l_rows.config, c, kMaxRank);
+  // D: DoRA, its scales taken against the model's weights.
+  const AdapterData d_data = dora_adapter(c, base_ckpt);
+  const std::vector<float> scales =
+      dora_scales(ExecContext::cpu(), model->weights(), d_data.weights, d_data.config);
+  const LoraAdapter d(d_data.weights, d_data.config, c, kMaxRank, &scales);
+  EXPECT_EQ(model->logits_width(table_of(c, {&l, &d})), kVocab);
+  EXPECT_EQ(model->logits_width(table_of(c, {&l, &t})), kWide);
+
+  // Slots: T = 0, L = 1, D = 2. T's prompts use ids past the base vocabulary.
+  const std::vector<Seq> seqs = {{{5, 17, 42}, 0, {0}, -1}, {{70, 3, 79, 64}, 0, {1}, 0},
+                                 {{9, 33, 63}, 0, {2}, 1},  {{12, 50, 7}, 0, {3}, 2},
+                                 {{60, 1}, 0, {4}, -1},     {{66, 2}, 0, {5}, 0},
+                                 {{31, 8}, 0, {6}, 2}};
+  const std::vector<int64_t> first = {0, 3, 7, 10, 13, 15, 17};  // each sequence's first row
+  Batch mixed_batch = pack(seqs, /*all_logits=*/true);
+  const std::vector<float> mixed = forward_wide(*model, cache, mixed_batch, {&t, &l, &d});
+  ASSERT_EQ(mixed.size(), 19u * kWide);
+
+  // Base rows: bitwise a forward where every sequence is a base one (ids of T's mapped below 64).
+  std::vector<Seq> all_base = seqs;
+  for (Seq& s : all_base) {
+    s.slot = -1;
+    for (int32_t& id : s.tokens) id %= kVocab;
+  }
+  Batch base_batch = pack(all_base, true);
+  const std::vector<float> base = run_forward(*model, cache, base_batch);
+  for (int64_t s : {0, 4}) {
+    for (int64_t row = first[s]; row < first[s] + static_cast<int64_t>(seqs[s].tokens.size());
+         ++row) {
+      EXPECT_EQ(0, std::memcmp(&mixed[row * kWide], &base[row * kVocab], kVocab * sizeof(float)))
+          << "base row " << row;
+    }
+    expect_masked(mixed, kWide, first[s], seqs[s].tokens.size(), kVocab);
+  }
+  // And of a forward of that sequence alone.
+  Batch alone = pack({seqs[0]}, true);
+  const std::vector<float> solo = run_forward(*model, cache, alone);
+  EXPECT_EQ(0, std::memcmp(&mixed[0], &solo[0], kVocab * sizeof(float)));
+
+  // T: the model with T's tables as its own, at vocab 80.
+  {
+    ModelConfig wide = c;
+    wide.vocab_size = kWide;
+    Checkpoint ckpt = base_ckpt;
+    ckpt["model.embed_tokens.weight"] =
+        Param{{kWide, 32},
+              std::vector<float>(values_of(tables[P::kEmbedTokens]),
+                                 values_of(tables[P::kEmbedTokens]) + kWide * 32)};
+    ckpt["lm_head.weight"] = Param{{kWide, 32},
+                                   std::vector<float>(values_of(tables[P::kLmHead]),
+                                                      values_of(tables[P::kLmHead]) + kWide * 32)};
+    auto reference = build_model(wide, ckpt);
+    KvCache ref_cache(wide, kNumBlocks, kBlockSize);
+    for (int64_t s : {1, 5}) {
+      Seq own = seqs[s];
+      own.slot = -1;
+      Batch b = pack({own}, true);
+      const std::vector<float> want = run_forward_wide_base(*reference, ref_cache, b, kWide);
+      SCOPED_TRACE(s);
+      expect_block_near(mixed, kWide, first[s], want, kWide, 0, own.tokens.size(), kWide, 1e-5);
+    }
+  }
+  // L: embed' = embed + (B A)^T, lm_head' = lm_head + B A, layer rows merged.
+  {
+    Checkpoint ckpt = base_ckpt;
+    merge_rows(ckpt, c, l_rows.weights, l_rows.config);
+    Param& embed = ckpt.at("model.embed_tokens.weight");
+    Param& head = ckpt.at("lm_head.weight");
+    for (int64_t v = 0; v < kVocab; ++v) {
+      for (int64_t h = 0; h < 32; ++h) {
+        double e = embed.values[v * 32 + h], o = head.values[v * 32 + h];
+        for (int64_t r = 0; r < 4; ++r) {
+          e += double{values_of(lora[P::kEmbedLoraA])[r * kVocab + v]} *
+               values_of(lora[P::kEmbedLoraB])[h * 4 + r];
+        }
+        for (int64_t r = 0; r < 3; ++r) {
+          o += double{values_of(lora[P::kLmHeadLoraB])[v * 3 + r]} *
+               values_of(lora[P::kLmHeadLoraA])[r * 32 + h];
+        }
+        embed.values[v * 32 + h] = static_cast<float>(e);
+        head.values[v * 32 + h] = static_cast<float>(o);
+      }
+    }
+    auto reference = build_model(c, ckpt);
+    KvCache ref_cache(c, kNumBlocks, kBlockSize);
+    Seq own = seqs[2];
+    own.slot = -1;
+    Batch b = pack({own}, true);
+    const std::vector<float> want = run_forward(*reference, ref_cache, b);
+    expect_block_near(mixed, kWide, first[2], want, kVocab, 0, 3, kVocab, 1e-4);
+    EXPECT_GT(max_diff(mixed, kWide, first[2], base, kVocab, first[2], 3, kVocab), 0.1);
+    expect_masked(mixed, kWide, first[2], 3, kVocab);
+  }
+  // D: W' = m / ||W + B A|| * (W + B A), biases as they are.
+  {
+    Checkpoint ckpt = base_ckpt;
+    merge_rows(ckpt, c, d_data.weights, d_data.config);
+    auto reference = build_model(c, ckpt);
+    KvCache ref_cache(c, kNumBlocks, kBlockSize);
+    for (int64_t s : {3, 6}) {
+      SCOPED_TRACE(s);
+      Seq own = seqs[s];
+      own.slot = -1;
+      Batch b = pack({own}, true);
+      const std::vector<float> want = run_forward(*reference, ref_cache, b);
+      const int64_t n = static_cast<int64_t>(own.tokens.size());
+      expect_block_near(mixed, kWide, first[s], want, kVocab, 0, n, kVocab, 1e-4);
+      EXPECT_GT(max_diff(mixed, kWide, first[s], base, kVocab, first[s], n, kVocab), 0.1);
+      expect_masked(mixed, kWide, first[s], n, kVocab);
+    }
+  }
+}
+
+// Token ids are checked against each sequence's own vocabulary, before anything is written.
+TEST(LlamaModelEmbeddingsTest, TokenIdsAreValidatedPerSequencesVocabulary) {
+  const ModelConfig c = tiny_config();
+  auto model = build_model(c, checkpoint_of(c));
+  KvCache cache(c, kNumBlocks, kBlockSize);
+  Parts tables;
+  tables[P::kEmbedTokens] = owned(kWide, 32, 21);
+  tables[P::kLmHead] = tables[P::kEmbedTokens];
+  const LoraAdapter t(parts_only(tables), LoraConfig::from_rows({}), c, kMaxRank);
+  const AdapterData plain = adapter_data(c, {{lora_module::kAttnQ, 0, 2}});
+  const LoraAdapter l(plain.weights, plain.config, c, kMaxRank);
+  const std::vector<char> snapshot(reinterpret_cast<const char*>(cache.keys(0)),
+                                   reinterpret_cast<const char*>(cache.keys(0)) + cache.nbytes());
+  struct Case {
+    std::vector<Seq> seqs;
+    std::string needle;
+  };
+  const std::vector<Case> cases = {
+      {{{{1, 2}, 0, {0}, 0}, {{1, 70, 2}, 0, {1}, -1}},
+       "token_ids[3] = 70 is out of range [0, vocab_size = 64) of sequence 1 (the base model)"},
+      {{{{64}, 0, {0}, 1}},
+       "token_ids[0] = 64 is out of range [0, vocab_size = 64) of sequence 0's adapter"},
+      {{{{3}, 0, {0}, -1}, {{79, 80}, 0, {1}, 0}},
+       "token_ids[2] = 80 is out of range [0, vocab_size = 80) of sequence 1's adapter"},
+      {{{{-1}, 0, {0}, 0}}, "token_ids[0] = -1 is out of range [0, vocab_size = 80)"},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.needle);
+    Batch b = pack(k.seqs);
+    expect_error<InvalidArgument>([&] { forward_wide(*model, cache, b, {&t, &l}); }, k.needle);
+    EXPECT_EQ(0, std::memcmp(snapshot.data(), cache.keys(0), snapshot.size()));
+  }
+  // The adapter's own ids are fine, and the logits must be as wide as its vocabulary.
+  Batch ok = pack({{{79, 64, 0}, 0, {0}, 0}});
+  EXPECT_EQ(forward_wide(*model, cache, ok, {&t, &l}).size(), static_cast<size_t>(kWide));
+  std::vector<float> narrow(kVocab);
+  expect_error<InvalidArgument>(
+      [&] {
+        model->forward(ExecContext::cpu(), ok.view(), cache, table_of(c, {&t, &l}),
+                       Tensor(narrow.data(), DType::kFloat32, {1, kVocab}));
+      },
+      "logits must be contiguous float32 [1, 80], got [1, 64] float32 cpu");
+}
+
+// Tied base (Llama-3.2): an adapter that keeps the tie (one table for both), one that unties
+// (only embed_tokens: the output stays the base table) and one with LoRA on lm_head alone (the
+// base's output table plus B A, the input table untouched), each against its merged model.
+TEST(LlamaModelEmbeddingsTest, TiedBaseAdaptersKeepOrBreakTheTieAsPeftDoes) {
+  ModelConfig c = tiny_config();
+  c.tie_word_embeddings = true;
+  const Checkpoint base_ckpt = checkpoint_of(c);
+  ASSERT_EQ(base_ckpt.count("lm_head.weight"), 0u);
+  auto model = build_model(c, base_ckpt);
+  KvCache cache(c, kNumBlocks, kBlockSize);
+  const std::vector<float>& embed = base_ckpt.at("model.embed_tokens.weight").values;
+
+  Parts kept;
+  kept[P::kEmbedTokens] = owned(72, 32, 31);
+  kept[P::kLmHead] = kept[P::kEmbedTokens];
+  const LoraAdapter tied(parts_only(kept), LoraConfig::from_rows({}), c, kMaxRank);
+  EXPECT_EQ(tied.lm_head().data(), tied.embed_tokens().data());
+  EXPECT_EQ(tied.nbytes(), 72u * 32 * 4);
+  Parts untie;
+  untie[P::kEmbedTokens] = owned(kVocab, 32, 32);
+  const LoraAdapter untied(parts_only(untie), LoraConfig::from_rows({}), c, kMaxRank);
+  EXPECT_FALSE(untied.lm_head().defined());
+  Parts head_lora;
+  head_lora[P::kLmHeadLoraA] = owned(2, 32, 33, -0.5f, 0.5f);
+  head_lora[P::kLmHeadLoraB] = owned(kVocab, 2, 34, -0.5f, 0.5f);
+  const LoraAdapter head(parts_only(head_lora), LoraConfig::from_rows({}), c, kMaxRank);
+
+  const std::vector<Seq> seqs = {
+      {{4, 71, 9}, 0, {0}, 0}, {{5, 6}, 0, {1}, -1}, {{7, 8, 9}, 0, {2}, 1}, {{10, 11}, 0, {3}, 2}};
+  const std::vector<int64_t> first = {0, 3, 5, 8};
+  Batch b = pack(seqs, true);
+  const std::vector<float> mixed = forward_wide(*model, cache, b, {&tied, &untied, &head});
+  ASSERT_EQ(mixed.size(), 10u * 72);
+
+  auto reference_rows = [&](const ModelConfig& rc, const Checkpoint& ckpt, const Seq& s) {
+    auto ref = build_model(rc, ckpt);
+    KvCache ref_cache(rc, kNumBlocks, kBlockSize);
+    Seq own = s;
+    own.slot = -1;
+    Batch rb = pack({own}, true);
+    return run_forward_wide_base(*ref, ref_cache, rb, rc.vocab_size);
+  };
+  {  // kept tied: a tied model of vocabulary 72 whose table is the adapter's
+    ModelConfig rc = c;
+    rc.vocab_size = 72;
+    Checkpoint ckpt = base_ckpt;
+    ckpt["model.embed_tokens.weight"] =
+        Param{{72, 32},
+              std::vector<float>(values_of(kept[P::kEmbedTokens]),
+                                 values_of(kept[P::kEmbedTokens]) + 72 * 32)};
+    const std::vector<float> want = reference_rows(rc, ckpt, seqs[0]);
+    expect_block_near(mixed, 72, first[0], want, 72, 0, 3, 72, 1e-5);
+  }
+  {  // base rows: the tied model itself, -inf past 64
+    const std::vector<float> want = reference_rows(c, base_ckpt, seqs[1]);
+    for (int64_t row = 0; row < 2; ++row) {
+      EXPECT_EQ(0, std::memcmp(&mixed[(first[1] + row) * 72], &want[row * kVocab],
+                               kVocab * sizeof(float)));
+    }
+    expect_masked(mixed, 72, first[1], 2, kVocab);
+  }
+  ModelConfig untied_config = c;
+  untied_config.tie_word_embeddings = false;
+  {  // untied: the adapter's input table, the base table as lm_head
+    Checkpoint ckpt = base_ckpt;
+    ckpt["model.embed_tokens.weight"] =
+        Param{{kVocab, 32},
+              std::vector<float>(values_of(untie[P::kEmbedTokens]),
+                                 values_of(untie[P::kEmbedTokens]) + kVocab * 32)};
+    ckpt["lm_head.weight"] = Param{{kVocab, 32}, embed};
+    const std::vector<float> want = reference_rows(untied_config, ckpt, seqs[2]);
+    expect_block_near(mixed, 72, first[2], want, kVocab, 0, 3, kVocab, 1e-5);
+    expect_masked(mixed, 72, first[2], 3, kVocab);
+  }
+  {  // lm_head LoRA: lm_head' = embed + B A, embed_tokens untouched
+    Checkpoint ckpt = base_ckpt;
+    std::vector<float> out = embed;
+    for (int64_t v = 0; v < kVocab; ++v) {
+      for (int64_t h = 0; h < 32; ++h) {
+        double o = out[v * 32 + h];
+        for (int64_t r = 0; r < 2; ++r) {
+          o += double{values_of(head_lora[P::kLmHeadLoraB])[v * 2 + r]} *
+               values_of(head_lora[P::kLmHeadLoraA])[r * 32 + h];
+        }
+        out[v * 32 + h] = static_cast<float>(o);
+      }
+    }
+    ckpt["lm_head.weight"] = Param{{kVocab, 32}, out};
+    const std::vector<float> want = reference_rows(untied_config, ckpt, seqs[3]);
+    expect_block_near(mixed, 72, first[3], want, kVocab, 0, 2, kVocab, 1e-4);
+    expect_masked(mixed, 72, first[3], 2, kVocab);
+  }
 }
 
 }  // namespace
