@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -279,6 +281,182 @@ TEST(LoraCacheTest, KeepsEachAdapterInItsOwnDtype) {
   }
   EXPECT_EQ(fp32->pair(0, 1).dtype, DType::kFloat32);
   EXPECT_EQ(static_cast<const float*>(fp32->pair(0, 1).b_t)[5], 0.1f);
+}
+
+// --- Embedding-side parts and DoRA (issue 11) ----------------------------------------------------
+
+using P = LoraEmbeddings;
+using Parts = std::array<P::Input, P::kNumParts>;
+
+// A [rows, 8] float32 table (hidden 8) filled with `value`.
+P::Input table(int64_t rows, float value) {
+  auto values = std::make_shared<std::vector<float>>(rows * 8, value);
+  return {Tensor(values->data(), DType::kFloat32, {rows, 8}), values};
+}
+
+// The rank-1 attn_q adapter (64 bytes) with embed_tokens and lm_head of 20 rows (640 bytes
+// each; tied: one table).
+Adapter with_tables(bool tied, float head_value = 0.25f) {
+  const Adapter rows = adapter(1);
+  Parts parts;
+  parts[P::kEmbedTokens] = table(20, 0.5f);
+  parts[P::kLmHead] = tied ? parts[P::kEmbedTokens] : table(20, head_value);
+  return {LoraWeights(rows.weights.tensor(), rows.weights.owner(),
+                      std::make_shared<const LoraEmbeddings>(parts)),
+          rows.config};
+}
+
+TEST(LoraCacheTest, BothLevelsCountTheEmbeddingSideParts) {
+  LoraCache c(tiny_model(), LoraCacheConfig{1 << 20, 1 << 20}, 8);
+  const Adapter untied = with_tables(false), tied = with_tables(true);
+  c.put(1, untied.weights, untied.config);
+  c.put(2, tied.weights, tied.config);
+  EXPECT_EQ(c.stats().host_bytes, (64 + 2 * 640) + (64 + 640));
+  auto one = c.acquire(1);
+  auto two = c.acquire(2);
+  ASSERT_NE(one, nullptr);
+  ASSERT_NE(two, nullptr);
+  EXPECT_EQ(c.stats().device_bytes, (64 + 2 * 640) + (64 + 640));
+  EXPECT_EQ(one->nbytes(), 64u + 2 * 640);
+  EXPECT_EQ(two->nbytes(), 64u + 640);
+  EXPECT_EQ(two->lm_head().data(), two->embed_tokens().data());
+  EXPECT_EQ(one->vocab_size(), 20);
+  EXPECT_EQ(static_cast<const float*>(one->lm_head().data())[7], 0.25f);
+  // The cache's copies, not the caller's memory.
+  EXPECT_NE(one->embed_tokens().data(), untied.weights.embeddings()->part(P::kEmbedTokens).data());
+}
+
+TEST(LoraCacheTest, AnAdapterWhosePartsExceedALevelIsRefusedWithBothSizes) {
+  const Adapter a = with_tables(false);  // 1344 bytes
+  LoraCache small_host(tiny_model(), LoraCacheConfig{1343, 1 << 20}, 8);
+  expect_error<LoraError>([&] { small_host.put(1, a.weights, a.config); },
+                          "LoRA task 1 needs 1344 bytes, more than the whole host level "
+                          "(host_cache_bytes = 1343)");
+  EXPECT_FALSE(small_host.contains(1));
+  LoraCache small_device(tiny_model(), LoraCacheConfig{1 << 20, 1000}, 8);
+  expect_error<LoraError>([&] { small_device.put(1, a.weights, a.config); },
+                          "LoRA task 1 needs 1344 bytes on the device level, more than all of it "
+                          "(device_cache_bytes = 1000)");
+  EXPECT_FALSE(small_device.contains(1));
+  EXPECT_EQ(small_device.stats().host_bytes, 0);
+  // Tied, it fits: 704 bytes.
+  const Adapter tied = with_tables(true);
+  small_device.put(1, tied.weights, tied.config);
+  EXPECT_EQ(small_device.stats().host_bytes, 704);
+}
+
+TEST(LoraCacheTest, VocabSizeIsTheAdaptersOwnOrZero) {
+  LoraCache c = cache(100, 1000);
+  const Adapter plain = adapter(1), wide = with_tables(true);
+  c.put(1, plain.weights, plain.config);
+  c.put(2, wide.weights, wide.config);
+  EXPECT_EQ(c.vocab_size(1), 0);
+  EXPECT_EQ(c.vocab_size(2), 20);
+  expect_error<LoraError>([&] { c.vocab_size(3); }, "LoRA task 3 not found in cache");
+}
+
+TEST(LoraCacheTest, PartsDecideWhetherARePutIsTheSameAdapter) {
+  LoraCache c(tiny_model(), LoraCacheConfig{1 << 20, 1 << 20}, 8);
+  const Adapter a = with_tables(false);
+  c.put(7, a.weights, a.config, true);
+  auto resident = c.acquire(7);
+  // Equal bytes in other memory: the same adapter, even in use.
+  const Adapter again = with_tables(false);
+  c.put(7, again.weights, again.config, true);
+  EXPECT_EQ(c.acquire(7), resident);
+  EXPECT_EQ(c.stats().replacements, 0);
+  // The same rows with another lm_head, or with the tables tied, or without the parts: another
+  // adapter, refused while in use.
+  const std::string in_use = "LoRA task 7 is in use by 2 queued or running request(s)";
+  const Adapter other_head = with_tables(false, 0.75f);
+  expect_error<LoraError>([&] { c.put(7, other_head.weights, other_head.config); }, in_use);
+  const Adapter tied = with_tables(true);
+  expect_error<LoraError>([&] { c.put(7, tied.weights, tied.config); }, in_use);
+  const Adapter rows_only = adapter(1);
+  expect_error<LoraError>([&] { c.put(7, rows_only.weights, rows_only.config); }, in_use);
+  c.unpin(7);
+  c.unpin(7);
+  c.unref(7);
+  c.unref(7);
+  c.put(7, other_head.weights, other_head.config);  // idle: replaced on both levels
+  EXPECT_EQ(c.stats().replacements, 1);
+  EXPECT_FALSE(c.is_on_device(7));
+  auto replaced = c.acquire(7);
+  EXPECT_EQ(static_cast<const float*>(replaced->lm_head().data())[0], 0.75f);
+  EXPECT_EQ(c.stats().host_bytes, 64 + 2 * 640);
+}
+
+// attn_q rank 1 as a DoRA row: 16 pair values + 8 magnitudes.
+Adapter dora_adapter() {
+  std::vector<float> values(24, 0.5f);
+  return {LoraWeights::copy_of(Tensor(values.data(), DType::kFloat32, {1, 24})),
+          LoraConfig::from_rows({{1, 0, 1, 1}})};
+}
+
+TEST(LoraCacheTest, DoraScalesAreComputedOnceAtPutAndCountedOnBothLevels) {
+  int calls = 0;
+  LoraCache c(tiny_model(), LoraCacheConfig{1 << 20, 1 << 20}, 8,
+              [&](const LoraWeights& w, const LoraConfig& config) {
+                ++calls;
+                EXPECT_EQ(config.row(0).is_dora, 1);
+                EXPECT_EQ(w.row_size(), 24);
+                return std::vector<float>{1, 2, 3, 4, 5, 6, 7, 8};
+              });
+  const Adapter a = dora_adapter();
+  c.put(3, a.weights, a.config);
+  EXPECT_EQ(calls, 1);
+  // Host: the row (24 floats) and 8 scales; device: the pair (16 floats) and 8 scales.
+  EXPECT_EQ(c.stats().host_bytes, 24 * 4 + 8 * 4);
+  auto adapter3 = c.acquire(3);
+  ASSERT_NE(adapter3, nullptr);
+  EXPECT_EQ(c.stats().device_bytes, 16 * 4 + 8 * 4);
+  EXPECT_EQ(adapter3->nbytes(), 16u * 4 + 8 * 4);
+  const float* scale = adapter3->pair(0, 1).dora_scale;
+  ASSERT_NE(scale, nullptr);
+  for (int o = 0; o < 8; ++o) EXPECT_EQ(scale[o], static_cast<float>(o + 1)) << o;
+  // The same adapter again, and a reload after eviction from the device level, reuse them.
+  c.put(3, a.weights, a.config);
+  c.unpin(3);
+  adapter3.reset();
+  const Adapter filler = adapter(1);
+  LoraCache tight(tiny_model(), LoraCacheConfig{1 << 20, 96}, 8,
+                  [&](const LoraWeights&, const LoraConfig&) {
+                    ++calls;
+                    return std::vector<float>(8, 2.0f);
+                  });
+  tight.put(3, a.weights, a.config);
+  tight.put(4, filler.weights, filler.config);
+  ASSERT_NE(tight.acquire(3), nullptr);
+  tight.unpin(3);
+  ASSERT_NE(tight.acquire(4), nullptr);  // evicts 3 from the device level
+  tight.unpin(4);
+  EXPECT_FALSE(tight.is_on_device(3));
+  auto back = tight.acquire(3);
+  ASSERT_NE(back, nullptr);
+  EXPECT_EQ(back->pair(0, 1).dora_scale[5], 2.0f);
+  EXPECT_EQ(calls, 2);  // once per cache
+}
+
+TEST(LoraCacheTest, DoraNeedsAScalesFunctionAndItsErrorsRefuseThePut) {
+  const Adapter a = dora_adapter();
+  LoraCache none = cache(10);
+  expect_error<LoraError>([&] { none.put(3, a.weights, a.config); },
+                          "LoRA task 3 has DoRA rows, which this cache cannot compute (it has no "
+                          "base weights to take the row norms against)");
+  EXPECT_FALSE(none.contains(3));
+  EXPECT_EQ(none.stats().host_bytes, 0);
+  // A plain adapter needs no function.
+  const Adapter plain = adapter(1);
+  none.put(4, plain.weights, plain.config);
+  EXPECT_TRUE(none.contains(4));
+
+  LoraCache failing(tiny_model(), LoraCacheConfig{1 << 20, 1 << 20}, 8,
+                    [](const LoraWeights&, const LoraConfig&) -> std::vector<float> {
+                      raise<LoraError>("zero row norm");
+                    });
+  expect_error<LoraError>([&] { failing.put(3, a.weights, a.config, true); }, "zero row norm");
+  EXPECT_FALSE(failing.contains(3));
+  EXPECT_EQ(failing.stats().referenced_tasks, 0);
 }
 
 }  // namespace
