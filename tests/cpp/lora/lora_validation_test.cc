@@ -572,6 +572,25 @@ TEST(LoraValidationTest, PartsMustHaveTheRequiredDtype) {
                      LoraLimits{64, DType::kFloat32});
 }
 
+// lm_head's pair runs as one LoraPair: a pair of two dtypes would pass here and fail when the
+// LoRA cache lays the adapter out for a step (the request's error reported as the runtime's).
+TEST(LoraValidationTest, LmHeadPairHasOneDtype) {
+  Parts parts;
+  parts[P::kLmHeadLoraA] = emb_part(2, 64);
+  parts[P::kLmHeadLoraB] = emb_part(100, 2);
+  const LoraEmbeddings bf16 = LoraEmbeddings(parts).to(DType::kBFloat16);
+  Parts mixed = parts;
+  mixed[P::kLmHeadLoraB] = {bf16.part(P::kLmHeadLoraB), nullptr};
+  expect_parts_error(mixed,
+                     "lm_head_lora_b has dtype bfloat16 but lm_head_lora_a has float32: the "
+                     "lm_head LoRA pair must have one dtype");
+  expect_parts_ok(parts);
+  Parts both_bf16;
+  both_bf16[P::kLmHeadLoraA] = {bf16.part(P::kLmHeadLoraA), nullptr};
+  both_bf16[P::kLmHeadLoraB] = {bf16.part(P::kLmHeadLoraB), nullptr};
+  expect_parts_ok(both_bf16);
+}
+
 TEST(LoraValidationTest, PartsMustBeFinite) {
   Parts nan_embed;
   nan_embed[P::kEmbedTokens] = emb_part(100, 64, {{3 * 64 + 5, kNan}});
