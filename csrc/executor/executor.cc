@@ -213,6 +213,9 @@ uint64_t Executor::enqueue(InferenceRequest request, bool shared) {
   int64_t vocab_size = 0;
   if (std::optional<RequestError> error = validate(request, vocab_size)) {
     out.push_back(final_response(id, FinishReason::kError, error->message, error->kind));
+    // The vocabulary the ids were checked against, once the adapter was known (0: emit() puts
+    // the model's).
+    out.back().vocab_size = vocab_size;
   } else {
     auto seq = std::make_unique<Sequence>();
     seq->id = id;

@@ -2,12 +2,16 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <map>
 #include <memory>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -16,6 +20,8 @@
 #include "core/errors.h"
 #include "executor_test_util.h"
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/ops.h"
+#include "lora/module_ids.h"
 #include "test_util.h"
 
 namespace lorart {
@@ -379,6 +385,249 @@ TEST(ExecutorTest, ReleasedRequestsFreeTheirChannelsAtTheirEnd) {
   }
   releaser.join();
   EXPECT_PRED_FORMAT2(testing::IsSubstring, "released", error);
+}
+
+// --- Adapters with their own vocabulary; DoRA (issue 11) -----------------------------------------
+
+using P = LoraEmbeddings;
+using Parts = std::array<P::Input, P::kNumParts>;
+
+constexpr int64_t kWide = 80;
+
+// random_model's weights with `embed` and `lm_head` [V, 32] as the model's own tables (V their
+// rows): the model an adapter bringing those tables must behave as.
+std::shared_ptr<LlamaModel> model_with_tables(const std::vector<float>& embed,
+                                              const std::vector<float>& lm_head) {
+  ModelConfig c = testing_util::executor_model_config();
+  c.vocab_size = static_cast<int64_t>(embed.size()) / 32;
+  ModelWeightsBuilder builder(c);
+  uint32_t seed = 7;  // random_model's seeds, tensor by tensor
+  testing_util::for_each_llama_param(
+      c, [&](const std::string& name, std::vector<int64_t> shape, float lo, float hi) {
+        std::vector<float> values = testing_util::random_floats(
+            shape[0] * (shape.size() > 1 ? shape[1] : 1), seed++, lo, hi);
+        if (name == "model.embed_tokens.weight") values = embed;
+        if (name == "lm_head.weight") values = lm_head;
+        builder.add(name, shape.size() == 1
+                              ? Tensor(values.data(), DType::kFloat32, {shape[0]})
+                              : Tensor(values.data(), DType::kFloat32, {shape[0], shape[1]}));
+      });
+  return std::make_shared<LlamaModel>(c, ModelWeights(std::move(builder)), 64, 8);
+}
+
+struct WideAdapter {
+  std::vector<float> embed, lm_head;
+  LoraWeights weights;
+  LoraConfig config;
+};
+WideAdapter wide_adapter() {
+  std::vector<float> embed = testing_util::random_floats(kWide * 32, 1000);
+  std::vector<float> head = testing_util::random_floats(kWide * 32, 1001, -0.3f, 0.3f);
+  auto e = std::make_shared<std::vector<float>>(embed);
+  auto h = std::make_shared<std::vector<float>>(head);
+  Parts parts;
+  parts[P::kEmbedTokens] = {Tensor(e->data(), DType::kFloat32, {kWide, 32}), e};
+  parts[P::kLmHead] = {Tensor(h->data(), DType::kFloat32, {kWide, 32}), h};
+  return {embed, head,
+          LoraWeights(Tensor(nullptr, DType::kFloat32, {0, 0}), nullptr,
+                      std::make_shared<const LoraEmbeddings>(parts)),
+          LoraConfig::from_rows({})};
+}
+
+InferenceRequest with_adapter(InferenceRequest r, uint64_t task, const WideAdapter* a) {
+  r.lora_task_id = task;
+  if (a != nullptr) {
+    r.lora_weights = a->weights;
+    r.lora_config = a->config;
+  }
+  return r;
+}
+
+// Base requests keep the model's vocabulary, a request whose adapter brings 80 tokens has 80:
+// ids, end ids, logits widths and tokens all as on a model whose own tables are the adapter's;
+// both kinds in one batch are unchanged by each other.
+TEST(ExecutorVocabularyTest, EachRequestHasItsAdaptersVocabulary) {
+  auto e = make_executor();
+  const WideAdapter a = wide_adapter();
+  Executor ref(model_with_tables(a.embed, a.lm_head), small_config());
+  const std::vector<int32_t> prompt = {3, 70, 15, 79, 64};
+
+  // Past the base vocabulary: refused for a base request, named by index; end_id too.
+  const Response base_bad = final_of(*e, e->enqueue_request(greedy(4, prompt)));
+  EXPECT_EQ(base_bad.finish_reason, FinishReason::kError);
+  EXPECT_EQ(base_bad.error_kind, ErrorKind::kInvalidRequest);
+  EXPECT_EQ(base_bad.error, "input_token_ids[1] = 70 is out of the vocabulary [0, 64)");
+  EXPECT_EQ(base_bad.vocab_size, 64);
+  InferenceRequest base_end = greedy(4);
+  base_end.end_id = 64;
+  EXPECT_EQ(final_of(*e, e->enqueue_request(base_end)).error,
+            "end_id = 64 is out of the vocabulary [0, 64)");
+
+  // Accepted with the adapter; everything as on the reference model.
+  InferenceRequest r = with_adapter(greedy(8, prompt), 5, &a);
+  r.return_context_logits = true;
+  r.return_generation_logits = true;
+  r.return_log_probs = true;
+  const Response got = final_of(*e, e->enqueue_request(r));
+  InferenceRequest rr = greedy(8, prompt);
+  rr.return_context_logits = true;
+  rr.return_generation_logits = true;
+  rr.return_log_probs = true;
+  const Response want = final_of(ref, ref.enqueue_request(rr));
+  ASSERT_EQ(got.finish_reason, FinishReason::kLength) << got.error;
+  ASSERT_EQ(want.finish_reason, FinishReason::kLength) << want.error;
+  EXPECT_EQ(got.vocab_size, kWide);
+  EXPECT_EQ(got.output_token_ids, want.output_token_ids);
+  ASSERT_EQ(got.context_logits.size(), prompt.size() * kWide);
+  ASSERT_EQ(got.generation_logits.size(), 8u * kWide);
+  for (size_t i = 0; i < got.context_logits.size(); ++i) {
+    ASSERT_NEAR(got.context_logits[i], want.context_logits[i], 1e-5) << i;
+  }
+  for (size_t i = 0; i < got.generation_logits.size(); ++i) {
+    ASSERT_NEAR(got.generation_logits[i], want.generation_logits[i], 1e-5) << i;
+  }
+  ASSERT_EQ(got.log_probs.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_NEAR(got.log_probs[i], want.log_probs[i], 1e-5) << i;
+
+  // The adapter's vocabulary bounds its end id; a refusal leaves the task cached, unreferenced.
+  InferenceRequest end80 = with_adapter(greedy(4), 5, nullptr);
+  end80.end_id = 80;
+  const Response end_bad = final_of(*e, e->enqueue_request(end80));
+  EXPECT_EQ(end_bad.error_kind, ErrorKind::kInvalidRequest);
+  EXPECT_EQ(end_bad.error, "end_id = 80 is out of the vocabulary [0, 80) of the request's adapter");
+  EXPECT_EQ(end_bad.vocab_size, kWide);
+  const Response id_bad = final_of(*e, e->enqueue_request(with_adapter(greedy(4, {1, 80}), 5, &a)));
+  EXPECT_EQ(id_bad.error,
+            "input_token_ids[1] = 80 is out of the vocabulary [0, 80) of the request's adapter");
+  EXPECT_EQ(e->stats().lora.referenced_tasks, 0);
+  EXPECT_TRUE(e->lora_cache().contains(5));
+  InferenceRequest end75 = with_adapter(greedy(8, prompt), 5, nullptr);
+  end75.end_id = want.output_token_ids[2];  // greedy: ends where that token first comes
+  const auto end_at =
+      std::find(want.output_token_ids.begin(), want.output_token_ids.end(), *end75.end_id);
+  const Response ended = final_of(*e, e->enqueue_request(end75));
+  EXPECT_EQ(ended.finish_reason, FinishReason::kEndId);
+  EXPECT_EQ(ended.output_token_ids, std::vector<int32_t>(want.output_token_ids.begin(), end_at));
+
+  // Mixed: base and adapter requests in the same steps, each as alone.
+  const Response base_solo = final_of(*e, e->enqueue_request(greedy(12)));
+  std::vector<uint64_t> base_ids, wide_ids;
+  for (int i = 0; i < 3; ++i) {
+    base_ids.push_back(e->enqueue_request(greedy(12)));
+    wide_ids.push_back(
+        e->enqueue_request(with_adapter(greedy(8, prompt), 5, i == 0 ? &a : nullptr)));
+  }
+  for (uint64_t id : base_ids) {
+    const Response out = final_of(*e, id);
+    EXPECT_EQ(out.vocab_size, 64);
+    EXPECT_EQ(out.output_token_ids, base_solo.output_token_ids);
+  }
+  for (uint64_t id : wide_ids) {
+    const Response out = final_of(*e, id);
+    EXPECT_EQ(out.vocab_size, kWide);
+    EXPECT_EQ(out.output_token_ids, want.output_token_ids);
+  }
+  const ExecutorStats s = e->stats();
+  EXPECT_EQ(s.lora.referenced_tasks, 0);
+  EXPECT_EQ(s.lora.pinned_tasks, 0);
+  EXPECT_EQ(s.free_kv_blocks, s.total_kv_blocks);
+}
+
+// An adapter that replaces the tables at the base vocabulary can produce any of its ids, and a
+// sampled request draws only from its own vocabulary.
+TEST(ExecutorVocabularyTest, SamplingStaysWithinTheRequestsVocabulary) {
+  auto e = make_executor();
+  const WideAdapter a = wide_adapter();
+  std::set<int32_t> seen_base, seen_wide;
+  for (int i = 0; i < 6; ++i) {
+    InferenceRequest base = greedy(20);
+    base.sampling_config = SamplingConfig{0, 1.0f, 2.0f, static_cast<uint64_t>(i)};
+    InferenceRequest wide = with_adapter(base, 6, i == 0 ? &a : nullptr);
+    const Response b = final_of(*e, e->enqueue_request(base));
+    const Response w = final_of(*e, e->enqueue_request(wide));
+    ASSERT_EQ(w.finish_reason, FinishReason::kLength) << w.error;
+    seen_base.insert(b.output_token_ids.begin(), b.output_token_ids.end());
+    seen_wide.insert(w.output_token_ids.begin(), w.output_token_ids.end());
+  }
+  EXPECT_LT(*seen_base.rbegin(), 64);
+  EXPECT_GE(*seen_wide.rbegin(), 64);  // hot sampling over 80 tokens reaches the new ones
+  EXPECT_LT(*seen_wide.rbegin(), kWide);
+}
+
+// DoRA through the executor: its scales are taken against the model's weights when the adapter
+// is cached; a row whose adapted weight has norm 0 is the request's error, and nothing stays.
+TEST(ExecutorDoraTest, DoraAdaptersRunAndBadOnesAreRefusedAtEnqueue) {
+  auto model = testing_util::random_model(testing_util::executor_model_config());
+  Executor e(model, small_config());
+  const auto [qkv, first] = model->weights().module_rows(0, lora_module::kAttnQ);
+  std::vector<float> w_row(32);
+  ops::read_weight_row(ExecContext::cpu(), qkv, model->weights().matrix_layout(), first,
+                       Tensor(w_row.data(), DType::kFloat32, {32}));
+  // attn_q of layer 0, rank 1: A = W_q[0, :], B[0] = -b0 (B's other rows 0.1), magnitudes 1.
+  auto dora = [&](float b0) {
+    std::vector<float> values(32 + 32 + 32, 1.0f);
+    std::copy(w_row.begin(), w_row.end(), values.begin());
+    std::fill(values.begin() + 32, values.begin() + 64, 0.1f);
+    values[32] = -b0;
+    return LoraWeights::copy_of(Tensor(values.data(), DType::kFloat32, {1, 96}));
+  };
+  const LoraConfig config = LoraConfig::from_rows({{lora_module::kAttnQ, 0, 1, 1}});
+  InferenceRequest bad = greedy(4);
+  bad.lora_task_id = 9;
+  bad.lora_weights = dora(1.0f);
+  bad.lora_config = config;
+  const Response refused = final_of(e, e.enqueue_request(bad));
+  EXPECT_EQ(refused.finish_reason, FinishReason::kError);
+  EXPECT_EQ(refused.error_kind, ErrorKind::kInvalidRequest);
+  EXPECT_PRED_FORMAT2(testing::IsSubstring,
+                      "lora_config row 0 (attn_q, layer 0, DoRA): magnitude / ||W + B A|| at "
+                      "output 0 is inf",
+                      refused.error);
+  EXPECT_FALSE(e.lora_cache().contains(9));
+  EXPECT_EQ(e.stats().lora.referenced_tasks, 0);
+
+  InferenceRequest good = bad;
+  good.lora_weights = dora(0.5f);
+  const Response ok = final_of(e, e.enqueue_request(good));
+  EXPECT_EQ(ok.finish_reason, FinishReason::kLength) << ok.error;
+  EXPECT_EQ(ok.output_token_ids.size(), 4u);
+  EXPECT_TRUE(e.lora_cache().contains(9));
+  // The cached adapter holds the scales against this model's W_q: m / ||W + B A||.
+  auto adapter = e.lora_cache().acquire(9);
+  ASSERT_NE(adapter, nullptr);
+  const float* scale = adapter->pair(0, lora_module::kAttnQ).dora_scale;
+  ASSERT_NE(scale, nullptr);
+  double norm = 0.0;
+  for (float v : w_row) norm += 0.25 * v * v;  // row 0: W - 0.5 W
+  EXPECT_NEAR(scale[0], 1.0 / std::sqrt(norm), 1e-6 / std::sqrt(norm));
+  e.lora_cache().unpin(9);
+}
+
+// Validation must refuse, at enqueue, an adapter the LoRA cache cannot lay out later: an lm_head
+// LoRA pair of two dtypes passed validation, then failed its request when the executor loaded it
+// (an internal error, for the request's own fault).
+TEST(ExecutorVocabularyTest, AnLmHeadPairOfTwoDtypesIsTheRequestsError) {
+  auto e = make_executor();
+  auto a = std::make_shared<std::vector<float>>(testing_util::random_floats(2 * 32, 1));
+  auto b = std::make_shared<std::vector<uint16_t>>(64 * 2);
+  const std::vector<float> b_values = testing_util::random_floats(64 * 2, 2);
+  convert_floats(b_values.data(), DType::kFloat32, b->data(), DType::kBFloat16, b->size());
+  Parts parts;
+  parts[P::kLmHeadLoraA] = {Tensor(a->data(), DType::kFloat32, {2, 32}), a};
+  parts[P::kLmHeadLoraB] = {Tensor(b->data(), DType::kBFloat16, {64, 2}), b};
+  InferenceRequest r = greedy(4);
+  r.lora_task_id = 11;
+  r.lora_weights = LoraWeights(Tensor(nullptr, DType::kFloat32, {0, 0}), nullptr,
+                               std::make_shared<const LoraEmbeddings>(parts));
+  r.lora_config = LoraConfig::from_rows({});
+  const Response out = final_of(*e, e->enqueue_request(r));
+  EXPECT_EQ(out.finish_reason, FinishReason::kError);
+  EXPECT_EQ(out.error_kind, ErrorKind::kInvalidRequest) << out.error;
+  EXPECT_PRED_FORMAT2(testing::IsSubstring,
+                      "lm_head_lora_b has dtype bfloat16 but lm_head_lora_a has float32",
+                      out.error);
+  EXPECT_FALSE(e->lora_cache().contains(11));
+  EXPECT_EQ(e->stats().lora.referenced_tasks, 0);
 }
 
 }  // namespace
