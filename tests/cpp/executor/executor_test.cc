@@ -527,6 +527,22 @@ TEST(ExecutorVocabularyTest, EachRequestHasItsAdaptersVocabulary) {
     EXPECT_EQ(out.vocab_size, kWide);
     EXPECT_EQ(out.output_token_ids, want.output_token_ids);
   }
+  // A base request's logits in a step widened by the adapter: its own 64 columns, as alone.
+  InferenceRequest logits_req = greedy(6);
+  logits_req.return_context_logits = true;
+  logits_req.return_generation_logits = true;
+  const Response logits_solo = final_of(*e, e->enqueue_request(logits_req));
+  const uint64_t wide_beside = e->enqueue_request(with_adapter(greedy(8, prompt), 5, nullptr));
+  const uint64_t base_beside = e->enqueue_request(logits_req);
+  const Response beside = final_of(*e, base_beside);
+  EXPECT_EQ(final_of(*e, wide_beside).output_token_ids, want.output_token_ids);
+  EXPECT_EQ(beside.vocab_size, 64);
+  EXPECT_EQ(beside.output_token_ids, logits_solo.output_token_ids);
+  ASSERT_EQ(beside.context_logits.size(), 4u * 64);
+  ASSERT_EQ(beside.generation_logits.size(), 6u * 64);
+  EXPECT_EQ(beside.context_logits, logits_solo.context_logits);
+  EXPECT_EQ(beside.generation_logits, logits_solo.generation_logits);
+
   const ExecutorStats s = e->stats();
   EXPECT_EQ(s.lora.referenced_tasks, 0);
   EXPECT_EQ(s.lora.pinned_tasks, 0);

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -131,6 +133,66 @@ TEST(ModelRunnerTest, MalformedStepsAreRefusedNamingTheField) {
   expect_error<InvalidArgument>(
       [&] { ModelRunner other(model, kBlocks, kBlockSize, cuda); },
       "ModelRunner: the context's device cuda:0 is not the model's (cpu)");
+}
+
+// A step whose table holds an adapter with its own 60-token tables: the logits are as wide as
+// the widest vocabulary (buffers grow for it and serve narrower steps after), the base row is
+// -inf past 48, and each row samples within its own vocabulary.
+TEST(ModelRunnerTest, AWiderAdapterVocabularyWidensTheStep) {
+  const auto model = tiny_model();
+  ModelRunner runner(model, kBlocks, kBlockSize, ExecContext::cpu(1));
+  const int64_t wide = 60;
+  // Its own tables (tied), random: the runner must match the model's forward and the sampler.
+  auto values = std::make_shared<std::vector<float>>(testing_util::random_floats(wide * 16, 5));
+  std::array<LoraEmbeddings::Input, LoraEmbeddings::kNumParts> parts;
+  parts[LoraEmbeddings::kEmbedTokens] = {Tensor(values->data(), DType::kFloat32, {wide, 16}),
+                                         values};
+  parts[LoraEmbeddings::kLmHead] = parts[LoraEmbeddings::kEmbedTokens];
+  const LoraAdapter adapter(LoraWeights(Tensor(nullptr, DType::kFloat32, {0, 0}), nullptr,
+                                        std::make_shared<const LoraEmbeddings>(parts)),
+                            LoraConfig::from_rows({}), model->config(), 8);
+  LoraTable base_table(model->config()), wide_table(model->config());
+  wide_table.add(adapter);
+
+  Step narrow_first;
+  ASSERT_EQ(runner.run(narrow_first.input(base_table)).logits.shape_str(), "[5, 48]");
+  Step step;
+  step.ids = {3, 9, 27, 5, 59};  // the second sequence's last id is the adapter's own
+  step.slots = {-1, 0};
+  step.sampling = {{1, 1.0f, 0.0f, kVocab}, {1, 1.0f, 0.0f, wide}};
+  step.ctx = {0, 0};
+  step.tables = {2, 3};
+  const StepOutput out = runner.run(step.input(wide_table));
+  ASSERT_EQ(out.logits.shape_str(), "[5, 60]");
+  const float* l = out.logits.data_as<const float>();
+  for (int64_t row = 0; row < 3; ++row) {
+    for (int64_t i = kVocab; i < wide; ++i) {
+      ASSERT_EQ(l[row * wide + i], -std::numeric_limits<float>::infinity()) << row << "," << i;
+    }
+  }
+  // The same step by hand.
+  KvCache cache(model->config(), kBlocks, kBlockSize);
+  Step ref = step;
+  std::vector<float> logits(5 * wide);
+  const Tensor logits_t(logits.data(), DType::kFloat32, {5, wide});
+  model->forward(ExecContext::cpu(1), ref.input(wide_table).batch, cache, wide_table, logits_t);
+  EXPECT_EQ(0, std::memcmp(logits.data(), out.logits.data(), logits.size() * sizeof(float)));
+  std::vector<int32_t> tokens(2);
+  std::vector<std::pair<float, int32_t>> scratch(wide);
+  ops::sample(ExecContext::cpu(1), logits_t, Tensor(ref.sample_rows.data(), DType::kInt32, {2}),
+              ref.sampling.data(), ref.rng.data(), Tensor(tokens.data(), DType::kInt32, {2}),
+              Tensor(), scratch.data());
+  EXPECT_EQ(out.tokens.data_as<int32_t>()[0], tokens[0]);
+  EXPECT_EQ(out.tokens.data_as<int32_t>()[1], tokens[1]);
+  EXPECT_LT(tokens[0], kVocab);
+  // Greedy over the adapter's 60 tokens is the argmax of its row.
+  const float* row4 = logits.data() + 4 * wide;
+  EXPECT_EQ(tokens[1], std::max_element(row4, row4 + wide) - row4);
+
+  // A narrower step after it: the model's width again.
+  Step after;
+  after.tables = {4, 5};
+  ASSERT_EQ(runner.run(after.input(base_table)).logits.shape_str(), "[5, 48]");
 }
 
 }  // namespace
