@@ -113,7 +113,8 @@ LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_conf
       storage_(Buffer::allocate(pair_and_scale_bytes(lora_config, config, weights.dtype()).first,
                                 Device::cpu(), "LoRA adapter storage")),
       table_(static_cast<size_t>(config.num_layers) * lora_module::kCount),
-      dtype_(weights.dtype()) {
+      dtype_(weights.dtype()),
+      base_vocab_size_(config.vocab_size) {
   const size_t size = dtype_size(dtype_);
   const auto* rows = static_cast<const char*>(weights.tensor().data());
   char* dst = static_cast<char*>(storage_.data());

@@ -65,6 +65,9 @@ class LoraAdapter {
   // The embedding-side parts; each undefined when the adapter leaves that part to the model.
   // The adapter's vocabulary: rows of embed_tokens / lm_head, 0 when it keeps the model's.
   int64_t vocab_size() const { return vocab_size_; }
+  // The base vocabulary of the config it was laid out for: the parts' V when vocab_size() is 0,
+  // and the least V a model may have to run them (LoraTable::add checks it).
+  int64_t base_vocab_size() const { return base_vocab_size_; }
   const Tensor& embed_tokens() const { return embed_tokens_; }  // [V, H]
   const Tensor& lm_head() const { return lm_head_; }            // [V, H]
   const Tensor& embed_lora_a_t() const { return embed_a_t_; }   // [V, r]: A^T, a row per id
@@ -92,7 +95,7 @@ class LoraAdapter {
   int64_t max_rank_ = 0;
   bool has_dora_ = false;
   // The embedding-side parts (each in its own dtype) and views of them.
-  int64_t vocab_size_ = 0;
+  int64_t vocab_size_ = 0, base_vocab_size_ = 0;
   Buffer embed_tokens_buf_, lm_head_buf_, embed_a_t_buf_, embed_b_buf_, head_a_buf_, head_b_t_buf_;
   Tensor embed_tokens_, lm_head_, embed_a_t_, embed_b_;
   LoraPair lm_head_pair_;

@@ -137,5 +137,36 @@ TEST(LoraTableTest, ADoraAdapterMarksTheTableAndItsPairsCarryTheScales) {
   EXPECT_FALSE(table.has_dora());
 }
 
+// Embedding-side parts are sized by the vocabulary the adapter was laid out for (LoRA on lm_head:
+// B^T [r, V]; on embed_tokens: A^T [V, r]). On a model of the same layer shape but a larger
+// vocabulary, the forward would read those parts past their end: the table refuses them.
+TEST(LoraTableTest, EmbeddingSidePartsOfAnotherVocabularyAreRefused) {
+  const ModelConfig c = config_of(1);  // vocab 32
+  ModelConfig larger = c;
+  larger.vocab_size = 40;
+  auto a = std::make_shared<std::vector<float>>(2 * 16, 0.5f);
+  auto b = std::make_shared<std::vector<float>>(32 * 2, 0.5f);
+  std::array<LoraEmbeddings::Input, LoraEmbeddings::kNumParts> parts;
+  parts[LoraEmbeddings::kLmHeadLoraA] = {Tensor(a->data(), DType::kFloat32, {2, 16}), a};
+  parts[LoraEmbeddings::kLmHeadLoraB] = {Tensor(b->data(), DType::kFloat32, {32, 2}), b};
+  const LoraWeights w(Tensor(nullptr, DType::kFloat32, {0, 0}), nullptr,
+                      std::make_shared<const LoraEmbeddings>(parts));
+  const LoraAdapter head(w, LoraConfig::from_rows({}), c, 64);
+  LoraTable table(larger);
+  expect_error<InvalidArgument>(
+      [&] { table.add(head); },
+      "the adapter's embedding-side parts were laid out for a base vocabulary of 32 tokens; "
+      "this model has 40");
+  EXPECT_EQ(table.num_slots(), 0);
+  // Its own tables are sized by the same base vocabulary: refused too.
+  const LoraAdapter tables = tables_of(c, 36);
+  expect_error<InvalidArgument>([&] { table.add(tables); }, "a base vocabulary of 32 tokens");
+  // Plain LoRA rows do not depend on the vocabulary.
+  const LoraAdapter plain = adapter_of(c, 0, 2);
+  EXPECT_EQ(table.add(plain), 0);
+  LoraTable same(c);
+  EXPECT_EQ(same.add(head), 0);
+}
+
 }  // namespace
 }  // namespace lorart
