@@ -1129,5 +1129,56 @@ TEST(LlamaModelEmbeddingsTest, TiedBaseAdaptersKeepOrBreakTheTieAsPeftDoes) {
   }
 }
 
+// LoRA on the tables of an extended vocabulary: embed_lora_a spans the adapter's 80 ids and
+// lm_head_lora_b its 80 rows, on top of its own tables.
+TEST(LlamaModelEmbeddingsTest, LoraOnAnExtendedVocabularysOwnTables) {
+  const ModelConfig c = tiny_config();
+  const Checkpoint base_ckpt = checkpoint_of(c);
+  auto model = build_model(c, base_ckpt);
+  KvCache cache(c, kNumBlocks, kBlockSize);
+  Parts parts;
+  parts[P::kEmbedTokens] = owned(kWide, 32, 41);
+  parts[P::kLmHead] = owned(kWide, 32, 42, -0.3f, 0.3f);
+  parts[P::kEmbedLoraA] = owned(3, kWide, 43, -0.5f, 0.5f);
+  parts[P::kEmbedLoraB] = owned(32, 3, 44, -0.5f, 0.5f);
+  parts[P::kLmHeadLoraA] = owned(2, 32, 45, -0.5f, 0.5f);
+  parts[P::kLmHeadLoraB] = owned(kWide, 2, 46, -0.5f, 0.5f);
+  const LoraAdapter a(parts_only(parts), LoraConfig::from_rows({}), c, kMaxRank);
+  const std::vector<Seq> seqs = {{{1, 2, 3}, 0, {0}, -1}, {{79, 64, 5, 72}, 0, {1}, 0}};
+  Batch b = pack(seqs, true);
+  const std::vector<float> mixed = forward_wide(*model, cache, b, {&a});
+
+  ModelConfig wide = c;
+  wide.vocab_size = kWide;
+  Checkpoint ckpt = base_ckpt;
+  std::vector<float> embed(kWide * 32), head(kWide * 32);
+  for (int64_t v = 0; v < kWide; ++v) {
+    for (int64_t h = 0; h < 32; ++h) {
+      double e = values_of(parts[P::kEmbedTokens])[v * 32 + h];
+      double o = values_of(parts[P::kLmHead])[v * 32 + h];
+      for (int64_t r = 0; r < 3; ++r) {
+        e += double{values_of(parts[P::kEmbedLoraA])[r * kWide + v]} *
+             values_of(parts[P::kEmbedLoraB])[h * 3 + r];
+      }
+      for (int64_t r = 0; r < 2; ++r) {
+        o += double{values_of(parts[P::kLmHeadLoraB])[v * 2 + r]} *
+             values_of(parts[P::kLmHeadLoraA])[r * 32 + h];
+      }
+      embed[v * 32 + h] = static_cast<float>(e);
+      head[v * 32 + h] = static_cast<float>(o);
+    }
+  }
+  ckpt["model.embed_tokens.weight"] = Param{{kWide, 32}, embed};
+  ckpt["lm_head.weight"] = Param{{kWide, 32}, head};
+  auto reference = build_model(wide, ckpt);
+  KvCache ref_cache(wide, kNumBlocks, kBlockSize);
+  Seq own = seqs[1];
+  own.slot = -1;
+  Batch rb = pack({own}, true);
+  const std::vector<float> want = run_forward_wide_base(*reference, ref_cache, rb, kWide);
+  expect_block_near(mixed, kWide, 3, want, kWide, 0, 4, kWide, 1e-4);
+  expect_masked(mixed, kWide, 0, 3, kVocab);
+}
+
 }  // namespace
 }  // namespace lorart
