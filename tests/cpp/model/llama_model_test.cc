@@ -1180,5 +1180,58 @@ TEST(LlamaModelEmbeddingsTest, LoraOnAnExtendedVocabularysOwnTables) {
   expect_masked(mixed, kWide, 0, 3, kVocab);
 }
 
+// At bfloat16 precision the per-slot paths run the same matmuls as the model's own: base rows are
+// bitwise a base-only forward, and an adapter's tables give bitwise the logits of a model that
+// holds them.
+TEST(LlamaModelEmbeddingsTest, Bfloat16PrecisionPerSlotPathsMatchTheModelsOwn) {
+  const ModelConfig c = tiny_config();
+  const Checkpoint base_ckpt = checkpoint_of(c);
+  auto model = build_model(c, base_ckpt);
+  KvCache cache(c, kNumBlocks, kBlockSize);
+  Parts tables;
+  tables[P::kEmbedTokens] = owned(kWide, 32, 51);
+  tables[P::kLmHead] = owned(kWide, 32, 52, -0.3f, 0.3f);
+  const LoraAdapter t(parts_only(tables), LoraConfig::from_rows({}), c, kMaxRank);
+  const ExecContext bf16 = ExecContext::cpu(0, Precision::kBFloat16);
+  const std::vector<Seq> seqs = {{{1, 2, 3, 4, 5}, 0, {0, 1}, -1}, {{79, 64, 5, 72}, 0, {2}, 0}};
+  Batch b = pack(seqs, true);
+  const LoraTable table = table_of(c, {&t});
+  std::vector<float> mixed(9 * kWide);
+  model->forward(bf16, b.view(), cache, table, Tensor(mixed.data(), DType::kFloat32, {9, kWide}));
+
+  std::vector<Seq> base_seqs = seqs;
+  base_seqs[1].slot = -1;
+  for (int32_t& id : base_seqs[1].tokens) id %= kVocab;
+  Batch bb = pack(base_seqs, true);
+  std::vector<float> base(9 * kVocab);
+  model->forward(bf16, bb.view(), cache, LoraTable(c),
+                 Tensor(base.data(), DType::kFloat32, {9, kVocab}));
+  for (int64_t row = 0; row < 5; ++row) {
+    EXPECT_EQ(0, std::memcmp(&mixed[row * kWide], &base[row * kVocab], kVocab * sizeof(float)))
+        << row;
+  }
+  expect_masked(mixed, kWide, 0, 5, kVocab);
+
+  ModelConfig wide = c;
+  wide.vocab_size = kWide;
+  Checkpoint ckpt = base_ckpt;
+  ckpt["model.embed_tokens.weight"] =
+      Param{{kWide, 32},
+            std::vector<float>(values_of(tables[P::kEmbedTokens]),
+                               values_of(tables[P::kEmbedTokens]) + kWide * 32)};
+  ckpt["lm_head.weight"] = Param{{kWide, 32},
+                                 std::vector<float>(values_of(tables[P::kLmHead]),
+                                                    values_of(tables[P::kLmHead]) + kWide * 32)};
+  auto reference = build_model(wide, ckpt);
+  KvCache ref_cache(wide, kNumBlocks, kBlockSize);
+  Seq own = seqs[1];
+  own.slot = -1;
+  Batch rb = pack({own}, true);
+  std::vector<float> want(4 * kWide);
+  reference->forward(bf16, rb.view(), ref_cache, LoraTable(wide),
+                     Tensor(want.data(), DType::kFloat32, {4, kWide}));
+  expect_block_near(mixed, kWide, 5, want, kWide, 0, 4, kWide, 1e-6);
+}
+
 }  // namespace
 }  // namespace lorart
