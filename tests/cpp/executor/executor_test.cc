@@ -549,6 +549,32 @@ TEST(ExecutorVocabularyTest, EachRequestHasItsAdaptersVocabulary) {
   EXPECT_EQ(s.free_kv_blocks, s.total_kv_blocks);
 }
 
+// Preempted and recomputed (a KV pool too small for all at once), requests of the adapter keep
+// their vocabulary: generated ids past the base one are run again under their adapter.
+TEST(ExecutorVocabularyTest, PreemptedAdapterRequestsRecomputeUnderTheirVocabulary) {
+  ExecutorConfig config = small_config(4);
+  config.kv_cache.max_tokens = 64;  // 16 blocks of 4; four requests of 5 + 24 tokens need 32
+  auto e = std::make_unique<Executor>(
+      testing_util::random_model(testing_util::executor_model_config()), config);
+  const WideAdapter a = wide_adapter();
+  Executor ref(model_with_tables(a.embed, a.lm_head), small_config());
+  const std::vector<int32_t> prompt = {3, 70, 15, 79, 64};
+  const Response want = final_of(ref, ref.enqueue_request(greedy(24, prompt)));
+  const Response base_want = final_of(*e, e->enqueue_request(greedy(24)));
+  std::vector<uint64_t> wide_ids, base_ids;
+  for (int i = 0; i < 2; ++i) {
+    wide_ids.push_back(
+        e->enqueue_request(with_adapter(greedy(24, prompt), 5, i == 0 ? &a : nullptr)));
+    base_ids.push_back(e->enqueue_request(greedy(24)));
+  }
+  for (uint64_t id : wide_ids) EXPECT_EQ(final_of(*e, id).output_token_ids, want.output_token_ids);
+  for (uint64_t id : base_ids) {
+    EXPECT_EQ(final_of(*e, id).output_token_ids, base_want.output_token_ids);
+  }
+  EXPECT_GT(e->stats().preemptions, 0);
+  EXPECT_EQ(e->stats().lora.referenced_tasks, 0);
+}
+
 // An adapter that replaces the tables at the base vocabulary can produce any of its ids, and a
 // sampled request draws only from its own vocabulary.
 TEST(ExecutorVocabularyTest, SamplingStaysWithinTheRequestsVocabulary) {
