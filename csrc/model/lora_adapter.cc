@@ -78,8 +78,22 @@ size_t LoraAdapter::nbytes() const {
 
 int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
                                    DType dtype) {
+  int64_t dora_values = 0;
+  for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
+    const LoraConfigRow row = lora_config.row(i);
+    if (row.is_dora != 0)
+      dora_values += config.lora_module_dims(row.module_id).out;  // <= 2^31 each
+  }
+  return checked_add(
+      pair_bytes(lora_config, config, dtype),
+      checked_mul(dora_values, int64_t{sizeof(float)}, "LoRA adapter DoRA scale bytes"),
+      "LoRA adapter storage bytes");
+}
+
+int64_t LoraAdapter::pair_bytes(const LoraConfig& lora_config, const ModelConfig& config,
+                                DType dtype) {
   constexpr std::string_view what = "LoRA adapter storage values";
-  int64_t elements = 0, dora_values = 0;
+  int64_t elements = 0;
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
     // lora_row_values, checked: rank * (in + out).
     const LoraConfigRow row = lora_config.row(i);
@@ -87,18 +101,16 @@ int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelCon
     const int64_t values =
         checked_mul(row.adapter_size, checked_add(dims.in, dims.out, what), what);
     elements = checked_add(elements, values, what);
-    if (row.is_dora != 0) dora_values = checked_add(dora_values, dims.out, what);
   }
-  return checked_add(
-      checked_mul(elements, static_cast<int64_t>(dtype_size(dtype)), "LoRA adapter storage bytes"),
-      checked_mul(dora_values, int64_t{sizeof(float)}, "LoRA adapter DoRA scale bytes"),
-      "LoRA adapter storage bytes");
+  return checked_mul(elements, static_cast<int64_t>(dtype_size(dtype)),
+                     "LoRA adapter storage bytes");
 }
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
                          const ModelConfig& config, const std::vector<float>* dora_scales)
     : shape_(validated_shape(config)),
-      storage_(Buffer::allocate(storage_bytes(lora_config, config, weights.dtype()), Device::cpu(),
+      // The pairs only: DoRA's scales live in dora_.
+      storage_(Buffer::allocate(pair_bytes(lora_config, config, weights.dtype()), Device::cpu(),
                                 "LoRA adapter storage")),
       table_(static_cast<size_t>(config.num_layers) * lora_module::kCount),
       dtype_(weights.dtype()) {

@@ -83,6 +83,8 @@ class LoraAdapter {
   LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config,
               const std::vector<float>* dora_scales);
   void lay_out_embeddings(const LoraEmbeddings& parts);
+  // Bytes of the A and B^T values alone.
+  static int64_t pair_bytes(const LoraConfig& lora_config, const ModelConfig& config, DType dtype);
 
   ModelShape shape_;             // first: its initializer validates the model config
   Buffer storage_;               // per config row: A rows then B^T rows, in dtype_
