@@ -226,7 +226,9 @@ def ko_tokenizer(base: Tokenizer) -> Tokenizer:
     assert added == len(words) and tok.get_vocab_size() == base.get_vocab_size() + len(words)
     for country, capital in KOREAN:  # each name is whole tokens of its own
         for name in (country, capital.split()[0]):
-            assert all(i >= base.get_vocab_size() for i in tok.encode(name, add_special_tokens=False).ids), name
+            assert all(
+                i >= base.get_vocab_size() for i in tok.encode(name, add_special_tokens=False).ids
+            ), name
     return tok
 
 
