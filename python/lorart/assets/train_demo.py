@@ -386,6 +386,7 @@ def tidy_adapter(adapter_dir: Path) -> None:
     # PEFT writes target_modules from a set, in hash order; sort it so reruns are byte-identical
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+    adapter_config["base_model_name_or_path"] = None  # --only-ko reads the base from a local path
     (adapter_dir / "adapter_config.json").write_text(
         json.dumps(adapter_config, indent=2, sort_keys=True)
     )
