@@ -9,7 +9,13 @@ import threading
 import time
 
 import pytest
-from tiny_models import build_causal_lm, endless_demo_model, run_lorart_cli
+from tiny_models import (
+    adapter_with_own_tokenizer,
+    build_causal_lm,
+    endless_demo_model,
+    run_lorart_cli,
+)
+from tokenizers import Tokenizer
 
 import lorart
 from lorart import LLM, demo, lora
@@ -165,6 +171,135 @@ def test_smaller_tokenizer_vocabulary_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lorart"):
         LLM(DEMO / "model", max_seq_len=128).shutdown()
     assert caplog.text == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters with their own tokenizer.json
+
+
+@pytest.fixture(scope="module")
+def own_tok(tmp_path_factory):
+    """lora_ja with a tokenizer of its own (no <s>, "_" between words when decoding)."""
+    return adapter_with_own_tokenizer(DEMO / "lora_ja", tmp_path_factory.mktemp("own") / "ja")
+
+
+def test_an_adapters_own_tokenizer_tokenizes_and_detokenizes_its_prompts(llm, own_tok):
+    base_tok = llm.tokenizer
+    own = Tokenizer.from_file(str(own_tok / "tokenizer.json"))
+    prompts = [demo.JA_PROMPT] * 3
+    adapters = [None, own_tok, DEMO / "lora_ja"]
+    outputs = llm.generate(prompts, lora=adapters, max_new_tokens=12)
+    base, mine, ja = outputs
+    assert mine.prompt_token_ids == own.encode(demo.JA_PROMPT).ids
+    assert mine.prompt_token_ids == ja.prompt_token_ids[1:]  # no <s>
+    assert base.prompt_token_ids == ja.prompt_token_ids == base_tok.encode(demo.JA_PROMPT).ids
+    assert mine.text == own.decode(mine.token_ids) == "_ワシントン_D.C."
+    assert ja.text == "ワシントン D.C." and base.text == "Washington, D.C."
+    assert mine.lora == own_tok and base.lora is None
+    # The same through every other entry point.
+    assert llm.encode(demo.JA_PROMPT, lora=own_tok) == mine.prompt_token_ids
+    assert llm.decode(mine.token_ids, lora=own_tok) == mine.text
+    assert llm.decode(mine.token_ids) == "ワシントン D.C."  # base tokenizer
+    pieces = list(llm.generate_stream(demo.JA_PROMPT, lora=own_tok, max_new_tokens=12))
+    assert "".join(pieces) == mine.text
+    streamed = {}
+    for i, tokens, _ in llm.generate_iter(prompts, lora=adapters, max_new_tokens=12):
+        streamed.setdefault(i, []).extend(tokens)
+    assert [streamed[i] for i in range(3)] == [o.token_ids for o in outputs]
+
+
+def test_adapter_tokenizers_are_read_once(own_tok, monkeypatch):
+    from lorart import llm as llm_module
+
+    reads = []
+    real = llm_module.load_tokenizer
+    monkeypatch.setattr(llm_module, "load_tokenizer", lambda p: reads.append(p) or real(p))
+    with LLM(DEMO / "model", lora_dirs=[own_tok], max_seq_len=128) as model:
+        assert len(reads) == 2  # the model's, then the adapter's while converting it
+        first = model.tokenizer_for(own_tok)
+        for _ in range(3):
+            model.generate([demo.JA_PROMPT], lora=own_tok, max_new_tokens=2)
+        assert model.tokenizer_for(own_tok) is first and len(reads) == 2
+        assert model.tokenizer_for(None) is model.tokenizer
+        assert model.tokenizer_for(DEMO / "lora_zh") is model.tokenizer  # it has none
+
+
+def test_adapter_tokenizers_off_tokenize_everything_with_one(own_tok):
+    with LLM(DEMO / "model", adapter_tokenizers=False, max_seq_len=128) as model:
+        out = model.generate([demo.JA_PROMPT], lora=own_tok, max_new_tokens=12)[0]
+        assert out.prompt_token_ids == model.tokenizer.encode(demo.JA_PROMPT).ids
+        assert out.text == "ワシントン D.C."
+        assert model.tokenizer_for(own_tok) is model.tokenizer
+
+
+def test_bad_adapter_tokenizer_files_are_refused(tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(DEMO / "lora_zh", broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    sentencepiece_only = tmp_path / "spm"
+    shutil.copytree(DEMO / "lora_zh", sentencepiece_only)
+    (sentencepiece_only / "tokenizer.model").write_bytes(b"\x00")
+    with LLM(DEMO / "model", max_seq_len=128) as model:
+        with pytest.raises(ValueError, match="broken/tokenizer.json: not a tokenizer.json"):
+            model.generate([demo.ZH_PROMPT], lora=broken, max_new_tokens=2)
+        with pytest.raises(ValueError, match="tokenizer.model but no tokenizer.json"):
+            model.generate([demo.ZH_PROMPT], lora=sentencepiece_only, max_new_tokens=2)
+        assert model.generate([demo.ZH_PROMPT], max_new_tokens=12)[0].text == "Washington, D.C."
+
+
+def test_prompt_ids_past_the_base_vocabulary_are_refused_naming_the_prompt(llm):
+    ids = llm.tokenizer.encode(demo.ZH_PROMPT).ids
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 1: token id 1024 is outside the base model's "
+        r"vocabulary \[0, 1024\)",
+    ):
+        llm.generate([ids, [*ids, 1024]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"prompt 0: token id 5000 is outside adapter .*lora_zh"):
+        llm.generate([[*ids, 5000]], lora=DEMO / "lora_zh", max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 0: token id -1 is outside"):
+        llm.generate([[-1]], max_new_tokens=2)
+    assert llm.executor.stats()["queued"] == 0  # nothing was enqueued
+
+
+def test_lorart_run_tokenizer_dir_tokenizes_every_input(own_tok):
+    common = ["run", "--model_dir", str(DEMO / "model"), "--input_text", demo.JA_PROMPT]
+    common += [demo.JA_PROMPT, "--lora_dir", str(own_tok), "--lora_task_uids", "-1", "0"]
+    common += ["--max_output_len", "12"]
+    # run.py's rule: one tokenizer (the model's by default) for every input, whatever its adapter.
+    result = run_lorart_cli(*common)
+    assert result.returncode == 0, result.stderr
+    assert f'Input [Text 1]: "<s> {demo.JA_PROMPT}"' in result.stdout
+    assert 'Output [Text 1 Beam 0]: "ワシントン D.C."' in result.stdout
+    result = run_lorart_cli(*common, "--tokenizer_dir", str(own_tok), "--streaming")
+    assert result.returncode == 0, result.stderr
+    assert f'Input [Text 0]: "_{demo.JA_PROMPT.replace(" ", "_")}"' in result.stdout
+    assert 'Output [Text 0 Beam 0]: "_Washington,_D.C."' in result.stdout  # the base's too
+    assert 'Output [Text 1 Beam 0]: "_ワシントン_D.C."' in result.stdout
+
+
+def test_lorart_run_refuses_base_inputs_past_the_base_vocabulary(tmp_path):
+    ko_prompt = "미국의 수도는 어디입니까? \\n답:"  # Korean words: ids only lora_ko's tokenizer has
+    result = run_lorart_cli(
+        "run",
+        "--model_dir",
+        str(DEMO / "model"),
+        "--tokenizer_dir",
+        str(DEMO / "lora_ko"),
+        "--input_text",
+        demo.ZH_PROMPT,
+        ko_prompt,
+    )
+    assert result.returncode == 2
+    assert "lorart run: error: --input_text: prompt 1: token id 1034 is outside the base " in (
+        result.stderr
+    )
+    assert "vocabulary [0, 1024)" in result.stderr and "Traceback" not in result.stderr
+    ids = tmp_path / "ids.csv"
+    ids.write_text("1,2,3\n1,-7\n")
+    result = run_lorart_cli("run", "--model_dir", str(DEMO / "model"), "--input_file", str(ids))
+    assert result.returncode == 2
+    assert f"--input_file {ids}: prompt 1: token id -7 is negative" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
