@@ -264,6 +264,9 @@ void bind_executor(py::module_& m) {
           "For an error: 'invalid_request' (the request broke a rule) or "
           "'internal' (the runtime failed); else None.")
       .def_readonly("is_final", &Response::is_final)
+      .def_readonly("vocab_size", &Response::vocab_size,
+                    "The request's vocabulary (its adapter's when it brings one, else the "
+                    "model's): the width of its logits rows and the bound of its token ids.")
       .def_property_readonly(
           "context_logits",
           [](const Response& r) { return floats_or_none(r.context_logits, r.vocab_size); })

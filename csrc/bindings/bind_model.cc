@@ -10,6 +10,8 @@
 #include "core/checked_math.h"
 #include "core/errors.h"
 #include "kernels/ops.h"
+#include "lora/lora_validation.h"
+#include "model/dora.h"
 #include "model/llama_model.h"
 
 namespace lorart::bindings {
@@ -119,12 +121,28 @@ void bind_model(py::module_& m) {
       "A validated adapter laid out for the forward, in its own storage dtype (float32, float16 "
       "or bfloat16; widened to float32 as the kernels read it).")
       .def(py::init([](const LoraWeights& weights, const LoraConfig& config,
-                       const ModelConfig& model_config, py::handle max_lora_rank) {
-             return std::make_shared<LoraAdapter>(weights, config, model_config,
-                                                  int64_arg(max_lora_rank, "max_lora_rank"));
+                       const ModelConfig& model_config, py::handle max_lora_rank,
+                       std::shared_ptr<LlamaModel> model) {
+             const int64_t rank = int64_arg(max_lora_rank, "max_lora_rank");
+             validate_lora(&weights, &config, model_config.lora_target(), LoraLimits{rank, {}});
+             std::vector<float> scales;
+             if (model != nullptr) {
+               if (!(LoraAdapter::shape_of(model->config()) ==
+                     LoraAdapter::shape_of(model_config))) {
+                 raise<InvalidArgument>("model is not of model_config's shape");
+               }
+               scales = dora_scales(ExecContext::cpu(0), model->weights(), weights, config);
+             }
+             return std::make_shared<LoraAdapter>(weights, config, model_config, rank,
+                                                  model != nullptr ? &scales : nullptr);
            }),
            py::arg("weights"), py::arg("config"), py::arg("model_config"),
-           py::arg("max_lora_rank") = 64)
+           py::arg("max_lora_rank") = 64, py::arg("model") = py::none(),
+           "`model` (the LlamaModel it will run on) is needed for DoRA rows: their row norms are "
+           "taken against its weights.")
+      .def_property_readonly("vocab_size", &LoraAdapter::vocab_size,
+                             "Its own vocabulary (rows of its embed_tokens / lm_head); 0 when it "
+                             "keeps the model's.")
       .def_property_readonly("max_rank", &LoraAdapter::max_rank)
       .def_property_readonly(
           "dtype", [](const LoraAdapter& a) { return std::string(dtype_name(a.dtype())); })
@@ -185,9 +203,9 @@ void bind_model(py::module_& m) {
             }
             model.validate(b.batch, cache, table);  // before the logits are allocated
             const int64_t n_out = b.batch.logits_indices.size(0);
-            py::array_t<float> logits({n_out, model.config().vocab_size});
-            const Tensor out(logits.mutable_data(), DType::kFloat32,
-                             {n_out, model.config().vocab_size});
+            const int64_t width = model.logits_width(table);
+            py::array_t<float> logits({n_out, width});
+            const Tensor out(logits.mutable_data(), DType::kFloat32, {n_out, width});
             {
               py::gil_scoped_release release;
               model.forward(ctx, b.batch, cache, table, out);
@@ -199,7 +217,8 @@ void bind_model(py::module_& m) {
           py::arg("logits_indices"), py::arg("kv_cache"), py::arg("adapters"),
           py::arg("precision") = "float32",
           "Run one packed batch at `precision` ('float32' exact, or 'bfloat16'); returns logits "
-          "[len(logits_indices), vocab] float32.");
+          "[len(logits_indices), W] float32, W the widest vocabulary of the adapters (the "
+          "model's or an adapter's own); a row's columns past its vocabulary are -inf.");
 }
 
 }  // namespace lorart::bindings

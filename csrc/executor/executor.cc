@@ -7,6 +7,7 @@
 
 #include "core/errors.h"
 #include "lora/lora_validation.h"
+#include "model/dora.h"
 
 namespace lorart {
 
@@ -96,7 +97,12 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
               ExecContext::cpu(static_cast<int>(config_.num_threads),
                                precision_from_name(config_.precision))),
       kv_manager_(runner_.kv_cache().num_blocks(), runner_.kv_cache().block_size()),
-      lora_cache_(runner_.config(), config_.lora_cache, config_.max_lora_rank),
+      lora_cache_(runner_.config(), config_.lora_cache, config_.max_lora_rank,
+                  // DoRA's row norms against the model's weights, on the enqueuing thread.
+                  [this](const LoraWeights& weights, const LoraConfig& config) {
+                    return dora_scales(runner_.context(), runner_.model().weights(), weights,
+                                       config);
+                  }),
       scheduler_(config_.max_batch_size, config_.max_num_tokens, kv_manager_, lora_cache_),
       lora_table_(runner_.config()) {
   // The per-step scratch at its largest (resolve() bounded each), so steps do not allocate.
@@ -115,18 +121,11 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
 
 Executor::~Executor() { shutdown(); }
 
-std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r) {
+std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r, int64_t& vocab_size) {
   const ModelConfig& m = runner_.config();
   std::ostringstream err;
   const int64_t prompt = static_cast<int64_t>(r.input_token_ids.size());
   if (prompt == 0) return "input_token_ids is empty; a request needs at least one prompt token";
-  for (int64_t i = 0; i < prompt; ++i) {
-    if (r.input_token_ids[i] < 0 || r.input_token_ids[i] >= m.vocab_size) {
-      err << "input_token_ids[" << i << "] = " << r.input_token_ids[i]
-          << " is out of the vocabulary [0, " << m.vocab_size << ")";
-      return err.str();
-    }
-  }
   if (r.max_new_tokens < 1) {
     err << "max_new_tokens must be >= 1, got " << r.max_new_tokens;
     return err.str();
@@ -136,13 +135,11 @@ std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r) {
         << ") exceeds max_seq_len = " << config_.max_seq_len;
     return err.str();
   }
-  if (r.end_id && (*r.end_id < 0 || *r.end_id >= m.vocab_size)) {
-    err << "end_id " << *r.end_id << " is out of the vocabulary [0, " << m.vocab_size << ")";
-    return err.str();
-  }
   for (const auto& stop : r.stop_token_ids) {
     if (stop.empty()) return std::string("stop_token_ids contains an empty sequence");
   }
+  // The adapter first: its vocabulary (which may be larger than the model's) bounds the ids.
+  bool referenced = false;
   try {
     r.sampling_config.validate();
     if ((r.lora_weights || r.lora_config) && !r.lora_task_id) {
@@ -161,13 +158,36 @@ std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r) {
       } else {
         lora_cache_.ref(*r.lora_task_id);
       }
+      referenced = true;
+      // Referenced: the task stays on the host level, and with it this vocabulary.
+      const int64_t own = lora_cache_.vocab_size(*r.lora_task_id);
+      vocab_size = own > 0 ? own : m.vocab_size;
+    } else {
+      vocab_size = m.vocab_size;
     }
   } catch (const Error& e) {
+    if (referenced) lora_cache_.unref(*r.lora_task_id);
     return std::string(e.what());
   } catch (const std::bad_alloc&) {
+    if (referenced) lora_cache_.unref(*r.lora_task_id);
     // Copying the adapter into the cache ran out of memory: this request fails, nothing else.
     return RequestError("out of memory while caching the request's LoRA weights",
                         ErrorKind::kInternal);
+  }
+  const char* whose = r.lora_task_id ? " of the request's adapter" : "";
+  auto out_of_vocab = [&](const std::string& what, int64_t id) -> std::optional<RequestError> {
+    if (id >= 0 && id < vocab_size) return std::nullopt;
+    if (r.lora_task_id) lora_cache_.unref(*r.lora_task_id);
+    std::ostringstream e;
+    e << what << " = " << id << " is out of the vocabulary [0, " << vocab_size << ")" << whose;
+    return RequestError(e.str());
+  };
+  for (int64_t i = 0; i < prompt; ++i) {
+    auto error = out_of_vocab("input_token_ids[" + std::to_string(i) + "]", r.input_token_ids[i]);
+    if (error) return error;
+  }
+  if (r.end_id) {
+    if (auto error = out_of_vocab("end_id", *r.end_id)) return error;
   }
   return std::nullopt;
 }
@@ -190,12 +210,14 @@ uint64_t Executor::enqueue(InferenceRequest request, bool shared) {
     channels_.emplace(id, std::move(channel));
   }
   std::vector<Response> out;
-  if (std::optional<RequestError> error = validate(request)) {
+  int64_t vocab_size = 0;
+  if (std::optional<RequestError> error = validate(request, vocab_size)) {
     out.push_back(final_response(id, FinishReason::kError, error->message, error->kind));
   } else {
     auto seq = std::make_unique<Sequence>();
     seq->id = id;
     seq->prompt_len = static_cast<int64_t>(request.input_token_ids.size());
+    seq->vocab_size = vocab_size;
     seq->tokens = std::move(request.input_token_ids);  // validated above; read only from tokens
     seq->rng_state = request.sampling_config.seed.value_or(fresh_seed());
     seq->request = std::move(request);
@@ -326,7 +348,7 @@ void Executor::emit(std::vector<Response>& responses) {
       if (response.is_final) channels_.erase(it);
       continue;
     }
-    response.vocab_size = runner_.config().vocab_size;
+    if (response.vocab_size == 0) response.vocab_size = runner_.config().vocab_size;
     if (channel.shared) {
       const bool final = response.is_final;
       shared_.push_back(std::move(response));

@@ -118,7 +118,9 @@ class Executor {
     std::string message;
     ErrorKind kind;
   };
-  std::optional<RequestError> validate(InferenceRequest& request);
+  // Checks the request and references its adapter; on success `vocab_size` is its vocabulary
+  // (the adapter's, else the model's). On error nothing stays referenced.
+  std::optional<RequestError> validate(InferenceRequest& request, int64_t& vocab_size);
   void loop(std::promise<void>& started);  // started: set once the thread count is applied
   bool has_work() const;
   // schedule, run, postprocess.

@@ -104,7 +104,7 @@ StepInput Executor::build_step(const std::vector<ScheduledChunk>& plan) {
     rows.sample_index = static_cast<int64_t>(sample_rows_.size());
     sample_rows_.push_back(static_cast<int32_t>(rows.sample_row));
     const SamplingConfig& s = seq.request.sampling_config;
-    sampling_.push_back(SamplingParams{s.top_k, s.top_p, s.temperature});
+    sampling_.push_back(SamplingParams{s.top_k, s.top_p, s.temperature, seq.vocab_size});
     rng_states_.push_back(seq.rng_state);
     log_probs = log_probs || seq.request.return_log_probs;
   }
@@ -128,12 +128,13 @@ StepInput Executor::build_step(const std::vector<ScheduledChunk>& plan) {
 }
 
 int64_t Executor::postprocess(const std::vector<ScheduledChunk>& plan, const StepOutput& out) {
-  const int64_t vocab = runner_.config().vocab_size;
+  const int64_t width = out.logits.size(1);  // the step's widest vocabulary
   const float* logits = out.logits.data_as<const float>();
   const int32_t* tokens = out.tokens.data_as<const int32_t>();
   int64_t sampled = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
     Sequence& seq = *plan[i].seq;
+    const int64_t vocab = seq.vocab_size;  // its rows' own columns
     // The chunk's rows are contiguous: context rows, then (unless shared) its sample row.
     const ChunkRows& r = step_rows_[i];
     const int64_t first_row = r.context_rows > 0 ? r.first_context_row : r.sample_row;
@@ -148,9 +149,10 @@ int64_t Executor::postprocess(const std::vector<ScheduledChunk>& plan, const Ste
     }
     scheduler_.advance(plan[i]);
     if (r.context_rows > 0) {
-      const float* src = logits + r.first_context_row * vocab;
-      seq.pending.context_logits.insert(seq.pending.context_logits.end(), src,
-                                        src + r.context_rows * vocab);
+      for (int64_t row = 0; row < r.context_rows; ++row) {
+        const float* src = logits + (r.first_context_row + row) * width;
+        seq.pending.context_logits.insert(seq.pending.context_logits.end(), src, src + vocab);
+      }
       seq.context_rows += r.context_rows;
     }
     if (r.sample_row < 0) continue;
@@ -162,7 +164,7 @@ int64_t Executor::postprocess(const std::vector<ScheduledChunk>& plan, const Ste
       seq.pending.log_probs.push_back(out.log_probs.data_as<const float>()[r.sample_index]);
     }
     if (seq.request.return_generation_logits && !ends) {
-      const float* row = logits + r.sample_row * vocab;
+      const float* row = logits + r.sample_row * width;
       seq.pending.generation_logits.insert(seq.pending.generation_logits.end(), row, row + vocab);
     }
     ++sampled;
@@ -201,6 +203,7 @@ void Executor::on_sampled(Sequence& seq, int32_t token) {
     Response out = std::move(seq.pending);
     seq.pending = Response{};
     out.request_id = seq.id;
+    out.vocab_size = seq.vocab_size;
     out.output_token_ids.assign(seq.tokens.begin() + seq.prompt_len + seq.emitted,
                                 seq.tokens.end());
     seq.emitted = seq.generated();
@@ -210,14 +213,19 @@ void Executor::on_sampled(Sequence& seq, int32_t token) {
 
 std::string Executor::non_finite_logits(const Sequence& seq, const Tensor& logits,
                                         int64_t first_row, int64_t rows, int64_t sample_row) const {
-  const int64_t vocab = runner_.config().vocab_size;
-  const float* begin = logits.data_as<const float>() + first_row * vocab;
-  const float* bad =
-      std::find_if(begin, begin + rows * vocab, [](float v) { return !std::isfinite(v); });
-  if (bad == begin + rows * vocab) return "";
+  const int64_t width = logits.size(1), vocab = seq.vocab_size;
+  const float* bad = nullptr;
+  int64_t bad_row = -1;
+  for (int64_t row = first_row; row < first_row + rows && bad == nullptr; ++row) {
+    const float* begin = logits.data_as<const float>() + row * width;
+    const float* found =
+        std::find_if(begin, begin + vocab, [](float v) { return !std::isfinite(v); });
+    if (found != begin + vocab) bad = found, bad_row = row;
+  }
+  if (bad == nullptr) return "";
   std::ostringstream err;
   err << "the logits are not finite (" << *bad << ") at ";
-  if (first_row + (bad - begin) / vocab == sample_row) {
+  if (bad_row == sample_row) {
     err << "generated token " << seq.generated();
   } else {
     err << "a prompt position (context logits)";
@@ -244,6 +252,7 @@ void Executor::finish(Sequence* seq, FinishReason reason, const std::string& err
   if (owned && owned->request.lora_task_id) lora_cache_.unref(*owned->request.lora_task_id);
   Response out = std::move(seq->pending);
   out.request_id = seq->id;
+  out.vocab_size = seq->vocab_size;
   out.finish_reason = reason;
   out.error = error;
   out.error_kind = reason == FinishReason::kError ? kind : ErrorKind::kNone;

@@ -40,10 +40,21 @@ bool same_bytes(const Tensor& a, const Tensor& b) {
          a.size(1) == b.size(1) && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
 }
 
+bool has_dora_rows(const LoraConfig& config) {
+  for (int64_t i = 0; i < config.num_rows(); ++i) {
+    if (config.row(i).is_dora != 0) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
-LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank)
-    : model_(model), config_(config), max_lora_rank_(max_lora_rank) {
+LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
+                     DoraScales dora_scales)
+    : model_(model),
+      config_(config),
+      max_lora_rank_(max_lora_rank),
+      dora_scales_(std::move(dora_scales)) {
   if (config.host_cache_bytes <= 0 || config.device_cache_bytes <= 0) {
     raise<InvalidArgument>("LoraCacheConfig: host_cache_bytes and device_cache_bytes must be > 0, ",
                            "got ", config.host_cache_bytes, " and ", config.device_cache_bytes);
@@ -53,7 +64,7 @@ LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, in
 bool LoraCache::reuse_if_same(uint64_t task_id, const LoraWeights& weights,
                               const LoraConfig& config, bool reference) {
   auto it = host_.find(task_id);
-  if (it == host_.end() || !same_bytes(it->second.weights.tensor(), weights.tensor()) ||
+  if (it == host_.end() || !it->second.weights.same_as(weights) ||
       !same_bytes(it->second.config.tensor(), config.tensor())) {
     return false;
   }
@@ -70,10 +81,19 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
     if (reuse_if_same(task_id, weights, config, reference)) return;
   }
   // Copy and validate outside the lock: both are O(adapter size).
-  LoraWeights copy = LoraWeights::copy_of(weights.tensor());
+  LoraWeights copy = weights.copy();
   validate_lora(&copy, &config, model_.lora_target(), LoraLimits{max_lora_rank_, std::nullopt});
-  const auto host_bytes = static_cast<int64_t>(copy.nbytes());
-  const int64_t device_bytes = LoraAdapter::storage_bytes(config, model_, copy.dtype());
+  std::shared_ptr<const std::vector<float>> dora;
+  if (has_dora_rows(config)) {
+    if (!dora_scales_) {
+      raise<LoraError>("LoRA task ", task_id, " has DoRA rows, which this cache cannot compute ",
+                       "(it has no base weights to take the row norms against)");
+    }
+    dora = std::make_shared<const std::vector<float>>(dora_scales_(copy, config));
+  }
+  const auto host_bytes =
+      static_cast<int64_t>(copy.nbytes() + (dora ? dora->size() * sizeof(float) : 0));
+  const int64_t device_bytes = LoraAdapter::storage_bytes(copy, config, model_);
   if (host_bytes > config_.host_cache_bytes) {
     raise<LoraError>("LoRA task ", task_id, " needs ", host_bytes,
                      " bytes, more than the whole host level (host_cache_bytes = ",
@@ -110,8 +130,9 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
                      "running requests use; retry when they finish or raise host_cache_bytes");
   }
   host_lru_.push_back(task_id);
-  host_.emplace(task_id, HostEntry{std::move(copy), std::move(config_copy), host_bytes,
-                                   device_bytes, reference ? 1 : 0, std::prev(host_lru_.end())});
+  host_.emplace(task_id,
+                HostEntry{std::move(copy), std::move(config_copy), std::move(dora), host_bytes,
+                          device_bytes, reference ? 1 : 0, std::prev(host_lru_.end())});
   stats_.host_bytes += host_bytes;
 }
 
@@ -164,8 +185,8 @@ std::shared_ptr<const LoraAdapter> LoraCache::acquire(uint64_t task_id) {
   ++stats_.misses;
   // The host->device copy runs under the lock so the host entry cannot be replaced or evicted
   // meanwhile; it copies one adapter, the size of which put() already bounded.
-  auto adapter = std::make_shared<const LoraAdapter>(
-      LoraAdapter::from_validated(host->second.weights, host->second.config, model_));
+  auto adapter = std::make_shared<const LoraAdapter>(LoraAdapter::from_validated(
+      host->second.weights, host->second.config, model_, host->second.dora_scales.get()));
   device_lru_.push_back(task_id);
   device_.emplace(task_id, DeviceEntry{adapter, bytes, 1, std::prev(device_lru_.end())});
   stats_.device_bytes += bytes;
@@ -188,6 +209,14 @@ void LoraCache::unpin(uint64_t task_id) {
 bool LoraCache::contains(uint64_t task_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   return host_.count(task_id) > 0;
+}
+
+int64_t LoraCache::vocab_size(uint64_t task_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = host_.find(task_id);
+  if (it == host_.end()) not_found(task_id);
+  const LoraEmbeddings* parts = it->second.weights.embeddings();
+  return parts != nullptr ? parts->vocab_size() : 0;
 }
 
 bool LoraCache::is_on_device(uint64_t task_id) const {

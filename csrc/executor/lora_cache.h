@@ -13,16 +13,25 @@
 //   while a running request uses it; eviction takes the least recently used unpinned task; when
 //   every resident task is pinned, acquire() says "not now" and the request waits. In-use weights
 //   are never evicted.
-// - Weights sent again under a cached task id: identical ones (dtype, shape and bytes of weights
-//   and config) are the same adapter and keep both cached copies; different ones replace the
-//   task on both levels when no request references it, and are refused while one does.
+// - Weights sent again under a cached task id: identical ones (dtype, shape and bytes of weights,
+//   embedding-side parts and config) are the same adapter and keep both cached copies; different
+//   ones replace the task on both levels when no request references it, and are refused while
+//   one does.
+// - An adapter's embedding-side parts (its own embed_tokens / lm_head tables, which for a 13B
+//   model with a 55,296-token vocabulary are 283 M values each) count in both levels' bytes like
+//   its rows; one larger than a whole level is refused with both sizes in the message.
+// - DoRA rows: their per-row scales are computed once, at put(), against the base weights (the
+//   DoraScales function the owner gives), kept on the host level (counted in its bytes) and
+//   copied into each device-level adapter.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "executor/lora_cache_config.h"
 #include "lora/lora_tensors.h"
@@ -47,7 +56,12 @@ struct LoraCacheStats {
 
 class LoraCache {
  public:
-  LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank);
+  // DoRA's per-row scales of validated rows against the base weights (model/dora.h).
+  using DoraScales = std::function<std::vector<float>(const LoraWeights&, const LoraConfig&)>;
+
+  // Without `dora_scales`, adapters with DoRA rows are refused.
+  LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
+            DoraScales dora_scales = nullptr);
 
   // Validates (every rule of validate_lora) and stores the task on the host level; for a task
   // already cached, see "Weights sent again" above. With `reference`, also ref()s the task in the
@@ -66,7 +80,10 @@ class LoraCache {
   std::shared_ptr<const LoraAdapter> acquire(uint64_t task_id);
   void unpin(uint64_t task_id);
 
-  bool contains(uint64_t task_id) const;      // host level
+  bool contains(uint64_t task_id) const;  // host level
+  // The vocabulary of a cached task's requests: its adapter's, or 0 when it keeps the model's.
+  // Throws LoraError "not found in cache" when the host level does not hold it.
+  int64_t vocab_size(uint64_t task_id) const;
   bool is_on_device(uint64_t task_id) const;  // device level
   LoraCacheStats stats() const;
 
@@ -74,6 +91,7 @@ class LoraCache {
   struct HostEntry {
     LoraWeights weights;
     LoraConfig config;
+    std::shared_ptr<const std::vector<float>> dora_scales;  // null without DoRA rows
     int64_t bytes;
     int64_t device_bytes;  // LoraAdapter::storage_bytes of these rows
     int64_t refs = 0;
@@ -96,6 +114,7 @@ class LoraCache {
   const ModelConfig model_;
   const LoraCacheConfig config_;
   const int64_t max_lora_rank_;
+  const DoraScales dora_scales_;
   mutable std::mutex mutex_;
   std::unordered_map<uint64_t, HostEntry> host_;
   std::unordered_map<uint64_t, DeviceEntry> device_;

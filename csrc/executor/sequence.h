@@ -16,6 +16,7 @@ struct Sequence {
   InferenceRequest request;     // lora_weights/lora_config dropped once the cache holds them
   std::vector<int32_t> tokens;  // prompt, then generated tokens
   int64_t prompt_len = 0;
+  int64_t vocab_size = 0;                      // its adapter's vocabulary, else the model's
   int64_t num_cached = 0;                      // leading tokens whose K/V are in the cache
   std::vector<int32_t> blocks;                 // KV block table
   std::shared_ptr<const LoraAdapter> adapter;  // non-null while pinned on the device level

@@ -311,6 +311,83 @@ void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t
   cpu::lora_gemm(p);
 }
 
+void dora_scales(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout, int64_t row_offset,
+                 const Tensor& a, const Tensor& b, const Tensor& magnitude, const Tensor& scales) {
+  check_device("dora_scales", ctx, w, a, b, magnitude, scales);
+  require(a.dim() == 2 && a.is_contiguous() && is_floating(a.dtype()), "dora_scales",
+          "a must be contiguous float [r, K]", a);
+  const int64_t rank = a.size(0), k = a.size(1), out = magnitude.numel();
+  require(is_floating(w.dtype()) && w.dim() == 2 && w.size(1) == k && w.stride(1) == 1 &&
+              row_offset >= 0 && row_offset + out <= w.size(0),
+          "dora_scales", "w must be float [N, K] with rows [row_offset, row_offset + out)", w);
+  require(w_layout == WeightLayout::kRowMajor || w.dtype() == DType::kBFloat16, "dora_scales",
+          "w in the k32-interleaved layout must be bfloat16", w);
+  require(b.dim() == 2 && b.is_contiguous() && is_floating(b.dtype()) && b.size(0) == out &&
+              b.size(1) == rank,
+          "dora_scales", "b must be contiguous float [out, r]", b);
+  require(magnitude.is_contiguous() && is_floating(magnitude.dtype()), "dora_scales",
+          "magnitude must be contiguous float [out]", magnitude);
+  require(scales.is_contiguous() && scales.dtype() == DType::kFloat32 && scales.numel() == out,
+          "dora_scales", "scales must be contiguous float32 [out]", scales);
+  DoraScalesParams p{};
+  p.w = {w.data(), w.dtype(), nullptr, w.stride(0), w_layout};
+  p.row_offset = row_offset;
+  p.a = {a.data(), a.dtype(), nullptr, k};
+  p.b = {b.data(), b.dtype(), nullptr, rank};
+  p.magnitude = {magnitude.data(), magnitude.dtype(), nullptr, out};
+  p.scales = scales.data_as<float>();
+  p.out = out;
+  p.k = k;
+  p.rank = rank;
+  cpu::dora_scales(p);
+}
+
+void lora_dora_apply(const ExecContext& ctx, const Tensor& y, int64_t out, const Tensor& bias,
+                     const LoraBatch& lora, int64_t pair_index) {
+  check_device("lora_dora_apply", ctx, y);
+  if (lora.num_runs == 0) return;
+  require_rows("lora_dora_apply", y, "y must be [T, >= out] float32");
+  require(y.size(1) >= out, "lora_dora_apply", "y must have at least `out` columns", y);
+  require(pair_index >= 0 && pair_index < lora.pairs_per_slot && lora.pairs != nullptr,
+          "lora_dora_apply", "pair_index must index the LoRA table's (layer, module) entries", y);
+  WeightRef b{};
+  if (bias.defined() && bias.numel() > 0) {
+    b = weight_vector("lora_dora_apply", "bias must have `out` float elements", bias, out);
+  }
+  for (int32_t i = 0; i < lora.num_runs; ++i) {
+    const LoraRun& run = lora.runs[i];
+    if (run.begin < 0 || run.end > y.size(0) || run.begin > run.end || run.slot < 0 ||
+        run.slot >= lora.num_slots) {
+      raise<InvalidArgument>("lora_dora_apply: run ", i, " [", run.begin, ", ", run.end,
+                             ") of slot ", run.slot, " is outside the ", y.size(0),
+                             " tokens or the ", lora.num_slots, " slot(s)");
+    }
+  }
+  DoraApplyParams p{};
+  p.y = y.data_as<float>();
+  p.y_stride = y.stride(0);
+  p.out = out;
+  p.bias = b;
+  p.runs = lora.runs;
+  p.num_runs = lora.num_runs;
+  p.pairs = lora.pairs + pair_index;
+  p.slot_stride = lora.pairs_per_slot;
+  cpu::dora_apply(p);
+}
+
+void read_weight_row(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout, int64_t row,
+                     const Tensor& out) {
+  check_device("read_weight_row", ctx, w, out);
+  require(is_floating(w.dtype()) && w.dim() == 2 && w.stride(1) == 1 && row >= 0 && row < w.size(0),
+          "read_weight_row", "w must be float [N, K] and row in [0, N)", w);
+  require(w_layout == WeightLayout::kRowMajor || w.dtype() == DType::kBFloat16, "read_weight_row",
+          "w in the k32-interleaved layout must be bfloat16", w);
+  require(out.is_contiguous() && out.dtype() == DType::kFloat32 && out.numel() == w.size(1),
+          "read_weight_row", "out must be contiguous float32 [K]", out);
+  cpu::read_weight_row({w.data(), w.dtype(), nullptr, w.stride(0), w_layout}, row, w.size(1),
+                       out.data_as<float>());
+}
+
 void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
             const SamplingParams* params, uint64_t* rng_states, const Tensor& tokens,
             const Tensor& log_probs, std::pair<float, int32_t>* scratch) {

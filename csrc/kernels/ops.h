@@ -83,6 +83,19 @@ struct LoraBatch {
 void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t out,
                const LoraBatch& lora, int64_t pair_index, const Tensor& scratch);
 
+// DoRA's per-row scales: scales [out] float32 = magnitude [out] / ||w[row_offset + o, :] +
+// b [out, r] @ a [r, K]|| (w [N, K] in `w_layout`, norms in float64); +inf where a norm is 0.
+void dora_scales(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout, int64_t row_offset,
+                 const Tensor& a, const Tensor& b, const Tensor& magnitude, const Tensor& scales);
+// DoRA's output after lora_gemm added the delta: for each run whose slot's pair at `pair_index`
+// has dora_scale, y[t, o] = scale[o] * (y[t, o] - bias[o]) + bias[o] for o < out (`bias` [out],
+// or undefined for none). y [T, >= out] is a row view.
+void lora_dora_apply(const ExecContext& ctx, const Tensor& y, int64_t out, const Tensor& bias,
+                     const LoraBatch& lora, int64_t pair_index);
+// Row `row` of w [N, K] (in `w_layout`) as float32 [K] in column order.
+void read_weight_row(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout, int64_t row,
+                     const Tensor& out);
+
 // tokens[i] (int32 [R]) = a token drawn from logits [N, V] row rows[i] (int32 [R]) with
 // params[i] and rng_states[i] (advanced); log_probs (float32 [R], or undefined) receives log
 // p(token). -inf masks a token; a row holding NaN or +inf gets token -1 and leaves its RNG state

@@ -106,6 +106,9 @@ struct LoraPair {
   const void* b_t = nullptr;
   DType dtype = DType::kFloat32;
   int32_t rank = 0;  // 0: this adapter does not adapt the module
+  // DoRA: [out] float32 magnitude / ||W + B A|| per output row, applied after the pair's delta
+  // (lora_dora_scale); null for a plain LoRA pair.
+  const float* dora_scale = nullptr;
 };
 
 // A run of consecutive tokens of the packed batch that share one adapter slot.
@@ -131,11 +134,38 @@ struct LoraGemmParams {
   float* scratch;         // >= sum over runs of (end - begin) * rank floats
 };
 
+// DoRA's per-row scale: scales[o] = magnitude[o] / ||w[row_offset + o, :] + b[o, :] @ a|| for o in
+// [0, out), each norm accumulated in float64 (PEFT's weight norm of W + scaling * B A, with the
+// scaling already in b). A zero norm gives +inf (the caller reports it).
+struct DoraScalesParams {
+  WeightRef w;  // [>= row_offset + out, k], in its layout
+  int64_t row_offset;
+  WeightRef a;          // [rank, k]
+  WeightRef b;          // [out, rank]
+  WeightRef magnitude;  // [out]
+  float* scales;        // [out] out
+  int64_t out, k, rank;
+};
+
+// DoRA's output for each run whose slot's pair has dora_scale: y[t, o] = scale[o] * (y[t, o] -
+// bias[o]) + bias[o] (y holds W x + bias + B A x; bias null = 0), for o in [0, out).
+struct DoraApplyParams {
+  float* y;  // [num_tokens, >= out], row stride y_stride (already offset to the module's columns)
+  int64_t y_stride;
+  int64_t out;
+  WeightRef bias;  // [out] (data null: no bias)
+  const LoraRun* runs;
+  int32_t num_runs;
+  const LoraPair* pairs;  // this (layer, module)'s pair of slot 0
+  int64_t slot_stride;
+};
+
 // How one request picks its next token from a row of logits.
 struct SamplingParams {
   int32_t top_k;      // 0 = whole vocabulary; 1 = greedy
   float top_p;        // keep the smallest set of top tokens whose probability reaches top_p
   float temperature;  // 0 = greedy
+  int64_t vocab = 0;  // the row's vocabulary: its first `vocab` logits (0 = the whole row)
 };
 
 // Picks tokens[i] from logits row rows[i] with params[i], drawing from rng_states[i] (advanced

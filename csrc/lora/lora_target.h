@@ -19,6 +19,8 @@ struct LoraModuleDims {
 struct LoraTarget {
   std::string architecture;  // for messages
   int64_t num_layers = 0;
+  int64_t hidden_size = 0;  // columns of the embedding tables
+  int64_t vocab_size = 0;   // the base vocabulary; an adapter's may only be larger
   std::array<LoraModuleDims, lora_module::kCount> dims{};  // {0, 0}: the model has no such module
 
   bool has_module(int32_t module_id) const {

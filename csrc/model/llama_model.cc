@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "core/checked_math.h"
@@ -175,12 +176,6 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
                            "block_tables S rows (S = ", num_seqs, ")");
   }
   const int32_t* ids = b.token_ids.data_as<const int32_t>();
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    if (ids[t] < 0 || ids[t] >= config_.vocab_size) {
-      raise<InvalidArgument>("token_ids[", t, "] = ", ids[t],
-                             " is out of range [0, vocab_size = ", config_.vocab_size, ")");
-    }
-  }
   const int32_t* starts = b.seq_starts.data_as<const int32_t>();
   const int32_t* ctx = b.context_lens.data_as<const int32_t>();
   const int32_t* slots = b.lora_slots.data_as<const int32_t>();
@@ -232,6 +227,15 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
       raise<InvalidArgument>("lora_slots[", s, "] = ", slots[s], " names no loaded adapter (",
                              lora.num_slots(), " slot(s); -1 = base model)");
     }
+    // Each sequence's ids against its own vocabulary (its adapter's may be larger).
+    const int64_t vocab = lora.vocab_size(slots[s], config_.vocab_size);
+    for (int32_t t = starts[s]; t < starts[s + 1]; ++t) {
+      if (ids[t] < 0 || ids[t] >= vocab) {
+        raise<InvalidArgument>("token_ids[", t, "] = ", ids[t],
+                               " is out of range [0, vocab_size = ", vocab, ") of sequence ", s,
+                               slots[s] < 0 ? " (the base model)" : "'s adapter");
+      }
+    }
   }
   const int64_t n_out = b.logits_indices.size(0);
   if (n_out > max_num_tokens_) {  // the rows are gathered into a max_num_tokens workspace
@@ -255,10 +259,11 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
   }
   validate(b, cache, lora);
   const int64_t n_out = b.logits_indices.size(0);
-  if (logits.dim() != 2 || logits.size(0) != n_out || logits.size(1) != config_.vocab_size ||
+  const int64_t width = logits_width(lora);
+  if (logits.dim() != 2 || logits.size(0) != n_out || logits.size(1) != width ||
       logits.dtype() != DType::kFloat32 || !logits.is_contiguous()) {
-    raise<InvalidArgument>("logits must be contiguous float32 [", n_out, ", ", config_.vocab_size,
-                           "], got ", logits.describe());
+    raise<InvalidArgument>("logits must be contiguous float32 [", n_out, ", ", width, "], got ",
+                           logits.describe());
   }
   const int64_t num_tokens = b.token_ids.size(0);
   const int64_t num_seqs = b.context_lens.size(0);
@@ -273,10 +278,14 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
       runs_.push_back({starts[s], starts[s + 1], slots[s]});
     }
   }
-  const Pass pass{ctx, b, cache, lora.batch(runs_), num_tokens};
+  const Pass pass{ctx, b, cache, lora.batch(runs_), num_tokens, lora.has_dora()};
 
   const int64_t h = config_.hidden_size;
-  ops::embedding(ctx, weights_.embed(), b.token_ids, rows(hidden_, num_tokens, h));
+  if (lora.has_embedding_parts()) {
+    embed_per_slot(pass, lora, rows(hidden_, num_tokens, h));
+  } else {
+    ops::embedding(ctx, weights_.embed(), b.token_ids, rows(hidden_, num_tokens, h));
+  }
   for (int64_t layer = 0; layer < config_.num_layers; ++layer) {
     attention_block(pass, layer);
     mlp_block(pass, layer);
@@ -286,7 +295,105 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
   ops::gather_rows(ctx, rows(hidden_, num_tokens, h), b.logits_indices, picked);
   ops::rms_norm(ctx, picked, weights_.final_norm(), static_cast<float>(config_.rms_norm_eps),
                 picked);
-  ops::linear(ctx, picked, weights_.lm_head(), logits, 0.0f, Tensor(), weights_.lm_head_layout());
+  if (lora.has_embedding_parts()) {
+    lm_head_per_slot(pass, lora, picked, logits);
+  } else {
+    ops::linear(ctx, picked, weights_.lm_head(), logits, 0.0f, Tensor(), weights_.lm_head_layout());
+  }
+}
+
+void LlamaModel::embed_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& hidden) {
+  const ExecContext& ctx = pass.ctx;
+  const ForwardBatch& b = pass.batch;
+  const int64_t num_seqs = b.context_lens.size(0);
+  const int32_t* starts = b.seq_starts.data_as<const int32_t>();
+  const int32_t* slots = b.lora_slots.data_as<const int32_t>();
+  auto* ids = b.token_ids.data_as<int32_t>();
+  // Tokens [begin, end) as their own ids and hidden rows.
+  auto ids_of = [&](int64_t begin, int64_t end) {
+    return Tensor(ids + begin, DType::kInt32, {end - begin});
+  };
+  // Neighbouring sequences that embed with one table share one gather.
+  for (int64_t s = 0; s < num_seqs;) {
+    const LoraAdapter* a = lora.adapter(slots[s]);
+    const Tensor& table =
+        a != nullptr && a->embed_tokens().defined() ? a->embed_tokens() : weights_.embed();
+    int64_t e = s + 1;
+    while (e < num_seqs) {
+      const LoraAdapter* next = lora.adapter(slots[e]);
+      const Tensor& t = next != nullptr && next->embed_tokens().defined() ? next->embed_tokens()
+                                                                          : weights_.embed();
+      if (t.data() != table.data()) break;
+      ++e;
+    }
+    ops::embedding(ctx, table, ids_of(starts[s], starts[e]),
+                   hidden.slice_rows(starts[s], starts[e]));
+    s = e;
+  }
+  // LoRA on the embedding: hidden += A^T[id] @ B^T, per run of one adapter.
+  const Tensor scratch_all = lora_scratch_.view(
+      DType::kFloat32, {static_cast<int64_t>(lora_scratch_.size() / sizeof(float))});
+  for (int32_t i = 0; i < pass.lora.num_runs; ++i) {
+    const LoraRun& run = pass.lora.runs[i];
+    const LoraAdapter* a = lora.adapter(run.slot);
+    if (a == nullptr || !a->embed_lora_a_t().defined()) continue;
+    const int64_t n = run.end - run.begin, rank = a->embed_lora_a_t().size(1);
+    const Tensor after_a(scratch_all.data(), DType::kFloat32, {n, rank});
+    ops::embedding(ctx, a->embed_lora_a_t(), ids_of(run.begin, run.end), after_a);
+    ops::linear(ctx, after_a, a->embed_lora_b(), hidden.slice_rows(run.begin, run.end), 1.0f);
+  }
+}
+
+void LlamaModel::lm_head_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& picked,
+                                  const Tensor& logits) {
+  const ExecContext& ctx = pass.ctx;
+  const ForwardBatch& b = pass.batch;
+  const int64_t n_out = picked.size(0), width = logits.size(1);
+  const int64_t num_seqs = b.context_lens.size(0);
+  const int32_t* starts = b.seq_starts.data_as<const int32_t>();
+  const int32_t* slots = b.lora_slots.data_as<const int32_t>();
+  const int32_t* idx = b.logits_indices.data_as<const int32_t>();
+  // Each logits row's slot (its token's sequence), in runs of one slot.
+  head_runs_.clear();
+  for (int64_t i = 0; i < n_out; ++i) {
+    const int64_t seq =
+        std::upper_bound(starts, starts + num_seqs + 1, idx[i]) - starts - 1;  // starts[seq] <= t
+    const int32_t slot = slots[seq];
+    if (!head_runs_.empty() && head_runs_.back().slot == slot) {
+      head_runs_.back().end = static_cast<int32_t>(i + 1);
+    } else {
+      head_runs_.push_back({static_cast<int32_t>(i), static_cast<int32_t>(i + 1), slot});
+    }
+  }
+  const Tensor scratch = lora_scratch_.view(
+      DType::kFloat32, {static_cast<int64_t>(lora_scratch_.size() / sizeof(float))});
+  for (const LoraRun& run : head_runs_) {
+    const LoraAdapter* a = lora.adapter(run.slot);
+    const int64_t vocab = lora.vocab_size(run.slot, config_.vocab_size);
+    const Tensor x = picked.slice_rows(run.begin, run.end);
+    const Tensor y = rows_of(logits.slice_rows(run.begin, run.end), 0, vocab);
+    if (a != nullptr && a->lm_head().defined()) {
+      ops::linear(ctx, x, a->lm_head(), y);
+    } else {
+      ops::linear(ctx, x, weights_.lm_head(), y, 0.0f, Tensor(), weights_.lm_head_layout());
+    }
+    if (a != nullptr && a->lm_head_pair().rank > 0) {
+      const LoraRun all{0, run.end - run.begin, 0};
+      ops::LoraBatch head;
+      head.runs = &all;
+      head.num_runs = 1;
+      head.pairs = &a->lm_head_pair();
+      head.num_slots = 1;
+      head.pairs_per_slot = 1;
+      ops::lora_gemm(ctx, x, y, vocab, head, 0, scratch);
+    }
+    if (vocab < width) {  // not this row's tokens
+      for (int32_t r = run.begin; r < run.end; ++r) {
+        float* row = logits.data_as<float>() + r * width;
+        std::fill(row + vocab, row + width, -std::numeric_limits<float>::infinity());
+      }
+    }
+  }
 }
 
 void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
@@ -303,10 +410,10 @@ void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
   ops::rms_norm(ctx, hidden, w.input_norm, eps, normed);
   ops::linear(ctx, normed, w.qkv, qkv, 0.0f, Tensor(), layout);
   if (w.qkv_bias.defined()) ops::add_bias(ctx, qkv, w.qkv_bias);
-  apply_lora(pass, layer, lora_module::kAttnQkv, normed, qkv, 0);
-  apply_lora(pass, layer, lora_module::kAttnQ, normed, qkv, 0);
-  apply_lora(pass, layer, lora_module::kAttnK, normed, qkv, q_out);
-  apply_lora(pass, layer, lora_module::kAttnV, normed, qkv, q_out + kv_out);
+  apply_lora(pass, layer, lora_module::kAttnQkv, normed, qkv, 0, w.qkv_bias);
+  apply_lora(pass, layer, lora_module::kAttnQ, normed, qkv, 0, w.qkv_bias);
+  apply_lora(pass, layer, lora_module::kAttnK, normed, qkv, q_out, w.qkv_bias);
+  apply_lora(pass, layer, lora_module::kAttnV, normed, qkv, q_out + kv_out, w.qkv_bias);
 
   // q and k heads sit side by side in each qkv row: one pass rotates both.
   ops::rope(ctx, rows(qkv_, n, q_out + kv_out, 0, qkv_out), static_cast<int32_t>(hd),
@@ -324,7 +431,7 @@ void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
 
   ops::linear(ctx, attn, w.o, proj, 0.0f, Tensor(), layout);
   if (w.o_bias.defined()) ops::add_bias(ctx, proj, w.o_bias);
-  apply_lora(pass, layer, lora_module::kAttnDense, attn, proj, 0);
+  apply_lora(pass, layer, lora_module::kAttnDense, attn, proj, 0, w.o_bias);
   ops::add(ctx, hidden, proj);
 }
 
@@ -348,14 +455,22 @@ void LlamaModel::mlp_block(const Pass& pass, int64_t layer) {
 }
 
 void LlamaModel::apply_lora(const Pass& pass, int64_t layer, int32_t module_id, const Tensor& x,
-                            const Tensor& y, int64_t out_offset) {
+                            const Tensor& y, int64_t out_offset, const Tensor& bias) {
   if (pass.lora.num_runs == 0) return;
   const LoraModuleDims dims = config_.lora_module_dims(module_id);
   const Tensor y_cols = rows_of(y, out_offset, dims.out);
   const Tensor scratch = lora_scratch_.view(
       DType::kFloat32, {static_cast<int64_t>(lora_scratch_.size() / sizeof(float))});
-  ops::lora_gemm(pass.ctx, x, y_cols, dims.out, pass.lora, layer * lora_module::kCount + module_id,
-                 scratch);
+  const int64_t pair_index = layer * lora_module::kCount + module_id;
+  ops::lora_gemm(pass.ctx, x, y_cols, dims.out, pass.lora, pair_index, scratch);
+  if (pass.dora) {
+    Tensor bias_cols;
+    if (bias.defined()) {
+      bias_cols = Tensor(static_cast<char*>(bias.data()) + out_offset * dtype_size(bias.dtype()),
+                         bias.dtype(), {dims.out});
+    }
+    ops::lora_dora_apply(pass.ctx, y_cols, dims.out, bias_cols, pass.lora, pair_index);
+  }
 }
 
 }  // namespace lorart

@@ -6,6 +6,7 @@
 // ModelRunner, or one Python caller).
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "core/buffer.h"
@@ -44,16 +45,24 @@ class LlamaModel {
   void validate(const ForwardBatch& batch, const KvCache& cache, const LoraTable& lora) const;
 
   // Runs the batch in `ctx` (its device must be the model's), writing K/V of its tokens into
-  // `cache` and logits [N, vocab] (float32) into `logits`; sequence s uses slot lora_slots[s] of
-  // `lora`. Throws InvalidArgument naming the field for a malformed batch (validate, plus the
-  // logits' shape); on error nothing has been written to the cache.
+  // `cache` and logits [N, logits_width(lora)] (float32) into `logits`; sequence s uses slot
+  // lora_slots[s] of `lora`: its adapter's embedding table, lm_head and vocabulary when the
+  // adapter brings them. Row i holds its sequence's vocabulary (lora.vocab_size(slot)) and -inf
+  // in the columns past it. Throws InvalidArgument naming the field for a malformed batch
+  // (validate, plus the logits' shape); on error nothing has been written to the cache.
   void forward(const ExecContext& ctx, const ForwardBatch& batch, KvCache& cache,
                const LoraTable& lora, const Tensor& logits);
+  // Columns of the logits of a step with `lora`: the widest vocabulary, base or adapter.
+  int64_t logits_width(const LoraTable& lora) const {
+    return std::max(config_.vocab_size, lora.max_vocab_size());
+  }
 
   const ModelConfig& config() const { return config_; }
   int64_t max_num_tokens() const { return max_num_tokens_; }
   int64_t max_lora_rank() const { return max_lora_rank_; }
   size_t weight_bytes() const { return weights_.nbytes(); }
+  // The base weights (DoRA's scales are computed against them).
+  const ModelWeights& weights() const { return weights_; }
   DType weight_dtype() const { return weights_.dtype(); }
   Device device() const { return Device::cpu(); }
 
@@ -65,9 +74,16 @@ class LlamaModel {
     KvCache& cache;
     ops::LoraBatch lora;
     int64_t num_tokens;
+    bool dora;  // a slot has DoRA pairs
   };
+  // y[:, out_offset : + out] += the module's LoRA delta (DoRA-scaled for DoRA pairs; `bias` is
+  // the matrix's whole bias vector or undefined).
   void apply_lora(const Pass& pass, int64_t layer, int32_t module_id, const Tensor& x,
-                  const Tensor& y, int64_t out_offset);
+                  const Tensor& y, int64_t out_offset, const Tensor& bias = Tensor());
+  // The embedding-side paths of a step whose table has adapters with their own parts.
+  void embed_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& hidden);
+  void lm_head_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& picked,
+                        const Tensor& logits);
   void attention_block(const Pass& pass, int64_t layer);
   void mlp_block(const Pass& pass, int64_t layer);
 
@@ -77,8 +93,9 @@ class LlamaModel {
   Buffer inv_freq_;  // [head_dim / 2] rotary frequencies after scaling
   // Workspace, each sized for max_num_tokens rows.
   Buffer hidden_, normed_, qkv_, attn_, proj_, gate_up_, act_, lora_scratch_;
-  // The step's adapter runs (neighbouring sequences of one slot merged), built once per forward.
-  std::vector<LoraRun> runs_;
+  // The step's adapter runs (neighbouring sequences of one slot merged), built once per forward,
+  // and its logits rows' runs by slot (slot -1 included) for the per-slot lm_head.
+  std::vector<LoraRun> runs_, head_runs_;
 };
 
 // Rotary inverse frequencies [head_dim / 2] as transformers computes them in float32, with the

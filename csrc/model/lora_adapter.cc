@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/checked_math.h"
+#include "core/errors.h"
 #include "lora/lora_validation.h"
 #include "lora/module_ids.h"
 
@@ -46,16 +47,51 @@ std::ostream& operator<<(std::ostream& out, const LoraAdapter::ModelShape& shape
 }
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
-                         const ModelConfig& config, int64_t max_lora_rank)
-    : LoraAdapter(validated(weights, lora_config, config, max_lora_rank), lora_config, config) {}
+                         const ModelConfig& config, int64_t max_lora_rank,
+                         const std::vector<float>* dora_scales)
+    : LoraAdapter(validated(weights, lora_config, config, max_lora_rank), lora_config, config,
+                  dora_scales) {}
 
 LoraAdapter LoraAdapter::from_validated(const LoraWeights& weights, const LoraConfig& lora_config,
-                                        const ModelConfig& config) {
-  return LoraAdapter(weights, lora_config, config);
+                                        const ModelConfig& config,
+                                        const std::vector<float>* dora_scales) {
+  return LoraAdapter(weights, lora_config, config, dora_scales);
+}
+
+int64_t LoraAdapter::storage_bytes(const LoraWeights& weights, const LoraConfig& lora_config,
+                                   const ModelConfig& config) {
+  int64_t bytes = storage_bytes(lora_config, config, weights.dtype());
+  if (const LoraEmbeddings* e = weights.embeddings()) {
+    bytes = checked_add(bytes, static_cast<int64_t>(e->nbytes()), "LoRA adapter storage bytes");
+  }
+  return bytes;
+}
+
+size_t LoraAdapter::nbytes() const {
+  size_t total = storage_.size() + dora_.size() * sizeof(float);
+  for (const Buffer* b : {&embed_tokens_buf_, &lm_head_buf_, &embed_a_t_buf_, &embed_b_buf_,
+                          &head_a_buf_, &head_b_t_buf_}) {
+    total += b->size();
+  }
+  return total;
 }
 
 int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
                                    DType dtype) {
+  int64_t dora_values = 0;
+  for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
+    const LoraConfigRow row = lora_config.row(i);
+    if (row.is_dora != 0)
+      dora_values += config.lora_module_dims(row.module_id).out;  // <= 2^31 each
+  }
+  return checked_add(
+      pair_bytes(lora_config, config, dtype),
+      checked_mul(dora_values, int64_t{sizeof(float)}, "LoRA adapter DoRA scale bytes"),
+      "LoRA adapter storage bytes");
+}
+
+int64_t LoraAdapter::pair_bytes(const LoraConfig& lora_config, const ModelConfig& config,
+                                DType dtype) {
   constexpr std::string_view what = "LoRA adapter storage values";
   int64_t elements = 0;
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
@@ -71,15 +107,31 @@ int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelCon
 }
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
-                         const ModelConfig& config)
+                         const ModelConfig& config, const std::vector<float>* dora_scales)
     : shape_(validated_shape(config)),
-      storage_(Buffer::allocate(storage_bytes(lora_config, config, weights.dtype()), Device::cpu(),
+      // The pairs only: DoRA's scales live in dora_.
+      storage_(Buffer::allocate(pair_bytes(lora_config, config, weights.dtype()), Device::cpu(),
                                 "LoRA adapter storage")),
       table_(static_cast<size_t>(config.num_layers) * lora_module::kCount),
       dtype_(weights.dtype()) {
   const size_t size = dtype_size(dtype_);
   const auto* rows = static_cast<const char*>(weights.tensor().data());
   char* dst = static_cast<char*>(storage_.data());
+  int64_t dora_values = 0;
+  for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
+    const LoraConfigRow row = lora_config.row(i);
+    if (row.is_dora != 0) dora_values += config.lora_module_dims(row.module_id).out;
+  }
+  if (dora_values > 0) {
+    if (dora_scales == nullptr || static_cast<int64_t>(dora_scales->size()) != dora_values) {
+      raise<LoraError>("the adapter has DoRA rows: it needs their ", dora_values,
+                       " scales (magnitude / ||W + B A||, computed against the base weights by ",
+                       "the model), got ", dora_scales == nullptr ? 0 : dora_scales->size());
+    }
+    dora_ = *dora_scales;
+    has_dora_ = true;
+  }
+  int64_t dora_offset = 0;
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
     const LoraConfigRow row = lora_config.row(i);
     const LoraModuleDims dims = config.lora_module_dims(row.module_id);
@@ -94,7 +146,52 @@ LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_conf
     dst += rank * dims.out * size;
     pair.dtype = dtype_;
     pair.rank = row.adapter_size;
+    if (row.is_dora != 0) {
+      pair.dora_scale = dora_.data() + dora_offset;
+      dora_offset += dims.out;
+    }
     max_rank_ = std::max<int64_t>(max_rank_, rank);
+  }
+  if (const LoraEmbeddings* parts = weights.embeddings()) lay_out_embeddings(*parts);
+}
+
+void LoraAdapter::lay_out_embeddings(const LoraEmbeddings& e) {
+  using P = LoraEmbeddings;
+  auto copy = [](const Tensor& t, Buffer& dst) {
+    dst = Buffer::copy_of(t, Device::cpu());
+    return dst.view(t.dtype(), {t.size(0), t.size(1)});
+  };
+  // [rows, cols] -> [cols, rows]
+  auto transposed = [](const Tensor& t, Buffer& dst) {
+    const int64_t rows = t.size(0), cols = t.size(1);
+    const size_t size = dtype_size(t.dtype());
+    dst = Buffer::allocate(t.nbytes(), Device::cpu(), "LoRA adapter embedding-side part");
+    transpose(static_cast<const char*>(t.data()), rows, cols, size, static_cast<char*>(dst.data()));
+    return dst.view(t.dtype(), {cols, rows});
+  };
+  vocab_size_ = e.vocab_size();
+  if (e.has(P::kEmbedTokens)) {
+    embed_tokens_ = copy(e.part(P::kEmbedTokens), embed_tokens_buf_);
+  }
+  if (e.lm_head_is_embed_tokens()) {
+    lm_head_ = embed_tokens_;  // kept tied: one copy
+  } else if (e.has(P::kLmHead)) {
+    lm_head_ = copy(e.part(P::kLmHead), lm_head_buf_);
+  }
+  if (e.has(P::kEmbedLoraA)) {
+    embed_a_t_ = transposed(e.part(P::kEmbedLoraA), embed_a_t_buf_);  // [r, V] -> [V, r]
+    embed_b_ = copy(e.part(P::kEmbedLoraB), embed_b_buf_);
+    max_rank_ = std::max(max_rank_, embed_a_t_.size(1));
+  }
+  if (e.has(P::kLmHeadLoraA)) {
+    const Tensor a = copy(e.part(P::kLmHeadLoraA), head_a_buf_);
+    const Tensor b_t = transposed(e.part(P::kLmHeadLoraB), head_b_t_buf_);  // [V, r] -> [r, V]
+    if (a.dtype() != b_t.dtype()) {
+      raise<LoraError>("lm_head_lora_a and lm_head_lora_b must have one dtype, got ",
+                       dtype_name(a.dtype()), " and ", dtype_name(b_t.dtype()));
+    }
+    lm_head_pair_ = LoraPair{a.data(), b_t.data(), a.dtype(), static_cast<int32_t>(a.size(0))};
+    max_rank_ = std::max<int64_t>(max_rank_, a.size(0));
   }
 }
 

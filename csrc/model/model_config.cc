@@ -160,6 +160,8 @@ LoraTarget ModelConfig::lora_target() const {
   LoraTarget target;
   target.architecture = architecture;
   target.num_layers = num_layers;
+  target.hidden_size = hidden_size;
+  target.vocab_size = vocab_size;
   for (int32_t id : lora_module_ids()) target.dims[id] = lora_module_dims(id);
   return target;
 }

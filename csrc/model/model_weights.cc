@@ -3,6 +3,7 @@
 #include "core/checked_math.h"
 #include "core/errors.h"
 #include "kernels/ops.h"
+#include "lora/module_ids.h"
 
 namespace lorart {
 
@@ -221,6 +222,32 @@ ModelWeights::ModelWeights(ModelWeightsBuilder&& builder)
   }
   if (!c.tie_word_embeddings) ops::relayout_weight(ctx, lm_head_view_, lm_head_layout());
   nbytes_ = total_bytes(embed_, final_norm_, lm_head_, layers_);
+}
+
+std::pair<Tensor, int64_t> ModelWeights::module_rows(int64_t layer, int32_t module_id) const {
+  const LayerWeights& w = layer_views_.at(static_cast<size_t>(layer));
+  const int64_t q_out = config_.num_attention_heads * config_.head_dim;
+  const int64_t kv_out = config_.num_kv_heads * config_.head_dim;
+  switch (module_id) {
+    case lora_module::kAttnQkv:
+    case lora_module::kAttnQ:
+      return {w.qkv, 0};
+    case lora_module::kAttnK:
+      return {w.qkv, q_out};
+    case lora_module::kAttnV:
+      return {w.qkv, q_out + kv_out};
+    case lora_module::kAttnDense:
+      return {w.o, 0};
+    case lora_module::kMlpHTo4H:  // gate_proj
+      return {w.gate_up, 0};
+    case lora_module::kMlpGate:  // up_proj
+      return {w.gate_up, config_.intermediate_size};
+    case lora_module::kMlp4HToH:
+      return {w.down, 0};
+    default:
+      raise<LoraError>("module_id ", module_id, " (", lora_module_name(module_id),
+                       ") is not a LoRA module of ", config_.architecture);
+  }
 }
 
 }  // namespace lorart

@@ -10,6 +10,7 @@
 
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/buffer.h"
@@ -95,6 +96,9 @@ class ModelWeights {
   const Tensor& lm_head() const { return lm_head_view_; }        // [V, H] (the embedding when tied)
   const Tensor& final_norm() const { return final_norm_view_; }  // [H]
   const LayerWeights& layer(int64_t i) const { return layer_views_[i]; }
+  // The matrix a LoRA module adapts and the first of its rows there (q/k/v in the fused qkv,
+  // gate/up in gate_up). Throws LoraError for a module the family does not have.
+  std::pair<Tensor, int64_t> module_rows(int64_t layer, int32_t module_id) const;
   DType dtype() const { return dtype_; }
   // How the layers' matrices (qkv, o, gate_up, down) hold their values: the device's preferred
   // layout for dtype() (ops::preferred_layout), set when the weights are taken over.

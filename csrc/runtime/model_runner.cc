@@ -44,7 +44,8 @@ int ModelRunner::bind_thread() const {
 
 StepOutput ModelRunner::run(const StepInput& step) {
   if (step.lora == nullptr) raise<InvalidArgument>("run: the step has no LoRA table");
-  const int64_t vocab = model_->config().vocab_size;
+  // The step's widest vocabulary (an adapter may bring a larger one than the model's).
+  const int64_t vocab = model_->logits_width(*step.lora);
   const int64_t n_out = step.batch.logits_indices.numel();
   const int64_t num_samples = step.sample_rows.defined() ? step.sample_rows.numel() : 0;
   if (num_samples > 0 &&
@@ -62,11 +63,16 @@ StepOutput ModelRunner::run(const StepInput& step) {
                              ") (the step's logits rows)");
     }
   }
-  // Within the capacity reserved for max_num_tokens rows: forward() validates the batch (at most
-  // max_num_tokens logits rows) before it writes a row, so a malformed one is refused without
-  // an allocation, and a valid one never reallocates.
+  // Within the capacity reserved for max_num_tokens rows of the model's vocabulary: forward()
+  // validates the batch (at most max_num_tokens logits rows) before it writes a row, so a
+  // malformed one is refused without an allocation, and a valid one of the model's vocabulary
+  // never reallocates.
+  // A step with a wider adapter vocabulary grows them once (LoraCache bounded the adapter).
   logits_.resize(
       static_cast<size_t>(std::clamp<int64_t>(n_out, 1, model_->max_num_tokens()) * vocab));
+  if (sample_scratch_.size() < static_cast<size_t>(vocab)) {
+    sample_scratch_.resize(static_cast<size_t>(vocab));
+  }
   const Tensor logits(logits_.data(), DType::kFloat32, {n_out, vocab});
   model_->forward(ctx_, step.batch, kv_cache_, *step.lora, logits);
 

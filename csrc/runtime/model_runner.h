@@ -31,7 +31,9 @@ struct StepInput {
 
 // Views into the runner's buffers, valid until the next run().
 struct StepOutput {
-  Tensor logits;     // [N, vocab] float32 host: the rows of batch.logits_indices, in order
+  // [N, W] float32 host: the rows of batch.logits_indices, in order; W is the step's widest
+  // vocabulary (LlamaModel::logits_width), a row's columns past its own vocabulary are -inf.
+  Tensor logits;
   Tensor tokens;     // [R] int32: the sampled tokens; -1 where that row's logits are not finite
   Tensor log_probs;  // [R] float32 when asked for, else empty
 };

@@ -32,6 +32,7 @@ __all__: list[str] = [
     "LoraAdapter",
     "LoraCacheConfig",
     "LoraConfig",
+    "LoraEmbeddings",
     "LoraError",
     "LoraWeights",
     "ModelConfig",
@@ -175,39 +176,104 @@ class ModelConfig:
 
 class LoraConfig:
     """
-    [rows, 3] int32: [module_id, layer_idx, adapter_size] per row. Accepts numpy arrays, torch tensors (DLPack) or nested lists, 2-D or TensorRT-LLM's 3-D [1, rows, 3]; wraps the array without a copy.
+    [rows, 3] int32: [module_id, layer_idx, adapter_size] per row, or [rows, 4] with TensorRT-LLM's is_dora column (0 or 1). Accepts numpy arrays, torch tensors (DLPack) or nested lists, 2-D or TensorRT-LLM's 3-D [1, rows, 3 or 4]; wraps the array without a copy.
     """
     def __init__(self, array: typing.Any) -> None: ...
     def __len__(self) -> int: ...
     def __repr__(self) -> str: ...
     def numpy(self) -> numpy.ndarray:
         """
-        Read-only numpy view [rows, 3] (no copy).
+        Read-only numpy view [rows, 3 or 4] (no copy).
         """
+    @property
+    def num_columns(self) -> int: ...
     @property
     def num_rows(self) -> int: ...
     @property
     def shape(self) -> tuple: ...
 
+class LoraEmbeddings:
+    """
+    An adapter's embedding-side parts, each optional: embed_tokens [V, H] and lm_head [V, H] (PEFT modules_to_save: replacement tables, V may exceed the base vocabulary), embed_lora_a [r, V] and embed_lora_b [H, r] (LoRA on embed_tokens), lm_head_lora_a [r, H] and lm_head_lora_b [V, r] (LoRA on lm_head); B parts carry the scaling. float32, float16 or bfloat16 arrays, wrapped without a copy; the same array given as embed_tokens and lm_head keeps them tied (stored once). Attach it to LoraWeights.
+    """
+    def __init__(
+        self,
+        *,
+        embed_tokens: typing.Any = None,
+        lm_head: typing.Any = None,
+        embed_lora_a: typing.Any = None,
+        embed_lora_b: typing.Any = None,
+        lm_head_lora_a: typing.Any = None,
+        lm_head_lora_b: typing.Any = None,
+    ) -> None: ...
+    def __repr__(self) -> str: ...
+    @property
+    def embed_lora_a(self) -> typing.Any:
+        """
+        Read-only numpy view (no copy), or None.
+        """
+    @property
+    def embed_lora_b(self) -> typing.Any:
+        """
+        Read-only numpy view (no copy), or None.
+        """
+    @property
+    def embed_tokens(self) -> typing.Any:
+        """
+        Read-only numpy view (no copy), or None.
+        """
+    @property
+    def lm_head(self) -> typing.Any:
+        """
+        Read-only numpy view (no copy), or None.
+        """
+    @property
+    def lm_head_is_embed_tokens(self) -> bool: ...
+    @property
+    def lm_head_lora_a(self) -> typing.Any:
+        """
+        Read-only numpy view (no copy), or None.
+        """
+    @property
+    def lm_head_lora_b(self) -> typing.Any:
+        """
+        Read-only numpy view (no copy), or None.
+        """
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def vocab_size(self) -> typing.Any:
+        """
+        Rows of embed_tokens / lm_head (the adapter's vocabulary), None when it keeps the model's.
+        """
+
 class LoraWeights:
     """
-    [rows, max_row] float32/float16/bfloat16: row i = flatten(A_i) ++ flatten(B_i) ++ zero padding, scaling folded into B. Accepts numpy arrays, torch tensors (DLPack) or nested lists, 2-D or 3-D [1, rows, max_row]; wraps the array without a copy.
+    [rows, max_row] float32/float16/bfloat16: row i = flatten(A_i) ++ flatten(B_i) ++ zero padding, scaling folded into B. Accepts numpy arrays, torch tensors (DLPack) or nested lists, 2-D or 3-D [1, rows, max_row]; wraps the array without a copy. A DoRA row (is_dora = 1 in LoraConfig) appends its magnitude [Ho]. `embeddings` (LoraEmbeddings) are the adapter's embedding-side parts; with them the rows may be empty ([0, 0]).
     """
-    def __init__(self, array: typing.Any) -> None: ...
+    def __init__(self, array: typing.Any, embeddings: LoraEmbeddings = None) -> None: ...
     def __len__(self) -> int: ...
     def __repr__(self) -> str: ...
     def numpy(self) -> numpy.ndarray:
         """
-        Read-only numpy view [rows, max_row] (no copy; bfloat16 as ml_dtypes.bfloat16).
+        Read-only numpy view [rows, max_row] of the rows (no copy; bfloat16 as ml_dtypes.bfloat16).
         """
     def to(self, dtype: str) -> LoraWeights:
         """
-        An owning copy converted to dtype (round-to-nearest-even).
+        An owning copy, rows and embedding-side parts converted to dtype (round-to-nearest-even).
         """
     @property
     def dtype(self) -> str: ...
     @property
-    def nbytes(self) -> int: ...
+    def embeddings(self) -> LoraEmbeddings:
+        """
+        The embedding-side parts (LoraEmbeddings), or None.
+        """
+    @property
+    def nbytes(self) -> int:
+        """
+        Bytes of the rows and the embedding-side parts.
+        """
     @property
     def num_rows(self) -> int: ...
     @property
@@ -265,7 +331,11 @@ class LoraAdapter:
         config: LoraConfig,
         model_config: ModelConfig,
         max_lora_rank: typing.Any = 64,
-    ) -> None: ...
+        model: ... = None,
+    ) -> None:
+        """
+        `model` (the LlamaModel it will run on) is needed for DoRA rows: their row norms are taken against its weights.
+        """
     @property
     def dtype(self) -> str: ...
     @property
@@ -274,6 +344,11 @@ class LoraAdapter:
     def nbytes(self) -> int:
         """
         Bytes it holds: rank * (in + out) values per adapted module; this is what it costs on the LoRA cache's device level.
+        """
+    @property
+    def vocab_size(self) -> int:
+        """
+        Its own vocabulary (rows of its embed_tokens / lm_head); 0 when it keeps the model's.
         """
 
 class LlamaModel:
@@ -308,7 +383,7 @@ class LlamaModel:
         precision: str = "float32",
     ) -> numpy.typing.NDArray[numpy.float32]:
         """
-        Run one packed batch at `precision` ('float32' exact, or 'bfloat16'); returns logits [len(logits_indices), vocab] float32.
+        Run one packed batch at `precision` ('float32' exact, or 'bfloat16'); returns logits [len(logits_indices), W] float32, W the widest vocabulary of the adapters (the model's or an adapter's own); a row's columns past its vocabulary are -inf.
         """
     @property
     def config(self) -> ModelConfig: ...
@@ -434,6 +509,11 @@ class Response:
     def output_token_ids(self) -> list[int]: ...
     @property
     def request_id(self) -> int: ...
+    @property
+    def vocab_size(self) -> int:
+        """
+        The request's vocabulary (its adapter's when it brings one, else the model's): the width of its logits rows and the bound of its token ids.
+        """
 
 class LoraCacheConfig:
     """
@@ -534,6 +614,12 @@ class Executor:
     In-flight batching loop over one model (C++ thread).
     """
     def __init__(self, model: LlamaModel, config: ExecutorConfig) -> None: ...
+    def await_any(
+        self, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None
+    ) -> list[Response]:
+        """
+        Wait (GIL released, Ctrl-C honoured within 0.1 s) until the shared queue holds responses, then take them all (each with its request_id).
+        """
     def await_responses(
         self,
         request_id: typing.SupportsInt | typing.SupportsIndex,
@@ -542,24 +628,18 @@ class Executor:
         """
         Wait (GIL released, Ctrl-C honoured within 0.1 s) for responses of request_id; timeout None/inf: no deadline, else seconds >= 0.
         """
-    def await_any(
-        self, timeout: typing.SupportsFloat | typing.SupportsIndex | None = None
-    ) -> list[Response]:
-        """
-        Wait (GIL released, Ctrl-C honoured within 0.1 s) until the shared queue holds responses, then take them all (each with its request_id).
-        """
+    def cancel_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def contains_lora_task(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
+    def enqueue_request(self, request: InferenceRequest) -> int: ...
     def enqueue_shared(self, request: InferenceRequest) -> int:
         """
         As enqueue_request, but its responses go to the shared queue that await_any reads.
         """
-    def cancel_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def lora_task_on_device(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
     def release_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
         The caller will not collect request_id's responses: they are dropped and its channel is freed at its final response (does not cancel it; unknown ids are ignored).
         """
-    def contains_lora_task(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
-    def enqueue_request(self, request: InferenceRequest) -> int: ...
-    def lora_task_on_device(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
     def shutdown(self) -> None: ...
     def stats(self) -> dict: ...
     @property

@@ -386,7 +386,7 @@ def test_npy_weights_malformed(npy_dir, raw, match):
         (np.zeros((1, 2, 3), np.float32), "expected int32 values, got dtype <f4"),
         (np.zeros((1, 2, 3), np.bool_), "expected int32 values"),
         (np.zeros((2, 2, 3), np.int32), "leading dim of the 3-D form must be 1"),
-        (np.zeros((2, 4), np.int32), "3 columns"),
+        (np.zeros((2, 5), np.int32), "3 columns"),
     ],
 )
 def test_npy_config_malformed(npy_dir, table, match):

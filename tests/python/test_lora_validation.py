@@ -63,8 +63,9 @@ def test_row_count_mismatch(model):
 def test_config_shape_and_dtype_rules():
     with pytest.raises(lorart.LoraError, match="must have dtype int32, got int64"):
         lorart.LoraConfig(np.zeros((2, 3), dtype=np.int64))
-    with pytest.raises(lorart.LoraError, match="must have 3 columns"):
-        lorart.LoraConfig(np.zeros((2, 4), dtype=np.int32))
+    with pytest.raises(lorart.LoraError, match="must have 3 columns .* or 4 .is_dora appended"):
+        lorart.LoraConfig(np.zeros((2, 5), dtype=np.int32))
+    assert lorart.LoraConfig(np.zeros((2, 4), dtype=np.int32)).num_columns == 4
     with pytest.raises(lorart.LoraError, match="leading dim of the 3-D form must be 1"):
         lorart.LoraConfig(np.zeros((2, 2, 3), dtype=np.int32))
     with pytest.raises(lorart.LoraError, match="lora_weights must have dtype float32"):

@@ -32,6 +32,10 @@ void gather_rows(const float* x, int64_t width, const int32_t* rows, int64_t num
 // Writes the chunk's K/V rows to their cache slots, then attends.
 void paged_attention(const PagedAttentionParams& p);
 void lora_gemm(const LoraGemmParams& p);
+void dora_scales(const DoraScalesParams& p);
+void dora_apply(const DoraApplyParams& p);
+// Row `row` of w [rows, cols] (in its dtype and layout) widened to float32 in column order.
+void read_weight_row(const WeightRef& w, int64_t row, int64_t cols, float* out);
 // Exact (Precision::kFloat32: fixed_order_gemm.h) or bf16 (Precision::kBFloat16: linear_bf16)
 // by p.precision.
 void linear(const LinearParams& p);

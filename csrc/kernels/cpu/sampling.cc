@@ -82,14 +82,17 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p
 void sample(const SampleParams& p, std::pair<float, int32_t>* scratch) {
   for (int32_t i = 0; i < p.num_samples; ++i) {
     const float* row = p.logits + static_cast<int64_t>(p.rows[i]) * p.vocab;
+    // The row's own vocabulary (a request whose adapter brings a smaller one than the step's
+    // widest): the columns past it are not its tokens.
+    const int64_t vocab = p.params[i].vocab > 0 ? std::min(p.params[i].vocab, p.vocab) : p.vocab;
     // -inf masks a token; NaN has no order to sample by and +inf no probability: such a row is
     // the caller's error to report.
-    if (std::any_of(row, row + p.vocab, [](float v) { return std::isnan(v) || v == INFINITY; })) {
+    if (std::any_of(row, row + vocab, [](float v) { return std::isnan(v) || v == INFINITY; })) {
       p.tokens[i] = -1;
       if (p.log_probs != nullptr) p.log_probs[i] = 0.0f;
       continue;
     }
-    p.tokens[i] = sample_token(row, p.vocab, p.params[i], &p.rng_states[i],
+    p.tokens[i] = sample_token(row, vocab, p.params[i], &p.rng_states[i],
                                p.log_probs != nullptr ? &p.log_probs[i] : nullptr, scratch);
   }
 }

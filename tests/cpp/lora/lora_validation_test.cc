@@ -223,9 +223,10 @@ TEST(LoraTensorsTest, ConfigRejectsBadForms) {
                           "lora_config must be [rows, 3] or [1, rows, 3]; got [3]");
   expect_error<LoraError>(make(Tensor(table.data(), DType::kInt64, {2, 3})),
                           "lora_config must have dtype int32, got int64");
-  expect_error<LoraError>(make(Tensor(table.data(), DType::kInt32, {3, 4})),
-                          "lora_config must have 3 columns [module_id, layer_idx, adapter_size], "
-                          "got 4 (shape [3, 4])");
+  expect_error<LoraError>(make(Tensor(table.data(), DType::kInt32, {2, 5})),
+                          "lora_config must have 3 columns [module_id, layer_idx, adapter_size] "
+                          "or 4 (is_dora appended), got 5 (shape [2, 5])");
+  EXPECT_EQ(LoraConfig(Tensor(table.data(), DType::kInt32, {3, 4}), nullptr).num_columns(), 4);
   expect_error<LoraError>(make(Tensor(table.data(), DType::kInt32, {2, 3}, Device::cuda())),
                           "lora_config must be in host memory, got a tensor on cuda:0");
   const int64_t shape[2] = {2, 3};

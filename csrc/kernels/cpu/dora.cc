@@ -1,0 +1,86 @@
+// DoRA (weight-decomposed LoRA): the per-row scales computed once per adapter against the base
+// weights, and their application after the LoRA delta in the forward.
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/dtype.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace lorart::cpu {
+
+namespace {
+
+float value(const WeightRef& w, int64_t i) {
+  switch (w.dtype) {
+    case DType::kFloat32:
+      return static_cast<const float*>(w.data)[i];
+    case DType::kFloat16:
+      return half_to_float(static_cast<const uint16_t*>(w.data)[i]);
+    default:
+      return bfloat16_to_float(static_cast<const uint16_t*>(w.data)[i]);
+  }
+}
+
+}  // namespace
+
+void read_weight_row(const WeightRef& w, int64_t row, int64_t cols, float* out) {
+  const size_t size = dtype_size(w.dtype);
+  const auto* src = static_cast<const unsigned char*>(w.data) + row * w.stride * size;
+  convert_floats(src, w.dtype, out, DType::kFloat32, static_cast<size_t>(cols));
+  if (w.layout != WeightLayout::kK32Interleaved) return;
+  // Block b holds column b + j at 2j and column b + 16 + j at 2j + 1; the tail is in order.
+  float block[32];
+  for (int64_t b = 0; b + 32 <= cols; b += 32) {
+    for (int j = 0; j < 16; ++j) {
+      block[j] = out[b + 2 * j];
+      block[16 + j] = out[b + 2 * j + 1];
+    }
+    std::memcpy(out + b, block, sizeof(block));
+  }
+}
+
+void dora_scales(const DoraScalesParams& p) {
+  // A widened once; each thread widens its rows of w.
+  std::vector<double> a(static_cast<size_t>(p.rank * p.k));
+  for (int64_t i = 0; i < p.rank * p.k; ++i) a[i] = value(p.a, i);
+#pragma omp parallel
+  {
+    std::vector<float> w_row(static_cast<size_t>(p.k));
+    std::vector<double> row(static_cast<size_t>(p.k));
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < p.out; ++o) {
+      read_weight_row(p.w, p.row_offset + o, p.k, w_row.data());
+      for (int64_t c = 0; c < p.k; ++c) row[c] = w_row[c];
+      for (int64_t r = 0; r < p.rank; ++r) {  // row += B[o, r] * A[r, :]
+        const double b = value(p.b, o * p.rank + r);
+        const double* a_r = a.data() + r * p.k;
+        for (int64_t c = 0; c < p.k; ++c) row[c] += b * a_r[c];
+      }
+      double sum = 0.0;
+      for (int64_t c = 0; c < p.k; ++c) sum += row[c] * row[c];
+      p.scales[o] = static_cast<float>(static_cast<double>(value(p.magnitude, o)) / std::sqrt(sum));
+    }
+  }
+}
+
+void dora_apply(const DoraApplyParams& p) {
+  for (int32_t i = 0; i < p.num_runs; ++i) {
+    const LoraRun& run = p.runs[i];
+    const float* scale = p.pairs[run.slot * p.slot_stride].dora_scale;
+    if (scale == nullptr) continue;
+    for (int32_t t = run.begin; t < run.end; ++t) {
+      float* y = p.y + static_cast<int64_t>(t) * p.y_stride;
+      if (p.bias.data == nullptr) {
+        for (int64_t o = 0; o < p.out; ++o) y[o] *= scale[o];
+      } else {
+        for (int64_t o = 0; o < p.out; ++o) {
+          const float b = value(p.bias, o);
+          y[o] = scale[o] * (y[o] - b) + b;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace lorart::cpu
