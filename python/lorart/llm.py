@@ -126,7 +126,7 @@ def check_vocab(
 def lora_vocab_size(weights: LoraWeights, model_config: ModelConfig) -> int:
     """The vocabulary of an adapter's requests: the rows of its own embed_tokens / lm_head
     tables when it brings them, else the model's."""
-    embeddings = getattr(weights, "embeddings", None)  # TEMPORARY until main's format lands
+    embeddings = weights.embeddings
     if embeddings is not None and embeddings.vocab_size is not None:
         return embeddings.vocab_size
     return model_config.vocab_size
