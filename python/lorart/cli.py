@@ -161,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         parents=[common],
-        help="the embedded multi-LoRA demo: base, Chinese and Japanese adapters in one batch",
+        help="the embedded multi-LoRA demo: base, Chinese, Japanese and Korean adapters in one "
+        "batch",
         description="Runs the seed tutorial's table offline on the tiny model shipped with "
         "lorart: the same Chinese and Japanese question three times each, with task uids "
-        "-1 0 1 -1 0 1, in one mixed batch.",
+        "-1 0 1 -1 0 1, and a Korean question with an adapter that brings its own vocabulary "
+        "and tokenizer (task uid 2), in one mixed batch.",
     )
     demo.add_argument("--max_output_len", type=int, default=12)
     _add_threads_flag(demo)

@@ -25,6 +25,8 @@ PROMPTS = [demo.ZH_PROMPT] * 3 + [demo.JA_PROMPT] * 3
 ADAPTERS = [None, DEMO / "lora_zh", DEMO / "lora_ja"] * 2
 # The seed tutorial's table (TensorRT-LLM's outputs for Llama-7B; here the demo model's).
 EXPECTED = ["Washington, D.C.", "华盛顿。", None, "Washington, D.C.", "华盛顿。", "ワシントン D.C."]
+# The adapter with its own vocabulary (1024 + 70 Korean words) and tokenizer.
+KO = DEMO / "lora_ko"
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,12 @@ def test_lorart_demo_prints_the_seed_table():
     assert lines[1] == 'Output [Text 0 Beam 0]: "Washington, D.C."'
     assert lines[3] == 'Output [Text 1 Beam 0]: "华盛顿。"'
     assert lines[11] == 'Output [Text 5 Beam 0]: "ワシントン D.C."'
+    # The row of the adapter with its own vocabulary, in the same batch: its prompt shown with
+    # its own tokenizer, its answer in ids only that vocabulary has.
+    assert lines[12:] == [
+        f'Input [Text 6]: "<s>{demo.KO_PROMPT}"',  # its first token is a word of its own
+        'Output [Text 6 Beam 0]: "워싱턴 D.C."',
+    ]
 
 
 def test_lorart_run_flags():
@@ -260,6 +268,129 @@ def test_prompt_ids_past_the_base_vocabulary_are_refused_naming_the_prompt(llm):
     with pytest.raises(ValueError, match="prompt 0: token id -1 is outside"):
         llm.generate([[-1]], max_new_tokens=2)
     assert llm.executor.stats()["queued"] == 0  # nothing was enqueued
+
+
+def peft_greedy(model_dir, adapter, ids: list[int], steps: int, eos: int) -> list[int]:
+    """transformers + peft greedy tokens; the base resized first when the adapter's tables are
+    bigger (as peft needs to load them)."""
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        if (adapter / "tokenizer.json").is_file():
+            model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)))
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    x = torch.tensor([ids])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(x).logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+            x = torch.cat([x, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def test_the_extended_vocabulary_adapter_answers_in_the_mixed_batch_as_peft_does(llm):
+    six = llm.generate(PROMPTS, lora=ADAPTERS, max_new_tokens=12)
+    seven = llm.generate([*PROMPTS, demo.KO_PROMPT], lora=[*ADAPTERS, KO], max_new_tokens=12)
+    assert [o.token_ids for o in seven[:6]] == [o.token_ids for o in six]  # the others untouched
+    ko = seven[6]
+    ko_tok = Tokenizer.from_file(str(KO / "tokenizer.json"))
+    assert ko.prompt_token_ids == ko_tok.encode(demo.KO_PROMPT).ids
+    assert max(ko.prompt_token_ids) >= 1024 and max(ko.token_ids) >= 1024
+    assert ko.text == "워싱턴 D.C." and ko.finish_reason == "end_id"
+    assert llm.vocab_size(KO) == ko_tok.get_vocab_size() == 1094 and llm.vocab_size() == 1024
+    want = peft_greedy(DEMO / "model", KO, ko.prompt_token_ids, 12, llm.eos_token_id)
+    assert ko.token_ids == want
+    alone = llm.generate([demo.KO_PROMPT], lora=[KO], max_new_tokens=12)[0]
+    assert alone.token_ids == ko.token_ids
+    pieces = list(llm.generate_stream(demo.KO_PROMPT, lora=KO, max_new_tokens=12))
+    assert "".join(pieces) == ko.text
+
+
+def test_ids_past_the_base_vocabulary_are_the_extended_adapters_only(llm):
+    ids = llm.encode(demo.KO_PROMPT, lora=KO)
+    assert ids[1] == 1034  # "미국": a Korean word of lora_ko's own
+    assert llm.generate([ids], lora=[KO], max_new_tokens=12)[0].text == "워싱턴 D.C."
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 1: token id 1034 is outside the base model's vocabulary \[0, 1024\)",
+    ):
+        llm.generate([ids, ids], lora=[KO, None], max_new_tokens=2)
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 0: token id 1094 is outside adapter .*lora_ko's "
+        r"vocabulary \[0, 1094\)",
+    ):
+        llm.generate([[*ids, 1094]], lora=[KO], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 0: token id 1034 is outside adapter .*lora_zh"):
+        llm.generate([ids], lora=[DEMO / "lora_zh"], max_new_tokens=2)
+
+
+def test_the_vocabulary_warning_is_per_adapter(tmp_path, caplog):
+    bare = tmp_path / "ko_without_tokenizer"
+    shutil.copytree(KO, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    with caplog.at_level(logging.WARNING, logger="lorart"):
+        LLM(DEMO / "model", lora_dirs=[KO, DEMO / "lora_zh"], max_seq_len=128).shutdown()
+    assert caplog.text == ""  # lora_ko's own tokenizer covers its 1094 ids
+    with caplog.at_level(logging.WARNING, logger="lorart"):
+        LLM(DEMO / "model", lora_dirs=[bare, DEMO / "lora_zh"], max_seq_len=128).shutdown()
+    [record] = caplog.records
+    assert str(bare) in record.getMessage()
+    assert "the tokenizer has 1024 ids but the adapter's vocabulary has 1094" in record.getMessage()
+
+
+def test_lorart_run_with_the_adapters_tokenizer_as_in_the_seed():
+    # The seed: --tokenizer_dir is the LoRA's (its tokenizer covers the base's text too).
+    result = run_lorart_cli(
+        "run",
+        "--model_dir",
+        str(DEMO / "model"),
+        "--tokenizer_dir",
+        str(KO),
+        "--lora_dir",
+        str(KO),
+        "--input_text",
+        demo.KO_PROMPT,
+        demo.ZH_PROMPT,
+        "--lora_task_uids",
+        "0",
+        "-1",
+        "--max_output_len",
+        "12",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'Input [Text 0]: "<s>{demo.KO_PROMPT}"' in result.stdout
+    assert 'Output [Text 0 Beam 0]: "워싱턴 D.C."' in result.stdout
+    assert 'Output [Text 1 Beam 0]: "Washington, D.C."' in result.stdout
+    assert "warning" not in result.stderr
+    # The model's tokenizer for an adapter with more ids: said once, for that adapter.
+    result = run_lorart_cli(
+        "run", "--model_dir", str(DEMO / "model"), "--lora_dir", str(KO), "--input_text", "a"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("the adapter's vocabulary has 1094") == 1
+
+
+def test_lorart_run_token_ids_past_the_base_vocabulary_for_the_adapter_only(tmp_path):
+    ids = tmp_path / "ids.csv"
+    ids.write_text("1,1034,1024,312,1026,312,1027,262,312,500,1028,261\n")  # KO_PROMPT
+    common = ["run", "--model_dir", str(DEMO / "model"), "--tokenizer_dir", str(KO)]
+    common += ["--lora_dir", str(KO), "--input_file", str(ids), "--max_output_len", "12"]
+    result = run_lorart_cli(*common, "--lora_task_uids", "0")
+    assert result.returncode == 0, result.stderr
+    assert 'Output [Text 0 Beam 0]: "워싱턴 D.C."' in result.stdout
+    result = run_lorart_cli(*common, "--lora_task_uids", "-1")
+    assert result.returncode == 2
+    assert (
+        f"--input_file {ids}: prompt 0: token id 1034 is outside the base model's vocabulary "
+        "[0, 1024)"
+    ) in result.stderr
 
 
 def test_lorart_run_tokenizer_dir_tokenizes_every_input(own_tok):

@@ -427,8 +427,8 @@ BRACKETS = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
     """A server whose base has the BRACKETS chat template, with lora_ja under a tokenizer and an
-    IDENTITY template of its own ("own", also loadable at run time from its --lora-root) and
-    lora_zh, which has neither."""
+    IDENTITY template of its own ("own", also loadable at run time from its --lora-root),
+    lora_zh, which has neither, and lora_ko ("ko"), with its own vocabulary and tokenizer."""
     root = tmp_path_factory.mktemp("own_root")
     adapter = adapter_with_own_tokenizer(JA, root / "own", chat_template=IDENTITY)
     model = tmp_path_factory.mktemp("bracket_model")
@@ -437,7 +437,8 @@ def own(tmp_path_factory):
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["chat_template"] = BRACKETS
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    s = Server(model_dir=model, lora_modules=[("own", adapter), ("zh", ZH)], lora_root=root)
+    modules = [("own", adapter), ("zh", ZH), ("ko", DEMO / "lora_ko")]
+    s = Server(model_dir=model, lora_modules=modules, lora_root=root)
     s.tokenizer = Tokenizer.from_file(str(adapter / "tokenizer.json"))
     yield s
     s.stop()
@@ -461,6 +462,32 @@ def test_an_adapters_own_tokenizer_tokenizes_and_detokenizes_its_requests(own):
     assert r.status_code == 200, r.text
     again = complete(own, "own2", JA_PROMPT, max_tokens=12)["choices"][0]["text"]
     assert again == mine["text"]
+
+
+def test_an_adapter_with_its_own_vocabulary_answers_beside_the_base(own):
+    from lorart.demo import KO_PROMPT
+
+    ko_tok = Tokenizer.from_file(str(DEMO / "lora_ko" / "tokenizer.json"))
+    got = complete(own, "ko", KO_PROMPT, max_tokens=12, return_token_ids=True, logprobs=1)
+    [choice] = got["choices"]
+    assert choice["prompt_token_ids"] == ko_tok.encode(KO_PROMPT).ids
+    assert choice["text"] == "워싱턴 D.C." and max(choice["token_ids"]) >= 1024
+    assert "워싱턴" in choice["logprobs"]["tokens"]  # a token only its vocabulary has
+    # Its ids are its own: as a prompt or a stop token, accepted for it, refused for the base.
+    ids = choice["prompt_token_ids"]
+    assert complete(own, "ko", ids, max_tokens=12)["choices"][0]["text"] == "워싱턴 D.C."
+    stopped = complete(own, "ko", ids, max_tokens=12, stop_token_ids=[choice["token_ids"][1]])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    err = error_of(own.post("/v1/completions", {"model": MODEL, "prompt": ids}), 400)
+    assert "1034" in err["message"] and "1024" in err["message"]
+    body = {"model": MODEL, "prompt": "x", "stop_token_ids": [1090]}
+    assert (
+        "past the vocabulary (1024)" in error_of(own.post("/v1/completions", body), 400)["message"]
+    )
+    body = {"model": "ko", "prompt": "x", "stop_token_ids": [1094]}
+    assert (
+        "past the vocabulary (1094)" in error_of(own.post("/v1/completions", body), 400)["message"]
+    )
 
 
 def test_an_adapters_own_chat_template_renders_its_messages(own):
