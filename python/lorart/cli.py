@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -232,14 +233,28 @@ def _convert(args: argparse.Namespace) -> int:
         raise ValueError(f"-o/--out-dir {out}: exists and is not a directory")
     start = time.monotonic()
     weights, config = lora.from_peft(args.in_dir, model_config, dtype=args.storage_type)
-    lora.save_npy(out, weights, config)
+    written = lora.save_npy(out, weights, config)
+    # An adapter with its own vocabulary needs its own tokenizer: keep them together.
+    copied = []
+    for name in lora.TOKENIZER_FILES:
+        src = Path(args.in_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+            copied.append(out / name)
     logger.info("converted in %.2f s", time.monotonic() - start)
     print(
         f"converted {args.in_dir}: {config.num_rows} rows, max_row {weights.shape[1]}, "
         f"{weights.dtype}"
     )
-    print(f"wrote {out / lora.WEIGHTS_FILE} {[1, *weights.shape]}")
-    print(f"wrote {out / lora.CONFIG_FILE} {[1, *config.shape]}")
+    shapes = {lora.WEIGHTS_FILE: [1, *weights.shape], lora.CONFIG_FILE: [1, *config.shape]}
+    for part, name in lora.EMBEDDING_FILES.items():
+        value = getattr(weights.embeddings, part) if weights.embeddings is not None else None
+        if value is not None:
+            shapes[name] = list(value.shape)
+    for path in written:
+        print(f"wrote {path} {shapes[path.name]}")
+    for path in copied:
+        print(f"copied {path}")
     return 0
 
 
