@@ -332,6 +332,17 @@ def test_ids_past_the_base_vocabulary_are_the_extended_adapters_only(llm):
         llm.generate([ids], lora=[DEMO / "lora_zh"], max_new_tokens=2)
 
 
+def test_lora_ko_converted_to_npy_keeps_its_tokenizer_and_answers(llm, tmp_path):
+    out = tmp_path / "ko_npy"
+    result = run_lorart_cli("convert", "-i", str(KO), "-o", str(out), "--storage-type", "float16")
+    assert result.returncode == 0, result.stderr
+    assert (out / "tokenizer.json").is_file() and (out / "embed_tokens.npy").is_file()
+    from_npy, from_peft = llm.generate([demo.KO_PROMPT] * 2, lora=[out, KO], max_new_tokens=12)
+    assert from_npy.prompt_token_ids == from_peft.prompt_token_ids
+    assert from_npy.token_ids == from_peft.token_ids and from_npy.text == "워싱턴 D.C."
+    assert llm.vocab_size(out) == 1094
+
+
 def test_the_vocabulary_warning_is_per_adapter(tmp_path, caplog):
     bare = tmp_path / "ko_without_tokenizer"
     shutil.copytree(KO, bare, ignore=shutil.ignore_patterns("tokenizer*"))
