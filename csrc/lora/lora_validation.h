@@ -31,8 +31,7 @@ void validate_lora(const LoraWeights* weights, const LoraConfig* config, const L
 
 // The embedding-side parts against the model: each part's shape (see lora_embeddings.h), V the
 // same in every part that has it, base vocab_size <= V <= kMaxLoraVocabSize, LoRA ranks in
-// [1, max_lora_rank] with A and B both given and of one rank (lm_head's A and B of one dtype),
-// dtype (when limits.dtype is set),
+// [1, max_lora_rank] with A and B both given and of one rank, dtype (when limits.dtype is set),
 // and finite values. Throws LoraError naming the part, the dimension and the limit.
 void validate_lora_embeddings(const LoraEmbeddings& parts, const LoraTarget& model,
                               const LoraLimits& limits);

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <utility>
 
 #include "core/checked_math.h"
 #include "core/errors.h"
@@ -38,13 +37,18 @@ LoraAdapter::ModelShape validated_shape(const ModelConfig& config) {
 }  // namespace
 
 LoraAdapter::ModelShape LoraAdapter::shape_of(const ModelConfig& config) {
-  return {config.num_layers, config.hidden_size, config.intermediate_size,
-          config.num_attention_heads * config.head_dim, config.num_kv_heads * config.head_dim};
+  return {config.num_layers,
+          config.hidden_size,
+          config.intermediate_size,
+          config.num_attention_heads * config.head_dim,
+          config.num_kv_heads * config.head_dim,
+          config.vocab_size};
 }
 
 std::ostream& operator<<(std::ostream& out, const LoraAdapter::ModelShape& shape) {
   return out << shape.num_layers << " layers, hidden " << shape.hidden << ", intermediate "
-             << shape.intermediate << ", q " << shape.q_out << ", kv " << shape.kv_out;
+             << shape.intermediate << ", q " << shape.q_out << ", kv " << shape.kv_out << ", vocab "
+             << shape.vocab;
 }
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
@@ -77,13 +81,24 @@ size_t LoraAdapter::nbytes() const {
   return total;
 }
 
-namespace {
+int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
+                                   DType dtype) {
+  int64_t dora_values = 0;
+  for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
+    const LoraConfigRow row = lora_config.row(i);
+    if (row.is_dora != 0)
+      dora_values += config.lora_module_dims(row.module_id).out;  // <= 2^31 each
+  }
+  return checked_add(
+      pair_bytes(lora_config, config, dtype),
+      checked_mul(dora_values, int64_t{sizeof(float)}, "LoRA adapter DoRA scale bytes"),
+      "LoRA adapter storage bytes");
+}
 
-// Bytes of the pairs (storage_, in `dtype`) and of the DoRA rows' float32 scales (dora_).
-std::pair<int64_t, int64_t> pair_and_scale_bytes(const LoraConfig& lora_config,
-                                                 const ModelConfig& config, DType dtype) {
+int64_t LoraAdapter::pair_bytes(const LoraConfig& lora_config, const ModelConfig& config,
+                                DType dtype) {
   constexpr std::string_view what = "LoRA adapter storage values";
-  int64_t elements = 0, dora_values = 0;
+  int64_t elements = 0;
   for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
     // lora_row_values, checked: rank * (in + out).
     const LoraConfigRow row = lora_config.row(i);
@@ -91,30 +106,19 @@ std::pair<int64_t, int64_t> pair_and_scale_bytes(const LoraConfig& lora_config,
     const int64_t values =
         checked_mul(row.adapter_size, checked_add(dims.in, dims.out, what), what);
     elements = checked_add(elements, values, what);
-    if (row.is_dora != 0) dora_values = checked_add(dora_values, dims.out, what);
   }
-  return {
-      checked_mul(elements, static_cast<int64_t>(dtype_size(dtype)), "LoRA adapter storage bytes"),
-      checked_mul(dora_values, int64_t{sizeof(float)}, "LoRA adapter DoRA scale bytes")};
-}
-
-}  // namespace
-
-int64_t LoraAdapter::storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
-                                   DType dtype) {
-  const auto [pairs, scales] = pair_and_scale_bytes(lora_config, config, dtype);
-  return checked_add(pairs, scales, "LoRA adapter storage bytes");
+  return checked_mul(elements, static_cast<int64_t>(dtype_size(dtype)),
+                     "LoRA adapter storage bytes");
 }
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,
                          const ModelConfig& config, const std::vector<float>* dora_scales)
     : shape_(validated_shape(config)),
-      // The pairs only: the DoRA scales live in dora_ (storage_bytes counts both, once).
-      storage_(Buffer::allocate(pair_and_scale_bytes(lora_config, config, weights.dtype()).first,
-                                Device::cpu(), "LoRA adapter storage")),
+      // The pairs only: DoRA's scales live in dora_.
+      storage_(Buffer::allocate(pair_bytes(lora_config, config, weights.dtype()), Device::cpu(),
+                                "LoRA adapter storage")),
       table_(static_cast<size_t>(config.num_layers) * lora_module::kCount),
-      dtype_(weights.dtype()),
-      base_vocab_size_(config.vocab_size) {
+      dtype_(weights.dtype()) {
   const size_t size = dtype_size(dtype_);
   const auto* rows = static_cast<const char*>(weights.tensor().data());
   char* dst = static_cast<char*>(storage_.data());

@@ -26,10 +26,12 @@ class LoraAdapter {
  public:
   // The model sizes an adapter's layout depends on; forward refuses an adapter of another shape.
   struct ModelShape {
-    int64_t num_layers, hidden, intermediate, q_out, kv_out;
+    // vocab: the base vocabulary the embedding-side parts were checked against (an lm_head
+    // LoRA's B [V, r] is read with V columns).
+    int64_t num_layers, hidden, intermediate, q_out, kv_out, vocab;
     bool operator==(const ModelShape& o) const {
       return num_layers == o.num_layers && hidden == o.hidden && intermediate == o.intermediate &&
-             q_out == o.q_out && kv_out == o.kv_out;
+             q_out == o.q_out && kv_out == o.kv_out && vocab == o.vocab;
     }
   };
   static ModelShape shape_of(const ModelConfig& config);
@@ -65,9 +67,6 @@ class LoraAdapter {
   // The embedding-side parts; each undefined when the adapter leaves that part to the model.
   // The adapter's vocabulary: rows of embed_tokens / lm_head, 0 when it keeps the model's.
   int64_t vocab_size() const { return vocab_size_; }
-  // The base vocabulary of the config it was laid out for: the parts' V when vocab_size() is 0,
-  // and the least V a model may have to run them (LoraTable::add checks it).
-  int64_t base_vocab_size() const { return base_vocab_size_; }
   const Tensor& embed_tokens() const { return embed_tokens_; }  // [V, H]
   const Tensor& lm_head() const { return lm_head_; }            // [V, H]
   const Tensor& embed_lora_a_t() const { return embed_a_t_; }   // [V, r]: A^T, a row per id
@@ -86,6 +85,8 @@ class LoraAdapter {
   LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config,
               const std::vector<float>* dora_scales);
   void lay_out_embeddings(const LoraEmbeddings& parts);
+  // Bytes of the A and B^T values alone.
+  static int64_t pair_bytes(const LoraConfig& lora_config, const ModelConfig& config, DType dtype);
 
   ModelShape shape_;             // first: its initializer validates the model config
   Buffer storage_;               // per config row: A rows then B^T rows, in dtype_
@@ -95,7 +96,7 @@ class LoraAdapter {
   int64_t max_rank_ = 0;
   bool has_dora_ = false;
   // The embedding-side parts (each in its own dtype) and views of them.
-  int64_t vocab_size_ = 0, base_vocab_size_ = 0;
+  int64_t vocab_size_ = 0;
   Buffer embed_tokens_buf_, lm_head_buf_, embed_a_t_buf_, embed_b_buf_, head_a_buf_, head_b_t_buf_;
   Tensor embed_tokens_, lm_head_, embed_a_t_, embed_b_;
   LoraPair lm_head_pair_;

@@ -9,7 +9,6 @@ namespace lorart {
 
 LoraTable::LoraTable(const ModelConfig& config)
     : shape_(LoraAdapter::shape_of(config)),
-      vocab_size_(config.vocab_size),
       pairs_per_slot_(config.num_layers * lora_module::kCount) {}
 
 void LoraTable::clear() {
@@ -26,14 +25,6 @@ int32_t LoraTable::add(const LoraAdapter& adapter) {
   if (!(adapter.model_shape() == shape_)) {  // its (layer, module) table would be misread
     raise<InvalidArgument>("the adapter was laid out for a model of another shape (",
                            adapter.model_shape(), "; this model: ", shape_, ")");
-  }
-  // Its embedding-side parts are sized by the vocabulary it was laid out for; on a larger one
-  // the forward would read them past their end (ModelShape leaves the vocabulary out, as plain
-  // rows do not depend on it).
-  if (adapter.has_embedding_parts() && adapter.base_vocab_size() != vocab_size_) {
-    raise<InvalidArgument>("the adapter's embedding-side parts were laid out for a base ",
-                           "vocabulary of ", adapter.base_vocab_size(), " tokens; this model has ",
-                           vocab_size_);
   }
   pairs_.insert(pairs_.end(), adapter.pairs(), adapter.pairs() + pairs_per_slot_);
   adapters_.push_back(&adapter);

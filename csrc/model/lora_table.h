@@ -51,7 +51,6 @@ class LoraTable {
 
  private:
   LoraAdapter::ModelShape shape_;
-  int64_t vocab_size_;  // the model's
   int64_t pairs_per_slot_;
   int32_t num_slots_ = 0;
   int64_t max_rank_ = 0;

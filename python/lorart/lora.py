@@ -1,11 +1,13 @@
 """LoRA adapters in lorart's (TensorRT-LLM's) tensor format.
 
 An adapter is a pair ``(LoraWeights, LoraConfig)``: config row ``i`` is ``[module_id, layer_idx,
-r]`` and weights row ``i`` is ``flatten(A_i [r, Hi]) ++ flatten(B_i [Ho, r])`` zero-padded, with the
-PEFT scaling folded into ``B``. This module converts PEFT adapter directories to that format
-(:func:`from_peft`), reads and writes TensorRT-LLM's ``.npy`` file pair (:func:`save_npy`,
-:func:`load_npy`), splits an adapter for tensor parallelism (:func:`tp_split`) and validates it
-against a model (:func:`validate`, implemented in C++).
+r]`` (or ``[module_id, layer_idx, r, is_dora]``) and weights row ``i`` is ``flatten(A_i [r, Hi]) ++
+flatten(B_i [Ho, r])`` (``++ magnitude [Ho]`` for a DoRA row) zero-padded, with the PEFT scaling
+folded into ``B``. Embedding-side parts (replacement ``embed_tokens`` / ``lm_head`` tables, LoRA on
+them) ride on the weights as :class:`lorart.LoraEmbeddings`. This module converts PEFT adapter
+directories to that format (:func:`from_peft`), reads and writes TensorRT-LLM's ``.npy`` file pair
+and the parts' files beside it (:func:`save_npy`, :func:`load_npy`), splits an adapter for tensor
+parallelism (:func:`tp_split`) and validates it against a model (:func:`validate`, in C++).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from lorart import _core
-from lorart._core import LoraConfig, LoraError, LoraWeights, ModelConfig
+from lorart._core import LoraConfig, LoraEmbeddings, LoraError, LoraWeights, ModelConfig
 from lorart._safetensors import read_safetensors
 
 
@@ -50,6 +52,25 @@ _FLOAT_DTYPES = {
 }
 WEIGHTS_FILE = "model.lora_weights.npy"
 CONFIG_FILE = "model.lora_config.npy"
+# The embedding-side parts' files beside the pair, one per LoraEmbeddings field (2-D each).
+EMBEDDING_PARTS = (
+    "embed_tokens",
+    "lm_head",
+    "embed_lora_a",
+    "embed_lora_b",
+    "lm_head_lora_a",
+    "lm_head_lora_b",
+)
+EMBEDDING_FILES = {part: f"{part}.npy" for part in EMBEDDING_PARTS}
+# Tokenizer files lorart convert copies from the PEFT directory (an extended vocabulary needs its
+# own tokenizer).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+)
+_CONFIG_COLUMNS = ("module_id", "layer_idx", "adapter_size", "is_dora")
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -60,6 +81,18 @@ class LoraRow(NamedTuple):
     layer_idx: int
     A: np.ndarray
     B: np.ndarray
+
+
+class DoraRow(NamedTuple):
+    """A DoRA (module, layer): :class:`LoraRow` plus PEFT's ``lora_magnitude_vector`` ``[Ho]``
+    (unscaled): ``y = magnitude / ||W + B A||_row * (W x + B A x) + bias``. A separate type so
+    that code unpacking a :class:`LoraRow` into four names keeps working."""
+
+    module_id: int
+    layer_idx: int
+    A: np.ndarray
+    B: np.ndarray
+    magnitude: np.ndarray
 
 
 def module_id(name: str) -> int:
@@ -75,22 +108,44 @@ def module_id(name: str) -> int:
 # Packing rows <-> the two tensors
 
 
-def pack(rows: Sequence[LoraRow], dtype: str = "float32") -> tuple[LoraWeights, LoraConfig]:
-    """Build the weights/config pair from rows, in the given order, padding to the longest row."""
+def pack(
+    rows: Sequence[LoraRow | DoraRow],
+    dtype: str = "float32",
+    embeddings: LoraEmbeddings | None = None,
+) -> tuple[LoraWeights, LoraConfig]:
+    """Build the weights/config pair from rows, in the given order, padding to the longest row.
+
+    A :class:`DoraRow` makes the config 4 columns (``is_dora`` 1 for it, 0 for the others) and
+    appends its magnitude to the row. ``embeddings`` are attached to the weights, converted to
+    ``dtype``; with them ``rows`` may be empty (an adapter that only replaces tables).
+    """
     np_dtype = _np_dtype(dtype)
+    if embeddings is not None:
+        embeddings = _embeddings_as(embeddings, np_dtype)
     if not rows:
-        raise LoraError("a LoRA adapter needs at least one adapted module")
+        if embeddings is None:
+            raise LoraError("a LoRA adapter needs at least one adapted module")
+        return (
+            LoraWeights(np.zeros((0, 0), np_dtype), embeddings=embeddings),
+            LoraConfig(np.zeros((0, 3), np.int32)),
+        )
+    dora = any(isinstance(row, DoraRow) for row in rows)
     for i, row in enumerate(rows):
         if row.A.ndim != 2 or row.B.ndim != 2 or row.A.shape[0] != row.B.shape[1]:
             raise LoraError(
                 f"row {i}: A is {list(row.A.shape)} and B is {list(row.B.shape)}; expected "
                 "A [r, in] and B [out, r] with the same r"
             )
+        if isinstance(row, DoraRow) and row.magnitude.shape != (row.B.shape[0],):
+            raise LoraError(
+                f"row {i}: magnitude is {list(row.magnitude.shape)}; expected [{row.B.shape[0]}] "
+                "(one per output feature of B)"
+            )
         for field, value in (("module_id", row.module_id), ("layer_idx", row.layer_idx)):
             if not _INT32_MIN <= value <= _INT32_MAX:
                 raise LoraError(f"row {i}: {field} {value} is outside int32")
-    lengths = [row.A.size + row.B.size for row in rows]
-    table = np.empty((len(rows), 3), dtype=np.int32)
+    lengths = [row.A.size + row.B.size + _magnitude_size(row) for row in rows]
+    table = np.empty((len(rows), 4 if dora else 3), dtype=np.int32)
     try:
         packed = np.zeros((len(rows), max(lengths)), dtype=np.float32)
     except MemoryError:
@@ -100,9 +155,14 @@ def pack(rows: Sequence[LoraRow], dtype: str = "float32") -> tuple[LoraWeights, 
         ) from None
     for i, row in enumerate(rows):
         r = row.A.shape[0]
-        table[i] = (row.module_id, row.layer_idx, r)
+        table[i, :3] = (row.module_id, row.layer_idx, r)
+        if dora:
+            table[i, 3] = isinstance(row, DoraRow)
+        end_b = row.A.size + row.B.size
         packed[i, : row.A.size] = row.A.reshape(-1)
-        packed[i, row.A.size : lengths[i]] = row.B.reshape(-1)
+        packed[i, row.A.size : end_b] = row.B.reshape(-1)
+        if isinstance(row, DoraRow):
+            packed[i, end_b : lengths[i]] = row.magnitude
     with np.errstate(over="ignore"):
         stored = packed.astype(np_dtype, copy=False)
     if stored is not packed and not np.isfinite(stored).all():
@@ -112,22 +172,59 @@ def pack(rows: Sequence[LoraRow], dtype: str = "float32") -> tuple[LoraWeights, 
                 f"row {i} (module {rows[i].module_id}, layer {rows[i].layer_idx}): value "
                 f"{packed[i, j]:g} overflows {dtype}; store the adapter as float32 or bfloat16"
             )
-    return LoraWeights(stored), LoraConfig(table)
+    return LoraWeights(stored, embeddings=embeddings), LoraConfig(table)
 
 
-def unpack(weights: LoraWeights, config: LoraConfig, model_config: ModelConfig) -> list[LoraRow]:
-    """Split each row back into ``A [r, Hi]`` and ``B [Ho, r]`` (float32 copies), in row order.
+def _magnitude_size(row: LoraRow | DoraRow) -> int:
+    return row.magnitude.size if isinstance(row, DoraRow) else 0
+
+
+def _embeddings_as(embeddings: LoraEmbeddings, np_dtype: np.dtype) -> LoraEmbeddings:
+    """``embeddings`` with every part in ``np_dtype`` (itself when they already are); a part that
+    overflows the dtype is refused, naming it; kept-tied tables stay one array."""
+    parts = {name: getattr(embeddings, name) for name in EMBEDDING_PARTS}
+    if all(v is None or v.dtype == np_dtype for v in parts.values()):
+        return embeddings
+    out: dict[str, np.ndarray] = {}
+    for name, value in parts.items():
+        if value is None:
+            continue
+        if name == "lm_head" and embeddings.lm_head_is_embed_tokens:
+            out[name] = out["embed_tokens"]
+            continue
+        with np.errstate(over="ignore"):
+            converted = value.astype(np_dtype)
+        if not np.isfinite(converted).all() and np.isfinite(value.astype(np.float32)).all():
+            raise LoraError(
+                f"{name}: a value overflows {np_dtype.name}; store the adapter as float32 or "
+                "bfloat16"
+            )
+        out[name] = converted
+    return LoraEmbeddings(**out)
+
+
+def unpack(
+    weights: LoraWeights, config: LoraConfig, model_config: ModelConfig
+) -> list[LoraRow | DoraRow]:
+    """Split each row back into ``A [r, Hi]`` and ``B [Ho, r]`` (and a DoRA row's magnitude
+    ``[Ho]``), float32 copies, in row order: a :class:`DoraRow` where ``is_dora`` is 1, else a
+    :class:`LoraRow`. The embedding-side parts stay on ``weights.embeddings``.
 
     The model configuration supplies ``Hi``/``Ho``; a row is only self-describing given them.
     """
-    validate(weights, config, model_config, max_lora_rank=_max_rank(config))
+    validate(weights, config, model_config, max_lora_rank=_max_rank(config, weights))
     values = weights.numpy()
-    rows = []
-    for i, (mid, layer, r) in enumerate(config.numpy().tolist()):
+    rows: list[LoraRow | DoraRow] = []
+    for i, entry in enumerate(config.numpy().tolist()):
+        mid, layer, r = entry[:3]
         hi, ho = model_config.lora_module_dims(mid)
         a = values[i, : r * hi].astype(np.float32).reshape(r, hi)
         b = values[i, r * hi : r * hi + ho * r].astype(np.float32).reshape(ho, r)
-        rows.append(LoraRow(mid, layer, a, b))
+        if len(entry) > 3 and entry[3]:
+            m = values[i, r * hi + ho * r : r * hi + ho * r + ho].astype(np.float32)
+            rows.append(DoraRow(mid, layer, a, b, m))
+        else:
+            rows.append(LoraRow(mid, layer, a, b))
     return rows
 
 
@@ -149,9 +246,13 @@ def validate(
     _core.validate_lora(weights, config, model_config, max_lora_rank, dtype)
 
 
-def _max_rank(config: LoraConfig) -> int:
-    ranks = config.numpy()[:, 2]
-    return max(1, int(ranks.max())) if ranks.size else 1
+def _max_rank(config: LoraConfig, weights: LoraWeights | None = None) -> int:
+    """The largest rank the adapter uses (rows and LoRA on embed_tokens / lm_head), at least 1."""
+    ranks = [int(r) for r in config.numpy()[:, 2]]
+    parts = weights.embeddings if weights is not None else None
+    if parts is not None:
+        ranks += [a.shape[0] for a in (parts.embed_lora_a, parts.lm_head_lora_a) if a is not None]
+    return max([1, *ranks])
 
 
 def _np_dtype(dtype: str) -> np.dtype:
@@ -164,6 +265,20 @@ def _np_dtype(dtype: str) -> np.dtype:
 # PEFT adapter directories
 
 _LORA_KEY = re.compile(r"(?P<path>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight")
+_EMBED_LORA_KEY = re.compile(
+    r"(?P<path>.+)\.lora_embedding_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?"
+)
+_MAGNITUDE_KEY = re.compile(
+    r"(?P<path>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?"
+)
+# Whole tables of embed_tokens / lm_head: PEFT's modules_to_save copy (``modules_to_save[.name]``),
+# or the frozen base table it saves beside the adapter (plain, ``base_layer``,
+# ``original_module``) when the vocabulary was resized or the module carries LoRA.
+_TABLE_KEY = re.compile(
+    r"(?:(?P<prefix>.+)\.)?(?P<name>embed_tokens|lm_head)"
+    r"(?:\.(?P<kind>modules_to_save(?:\.[^.]+)?|original_module|base_layer))?\.weight"
+)
+_TABLES = ("embed_tokens", "lm_head")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -174,27 +289,48 @@ def from_peft(
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``adapter_model.bin``,
     which needs torch). Honours ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
-    ``alpha_pattern``, ``target_modules`` and ``layers_to_transform``; maps HF projections to
-    module ids as TensorRT-LLM does (``gate_proj`` -> ``mlp_h_to_4h`` 5, ``up_proj`` ->
-    ``mlp_gate`` 7), splits a fused ``gate_up_proj`` into those two, folds the scaling into ``B``
-    and pads rows. With ``model_config`` every shape is checked against the model; without it the
-    shapes come from the adapter alone. Rows are ordered by layer, then module id.
+    ``alpha_pattern``, ``target_modules``, ``layers_to_transform``, ``use_dora``,
+    ``modules_to_save`` (``embed_tokens`` / ``lm_head`` only) and ``ensure_weight_tying``; maps HF
+    projections to module ids as TensorRT-LLM does (``gate_proj`` -> ``mlp_h_to_4h`` 5,
+    ``up_proj`` -> ``mlp_gate`` 7), splits a fused ``gate_up_proj`` (and its DoRA magnitude) into
+    those two, folds the scaling into ``B`` and pads rows. Rows are ordered by layer, then module
+    id.
+
+    The embedding side comes back on ``weights.embeddings`` (:class:`lorart.LoraEmbeddings`), as
+    PEFT's unmerged forward computes it: ``modules_to_save`` tables replace the model's;
+    ``lora_embedding_A/B`` and ``lm_head``'s ``lora_A/B`` become ``embed_lora_*`` /
+    ``lm_head_lora_*`` (scaling in ``B``); the frozen base tables PEFT saves beside an adapter are
+    kept only when their vocabulary differs from the model's (with ``model_config``; without it,
+    they are kept). Identical ``embed_tokens`` and ``lm_head`` tables become one array (kept
+    tied); a tied base (``tie_word_embeddings``) whose adapter ties with ``ensure_weight_tying``
+    but saved only ``embed_tokens`` gets that table as ``lm_head`` too. With ``model_config``
+    every shape is checked against the model.
     """
     np_dtype = _np_dtype(dtype)
     adapter_dir = Path(adapter_dir)
     cfg = _read_adapter_config(adapter_dir)
-    tensors = _read_adapter_tensors(adapter_dir)
-    pairs = _lora_pairs(tensors, adapter_dir)
+    found = _adapter_parts(_read_adapter_tensors(adapter_dir), adapter_dir)
     layers_to_transform = cfg["layers_to_transform"]
+    magnitudes = dict(found.magnitudes)
 
-    rows: list[LoraRow] = []
-    for path, (a, b) in sorted(pairs.items()):
+    rows: list[LoraRow | DoraRow] = []
+    parts: dict[str, np.ndarray] = {}
+    for path, (a, b) in sorted(found.pairs.items()):
         leaf = path.rsplit(".", 1)[-1]
+        magnitude = magnitudes.pop(path, None)
         match = _LAYER.search(path)
+        if match is None and leaf == "lm_head":
+            if magnitude is not None:
+                raise LoraError(f"{adapter_dir}: DoRA on lm_head ({path}) is not supported")
+            parts["lm_head_lora_a"], parts["lm_head_lora_b"] = _scaled_pair(
+                adapter_dir, cfg, path, a, b
+            )
+            continue
         if match is None:
             raise LoraError(
                 f"{adapter_dir}: LoRA on {path!r} is outside the decoder layers; lorart adapts "
-                f"only the per-layer projections ({', '.join(_SUPPORTED_HF)})"
+                f"the per-layer projections ({', '.join(_SUPPORTED_HF)}), embed_tokens and "
+                "lm_head"
             )
         layer = int(match.group(1))
         if layer > _INT32_MAX:
@@ -209,42 +345,39 @@ def from_peft(
                 f"{adapter_dir}: {path} is in layer {layer}, but layers_to_transform is "
                 f"{layers_to_transform}"
             )
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] or 0 in (*a.shape, *b.shape):
+        a32, b32 = _scaled_pair(adapter_dir, cfg, path, a, b)
+        m32 = _checked_magnitude(adapter_dir, cfg, path, magnitude, b32.shape[0])
+        names = _FUSED_HF.get(leaf, (leaf,))
+        if b32.shape[0] % len(names):
             raise LoraError(
-                f"{adapter_dir}: rank mismatch in {path}: lora_A is {list(a.shape)} and lora_B is "
-                f"{list(b.shape)}; expected A [r, in] and B [out, r] with the same r, all >= 1"
+                f"{adapter_dir}: {path}: lora_B rows {b32.shape[0]} do not split "
+                f"evenly into {', '.join(names)}"
             )
-        r = a.shape[0]
-        key = path.removeprefix("base_model.model.")
-        r_cfg = _pattern_value(cfg["rank_pattern"], key, cfg["r"])
-        if r_cfg != r:
-            raise LoraError(
-                f"{adapter_dir}: adapter_config.json gives rank {r_cfg} for {key} "
-                f"(r / rank_pattern) but lora_A has {r} rows"
-            )
-        alpha = float(_pattern_value(cfg["alpha_pattern"], key, cfg["lora_alpha"]))
-        scaling = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
-        a32 = np.asarray(a, dtype=np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):
-            b32 = np.asarray(b, dtype=np.float32) * np.float32(scaling)
-        for which, values in (("lora_A", a32), ("lora_B", b32)):
-            if not np.isfinite(values).all():
-                raise LoraError(
-                    f"{adapter_dir}: {path}.{which} holds non-finite values"
-                    + (f" once scaled by {scaling:g}" if which == "lora_B" else "")
-                    + "; LoRA weights must be finite"
-                )
-        if leaf in _FUSED_HF:
-            parts = _FUSED_HF[leaf]
-            if b32.shape[0] % len(parts):
-                raise LoraError(
-                    f"{adapter_dir}: {path}: lora_B rows {b32.shape[0]} do not split "
-                    f"evenly into {', '.join(parts)}"
-                )
-            for name, b_part in zip(parts, np.split(b32, len(parts)), strict=True):
+        b_parts = np.split(b32, len(names))
+        m_parts = np.split(m32, len(names)) if m32 is not None else [None] * len(names)
+        for name, b_part, m_part in zip(names, b_parts, m_parts, strict=True):
+            if m_part is None:
                 rows.append(LoraRow(_BY_HF_NAME[name], layer, a32, b_part))
-        else:
-            rows.append(LoraRow(_BY_HF_NAME[leaf], layer, a32, b32))
+            else:
+                rows.append(DoraRow(_BY_HF_NAME[name], layer, a32, b_part, m_part))
+
+    for path, (a, b) in sorted(found.embed_pairs.items()):
+        if path.rsplit(".", 1)[-1] != "embed_tokens" or _LAYER.search(path):
+            raise LoraError(
+                f"{adapter_dir}: LoRA embedding {path!r} is not the model's embed_tokens"
+            )
+        if magnitudes.pop(path, None) is not None:
+            raise LoraError(f"{adapter_dir}: DoRA on embed_tokens ({path}) is not supported")
+        if "embed_lora_a" in parts:
+            raise LoraError(f"{adapter_dir}: more than one LoRA on embed_tokens ({path})")
+        # PEFT's lora_embedding_A is [r, V] and lora_embedding_B [H, r]: A [r, in], B [out, r].
+        parts["embed_lora_a"], parts["embed_lora_b"] = _scaled_pair(adapter_dir, cfg, path, a, b)
+    for path in sorted(magnitudes):
+        raise LoraError(
+            f"{adapter_dir}: {path} has a lora_magnitude_vector (DoRA) but no lora_A / lora_B"
+        )
+    if not rows and not parts and not found.tables:
+        raise LoraError(f"{adapter_dir}: the adapter holds no LoRA weights")
 
     rows.sort(key=lambda row: (row.layer_idx, row.module_id))
     for prev, row in itertools.pairwise(rows):
@@ -253,17 +386,151 @@ def from_peft(
                 f"{adapter_dir}: two tensors adapt {LORA_MODULES[row.module_id].name} of layer "
                 f"{row.layer_idx}; each (module, layer) may appear once"
             )
+    parts.update(_replacement_tables(found.tables, cfg, model_config, adapter_dir))
     if model_config is not None:
         _check_against_model(rows, model_config, adapter_dir)
     try:
-        weights, config = pack(rows, dtype)
+        embeddings = LoraEmbeddings(**parts) if parts else None
+        weights, config = pack(rows, dtype, embeddings)
         if model_config is not None:
             validate(
-                weights, config, model_config, max_lora_rank=_max_rank(config), dtype=np_dtype.name
+                weights,
+                config,
+                model_config,
+                max_lora_rank=_max_rank(config, weights),
+                dtype=np_dtype.name,
             )
     except LoraError as err:
         raise LoraError(f"{adapter_dir}: {err}") from None
+    if not rows and not parts:
+        raise LoraError(
+            f"{adapter_dir}: the adapter holds only copies of the base model's embed_tokens / "
+            "lm_head; there is nothing to adapt"
+        )
     return weights, config
+
+
+def _scaled_pair(
+    adapter_dir: Path, cfg: dict[str, Any], path: str, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, B * scaling)`` as float32, the rank checked against ``r`` / ``rank_pattern`` and the
+    scaling from ``lora_alpha`` / ``alpha_pattern`` / ``use_rslora`` (PEFT's rules)."""
+    if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0] or 0 in (*a.shape, *b.shape):
+        raise LoraError(
+            f"{adapter_dir}: rank mismatch in {path}: lora_A is {list(a.shape)} and lora_B is "
+            f"{list(b.shape)}; expected A [r, in] and B [out, r] with the same r, all >= 1"
+        )
+    r = a.shape[0]
+    key = path.removeprefix("base_model.model.")
+    r_cfg = _pattern_value(cfg["rank_pattern"], key, cfg["r"])
+    if r_cfg != r:
+        raise LoraError(
+            f"{adapter_dir}: adapter_config.json gives rank {r_cfg} for {key} "
+            f"(r / rank_pattern) but lora_A has {r} rows"
+        )
+    alpha = float(_pattern_value(cfg["alpha_pattern"], key, cfg["lora_alpha"]))
+    scaling = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+    a32 = np.asarray(a, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        b32 = np.asarray(b, dtype=np.float32) * np.float32(scaling)
+    for which, values in (("lora_A", a32), ("lora_B", b32)):
+        if not np.isfinite(values).all():
+            raise LoraError(
+                f"{adapter_dir}: {path}.{which} holds non-finite values"
+                + (f" once scaled by {scaling:g}" if which == "lora_B" else "")
+                + "; LoRA weights must be finite"
+            )
+    return a32, b32
+
+
+def _checked_magnitude(
+    adapter_dir: Path, cfg: dict[str, Any], path: str, magnitude: np.ndarray | None, out: int
+) -> np.ndarray | None:
+    """The DoRA magnitude of ``path`` as float32 ``[out]``, or None for a plain LoRA module;
+    ``use_dora`` and the tensors must agree."""
+    if magnitude is None:
+        if cfg["use_dora"]:
+            raise LoraError(
+                f"{adapter_dir}: use_dora is true but {path} has no lora_magnitude_vector"
+            )
+        return None
+    if not cfg["use_dora"]:
+        raise LoraError(
+            f"{adapter_dir}: {path} has a lora_magnitude_vector (DoRA) but adapter_config.json "
+            "has use_dora false"
+        )
+    if magnitude.shape != (out,):
+        raise LoraError(
+            f"{adapter_dir}: {path}.lora_magnitude_vector is {list(magnitude.shape)}; expected "
+            f"[{out}] (one per output feature, as lora_B's rows)"
+        )
+    m32 = np.asarray(magnitude, dtype=np.float32)
+    if not np.isfinite(m32).all():
+        raise LoraError(
+            f"{adapter_dir}: {path}.lora_magnitude_vector holds non-finite values; DoRA "
+            "magnitudes must be finite"
+        )
+    return m32
+
+
+def _replacement_tables(
+    tables: dict[str, dict[str, np.ndarray]],
+    cfg: dict[str, Any],
+    model_config: ModelConfig | None,
+    adapter_dir: Path,
+) -> dict[str, np.ndarray]:
+    """``{"embed_tokens" | "lm_head": [V, H] float32}``: the tables that replace the model's.
+
+    A table listed in ``modules_to_save`` is PEFT's trained copy (``modules_to_save`` key, else
+    the plain one). Any other table in the file is the base's own, frozen, which PEFT saves when
+    the vocabulary was resized (``save_embedding_layers``) or the module carries LoRA
+    (``base_layer``): it only matters when its vocabulary is not the model's.
+    """
+    trained = cfg["modules_to_save"]
+    base_vocab = model_config.vocab_size if model_config is not None else None
+    out: dict[str, np.ndarray] = {}
+    for name in _TABLES:
+        kinds = tables.get(name, {})
+        if name in trained:
+            table = kinds.get("modules_to_save", kinds.get("weight"))
+            if table is None:
+                raise LoraError(
+                    f"{adapter_dir}: modules_to_save lists {name} but the adapter holds no {name} "
+                    f"table (expected a key like base_model.model...{name}.weight)"
+                )
+        else:
+            if "modules_to_save" in kinds:
+                raise LoraError(
+                    f"{adapter_dir}: the adapter holds a modules_to_save table for {name} but "
+                    f"adapter_config.json's modules_to_save is {sorted(trained) or None}"
+                )
+            table = kinds.get("weight", kinds.get("base_layer", kinds.get("original_module")))
+            if table is not None and base_vocab is not None and table.shape[0] == base_vocab:
+                table = None  # the base model's own table: nothing to replace
+        if table is None:
+            continue
+        if table.ndim != 2 or 0 in table.shape:
+            raise LoraError(
+                f"{adapter_dir}: the {name} table is {list(table.shape)}; expected [V, hidden_size]"
+            )
+        table32 = np.asarray(table, dtype=np.float32)
+        if not np.isfinite(table32).all():
+            raise LoraError(f"{adapter_dir}: the {name} table holds non-finite values")
+        out[name] = table32
+    embed, head = out.get("embed_tokens"), out.get("lm_head")
+    if embed is not None and head is not None and np.array_equal(embed, head):
+        out["lm_head"] = embed  # one array: kept tied (stored once)
+    elif (
+        embed is not None
+        and head is None
+        and model_config is not None
+        and model_config.tie_word_embeddings
+        and (cfg["ensure_weight_tying"] or "embed_tokens" not in trained)
+    ):
+        # A tied base's lm_head is its embedding table: PEFT ties the trained copy to it under
+        # ensure_weight_tying, and a resized base table replaces both.
+        out["lm_head"] = embed
+    return out
 
 
 def _pattern_value(patterns: dict[re.Pattern, Any], key: str, default: Any) -> Any:
@@ -304,12 +571,18 @@ def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     peft_type = typed("peft_type", "LORA", _is_str, "a string").upper()
     if peft_type != "LORA":
         raise LoraError(f"{path}: peft_type {peft_type} is not supported (only LORA)")
-    if typed("use_dora", False, _is_bool, "true or false"):
-        raise LoraError(f"{path}: DoRA adapters (use_dora=true) are not supported yet")
-    if typed("modules_to_save", None, _is_list, "a list of module names or null"):
+    use_dora = typed("use_dora", False, _is_bool, "true or false")
+    to_save = typed("modules_to_save", None, _is_str_list, "a list of module names or null") or []
+    others = [m for m in to_save if m.rsplit(".", 1)[-1] not in _TABLES]
+    if others:
         raise LoraError(
-            f"{path}: modules_to_save {cfg['modules_to_save']} replaces whole base modules; lorart "
-            "serves many adapters on one shared base model and cannot swap base weights per request"
+            f"{path}: modules_to_save entries {others} replace whole base modules; lorart "
+            "replaces only embed_tokens and lm_head per request"
+        )
+    if typed("trainable_token_indices", None, lambda v: True, "") is not None:
+        raise LoraError(
+            f"{path}: trainable_token_indices (PEFT's trainable tokens) is not supported; save "
+            "embed_tokens in modules_to_save instead"
         )
     bias = typed("bias", "none", _is_str, "a string")
     if bias != "none":
@@ -321,11 +594,13 @@ def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         "a list of names or a regex",
     )
     if isinstance(targets, list):
-        unknown = [t for t in targets if t not in _BY_HF_NAME and t not in _FUSED_HF]
+        # PEFT matches a listed name against the end of a module path ("model.embed_tokens").
+        known = {*_BY_HF_NAME, *_FUSED_HF, *_TABLES}
+        unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in known]
         if unknown:
             raise LoraError(
                 f"{path}: target_modules {unknown} have no LoRA module in the Llama family "
-                f"(supported: {', '.join(_SUPPORTED_HF)})"
+                f"(supported: {', '.join([*_SUPPORTED_HF, *_TABLES])})"
             )
     rank = typed("r", 8, _is_rank, f"an integer in [1, {_INT32_MAX}]")
     alpha = typed("lora_alpha", 8, _is_finite, "a finite number")
@@ -347,6 +622,9 @@ def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         layers_to_transform=layers if isinstance(targets, list) else None,
         rank_pattern=_patterns(path, cfg, "rank_pattern", _is_rank, f"ranks in [1, {_INT32_MAX}]"),
         alpha_pattern=_patterns(path, cfg, "alpha_pattern", _is_finite, "finite numbers"),
+        use_dora=use_dora,
+        modules_to_save={m.rsplit(".", 1)[-1] for m in to_save},
+        ensure_weight_tying=typed("ensure_weight_tying", False, _is_bool, "true or false"),
     )
     return out
 
@@ -450,39 +728,70 @@ def _read_adapter_bin(bin_path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _lora_pairs(
-    tensors: dict[str, np.ndarray], adapter_dir: Path
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+class _FoundParts(NamedTuple):
+    """An adapter file's tensors by role (float arrays as read)."""
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # module path -> (lora_A, lora_B)
+    embed_pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # -> (lora_embedding_A, _B)
+    magnitudes: dict[str, np.ndarray]  # module path -> lora_magnitude_vector
+    tables: dict[str, dict[str, np.ndarray]]  # embed_tokens | lm_head -> {kind: table}
+
+
+def _adapter_parts(tensors: dict[str, np.ndarray], adapter_dir: Path) -> _FoundParts:
     halves: dict[str, dict[str, np.ndarray]] = {}
+    embed_halves: dict[str, dict[str, np.ndarray]] = {}
+    magnitudes: dict[str, np.ndarray] = {}
+    tables: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        if "lora_magnitude_vector" in key:
-            raise LoraError(f"{adapter_dir}: {key} is a DoRA magnitude; DoRA is not supported yet")
-        if "lora_embedding" in key:
-            raise LoraError(f"{adapter_dir}: {key}: LoRA on embeddings is not supported")
-        match = _LORA_KEY.fullmatch(key)
-        if match is None:
-            raise LoraError(f"{adapter_dir}: unexpected tensor {key!r} in a LoRA adapter")
         if value.dtype not in _ADAPTER_DTYPES:
             raise LoraError(
                 f"{adapter_dir}: tensor {key!r} has dtype {value.dtype}; LoRA weights must be "
                 "float32, float16 or bfloat16"
             )
-        half = halves.setdefault(match["path"], {})
+        if match := _MAGNITUDE_KEY.fullmatch(key):
+            if match["path"] in magnitudes:
+                raise LoraError(
+                    f"{adapter_dir}: {match['path']} has more than one lora_magnitude_vector "
+                    "(several adapters in one file?)"
+                )
+            magnitudes[match["path"]] = value
+            continue
+        if match := _EMBED_LORA_KEY.fullmatch(key):
+            target, which = embed_halves, f"embedding_{match['which']}"
+        elif match := _LORA_KEY.fullmatch(key):
+            target, which = halves, match["which"]
+        elif (match := _TABLE_KEY.fullmatch(key)) and not _LAYER.search(key):
+            kind = (match["kind"] or "weight").split(".")[0]
+            by_kind = tables.setdefault(match["name"], {})
+            if kind in by_kind:
+                raise LoraError(
+                    f"{adapter_dir}: more than one {kind} table for {match['name']} ({key}; "
+                    "several adapters in one file?)"
+                )
+            by_kind[kind] = value
+            continue
+        else:
+            raise LoraError(f"{adapter_dir}: unexpected tensor {key!r} in a LoRA adapter")
+        half = target.setdefault(match["path"], {})
         if match["which"] in half:
             raise LoraError(
-                f"{adapter_dir}: {match['path']} has more than one lora_{match['which']} weight "
+                f"{adapter_dir}: {match['path']} has more than one lora_{which} weight "
                 "(several adapters in one file?)"
             )
         half[match["which"]] = value
-    pairs = {}
-    for path, half in halves.items():
-        if set(half) != {"A", "B"}:
-            missing = "lora_B" if "A" in half else "lora_A"
-            raise LoraError(f"{adapter_dir}: {path} has no {missing} weight")
-        pairs[path] = (half["A"], half["B"])
-    if not pairs:
-        raise LoraError(f"{adapter_dir}: the adapter holds no LoRA weights")
-    return pairs
+
+    def complete(found: dict[str, dict[str, np.ndarray]], prefix: str) -> dict:
+        out = {}
+        for path, half in found.items():
+            if set(half) != {"A", "B"}:
+                missing = prefix + ("B" if "A" in half else "A")
+                raise LoraError(f"{adapter_dir}: {path} has no {missing} weight")
+            out[path] = (half["A"], half["B"])
+        return out
+
+    return _FoundParts(
+        complete(halves, "lora_"), complete(embed_halves, "lora_embedding_"), magnitudes, tables
+    )
 
 
 def _check_against_model(rows: list[LoraRow], model: ModelConfig, adapter_dir: Path) -> None:
@@ -506,46 +815,54 @@ def _check_against_model(rows: list[LoraRow], model: ModelConfig, adapter_dir: P
 # TensorRT-LLM .npy files
 
 
-def save_npy(out_dir: str | Path, weights: LoraWeights, config: LoraConfig) -> None:
+def save_npy(out_dir: str | Path, weights: LoraWeights, config: LoraConfig) -> list[Path]:
     """Write ``model.lora_weights.npy`` ``[1, rows, max_row]`` and ``model.lora_config.npy``
-    ``[1, rows, 3]`` int32, as TensorRT-LLM's ``hf_lora_convert.py`` does (bfloat16 is stored
-    as 2-byte void ``|V2``, TensorRT-LLM's spelling)."""
+    ``[1, rows, 3 or 4]`` int32, as TensorRT-LLM's ``hf_lora_convert.py`` does (bfloat16 is
+    stored as 2-byte void ``|V2``, TensorRT-LLM's spelling), plus one 2-D ``<part>.npy`` per
+    embedding-side part the weights carry (:data:`EMBEDDING_FILES`; kept-tied tables are written
+    as both ``embed_tokens.npy`` and ``lm_head.npy`` and load back tied). Returns the paths
+    written, in order."""
     if weights.num_rows != config.num_rows:
         raise LoraError(
             f"lora_weights has {weights.num_rows} rows but lora_config has {config.num_rows}"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    values = weights.numpy()
-    if weights.dtype == "bfloat16":
-        values = values.view(np.dtype("V2"))
-    np.save(out_dir / WEIGHTS_FILE, values[None])
-    np.save(out_dir / CONFIG_FILE, config.numpy()[None])
+    written = [out_dir / WEIGHTS_FILE, out_dir / CONFIG_FILE]
+    np.save(written[0], _npy_view(weights.numpy())[None])
+    np.save(written[1], config.numpy()[None])
+    parts = weights.embeddings
+    for part in EMBEDDING_PARTS:
+        value = getattr(parts, part) if parts is not None else None
+        path = out_dir / EMBEDDING_FILES[part]
+        if value is None:
+            path.unlink(missing_ok=True)  # a stale part from an earlier adapter would be read back
+            continue
+        np.save(path, _npy_view(value))
+        written.append(path)
+    return written
+
+
+def _npy_view(values: np.ndarray) -> np.ndarray:
+    return values.view(np.dtype("V2")) if values.dtype == ml_dtypes.bfloat16 else values
 
 
 def load_npy(lora_dir: str | Path) -> tuple[LoraWeights, LoraConfig]:
-    """Read the TensorRT-LLM file pair (2-D or 3-D) from ``lora_dir``; weights are memory-mapped.
+    """Read the TensorRT-LLM file pair (2-D or 3-D) from ``lora_dir``, and the embedding-side
+    parts' files beside it (:data:`EMBEDDING_FILES`, 2-D each); weights are memory-mapped.
 
     Each file's header is checked against its size before anything is mapped. Big-endian files
     are converted to native byte order (values preserved, one copy); config values of any
-    integer dtype are range-checked before they become int32. Raises :class:`lorart.LoraError`
-    naming the file and the field for anything malformed.
+    integer dtype are range-checked before they become int32. ``embed_tokens.npy`` and
+    ``lm_head.npy`` with identical contents load as one table (kept tied). Raises
+    :class:`lorart.LoraError` naming the file and the field for anything malformed.
     """
     lora_dir = Path(lora_dir)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (lora_dir / name).is_file():
             raise LoraError(f"{lora_dir}: {name} not found")
     weights_path, config_path = lora_dir / WEIGHTS_FILE, lora_dir / CONFIG_FILE
-    values = _read_npy(weights_path)
-    if values.dtype.kind == "V" and values.dtype.itemsize == 2 and values.dtype.fields is None:
-        values = values.view(ml_dtypes.bfloat16)  # TensorRT-LLM's spelling of bfloat16
-    elif values.dtype.kind == "f" and values.dtype.itemsize in (2, 4):
-        values = _native(values)
-    else:
-        raise LoraError(
-            f"{weights_path}: dtype {values.dtype.str} is not supported (float32, float16, or "
-            "bfloat16 stored as |V2)"
-        )
+    values = _float_npy(weights_path)
     table = _read_npy(config_path)
     if table.dtype.kind not in "iu":
         raise LoraError(f"{config_path}: expected int32 values, got dtype {table.dtype.str}")
@@ -553,18 +870,57 @@ def load_npy(lora_dir: str | Path) -> tuple[LoraWeights, LoraConfig]:
         out_of_range = (table < _INT32_MIN) | (table > _INT32_MAX)  # exact for 64-bit ints
         if out_of_range.any():
             where = np.unravel_index(np.argmax(out_of_range), table.shape)
-            column = ("module_id", "layer_idx", "adapter_size")[where[-1]] if table.ndim else ""
+            column = _CONFIG_COLUMNS[where[-1]] if table.ndim and where[-1] < 4 else ""
             index = [int(i) for i in where]
             raise LoraError(
                 f"{config_path}: {column or 'value'} {table[where]} at index {index} is outside "
                 "int32"
             )
     table = table.astype(np.int32)
+    parts: dict[str, np.ndarray] = {}
+    for part in EMBEDDING_PARTS:
+        path = lora_dir / EMBEDDING_FILES[part]
+        if not path.is_file():
+            continue
+        value = _float_npy(path)
+        if value.ndim != 2:
+            raise LoraError(f"{path}: expected a 2-D array, got shape {list(value.shape)}")
+        parts[part] = value
+    embed, head = parts.get("embed_tokens"), parts.get("lm_head")
+    if (
+        embed is not None
+        and head is not None
+        and embed.dtype == head.dtype
+        and embed.shape == head.shape
+        and np.array_equal(_bits(embed), _bits(head))
+    ):
+        parts["lm_head"] = embed  # one table: kept tied
     try:
-        return LoraWeights(values), LoraConfig(table)
+        embeddings = LoraEmbeddings(**parts) if parts else None
+    except ValueError as err:
+        raise LoraError(f"{lora_dir}: {err}") from None
+    try:
+        return LoraWeights(values, embeddings=embeddings), LoraConfig(table)
     except ValueError as err:
         path = config_path if "lora_config" in str(err) else weights_path
         raise LoraError(f"{path}: {err}") from None
+
+
+def _float_npy(path: Path) -> np.ndarray:
+    """A float32 / float16 / bfloat16 (``|V2``) ``.npy`` file, memory-mapped, native order."""
+    values = _read_npy(path)
+    if values.dtype.kind == "V" and values.dtype.itemsize == 2 and values.dtype.fields is None:
+        return values.view(ml_dtypes.bfloat16)  # TensorRT-LLM's spelling of bfloat16
+    if values.dtype.kind == "f" and values.dtype.itemsize in (2, 4):
+        return _native(values)
+    raise LoraError(
+        f"{path}: dtype {values.dtype.str} is not supported (float32, float16, or "
+        "bfloat16 stored as |V2)"
+    )
+
+
+def _bits(values: np.ndarray) -> np.ndarray:
+    return values.view(np.dtype(f"u{values.dtype.itemsize}"))
 
 
 # NumPy's own bound on how much header it parses.
@@ -652,6 +1008,17 @@ def tp_split(
     """
     if tp_size < 1 or not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank must be in [0, tp_size={tp_size}), got {tp_rank}")
+    if weights.embeddings is not None:
+        raise LoraError(
+            "the adapter brings embedding-side parts (embed_tokens / lm_head tables or LoRA on "
+            "them); splitting them for tensor parallelism is not supported yet"
+        )
+    if config.num_columns == 4 and config.numpy()[:, 3].any():
+        # DoRA's per-output-row norm needs whole rows of W + B A, which column blocks split.
+        raise LoraError(
+            "the adapter has DoRA rows (is_dora = 1); splitting DoRA for tensor parallelism is not "
+            "supported yet"
+        )
     q_blocks = _head_blocks(model_config.num_attention_heads, model_config, tp_size, tp_rank, "q")
     kv_blocks = _head_blocks(model_config.num_kv_heads, model_config, tp_size, tp_rank, "kv")
     inter = _even_block(model_config.intermediate_size, tp_size, tp_rank, "intermediate_size")

@@ -274,21 +274,32 @@ class Model:
         return self._core.max_num_tokens
 
     def add_adapter(self, weights: LoraWeights, config: LoraConfig) -> int:
-        """Validate and load an adapter; returns its slot for :class:`SequenceChunk`."""
-        adapter = _core.LoraAdapter(weights, config, self.config, self._core.max_lora_rank)
+        """Validate and load an adapter (its DoRA rows' scales are taken against this model's
+        weights); returns its slot for :class:`SequenceChunk`."""
+        adapter = _core.LoraAdapter(
+            weights, config, self.config, self._core.max_lora_rank, model=self._core
+        )
         self._adapters.append(adapter)
         return len(self._adapters) - 1
 
+    def vocab_size(self, lora_slot: int = -1) -> int:
+        """The vocabulary of sequences in ``lora_slot``: its adapter's own (an adapter with its
+        own ``embed_tokens`` / ``lm_head``), else the model's."""
+        if lora_slot >= 0 and self._adapters[lora_slot].vocab_size > 0:
+            return self._adapters[lora_slot].vocab_size
+        return self.config.vocab_size
+
     def forward(self, chunks: Sequence[SequenceChunk]) -> list[np.ndarray]:
         """Run one packed batch. Returns, per chunk, logits ``[len(token_ids), vocab]`` when
-        ``all_logits`` else ``[1, vocab]`` (its last token).
+        ``all_logits`` else ``[1, vocab]`` (its last token), ``vocab`` being the chunk's own
+        (:meth:`vocab_size` of its slot).
 
         Raises ``ValueError`` naming the chunk and the field, before anything is written to the KV
         cache, for: no chunks; more than ``max_num_tokens`` tokens in all; a chunk without tokens;
-        token ids outside ``[0, vocab_size)``; a negative ``context_len``; ``context_len +
-        len(token_ids)`` past ``config.max_position_embeddings``; a ``block_table`` too short for
-        those positions or with ids outside ``[0, num_kv_blocks)``; a ``lora_slot`` that names no
-        adapter. ``TypeError`` for fields that are not integers.
+        a ``lora_slot`` that names no adapter; token ids outside ``[0, vocab_size)`` of the
+        chunk's slot; a negative ``context_len``; ``context_len + len(token_ids)`` past
+        ``config.max_position_embeddings``; a ``block_table`` too short for those positions or
+        with ids outside ``[0, num_kv_blocks)``. ``TypeError`` for fields that are not integers.
         """
         if not chunks:
             raise ValueError("forward needs at least one SequenceChunk")
@@ -325,7 +336,10 @@ class Model:
             self.precision,
         )
         bounds = np.cumsum([0] + [len(p) for p in picks])
-        return [logits[bounds[i] : bounds[i + 1]] for i in range(len(chunks))]
+        return [
+            logits[bounds[i] : bounds[i + 1], : self.vocab_size(c.lora_slot)]
+            for i, c in enumerate(chunks)
+        ]
 
     def _checked_chunk(self, i: int, chunk: SequenceChunk) -> tuple[np.ndarray, np.ndarray]:
         """The chunk's token ids and block table as int64 arrays, every field in range.
@@ -334,7 +348,13 @@ class Model:
         failing in the int32 conversion with an ``OverflowError`` that names nothing.
         """
         where = f"chunk {i}"
-        ids = _int_array(chunk.token_ids, f"{where}: token_ids", 0, self.config.vocab_size)
+        slot = _int(chunk.lora_slot, f"{where}: lora_slot")
+        if not -1 <= slot < len(self._adapters):
+            raise ValueError(
+                f"{where}: lora_slot = {slot} names no loaded adapter ({len(self._adapters)} "
+                "slot(s); -1 = base model)"
+            )
+        ids = _int_array(chunk.token_ids, f"{where}: token_ids", 0, self.vocab_size(slot))
         if ids.size == 0:
             raise ValueError(f"{where}: token_ids is empty; a chunk needs at least one token")
         context_len = _int(chunk.context_len, f"{where}: context_len")
@@ -352,12 +372,6 @@ class Model:
             raise ValueError(
                 f"{where}: block_table has {table.size} blocks but positions up to {end} need "
                 f"{needed} (block_size {self.block_size})"
-            )
-        slot = _int(chunk.lora_slot, f"{where}: lora_slot")
-        if not -1 <= slot < len(self._adapters):
-            raise ValueError(
-                f"{where}: lora_slot = {slot} names no loaded adapter ({len(self._adapters)} "
-                "slot(s); -1 = base model)"
             )
         return ids, table
 

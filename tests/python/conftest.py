@@ -21,6 +21,7 @@ from tiny_models import (
     build_causal_lm,
     build_llama,
     make_peft_adapter,
+    make_peft_adapter_ext,
     peft_reference,
 )
 
@@ -97,6 +98,43 @@ def all_proj_adapter(make_adapter, llama_dir) -> Adapter:
     from tiny_models import ALL_PROJECTIONS
 
     return make_adapter(llama_dir, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS)
+
+
+@pytest.fixture(scope="session")
+def ext_llama_dir(tmp_path_factory) -> Path:
+    """Untied Llama for adapters with embedding-side parts and DoRA (build_causal_lm weights:
+    std 0.1, random norms): GQA 4/2, 3 layers, vocab 128."""
+    return build_causal_lm(tmp_path_factory.mktemp("ext_llama"), "llama", seed=20)
+
+
+@pytest.fixture(scope="session")
+def ext_tied_dir(tmp_path_factory) -> Path:
+    """Llama with tied embeddings (Llama-3.2 style): 2 layers, vocab 160."""
+    return build_causal_lm(
+        tmp_path_factory.mktemp("ext_tied"),
+        "llama",
+        seed=21,
+        num_hidden_layers=2,
+        vocab_size=160,
+        tie_word_embeddings=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def make_ext_adapter(tmp_path_factory):
+    """Factory: make_ext_adapter(model_dir, seed=..., resize=None, **peft LoraConfig kwargs) ->
+    Adapter (cached); see tiny_models.make_peft_adapter_ext."""
+    cache: dict = {}
+
+    def factory(model_dir, seed: int = 1234, resize: int | None = None, **lora_kwargs) -> Adapter:
+        key = (str(model_dir), seed, resize, repr(sorted(lora_kwargs.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("ext_adapter")
+            model = make_peft_adapter_ext(model_dir, out, seed=seed, resize=resize, **lora_kwargs)
+            cache[key] = Adapter(dir=out, model=model)
+        return cache[key]
+
+    return factory
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,12 +69,14 @@ def test_convert_bad_input_dir(tmp_path):
     assert not (tmp_path / "out" / "model.lora_weights.npy").exists()
 
 
-def test_convert_dora_adapter_fails_cleanly(make_adapter, llama_dir, tmp_path):
-    ad = make_adapter(llama_dir, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+def test_convert_unsupported_modules_to_save_fails_cleanly(make_adapter, llama_dir, tmp_path):
+    ad = make_adapter(
+        llama_dir, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"]
+    )
     res = run_lorart_cli("convert", "-i", str(ad.dir), "-o", str(tmp_path / "out"))
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
-    assert "dora" in res.stderr.lower()
+    assert "modules_to_save entries ['norm']" in res.stderr
 
 
 def test_convert_bad_storage_type(all_proj_adapter, tmp_path):

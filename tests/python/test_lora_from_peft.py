@@ -263,10 +263,13 @@ def test_missing_weights_file(all_proj_adapter, tmp_path):
         lorart.lora.from_peft(str(d))
 
 
-def test_dora_rejected(make_adapter, llama_dir, model_config):
-    ad = make_adapter(llama_dir, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+def test_dora_on_lm_head_rejected(make_adapter, llama_dir, model_config):
+    """DoRA is converted for the per-layer projections only (tests: test_lora_peft_extended)."""
+    ad = make_adapter(
+        llama_dir, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], use_dora=True
+    )
     assert json.loads((ad.dir / "adapter_config.json").read_text())["use_dora"] is True
-    with pytest.raises(lorart.LoraError, match=r"(?i)dora"):
+    with pytest.raises(lorart.LoraError, match=r"DoRA on lm_head"):
         lorart.lora.from_peft(str(ad.dir), model_config)
 
 
@@ -296,8 +299,12 @@ def test_model_config_mismatch(all_proj_adapter, llama_other_dir):
         lorart.lora.from_peft(str(all_proj_adapter.dir), other)
 
 
-@pytest.mark.parametrize("extra", ["lm_head", "embed_tokens"])
-def test_unsupported_target_module(make_adapter, llama_dir, model_config, extra):
-    ad = make_adapter(llama_dir, r=4, lora_alpha=8, target_modules=["q_proj", extra])
-    with pytest.raises(lorart.LoraError, match=extra):
-        lorart.lora.from_peft(str(ad.dir), model_config)
+def test_unsupported_target_module(make_adapter, llama_dir, model_config):
+    ad = make_adapter(llama_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    cfg = json.loads((ad.dir / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj", "rotary_emb"]
+    d = ad.dir.parent / (ad.dir.name + "_bad_target")
+    shutil.copytree(ad.dir, d, dirs_exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(lorart.LoraError, match=r"target_modules \['rotary_emb'\]"):
+        lorart.lora.from_peft(str(d), model_config)

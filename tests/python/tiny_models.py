@@ -118,6 +118,39 @@ def make_peft_adapter(model_dir, out_dir, seed: int = 1234, std: float = 0.5, **
     return peft_model
 
 
+def make_peft_adapter_ext(
+    model_dir, out_dir, seed: int = 1234, resize: int | None = None, std: float = 0.1, **lora_kwargs
+):
+    """make_peft_adapter for adapters with embedding-side parts and DoRA.
+
+    The base is first resized to ``resize`` tokens (``resize_token_embeddings``, as a vocabulary
+    extension is trained); every lora_A/B, lora_embedding_A/B and modules_to_save parameter is
+    re-drawn from a seeded normal distribution, and DoRA magnitudes are scaled by 1 + 0.3 U(0, 1)
+    (PEFT starts them at the weight norms, where DoRA equals LoRA). Parameters PEFT ties
+    (``ensure_weight_tying``) are one parameter and stay tied. Returns the PeftModel (eval).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager"
+    )
+    if resize is not None:
+        model.resize_token_embeddings(resize)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.rand(param.shape, generator=gen))
+            elif "lora_" in name or "modules_to_save" in name:
+                torch.nn.init.normal_(param, 0.0, std, generator=gen)
+    peft_model.save_pretrained(str(out_dir))
+    return peft_model.eval()
+
+
 def peft_reference(peft_model) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
     """{(module_id, layer_idx): (A [r, Hi], B * scaling [Ho, r])} read from PEFT's own modules."""
     ref = {}
@@ -275,4 +308,30 @@ def endless_demo_model(out_dir: Path, max_position_embeddings: int = 4096) -> Pa
     config.update(max_position_embeddings=max_position_embeddings, eos_token_id=None)
     (out_dir / "config.json").write_text(json.dumps(config))
     (out_dir / "generation_config.json").unlink()
+    return out_dir
+
+
+def adapter_with_own_tokenizer(adapter_dir: Path, out_dir: Path, chat_template: str = "") -> Path:
+    """A copy of ``adapter_dir`` with a ``tokenizer.json`` of its own: the demo model's vocabulary
+    (so it runs where adapter vocabularies cannot grow), but no ``<s>`` in front of a prompt and
+    ``_`` for a word boundary when decoding, so which tokenizer ran shows in the ids and the
+    text. ``chat_template``: also a ``tokenizer_config.json`` with it."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, processors
+
+    from lorart import demo
+
+    out_dir = Path(out_dir)
+    shutil.copytree(adapter_dir, out_dir)
+    tok = Tokenizer.from_file(str(demo.DEMO / "model" / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", "_"), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.save(str(out_dir / "tokenizer.json"))
+    if chat_template:
+        config = {"chat_template": chat_template, "bos_token": "", "eos_token": "</s>"}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
     return out_dir

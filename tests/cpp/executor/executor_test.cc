@@ -666,7 +666,8 @@ TEST(ExecutorVocabularyTest, AnLmHeadPairOfTwoDtypesIsTheRequestsError) {
   EXPECT_EQ(out.finish_reason, FinishReason::kError);
   EXPECT_EQ(out.error_kind, ErrorKind::kInvalidRequest) << out.error;
   EXPECT_PRED_FORMAT2(testing::IsSubstring,
-                      "lm_head_lora_b has dtype bfloat16 but lm_head_lora_a has float32",
+                      "lm_head_lora_a is float32 but lm_head_lora_b is bfloat16; a LoRA pair "
+                      "has one dtype",
                       out.error);
   EXPECT_FALSE(e->lora_cache().contains(11));
   EXPECT_EQ(e->stats().lora.referenced_tasks, 0);

@@ -108,7 +108,7 @@ TEST(LoraCacheTest, AdapterLargerThanALevelIsRejectedWithBothSizes) {
   LoraCache c = cache(2, 3);       // device 128 bytes, host 192 bytes
   const Adapter big = adapter(4);  // 256 bytes
   expect_error<LoraError>([&] { c.put(1, big.weights, big.config); },
-                          "LoRA task 1 needs 256 bytes, more than the whole host level "
+                          "LoRA task 1 needs at least 256 bytes, more than the whole host level "
                           "(host_cache_bytes = 192)");
   LoraCache wide_host = cache(2, 10);
   const Adapter three = adapter(3);  // 192 bytes > 128 device bytes
@@ -330,7 +330,7 @@ TEST(LoraCacheTest, AnAdapterWhosePartsExceedALevelIsRefusedWithBothSizes) {
   const Adapter a = with_tables(false);  // 1344 bytes
   LoraCache small_host(tiny_model(), LoraCacheConfig{1343, 1 << 20}, 8);
   expect_error<LoraError>([&] { small_host.put(1, a.weights, a.config); },
-                          "LoRA task 1 needs 1344 bytes, more than the whole host level "
+                          "LoRA task 1 needs at least 1344 bytes, more than the whole host level "
                           "(host_cache_bytes = 1343)");
   EXPECT_FALSE(small_host.contains(1));
   LoraCache small_device(tiny_model(), LoraCacheConfig{1 << 20, 1000}, 8);

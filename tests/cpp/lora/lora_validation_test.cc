@@ -572,23 +572,32 @@ TEST(LoraValidationTest, PartsMustHaveTheRequiredDtype) {
                      LoraLimits{64, DType::kFloat32});
 }
 
-// lm_head's pair runs as one LoraPair: a pair of two dtypes would pass here and fail when the
-// LoRA cache lays the adapter out for a step (the request's error reported as the runtime's).
-TEST(LoraValidationTest, LmHeadPairHasOneDtype) {
+// A LoRA pair has one dtype: lm_head's runs as one LoraPair, and a mixed one would pass here and
+// fail only when the LoRA cache laid the adapter out for a step (the request's error reported as
+// the runtime's).
+TEST(LoraValidationTest, LoraPairsOnEmbeddingsHaveOneDtype) {
   Parts parts;
   parts[P::kLmHeadLoraA] = emb_part(2, 64);
   parts[P::kLmHeadLoraB] = emb_part(100, 2);
+  parts[P::kEmbedLoraA] = emb_part(3, 100);
+  parts[P::kEmbedLoraB] = emb_part(64, 3);
   const LoraEmbeddings bf16 = LoraEmbeddings(parts).to(DType::kBFloat16);
-  Parts mixed = parts;
-  mixed[P::kLmHeadLoraB] = {bf16.part(P::kLmHeadLoraB), nullptr};
-  expect_parts_error(mixed,
-                     "lm_head_lora_b has dtype bfloat16 but lm_head_lora_a has float32: the "
-                     "lm_head LoRA pair must have one dtype");
+  Parts head = parts;
+  head[P::kLmHeadLoraB] = {bf16.part(P::kLmHeadLoraB), nullptr};
+  expect_parts_error(head,
+                     "lm_head_lora_a is float32 but lm_head_lora_b is bfloat16; a LoRA pair has "
+                     "one dtype");
+  Parts embed = parts;
+  embed[P::kEmbedLoraA] = {bf16.part(P::kEmbedLoraA), nullptr};
+  expect_parts_error(embed,
+                     "embed_lora_a is bfloat16 but embed_lora_b is float32; a LoRA pair has one "
+                     "dtype");
   expect_parts_ok(parts);
-  Parts both_bf16;
-  both_bf16[P::kLmHeadLoraA] = {bf16.part(P::kLmHeadLoraA), nullptr};
-  both_bf16[P::kLmHeadLoraB] = {bf16.part(P::kLmHeadLoraB), nullptr};
-  expect_parts_ok(both_bf16);
+  Parts all_bf16;
+  for (int p : {P::kLmHeadLoraA, P::kLmHeadLoraB, P::kEmbedLoraA, P::kEmbedLoraB}) {
+    all_bf16[p] = {bf16.part(p), nullptr};
+  }
+  expect_parts_ok(all_bf16);
 }
 
 TEST(LoraValidationTest, PartsMustBeFinite) {

@@ -138,9 +138,9 @@ TEST(LoraTableTest, ADoraAdapterMarksTheTableAndItsPairsCarryTheScales) {
 }
 
 // Embedding-side parts are sized by the vocabulary the adapter was laid out for (LoRA on lm_head:
-// B^T [r, V]; on embed_tokens: A^T [V, r]). On a model of the same layer shape but a larger
-// vocabulary, the forward would read those parts past their end: the table refuses them.
-TEST(LoraTableTest, EmbeddingSidePartsOfAnotherVocabularyAreRefused) {
+// B^T [r, V]; its own tables of V rows). On a model of the same layers but a larger vocabulary
+// the forward would read them past their end: the table refuses the adapter.
+TEST(LoraTableTest, AdaptersLaidOutForAnotherVocabularyAreRefused) {
   const ModelConfig c = config_of(1);  // vocab 32
   ModelConfig larger = c;
   larger.vocab_size = 40;
@@ -153,19 +153,16 @@ TEST(LoraTableTest, EmbeddingSidePartsOfAnotherVocabularyAreRefused) {
                       std::make_shared<const LoraEmbeddings>(parts));
   const LoraAdapter head(w, LoraConfig::from_rows({}), c, 64);
   LoraTable table(larger);
-  expect_error<InvalidArgument>(
-      [&] { table.add(head); },
-      "the adapter's embedding-side parts were laid out for a base vocabulary of 32 tokens; "
-      "this model has 40");
+  expect_error<InvalidArgument>([&] { table.add(head); },
+                                "the adapter was laid out for a model of another shape (1 layers, "
+                                "hidden 16, intermediate 24, q 16, kv 8, vocab 32; this model: 1 "
+                                "layers, hidden 16, intermediate 24, q 16, kv 8, vocab 40)");
   EXPECT_EQ(table.num_slots(), 0);
-  // Its own tables are sized by the same base vocabulary: refused too.
-  const LoraAdapter tables = tables_of(c, 36);
-  expect_error<InvalidArgument>([&] { table.add(tables); }, "a base vocabulary of 32 tokens");
-  // Plain LoRA rows do not depend on the vocabulary.
-  const LoraAdapter plain = adapter_of(c, 0, 2);
-  EXPECT_EQ(table.add(plain), 0);
+  const LoraAdapter tables = tables_of(c, 36);  // 36 rows: fewer than the model's 40
+  expect_error<InvalidArgument>([&] { table.add(tables); }, "vocab 32; this model:");
   LoraTable same(c);
   EXPECT_EQ(same.add(head), 0);
+  EXPECT_EQ(same.add(tables), 1);
 }
 
 }  // namespace
