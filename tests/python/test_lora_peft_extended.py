@@ -89,6 +89,24 @@ ADAPTERS = {
         "ext_tied_dir",
         dict(seed=36, r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"]),
     ),
+    # A tied base resized by 1,000 tokens: a trained table kept tied, and LoRA only (PEFT then
+    # saves the resized base table, which serves as both embed_tokens and lm_head).
+    "tied_resized_kept": (
+        "ext_tied_dir",
+        dict(
+            seed=41,
+            resize=1160,
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj"],
+            modules_to_save=["embed_tokens"],
+            ensure_weight_tying=True,
+        ),
+    ),
+    "tied_resized_lora": (
+        "ext_tied_dir",
+        dict(seed=42, resize=1160, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
+    ),
     # (d) DoRA on all seven projections with mixed ranks and alphas.
     "dora": (
         "ext_llama_dir",
@@ -363,6 +381,20 @@ def test_tied_lora_on_embed_tokens(adapter):
     np.testing.assert_array_equal(ad.model.get_output_embeddings().weight.detach(), base)
     merged = merged_state(ad.model)  # PEFT's merge folds the LoRA into the shared table
     assert not np.allclose(merged["lm_head.weight"], base)
+
+
+@pytest.mark.parametrize("name", ["tied_resized_kept", "tied_resized_lora"])
+def test_tied_resized(adapter, name):
+    """A resized tied base: the trained copy (ensure_weight_tying, saved for both modules) or the
+    resized base table PEFT saves (LoRA only) is both embed_tokens and lm_head, one array."""
+    ad, _, mc = adapter(name)
+    weights, _ = lora.from_peft(ad.dir, mc)
+    parts = weights.embeddings
+    assert parts.vocab_size == 1160 and parts.lm_head_is_embed_tokens
+    np.testing.assert_array_equal(
+        parts.embed_tokens, ad.model.get_input_embeddings().weight.detach()
+    )
+    assert_rebuilds_merged(name, adapter)
 
 
 # ----------------------------------------------------------------------------- (d) DoRA
@@ -678,7 +710,17 @@ def test_embed_lora_rank_checked(adapter, tmp_path):
 NEW_TOKENS = 8
 PLAIN = dict(seed=38, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS)  # task 1 of each base
 BASES = {"ext_llama_dir": BASE_VOCAB, "ext_tied_dir": 160}
-E2E = ["extended", "embed_lora", "dora", "tied_kept", "tied_untied", "tied_both", "tied_embed_lora"]
+E2E = [
+    "extended",
+    "embed_lora",
+    "dora",
+    "tied_kept",
+    "tied_untied",
+    "tied_both",
+    "tied_embed_lora",
+    "tied_resized_kept",
+    "tied_resized_lora",
+]
 
 
 class Served:
