@@ -238,10 +238,11 @@ def validate(
     """Raise :class:`lorart.LoraError` for the first rule the adapter breaks.
 
     Rules (checked in C++, the same code the executor runs at enqueue): both tensors present; row
-    counts equal; at least one row; each module id known and present in the model;
-    ``0 <= layer_idx < num_layers``; ``0 < r <= max_lora_rank``; no (module, layer) twice; rows
-    long enough for ``r*Hi + Ho*r`` values; dtype equal to ``dtype`` when given; used values
-    finite.
+    counts equal; at least one row or embedding-side parts; each module id known and present in
+    the model; ``0 <= layer_idx < num_layers``; ``0 < r <= max_lora_rank``; no (module, layer)
+    twice; rows long enough for ``r*Hi + Ho*r`` values (``+ Ho`` for DoRA); dtype equal to
+    ``dtype`` when given; used values finite; the embedding-side parts' shapes, ranks and
+    vocabulary (at least the model's; both tables when larger).
     """
     _core.validate_lora(weights, config, model_config, max_lora_rank, dtype)
 
