@@ -5,6 +5,8 @@
 #include <random>
 #include <sstream>
 
+#include "core/buffer.h"
+#include "core/checked_math.h"
 #include "core/errors.h"
 #include "lora/lora_validation.h"
 #include "model/dora.h"
@@ -138,7 +140,34 @@ std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r, in
   for (const auto& stop : r.stop_token_ids) {
     if (stop.empty()) return std::string("stop_token_ids contains an empty sequence");
   }
-  // The adapter first: its vocabulary (which may be larger than the model's) bounds the ids.
+  // Token ids against a vocabulary; the request's adapter's may be larger than the model's.
+  auto check_ids = [&](int64_t vocab) -> std::optional<RequestError> {
+    auto bad = [&](const std::string& what, int64_t id) {
+      std::ostringstream e;
+      e << what << " = " << id << " is out of the vocabulary [0, " << vocab << ")"
+        << (r.lora_task_id ? " of the request's adapter" : "");
+      return RequestError(e.str());
+    };
+    for (int64_t i = 0; i < prompt; ++i) {
+      const int32_t id = r.input_token_ids[i];
+      if (id < 0 || id >= vocab) return bad("input_token_ids[" + std::to_string(i) + "]", id);
+    }
+    if (r.end_id && (*r.end_id < 0 || *r.end_id >= vocab)) return bad("end_id", *r.end_id);
+    return std::nullopt;
+  };
+  // First against the vocabulary the request can have at most (the weights it sends, or its
+  // cached task's), so a request refused for its ids leaves the LoRA cache as it was; then,
+  // once the task is referenced, against the stored adapter's.
+  int64_t bound = m.vocab_size;
+  if (r.lora_weights && r.lora_weights->embeddings() != nullptr) {
+    bound = std::max(bound, r.lora_weights->embeddings()->vocab_size());
+  } else if (r.lora_task_id && !r.lora_config && lora_cache_.contains(*r.lora_task_id)) {
+    try {
+      bound = std::max(bound, lora_cache_.vocab_size(*r.lora_task_id));
+    } catch (const Error&) {  // evicted meanwhile: ref() below says so
+    }
+  }
+  if (auto error = check_ids(bound)) return error;
   bool referenced = false;
   try {
     r.sampling_config.validate();
@@ -174,20 +203,27 @@ std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r, in
     return RequestError("out of memory while caching the request's LoRA weights",
                         ErrorKind::kInternal);
   }
-  const char* whose = r.lora_task_id ? " of the request's adapter" : "";
-  auto out_of_vocab = [&](const std::string& what, int64_t id) -> std::optional<RequestError> {
-    if (id >= 0 && id < vocab_size) return std::nullopt;
-    if (r.lora_task_id) lora_cache_.unref(*r.lora_task_id);
-    std::ostringstream e;
-    e << what << " = " << id << " is out of the vocabulary [0, " << vocab_size << ")" << whose;
-    return RequestError(e.str());
-  };
-  for (int64_t i = 0; i < prompt; ++i) {
-    auto error = out_of_vocab("input_token_ids[" + std::to_string(i) + "]", r.input_token_ids[i]);
-    if (error) return error;
+  if (vocab_size < bound) {
+    if (auto error = check_ids(vocab_size)) {
+      if (r.lora_task_id) lora_cache_.unref(*r.lora_task_id);
+      return error;
+    }
   }
-  if (r.end_id) {
-    if (auto error = out_of_vocab("end_id", *r.end_id)) return error;
+  if (vocab_size > m.vocab_size) {
+    // The step's logits grow to [max_num_tokens, vocab_size] for it (ExecutorConfig checked the
+    // model's vocabulary only).
+    try {
+      check_allocation(static_cast<size_t>(checked_product(
+                           {config_.max_num_tokens, vocab_size, int64_t{sizeof(float)}},
+                           "logits bytes (max_num_tokens * the adapter's vocab_size * 4)")),
+                       Device::cpu(),
+                       "the logits of an adapter with a vocabulary of " +
+                           std::to_string(vocab_size) +
+                           " (max_num_tokens = " + std::to_string(config_.max_num_tokens) + ")");
+    } catch (const Error& e) {
+      lora_cache_.unref(*r.lora_task_id);
+      return std::string(e.what());
+    }
   }
   return std::nullopt;
 }

@@ -73,38 +73,68 @@ bool LoraCache::reuse_if_same(uint64_t task_id, const LoraWeights& weights,
   return true;
 }
 
+bool LoraCache::reuse_if_unchanged(uint64_t task_id, const LoraWeights& weights,
+                                   const LoraConfig& config, bool reference) {
+  std::optional<LoraWeights> cached;
+  std::optional<LoraConfig> cached_config;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = host_.find(task_id);
+    if (it == host_.end()) return false;
+    cached = it->second.weights;  // shares the entry's memory
+    cached_config = it->second.config;
+  }
+  // Compared outside the lock: an adapter's tables can be gigabytes, and the loop thread's
+  // acquire() and unpin() take this lock every step.
+  if (!cached->same_as(weights) || !same_bytes(cached_config->tensor(), config.tensor())) {
+    return false;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = host_.find(task_id);
+  if (it == host_.end() || it->second.weights.tensor().data() != cached->tensor().data()) {
+    return false;  // evicted or replaced meanwhile: stored anew by the caller
+  }
+  if (reference) ++it->second.refs;
+  host_lru_.splice(host_lru_.end(), host_lru_, it->second.lru);
+  return true;
+}
+
 void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config,
                     bool reference) {
-  {
-    // Weights sent again, unchanged (every request of a client that always sends them).
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (reuse_if_same(task_id, weights, config, reference)) return;
-  }
-  // Copy and validate outside the lock: both are O(adapter size).
-  LoraWeights copy = weights.copy();
-  validate_lora(&copy, &config, model_.lora_target(), LoraLimits{max_lora_rank_, std::nullopt});
-  std::shared_ptr<const std::vector<float>> dora;
-  if (has_dora_rows(config)) {
-    if (!dora_scales_) {
-      raise<LoraError>("LoRA task ", task_id, " has DoRA rows, which this cache cannot compute ",
-                       "(it has no base weights to take the row norms against)");
-    }
-    dora = std::make_shared<const std::vector<float>>(dora_scales_(copy, config));
-  }
-  const auto host_bytes =
-      static_cast<int64_t>(copy.nbytes() + (dora ? dora->size() * sizeof(float) : 0));
-  const int64_t device_bytes = LoraAdapter::storage_bytes(copy, config, model_);
-  if (host_bytes > config_.host_cache_bytes) {
-    raise<LoraError>("LoRA task ", task_id, " needs ", host_bytes,
+  // Weights sent again, unchanged (every request of a client that always sends them).
+  if (reuse_if_unchanged(task_id, weights, config, reference)) return;
+  if (static_cast<int64_t>(weights.nbytes()) > config_.host_cache_bytes) {  // before any copy
+    raise<LoraError>("LoRA task ", task_id, " needs at least ", weights.nbytes(),
                      " bytes, more than the whole host level (host_cache_bytes = ",
                      config_.host_cache_bytes, ")");
   }
+  // Copy, then validate the copies, outside the lock (both are O(adapter size)); the caller's
+  // arrays may change under a borrowed view once validated.
+  LoraConfig config_copy = LoraConfig::copy_of(config.tensor());
+  LoraWeights copy = weights.copy();
+  validate_lora(&copy, &config_copy, model_.lora_target(),
+                LoraLimits{max_lora_rank_, std::nullopt});
+  const int64_t device_bytes = LoraAdapter::storage_bytes(copy, config_copy, model_);
   if (device_bytes > config_.device_cache_bytes) {
     raise<LoraError>("LoRA task ", task_id, " needs ", device_bytes,
                      " bytes on the device level, more than all of it (device_cache_bytes = ",
                      config_.device_cache_bytes, ")");
   }
-  LoraConfig config_copy = LoraConfig::copy_of(config.tensor());
+  std::shared_ptr<const std::vector<float>> dora;
+  if (has_dora_rows(config_copy)) {
+    if (!dora_scales_) {
+      raise<LoraError>("LoRA task ", task_id, " has DoRA rows, which this cache cannot compute ",
+                       "(it has no base weights to take the row norms against)");
+    }
+    dora = std::make_shared<const std::vector<float>>(dora_scales_(copy, config_copy));
+  }
+  const auto host_bytes =
+      static_cast<int64_t>(copy.nbytes() + (dora ? dora->size() * sizeof(float) : 0));
+  if (host_bytes > config_.host_cache_bytes) {
+    raise<LoraError>("LoRA task ", task_id, " needs ", host_bytes,
+                     " bytes, more than the whole host level (host_cache_bytes = ",
+                     config_.host_cache_bytes, ")");
+  }
 
   std::lock_guard<std::mutex> lock(mutex_);
   if (reuse_if_same(task_id, copy, config_copy, reference)) return;  // another put() won

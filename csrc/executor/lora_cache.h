@@ -30,6 +30,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -103,7 +104,10 @@ class LoraCache {
     int64_t pins = 0;
     std::list<uint64_t>::iterator lru;
   };
-  // Reuses the cached entry when it holds exactly these weights (touch, and ref when asked).
+  // Reuses the cached entry when it holds exactly these weights (touch, and ref when asked):
+  // reuse_if_unchanged compares outside the lock; reuse_if_same is for callers holding it.
+  bool reuse_if_unchanged(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config,
+                          bool reference);
   bool reuse_if_same(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config,
                      bool reference);
   bool make_host_room(int64_t bytes);    // evicts LRU unreferenced host entries (and their

@@ -339,6 +339,7 @@ void dora_scales(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout,
   p.out = out;
   p.k = k;
   p.rank = rank;
+  p.threads = ctx.num_threads;
   cpu::dora_scales(p);
 }
 

@@ -145,6 +145,7 @@ struct DoraScalesParams {
   WeightRef magnitude;  // [out]
   float* scales;        // [out] out
   int64_t out, k, rank;
+  int threads;  // OpenMP threads (0: the calling thread's default)
 };
 
 // DoRA's output for each run whose slot's pair has dora_scale: y[t, o] = scale[o] * (y[t, o] -

@@ -188,6 +188,11 @@ void validate_lora_embeddings(const LoraEmbeddings& e, const LoraTarget& model,
                        " come together");
     }
     if (!e.has(pair.a)) continue;
+    if (e.part(pair.a).dtype() != e.part(pair.b).dtype()) {
+      raise<LoraError>(P::part_name(pair.a), " is ", dtype_name(e.part(pair.a).dtype()), " but ",
+                       P::part_name(pair.b), " is ", dtype_name(e.part(pair.b).dtype()),
+                       "; a LoRA pair has one dtype");
+    }
     int64_t rank = -1, in = pair.in, out = pair.out;
     check_shape(e.part(pair.a), P::part_name(pair.a), pair.a_layout, rank, in);
     check_rank(rank, P::part_name(pair.a), limits);

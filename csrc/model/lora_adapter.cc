@@ -37,13 +37,18 @@ LoraAdapter::ModelShape validated_shape(const ModelConfig& config) {
 }  // namespace
 
 LoraAdapter::ModelShape LoraAdapter::shape_of(const ModelConfig& config) {
-  return {config.num_layers, config.hidden_size, config.intermediate_size,
-          config.num_attention_heads * config.head_dim, config.num_kv_heads * config.head_dim};
+  return {config.num_layers,
+          config.hidden_size,
+          config.intermediate_size,
+          config.num_attention_heads * config.head_dim,
+          config.num_kv_heads * config.head_dim,
+          config.vocab_size};
 }
 
 std::ostream& operator<<(std::ostream& out, const LoraAdapter::ModelShape& shape) {
   return out << shape.num_layers << " layers, hidden " << shape.hidden << ", intermediate "
-             << shape.intermediate << ", q " << shape.q_out << ", kv " << shape.kv_out;
+             << shape.intermediate << ", q " << shape.q_out << ", kv " << shape.kv_out << ", vocab "
+             << shape.vocab;
 }
 
 LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config,

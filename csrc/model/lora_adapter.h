@@ -26,10 +26,12 @@ class LoraAdapter {
  public:
   // The model sizes an adapter's layout depends on; forward refuses an adapter of another shape.
   struct ModelShape {
-    int64_t num_layers, hidden, intermediate, q_out, kv_out;
+    // vocab: the base vocabulary the embedding-side parts were checked against (an lm_head
+    // LoRA's B [V, r] is read with V columns).
+    int64_t num_layers, hidden, intermediate, q_out, kv_out, vocab;
     bool operator==(const ModelShape& o) const {
       return num_layers == o.num_layers && hidden == o.hidden && intermediate == o.intermediate &&
-             q_out == o.q_out && kv_out == o.kv_out;
+             q_out == o.q_out && kv_out == o.kv_out && vocab == o.vocab;
     }
   };
   static ModelShape shape_of(const ModelConfig& config);

@@ -162,10 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         parents=[common],
-        help="the embedded multi-LoRA demo: base, Chinese and Japanese adapters in one batch",
+        help="the embedded multi-LoRA demo: base, Chinese, Japanese and Korean adapters in one "
+        "batch",
         description="Runs the seed tutorial's table offline on the tiny model shipped with "
         "lorart: the same Chinese and Japanese question three times each, with task uids "
-        "-1 0 1 -1 0 1, in one mixed batch.",
+        "-1 0 1 -1 0 1, and a Korean question with an adapter that brings its own vocabulary "
+        "and tokenizer (task uid 2), in one mixed batch.",
     )
     demo.add_argument("--max_output_len", type=int, default=12)
     _add_threads_flag(demo)
@@ -508,6 +510,9 @@ def _run(args: argparse.Namespace) -> int:
     tokenizer = _flagged(tokenizer_flag, tokenizer_dir, load_tokenizer, tokenizer_file)
     prompts = _read_prompts(args, tokenizer, tokenizer_file, model_config)
     adapters = _adapters_per_prompt(args, len(prompts))
+    # Base prompts fail here, before anything loads; an adapter's vocabulary (its own
+    # embed_tokens may be bigger) is known once it is converted, and LLM checks those prompts.
+    _check_token_ids(prompts, adapters, model_config.vocab_size, _prompt_source(args))
     longest = max(len(p) for p in prompts)
     max_seq_len = longest + args.max_output_len
     if max_seq_len > model_config.max_position_embeddings:
@@ -523,6 +528,7 @@ def _run(args: argparse.Namespace) -> int:
     with LLM(
         model_dir,
         tokenizer_file,
+        adapter_tokenizers=False,  # run.py: --tokenizer_dir tokenizes every input
         device=args.device,
         num_threads=args.threads,
         lora_dirs=args.lora_dir,
@@ -721,20 +727,30 @@ def _read_prompts(
             else:
                 pad_id = prompts.pad_token_id(tokenizer, tokenizer_file, model_config)
                 ids = _flagged("--input_file", path, prompts.read_npy_ids, path, pad_id)
-            _check_token_ids(ids, model_config.vocab_size, path)
             return prompts.keep_last(ids, limit)
     else:
         texts = args.input_text
     return prompts.tokenize(tokenizer, texts, limit, not args.no_add_special_tokens)
 
 
-def _check_token_ids(prompts: list[list[int]], vocab: int, path: str) -> None:
-    for i, ids in enumerate(prompts):
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
+def _prompt_source(args: argparse.Namespace) -> str:
+    return f"--input_file {args.input_file}" if args.input_file else "--input_text"
+
+
+def _check_token_ids(
+    prompts: list[list[int]], adapters: list[str | None], vocab: int, source: str
+) -> None:
+    """Negative ids in any prompt, and ids past the base vocabulary in base (-1) prompts."""
+    for i, (ids, adapter) in enumerate(zip(prompts, adapters, strict=True)):
+        negative = next((t for t in ids if t < 0), None)
+        if negative is not None:
+            raise ValueError(f"{source}: prompt {i}: token id {negative} is negative")
+        bad = next((t for t in ids if t >= vocab), None) if adapter is None else None
+        if bad is not None:
             raise ValueError(
-                f"--input_file {path}: prompt {i}: token id {bad[0]} is outside the model's "
-                f"vocabulary [0, {vocab})"
+                f"{source}: prompt {i}: token id {bad} is outside the base model's vocabulary "
+                f"[0, {vocab}) (its --lora_task_uids is -1; only an adapter with its own "
+                "vocabulary takes more)"
             )
 
 
@@ -760,7 +776,8 @@ def _adapters_per_prompt(args: argparse.Namespace, count: int) -> list[str | Non
 def print_table(llm: LLM, outputs: Sequence[GenerationOutput]) -> None:
     """Print run.py's lines: the input as the model saw it, then each output."""
     for i, out in enumerate(outputs):
-        print(f'Input [Text {i}]: "{llm.decode(out.prompt_token_ids, skip_special_tokens=False)}"')
+        shown = llm.decode(out.prompt_token_ids, skip_special_tokens=False, lora=out.lora)
+        print(f'Input [Text {i}]: "{shown}"')
         print(f'Output [Text {i} Beam 0]: "{out.text}"')
         print()
 
@@ -772,10 +789,11 @@ def print_streaming(
     the text of a later input is held until the ones before it finish."""
     from lorart.llm import GenerationOutput, TextStream
 
-    streams = [TextStream(llm) for _ in prompts]
+    adapters = sampling["lora"]
+    streams = [TextStream(llm, a) for a in adapters]
     outputs = [
-        GenerationOutput("", s.token_ids, "", list(p))
-        for s, p in zip(streams, prompts, strict=True)
+        GenerationOutput("", s.token_ids, "", list(p), lora=a)
+        for s, p, a in zip(streams, prompts, adapters, strict=True)
     ]
     printed: list[str | None] = [None] * len(prompts)  # None until the input's lines start
     current = 0
@@ -787,11 +805,13 @@ def print_streaming(
             streams[i].add(tokens)
             if response.is_final:
                 outputs[i].finish_reason = response.finish_reason
-                outputs[i].text = llm.decode(outputs[i].token_ids)
+                outputs[i].text = llm.decode(outputs[i].token_ids, lora=outputs[i].lora)
             while current < len(prompts):
                 out = outputs[current]
                 if printed[current] is None:
-                    decoded = llm.decode(out.prompt_token_ids, skip_special_tokens=False)
+                    decoded = llm.decode(
+                        out.prompt_token_ids, skip_special_tokens=False, lora=out.lora
+                    )
                     print(f'Input [Text {current}]: "{decoded}"')
                     print(f'Output [Text {current} Beam 0]: "', end="")
                     printed[current] = ""

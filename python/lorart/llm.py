@@ -1,6 +1,10 @@
 """``lorart.LLM``: text in, text out. A tokenizer (``tokenizer.json`` through the ``tokenizers``
 library) in front of an :class:`lorart.Executor`, with LoRA adapters named by path.
 
+An adapter directory with its own ``tokenizer.json`` (an adapter that extends the vocabulary, as
+chinese-llama-2-lora-13b does) tokenizes its prompts and detokenizes its outputs with it; base
+requests and adapters without one use the model's (or ``tokenizer_dir``'s).
+
 Adapters (PEFT directories or TensorRT-LLM ``.npy`` directories) get task ids automatically and
 are converted once; a request sends the weights only when the executor's LoRA cache does not
 hold its task.
@@ -53,6 +57,7 @@ class GenerationOutput:
     token_ids: list[int]
     finish_reason: str  # "length", "end_id", "stop", "cancelled"
     prompt_token_ids: list[int] = field(default_factory=list)  # what the model was given
+    lora: str | Path | None = None  # the adapter it ran with (None: the base model)
     # Seconds from the start of the call to this prompt's first generated token (its prefill
     # done); None when no token was generated.
     first_token_seconds: float | None = None
@@ -76,19 +81,63 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         ) from None
 
 
-def check_vocab(tokenizer: Tokenizer, model_config: ModelConfig, where: str = "") -> None:
-    """Warn when the tokenizer knows fewer ids than the model can generate: ids past the
-    tokenizer's vocabulary decode to nothing."""
-    size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if size < model_config.vocab_size:
-        logger.warning(
-            "%sthe tokenizer has %d ids but the model's vocabulary has %d: generated ids >= %d "
-            "decode to nothing (is the tokenizer the model's?)",
-            where,
-            size,
-            model_config.vocab_size,
-            size,
+def adapter_tokenizer(adapter_dir: str | Path) -> Tokenizer | None:
+    """The adapter directory's own ``tokenizer.json``, or None when it has none (its requests then
+    use the base model's tokenizer).
+
+    Raises ``ValueError`` for one the tokenizers library cannot read, and for a directory with
+    only a SentencePiece ``tokenizer.model``: lorart reads ``tokenizer.json``, and the base
+    tokenizer would silently mis-tokenize an adapter that ships its own."""
+    path = Path(adapter_dir)
+    if (path / "tokenizer.json").is_file():
+        return load_tokenizer(path)
+    if (path / "tokenizer.model").is_file():
+        raise ValueError(
+            f"adapter {path}: has its own tokenizer.model but no tokenizer.json (lorart reads "
+            "tokenizer.json); write one beside it with transformers: "
+            f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')"
         )
+    return None
+
+
+def check_vocab(
+    tokenizer: Tokenizer, vocab_size: int | ModelConfig, where: str = "", whose: str = "model"
+) -> bool:
+    """Warn when the tokenizer knows fewer ids than the model (or adapter: ``whose``) can
+    generate: ids past the tokenizer's vocabulary decode to nothing. True if it warned."""
+    if isinstance(vocab_size, ModelConfig):
+        vocab_size = vocab_size.vocab_size
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size >= vocab_size:
+        return False
+    logger.warning(
+        "%sthe tokenizer has %d ids but the %s's vocabulary has %d: generated ids >= %d "
+        "decode to nothing (is the tokenizer the %s's?)",
+        where,
+        size,
+        whose,
+        vocab_size,
+        size,
+        whose,
+    )
+    return True
+
+
+def lora_vocab_size(weights: LoraWeights, model_config: ModelConfig) -> int:
+    """The vocabulary of an adapter's requests: the rows of its own embed_tokens / lm_head
+    tables when it brings them, else the model's."""
+    embeddings = weights.embeddings
+    if embeddings is not None and embeddings.vocab_size is not None:
+        return embeddings.vocab_size
+    return model_config.vocab_size
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    task_id: int
+    weights: LoraWeights
+    config: LoraConfig
+    tokenizer: Tokenizer | None  # its own tokenizer.json; None: the base tokenizer
 
 
 class LLM:
@@ -102,7 +151,10 @@ class LLM:
     ``max_num_tokens``, ``max_seq_len``, ``max_lora_rank``, ``lora_cache``, ``kv_cache``).
     ``lora_dirs`` are converted and validated against the model's ``config.json`` before the
     checkpoint loads, so a bad adapter fails in seconds; other adapters are converted on first
-    use. Use it as a context manager (or call :meth:`shutdown`) to stop the executor's thread.
+    use (each once, its tokenizer with it). ``adapter_tokenizers=False`` tokenizes every prompt
+    with ``tokenizer_dir``'s tokenizer, adapters' own ignored (``lorart run --tokenizer_dir``, as
+    TensorRT-LLM's run.py). Use it as a context manager (or call :meth:`shutdown`) to stop the
+    executor's thread.
     """
 
     def __init__(
@@ -114,16 +166,19 @@ class LLM:
         lora_dirs: Sequence[str | Path] = (),
         dtype: str = "auto",
         precision: str = "float32",
+        adapter_tokenizers: bool = True,
         **config: object,
     ) -> None:
         model_config = hf.load_config(model_dir)
         tokenizer_path = tokenizer_dir if tokenizer_dir is not None else model_dir
         self.tokenizer = load_tokenizer(tokenizer_path)
+        self._tokenizer_path = tokenizer_path
+        self.adapter_tokenizers = adapter_tokenizers
         check_vocab(self.tokenizer, model_config, where=f"{tokenizer_path}: ")
         executor_config = ExecutorConfig(
             device=device, num_threads=num_threads, dtype=dtype, precision=precision, **config
         )
-        self._adapters: dict[Path, tuple[int, LoraWeights, LoraConfig]] = {}
+        self._adapters: dict[Path, _Adapter] = {}
         self._lock = threading.Lock()
         self._max_lora_rank = executor_config.max_lora_rank
         if lora_dirs:
@@ -147,7 +202,8 @@ class LLM:
 
     def _adapter(
         self, adapter_dir: str | Path, model_config: ModelConfig | None = None
-    ) -> tuple[int, LoraWeights, LoraConfig]:
+    ) -> _Adapter:
+        """The converted adapter (converted, validated and its tokenizer read on first use)."""
         path = Path(adapter_dir).resolve()
         model_config = model_config if model_config is not None else self.executor.model_config
         with self._lock:
@@ -157,13 +213,40 @@ class LLM:
                     lora.validate(weights, config, model_config, self._max_lora_rank)
                 except ValueError as err:
                     raise type(err)(f"adapter {path}: {err}") from None
-                self._adapters[path] = (len(self._adapters), weights, config)
+                tokenizer = adapter_tokenizer(path) if self.adapter_tokenizers else None
+                check_vocab(
+                    tokenizer or self.tokenizer,
+                    lora_vocab_size(weights, model_config),
+                    where=f"adapter {path}: "
+                    + ("" if tokenizer else f"tokenizer {self._tokenizer_path}: "),
+                    whose="adapter",
+                )
+                self._adapters[path] = _Adapter(len(self._adapters), weights, config, tokenizer)
             return self._adapters[path]
 
-    def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``prompt`` (text is tokenized; token ids are returned as they are)."""
+    def tokenizer_for(self, lora: str | Path | None = None) -> Tokenizer:
+        """The tokenizer of ``lora``'s prompts and outputs: the adapter directory's own
+        ``tokenizer.json`` when it has one (and ``adapter_tokenizers``), else the base one."""
+        if lora is None:
+            return self.tokenizer
+        return self._adapter(lora).tokenizer or self.tokenizer
+
+    def vocab_size(self, lora: str | Path | None = None) -> int:
+        """The vocabulary of ``lora``'s requests: its own (an adapter that replaces
+        ``embed_tokens`` / ``lm_head`` with bigger tables) or the model's."""
+        model_config = self.executor.model_config
+        if lora is None:
+            return model_config.vocab_size
+        return lora_vocab_size(self._adapter(lora).weights, model_config)
+
+    def encode(
+        self, prompt: Prompt, add_special_tokens: bool = True, lora: str | Path | None = None
+    ) -> list[int]:
+        """Token ids of ``prompt`` (text is tokenized with ``lora``'s tokenizer; token ids are
+        returned as they are)."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+            tokenizer = self.tokenizer_for(lora)
+            return tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
         ids = list(prompt) if isinstance(prompt, Sequence | np.ndarray) else None
         if ids is not None and all(isinstance(t, numbers.Integral) for t in ids):
             return [int(t) for t in ids]
@@ -187,13 +270,24 @@ class LLM:
             streaming=True,  # every step's tokens, so first-token times are seen
         )
         if adapter is not None:
-            task_id, weights, config = self._adapter(adapter)
-            request.lora_task_id = task_id
+            converted = self._adapter(adapter)
+            request.lora_task_id = converted.task_id
             # Always attached: the cache matches identical weights without copying them again,
             # and an idle task may be evicted between any check here and the enqueue.
-            request.lora_weights = weights
-            request.lora_config = config
+            request.lora_weights = converted.weights
+            request.lora_config = converted.config
         return request
+
+    def check_prompt(self, index: int, ids: Sequence[int], lora: str | Path | None) -> None:
+        """ValueError naming the prompt, the id and the limit when a token id is outside the
+        vocabulary of the adapter (or base model) the prompt runs with."""
+        vocab = self.vocab_size(lora)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            whose = f"adapter {lora}'s" if lora is not None else "the base model's"
+            raise ValueError(
+                f"prompt {index}: token id {bad} is outside {whose} vocabulary [0, {vocab})"
+            )
 
     def _drive(self, requests: list[InferenceRequest]) -> Iterator[tuple[int, Response]]:
         """Enqueue ``requests``; yield ``(index, response)`` as responses arrive. Requests not
@@ -234,9 +328,14 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         adapters = _per_prompt(lora, len(prompts))
         sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, seed=seed)
+        ids = [
+            self.encode(p, add_special_tokens, a) for p, a in zip(prompts, adapters, strict=True)
+        ]
+        for i, (prompt_ids, adapter) in enumerate(zip(ids, adapters, strict=True)):
+            self.check_prompt(i, prompt_ids, adapter)  # all of them before any is enqueued
         requests = [
-            self._request(self.encode(p, add_special_tokens), a, max_new_tokens, sampling)
-            for p, a in zip(prompts, adapters, strict=True)
+            self._request(p, a, max_new_tokens, sampling)
+            for p, a in zip(ids, adapters, strict=True)
         ]
         responses = self._drive(requests)
         try:
@@ -263,13 +362,15 @@ class LLM:
         Greedy by default (``top_k=1``). Raises ``ValueError`` with the executor's message when
         a request fails; on ``KeyboardInterrupt`` cancels the requests and re-raises."""
         prompts = _as_prompt_list(prompts)
+        adapters = _per_prompt(lora, len(prompts))
         start = time.monotonic()
         outputs = [
-            GenerationOutput("", [], "", self.encode(p, add_special_tokens)) for p in prompts
+            GenerationOutput("", [], "", self.encode(p, add_special_tokens, a), lora=a)
+            for p, a in zip(prompts, adapters, strict=True)
         ]
         stream = self.generate_iter(
             [out.prompt_token_ids for out in outputs],
-            lora,
+            adapters,
             max_new_tokens,
             top_k,
             top_p,
@@ -284,7 +385,7 @@ class LLM:
                 out.token_ids.extend(tokens)
                 if response.is_final:
                     out.finish_reason = response.finish_reason
-                    out.text = self.decode(out.token_ids)
+                    out.text = self.decode(out.token_ids, lora=out.lora)
         finally:
             stream.close()  # cancels what is still running when we leave early
         return outputs
@@ -305,7 +406,7 @@ class LLM:
         stream = self.generate_iter(
             [prompt], [lora], max_new_tokens, top_k, top_p, temperature, seed, add_special_tokens
         )
-        decoder = TextStream(self)
+        decoder = TextStream(self, lora)
         try:
             for _, tokens, _ in stream:
                 piece = decoder.add(tokens)
@@ -314,8 +415,15 @@ class LLM:
         finally:
             stream.close()
 
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+    def decode(
+        self,
+        token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        lora: str | Path | None = None,
+    ) -> str:
+        """The text of ``token_ids``, detokenized with ``lora``'s tokenizer."""
+        tokenizer = self.tokenizer_for(lora)
+        return tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
@@ -328,19 +436,20 @@ class LLM:
 
 
 class TextStream:
-    """Turns a prompt's token ids, as they arrive, into the text added since the last call.
+    """Turns a prompt's token ids, as they arrive, into the text added since the last call
+    (decoded with ``lora``'s tokenizer).
 
     Decodes the whole output each time (a token's text can depend on its neighbours) and holds
     back a trailing partial UTF-8 character until its last byte arrives."""
 
-    def __init__(self, llm: LLM) -> None:
-        self._llm = llm
+    def __init__(self, llm: LLM, lora: str | Path | None = None) -> None:
+        self._tokenizer = llm.tokenizer_for(lora)
         self.token_ids: list[int] = []
         self.text = ""
 
     def add(self, token_ids: Sequence[int]) -> str:
         self.token_ids.extend(token_ids)
-        full = self._llm.decode(self.token_ids)
+        full = self._tokenizer.decode(self.token_ids)
         if len(full) <= len(self.text) or full.endswith("\ufffd"):
             return ""
         piece, self.text = full[len(self.text) :], full

@@ -296,10 +296,10 @@ class Model:
 
         Raises ``ValueError`` naming the chunk and the field, before anything is written to the KV
         cache, for: no chunks; more than ``max_num_tokens`` tokens in all; a chunk without tokens;
-        token ids outside ``[0, vocab_size)`` of the chunk's slot; a negative ``context_len``; ``context_len +
-        len(token_ids)`` past ``config.max_position_embeddings``; a ``block_table`` too short for
-        those positions or with ids outside ``[0, num_kv_blocks)``; a ``lora_slot`` that names no
-        adapter. ``TypeError`` for fields that are not integers.
+        a ``lora_slot`` that names no adapter; token ids outside ``[0, vocab_size)`` of the
+        chunk's slot; a negative ``context_len``; ``context_len + len(token_ids)`` past
+        ``config.max_position_embeddings``; a ``block_table`` too short for those positions or
+        with ids outside ``[0, num_kv_blocks)``. ``TypeError`` for fields that are not integers.
         """
         if not chunks:
             raise ValueError("forward needs at least one SequenceChunk")

@@ -225,7 +225,11 @@ def test_run_npy_adapter_that_does_not_fit_the_model(tmp_path, all_proj_adapter)
     [
         ("p.json", "[]", ["unsupported format '.json'"]),
         ("p.csv", "1,2\n3,y\n", ["line 2", "'y' is not a token id"]),
-        ("p.csv", "1,5000\n", ["token id 5000 is outside the model's vocabulary [0, 1024)"]),
+        (
+            "p.csv",
+            "1,5000\n",
+            ["prompt 0: token id 5000 is outside the base model's vocabulary [0, 1024)"],
+        ),
         ("p.txt", "\n\n", ["no prompts"]),
         ("p.npy", b"", ["not a readable .npy"]),
         ("p.npy", np.zeros((2, 2), np.float64), ["must be integers"]),

@@ -9,7 +9,13 @@ import threading
 import time
 
 import pytest
-from tiny_models import build_causal_lm, endless_demo_model, run_lorart_cli
+from tiny_models import (
+    adapter_with_own_tokenizer,
+    build_causal_lm,
+    endless_demo_model,
+    run_lorart_cli,
+)
+from tokenizers import Tokenizer
 
 import lorart
 from lorart import LLM, demo, lora
@@ -19,6 +25,8 @@ PROMPTS = [demo.ZH_PROMPT] * 3 + [demo.JA_PROMPT] * 3
 ADAPTERS = [None, DEMO / "lora_zh", DEMO / "lora_ja"] * 2
 # The seed tutorial's table (TensorRT-LLM's outputs for Llama-7B; here the demo model's).
 EXPECTED = ["Washington, D.C.", "华盛顿。", None, "Washington, D.C.", "华盛顿。", "ワシントン D.C."]
+# The adapter with its own vocabulary (1024 + 70 Korean words) and tokenizer.
+KO = DEMO / "lora_ko"
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +104,12 @@ def test_lorart_demo_prints_the_seed_table():
     assert lines[1] == 'Output [Text 0 Beam 0]: "Washington, D.C."'
     assert lines[3] == 'Output [Text 1 Beam 0]: "华盛顿。"'
     assert lines[11] == 'Output [Text 5 Beam 0]: "ワシントン D.C."'
+    # The row of the adapter with its own vocabulary, in the same batch: its prompt shown with
+    # its own tokenizer, its answer in ids only that vocabulary has.
+    assert lines[12:] == [
+        f'Input [Text 6]: "<s>{demo.KO_PROMPT}"',  # its first token is a word of its own
+        'Output [Text 6 Beam 0]: "워싱턴 D.C."',
+    ]
 
 
 def test_lorart_run_flags():
@@ -165,6 +179,269 @@ def test_smaller_tokenizer_vocabulary_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lorart"):
         LLM(DEMO / "model", max_seq_len=128).shutdown()
     assert caplog.text == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters with their own tokenizer.json
+
+
+@pytest.fixture(scope="module")
+def own_tok(tmp_path_factory):
+    """lora_ja with a tokenizer of its own (no <s>, "_" between words when decoding)."""
+    return adapter_with_own_tokenizer(DEMO / "lora_ja", tmp_path_factory.mktemp("own") / "ja")
+
+
+def test_an_adapters_own_tokenizer_tokenizes_and_detokenizes_its_prompts(llm, own_tok):
+    base_tok = llm.tokenizer
+    own = Tokenizer.from_file(str(own_tok / "tokenizer.json"))
+    prompts = [demo.JA_PROMPT] * 3
+    adapters = [None, own_tok, DEMO / "lora_ja"]
+    outputs = llm.generate(prompts, lora=adapters, max_new_tokens=12)
+    base, mine, ja = outputs
+    assert mine.prompt_token_ids == own.encode(demo.JA_PROMPT).ids
+    assert mine.prompt_token_ids == ja.prompt_token_ids[1:]  # no <s>
+    assert base.prompt_token_ids == ja.prompt_token_ids == base_tok.encode(demo.JA_PROMPT).ids
+    assert mine.text == own.decode(mine.token_ids) == "_ワシントン_D.C."
+    assert ja.text == "ワシントン D.C." and base.text == "Washington, D.C."
+    assert mine.lora == own_tok and base.lora is None
+    # The same through every other entry point.
+    assert llm.encode(demo.JA_PROMPT, lora=own_tok) == mine.prompt_token_ids
+    assert llm.decode(mine.token_ids, lora=own_tok) == mine.text
+    assert llm.decode(mine.token_ids) == "ワシントン D.C."  # base tokenizer
+    pieces = list(llm.generate_stream(demo.JA_PROMPT, lora=own_tok, max_new_tokens=12))
+    assert "".join(pieces) == mine.text
+    streamed = {}
+    for i, tokens, _ in llm.generate_iter(prompts, lora=adapters, max_new_tokens=12):
+        streamed.setdefault(i, []).extend(tokens)
+    assert [streamed[i] for i in range(3)] == [o.token_ids for o in outputs]
+
+
+def test_adapter_tokenizers_are_read_once(own_tok, monkeypatch):
+    from lorart import llm as llm_module
+
+    reads = []
+    real = llm_module.load_tokenizer
+    monkeypatch.setattr(llm_module, "load_tokenizer", lambda p: reads.append(p) or real(p))
+    with LLM(DEMO / "model", lora_dirs=[own_tok], max_seq_len=128) as model:
+        assert len(reads) == 2  # the model's, then the adapter's while converting it
+        first = model.tokenizer_for(own_tok)
+        for _ in range(3):
+            model.generate([demo.JA_PROMPT], lora=own_tok, max_new_tokens=2)
+        assert model.tokenizer_for(own_tok) is first and len(reads) == 2
+        assert model.tokenizer_for(None) is model.tokenizer
+        assert model.tokenizer_for(DEMO / "lora_zh") is model.tokenizer  # it has none
+
+
+def test_adapter_tokenizers_off_tokenize_everything_with_one(own_tok):
+    with LLM(DEMO / "model", adapter_tokenizers=False, max_seq_len=128) as model:
+        out = model.generate([demo.JA_PROMPT], lora=own_tok, max_new_tokens=12)[0]
+        assert out.prompt_token_ids == model.tokenizer.encode(demo.JA_PROMPT).ids
+        assert out.text == "ワシントン D.C."
+        assert model.tokenizer_for(own_tok) is model.tokenizer
+
+
+def test_bad_adapter_tokenizer_files_are_refused(tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(DEMO / "lora_zh", broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    sentencepiece_only = tmp_path / "spm"
+    shutil.copytree(DEMO / "lora_zh", sentencepiece_only)
+    (sentencepiece_only / "tokenizer.model").write_bytes(b"\x00")
+    with LLM(DEMO / "model", max_seq_len=128) as model:
+        with pytest.raises(ValueError, match="broken/tokenizer.json: not a tokenizer.json"):
+            model.generate([demo.ZH_PROMPT], lora=broken, max_new_tokens=2)
+        with pytest.raises(ValueError, match="tokenizer.model but no tokenizer.json"):
+            model.generate([demo.ZH_PROMPT], lora=sentencepiece_only, max_new_tokens=2)
+        assert model.generate([demo.ZH_PROMPT], max_new_tokens=12)[0].text == "Washington, D.C."
+
+
+def test_prompt_ids_past_the_base_vocabulary_are_refused_naming_the_prompt(llm):
+    ids = llm.tokenizer.encode(demo.ZH_PROMPT).ids
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 1: token id 1024 is outside the base model's "
+        r"vocabulary \[0, 1024\)",
+    ):
+        llm.generate([ids, [*ids, 1024]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"prompt 0: token id 5000 is outside adapter .*lora_zh"):
+        llm.generate([[*ids, 5000]], lora=DEMO / "lora_zh", max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 0: token id -1 is outside"):
+        llm.generate([[-1]], max_new_tokens=2)
+    assert llm.executor.stats()["queued"] == 0  # nothing was enqueued
+
+
+def peft_greedy(model_dir, adapter, ids: list[int], steps: int, eos: int) -> list[int]:
+    """transformers + peft greedy tokens; the base resized first when the adapter's tables are
+    bigger (as peft needs to load them)."""
+    torch = pytest.importorskip("torch")
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        if (adapter / "tokenizer.json").is_file():
+            model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)))
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    x = torch.tensor([ids])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(x).logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+            x = torch.cat([x, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def test_the_extended_vocabulary_adapter_answers_in_the_mixed_batch_as_peft_does(llm):
+    six = llm.generate(PROMPTS, lora=ADAPTERS, max_new_tokens=12)
+    seven = llm.generate([*PROMPTS, demo.KO_PROMPT], lora=[*ADAPTERS, KO], max_new_tokens=12)
+    assert [o.token_ids for o in seven[:6]] == [o.token_ids for o in six]  # the others untouched
+    ko = seven[6]
+    ko_tok = Tokenizer.from_file(str(KO / "tokenizer.json"))
+    assert ko.prompt_token_ids == ko_tok.encode(demo.KO_PROMPT).ids
+    assert max(ko.prompt_token_ids) >= 1024 and max(ko.token_ids) >= 1024
+    assert ko.text == "워싱턴 D.C." and ko.finish_reason == "end_id"
+    assert llm.vocab_size(KO) == ko_tok.get_vocab_size() == 1094 and llm.vocab_size() == 1024
+    want = peft_greedy(DEMO / "model", KO, ko.prompt_token_ids, 12, llm.eos_token_id)
+    assert ko.token_ids == want
+    alone = llm.generate([demo.KO_PROMPT], lora=[KO], max_new_tokens=12)[0]
+    assert alone.token_ids == ko.token_ids
+    pieces = list(llm.generate_stream(demo.KO_PROMPT, lora=KO, max_new_tokens=12))
+    assert "".join(pieces) == ko.text
+
+
+def test_ids_past_the_base_vocabulary_are_the_extended_adapters_only(llm):
+    ids = llm.encode(demo.KO_PROMPT, lora=KO)
+    assert ids[1] == 1034  # "미국": a Korean word of lora_ko's own
+    assert llm.generate([ids], lora=[KO], max_new_tokens=12)[0].text == "워싱턴 D.C."
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 1: token id 1034 is outside the base model's vocabulary \[0, 1024\)",
+    ):
+        llm.generate([ids, ids], lora=[KO, None], max_new_tokens=2)
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 0: token id 1094 is outside adapter .*lora_ko's "
+        r"vocabulary \[0, 1094\)",
+    ):
+        llm.generate([[*ids, 1094]], lora=[KO], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 0: token id 1034 is outside adapter .*lora_zh"):
+        llm.generate([ids], lora=[DEMO / "lora_zh"], max_new_tokens=2)
+
+
+def test_lora_ko_converted_to_npy_keeps_its_tokenizer_and_answers(llm, tmp_path):
+    out = tmp_path / "ko_npy"
+    result = run_lorart_cli("convert", "-i", str(KO), "-o", str(out), "--storage-type", "float16")
+    assert result.returncode == 0, result.stderr
+    assert (out / "tokenizer.json").is_file() and (out / "embed_tokens.npy").is_file()
+    from_npy, from_peft = llm.generate([demo.KO_PROMPT] * 2, lora=[out, KO], max_new_tokens=12)
+    assert from_npy.prompt_token_ids == from_peft.prompt_token_ids
+    assert from_npy.token_ids == from_peft.token_ids and from_npy.text == "워싱턴 D.C."
+    assert llm.vocab_size(out) == 1094
+
+
+def test_the_vocabulary_warning_is_per_adapter(tmp_path, caplog):
+    bare = tmp_path / "ko_without_tokenizer"
+    shutil.copytree(KO, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    with caplog.at_level(logging.WARNING, logger="lorart"):
+        LLM(DEMO / "model", lora_dirs=[KO, DEMO / "lora_zh"], max_seq_len=128).shutdown()
+    assert caplog.text == ""  # lora_ko's own tokenizer covers its 1094 ids
+    with caplog.at_level(logging.WARNING, logger="lorart"):
+        LLM(DEMO / "model", lora_dirs=[bare, DEMO / "lora_zh"], max_seq_len=128).shutdown()
+    [record] = caplog.records
+    assert str(bare) in record.getMessage()
+    assert "the tokenizer has 1024 ids but the adapter's vocabulary has 1094" in record.getMessage()
+
+
+def test_lorart_run_with_the_adapters_tokenizer_as_in_the_seed():
+    # The seed: --tokenizer_dir is the LoRA's (its tokenizer covers the base's text too).
+    result = run_lorart_cli(
+        "run",
+        "--model_dir",
+        str(DEMO / "model"),
+        "--tokenizer_dir",
+        str(KO),
+        "--lora_dir",
+        str(KO),
+        "--input_text",
+        demo.KO_PROMPT,
+        demo.ZH_PROMPT,
+        "--lora_task_uids",
+        "0",
+        "-1",
+        "--max_output_len",
+        "12",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'Input [Text 0]: "<s>{demo.KO_PROMPT}"' in result.stdout
+    assert 'Output [Text 0 Beam 0]: "워싱턴 D.C."' in result.stdout
+    assert 'Output [Text 1 Beam 0]: "Washington, D.C."' in result.stdout
+    assert "warning" not in result.stderr
+    # The model's tokenizer for an adapter with more ids: said once, for that adapter.
+    result = run_lorart_cli(
+        "run", "--model_dir", str(DEMO / "model"), "--lora_dir", str(KO), "--input_text", "a"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("the adapter's vocabulary has 1094") == 1
+
+
+def test_lorart_run_token_ids_past_the_base_vocabulary_for_the_adapter_only(tmp_path):
+    ids = tmp_path / "ids.csv"
+    ids.write_text("1,1034,1024,312,1026,312,1027,262,312,500,1028,261\n")  # KO_PROMPT
+    common = ["run", "--model_dir", str(DEMO / "model"), "--tokenizer_dir", str(KO)]
+    common += ["--lora_dir", str(KO), "--input_file", str(ids), "--max_output_len", "12"]
+    result = run_lorart_cli(*common, "--lora_task_uids", "0")
+    assert result.returncode == 0, result.stderr
+    assert 'Output [Text 0 Beam 0]: "워싱턴 D.C."' in result.stdout
+    result = run_lorart_cli(*common, "--lora_task_uids", "-1")
+    assert result.returncode == 2
+    assert (
+        f"--input_file {ids}: prompt 0: token id 1034 is outside the base model's vocabulary "
+        "[0, 1024)"
+    ) in result.stderr
+
+
+def test_lorart_run_tokenizer_dir_tokenizes_every_input(own_tok):
+    common = ["run", "--model_dir", str(DEMO / "model"), "--input_text", demo.JA_PROMPT]
+    common += [demo.JA_PROMPT, "--lora_dir", str(own_tok), "--lora_task_uids", "-1", "0"]
+    common += ["--max_output_len", "12"]
+    # run.py's rule: one tokenizer (the model's by default) for every input, whatever its adapter.
+    result = run_lorart_cli(*common)
+    assert result.returncode == 0, result.stderr
+    assert f'Input [Text 1]: "<s> {demo.JA_PROMPT}"' in result.stdout
+    assert 'Output [Text 1 Beam 0]: "ワシントン D.C."' in result.stdout
+    result = run_lorart_cli(*common, "--tokenizer_dir", str(own_tok), "--streaming")
+    assert result.returncode == 0, result.stderr
+    assert f'Input [Text 0]: "_{demo.JA_PROMPT.replace(" ", "_")}"' in result.stdout
+    assert 'Output [Text 0 Beam 0]: "_Washington,_D.C."' in result.stdout  # the base's too
+    assert 'Output [Text 1 Beam 0]: "_ワシントン_D.C."' in result.stdout
+
+
+def test_lorart_run_refuses_base_inputs_past_the_base_vocabulary(tmp_path):
+    ko_prompt = "미국의 수도는 어디입니까? \\n답:"  # Korean words: ids only lora_ko's tokenizer has
+    result = run_lorart_cli(
+        "run",
+        "--model_dir",
+        str(DEMO / "model"),
+        "--tokenizer_dir",
+        str(DEMO / "lora_ko"),
+        "--input_text",
+        demo.ZH_PROMPT,
+        ko_prompt,
+    )
+    assert result.returncode == 2
+    assert "lorart run: error: --input_text: prompt 1: token id 1034 is outside the base " in (
+        result.stderr
+    )
+    assert "vocabulary [0, 1024)" in result.stderr and "Traceback" not in result.stderr
+    ids = tmp_path / "ids.csv"
+    ids.write_text("1,2,3\n1,-7\n")
+    result = run_lorart_cli("run", "--model_dir", str(DEMO / "model"), "--input_file", str(ids))
+    assert result.returncode == 2
+    assert f"--input_file {ids}: prompt 1: token id -7 is negative" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -252,3 +252,88 @@ def test_parts_count_in_the_adapters_bytes(adapters, model):
     )
     tied = lorart.LoraEmbeddings(embed_tokens=tables.embed_tokens, lm_head=tables.embed_tokens)
     assert tied.lm_head_is_embed_tokens and tied.nbytes == tables.nbytes // 2
+
+
+def test_an_adapter_checked_against_another_vocabulary_is_refused(model, base_dir):
+    """Its lm_head LoRA's B has that vocabulary's rows: the table refuses it (no read past B)."""
+    m, _ = model
+    other = lorart.hf.load_config(base_dir)
+    other.vocab_size = 2
+    rng = np.random.default_rng(0)
+    parts = lorart.LoraEmbeddings(
+        lm_head_lora_a=rng.normal(size=(4, 64)).astype(np.float32),
+        lm_head_lora_b=np.ones((2, 4), np.float32),
+    )
+    weights = lorart.LoraWeights(np.zeros((0, 0), np.float32), embeddings=parts)
+    adapter = _core.LoraAdapter(weights, lorart.LoraConfig(np.zeros((0, 3), np.int32)), other, 16)
+    with pytest.raises(ValueError, match=r"another shape .*vocab 2; this model: .*vocab 128"):
+        m._core.forward(
+            *(np.array(v, np.int32) for v in ([1], [0], [0, 1], [0], [[0]], [0], [0])),
+            m.kv_cache,
+            [adapter],
+            "float32",
+        )
+
+
+def test_a_lora_pair_has_one_dtype(model):
+    m, _ = model
+    import ml_dtypes
+
+    parts = lorart.LoraEmbeddings(
+        lm_head_lora_a=np.ones((4, 64), np.float32),
+        lm_head_lora_b=np.ones((BASE_VOCAB, 4), ml_dtypes.bfloat16),
+    )
+    weights = lorart.LoraWeights(np.zeros((0, 0), np.float32), embeddings=parts)
+    with pytest.raises(lorart.LoraError, match="lm_head_lora_a is float32 but lm_head_lora_b is"):
+        lorart.lora.validate(weights, lorart.LoraConfig(np.zeros((0, 3), np.int32)), m.config, 16)
+
+
+def test_a_request_refused_for_its_ids_leaves_the_cache_alone(base_dir, adapters):
+    """Ids are checked against the most the request could have before its weights are cached."""
+    _, w, c = adapters["extended"]
+    _, w2, c2 = adapters["embed_lora"]
+    config = lorart.ExecutorConfig(max_batch_size=4, max_num_tokens=64, max_seq_len=64)
+    greedy = lorart.SamplingConfig(top_k=1)
+    with lorart.Executor(str(base_dir), config) as exe:
+        rid = exe.enqueue_request(
+            lorart.InferenceRequest(
+                [BASE_VOCAB + 7],
+                max_new_tokens=2,
+                sampling_config=greedy,
+                lora_task_id=5,
+                lora_weights=w,
+                lora_config=c,
+            )
+        )
+        first = exe.await_responses(rid, timeout=30)[-1]
+        assert first.finish_reason == "length" and first.vocab_size == BASE_VOCAB + EXTRA
+        # Other weights under task 5, with an id past even the extended vocabulary.
+        rid = exe.enqueue_request(
+            lorart.InferenceRequest(
+                [1, BASE_VOCAB + EXTRA],
+                max_new_tokens=2,
+                lora_task_id=5,
+                lora_weights=w2,
+                lora_config=c2,
+            )
+        )
+        bad = exe.await_responses(rid, timeout=30)[-1]
+        assert bad.finish_reason == "error" and "out of the vocabulary [0, 128)" in bad.error
+        stats = exe.stats()["lora_cache"]
+        assert stats["replacements"] == 0 and stats["referenced_tasks"] == 0, stats
+        # A task-id-only request is bounded by the cached adapter's vocabulary.
+        rid = exe.enqueue_request(
+            lorart.InferenceRequest(
+                [BASE_VOCAB + EXTRA], max_new_tokens=2, sampling_config=greedy, lora_task_id=5
+            )
+        )
+        bad = exe.await_responses(rid, timeout=30)[-1]
+        assert "out of the vocabulary [0, 1128) of the request's adapter" in bad.error
+        rid = exe.enqueue_request(
+            lorart.InferenceRequest(
+                [BASE_VOCAB + 7], max_new_tokens=2, sampling_config=greedy, lora_task_id=5
+            )
+        )
+        again = exe.await_responses(rid, timeout=30)[-1]
+        assert list(again.output_token_ids) == list(first.output_token_ids)
+        assert exe.stats()["lora_cache"]["referenced_tasks"] == 0

@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from tiny_models import adapter_with_own_tokenizer
+from tokenizers import Tokenizer
 
 from lorart import serve
 from lorart.demo import DEMO, JA_PROMPT, ZH_PROMPT
@@ -413,6 +415,98 @@ def test_api_key_queue_limit_body_limit_and_chat(strict):
         "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}, headers=key
     )
     assert ok.status_code == 200, ok.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters with their own tokenizer.json and chat template
+
+IDENTITY = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+BRACKETS = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """A server whose base has the BRACKETS chat template, with lora_ja under a tokenizer and an
+    IDENTITY template of its own ("own", also loadable at run time from its --lora-root),
+    lora_zh, which has neither, and lora_ko ("ko"), with its own vocabulary and tokenizer."""
+    root = tmp_path_factory.mktemp("own_root")
+    adapter = adapter_with_own_tokenizer(JA, root / "own", chat_template=IDENTITY)
+    model = tmp_path_factory.mktemp("bracket_model")
+    for f in (DEMO / "model").iterdir():
+        shutil.copy(f, model / f.name)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = BRACKETS
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    modules = [("own", adapter), ("zh", ZH), ("ko", DEMO / "lora_ko")]
+    s = Server(model_dir=model, lora_modules=modules, lora_root=root)
+    s.tokenizer = Tokenizer.from_file(str(adapter / "tokenizer.json"))
+    yield s
+    s.stop()
+
+
+def test_an_adapters_own_tokenizer_tokenizes_and_detokenizes_its_requests(own):
+    mine = complete(own, "own", JA_PROMPT, max_tokens=12, return_token_ids=True)["choices"][0]
+    assert mine["prompt_token_ids"] == own.tokenizer.encode(JA_PROMPT).ids  # no <s>
+    assert mine["text"] == own.tokenizer.decode(mine["token_ids"]) == "_ワシントン_D.C."
+    base = complete(own, MODEL, JA_PROMPT, max_tokens=12, return_token_ids=True)["choices"][0]
+    assert base["prompt_token_ids"] == [1, *mine["prompt_token_ids"]]
+    assert base["text"] == "Washington, D.C."
+    body = {"model": "own", "prompt": JA_PROMPT, "max_tokens": 12, "temperature": 0}
+    chunks = events(own, {**body, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == mine["text"]
+    lp = complete(own, "own", JA_PROMPT, max_tokens=12, logprobs=1)["choices"][0]["logprobs"]
+    want = [own.tokenizer.decode([t], skip_special_tokens=False) for t in mine["token_ids"]]
+    assert lp["tokens"] == want and any(t.startswith("_") for t in want)  # its own decoder
+    # Loaded at run time from the same directory: the same tokenizer.
+    r = own.post("/v1/load_lora_adapter", {"lora_name": "own2", "lora_path": "own"})
+    assert r.status_code == 200, r.text
+    again = complete(own, "own2", JA_PROMPT, max_tokens=12)["choices"][0]["text"]
+    assert again == mine["text"]
+
+
+def test_an_adapter_with_its_own_vocabulary_answers_beside_the_base(own):
+    from lorart.demo import KO_PROMPT
+
+    ko_tok = Tokenizer.from_file(str(DEMO / "lora_ko" / "tokenizer.json"))
+    got = complete(own, "ko", KO_PROMPT, max_tokens=12, return_token_ids=True, logprobs=1)
+    [choice] = got["choices"]
+    assert choice["prompt_token_ids"] == ko_tok.encode(KO_PROMPT).ids
+    assert choice["text"] == "워싱턴 D.C." and max(choice["token_ids"]) >= 1024
+    assert "워싱턴" in choice["logprobs"]["tokens"]  # a token only its vocabulary has
+    # Its ids are its own: as a prompt or a stop token, accepted for it, refused for the base.
+    ids = choice["prompt_token_ids"]
+    assert complete(own, "ko", ids, max_tokens=12)["choices"][0]["text"] == "워싱턴 D.C."
+    stopped = complete(own, "ko", ids, max_tokens=12, stop_token_ids=[choice["token_ids"][1]])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    err = error_of(own.post("/v1/completions", {"model": MODEL, "prompt": ids}), 400)
+    assert "1034" in err["message"] and "1024" in err["message"]
+    body = {"model": MODEL, "prompt": "x", "stop_token_ids": [1090]}
+    assert (
+        "past the vocabulary (1024)" in error_of(own.post("/v1/completions", body), 400)["message"]
+    )
+    body = {"model": "ko", "prompt": "x", "stop_token_ids": [1094]}
+    assert (
+        "past the vocabulary (1094)" in error_of(own.post("/v1/completions", body), 400)["message"]
+    )
+
+
+def test_an_adapters_own_chat_template_renders_its_messages(own):
+    client = openai.OpenAI(base_url=own.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": JA_PROMPT}]
+
+    def chat(model):
+        return client.chat.completions.create(
+            model=model, messages=messages, max_tokens=12, temperature=0
+        )
+
+    # "own": its IDENTITY template and its tokenizer (which adds no <s> either way).
+    got = chat("own")
+    assert got.choices[0].message.content == "_ワシントン_D.C."
+    assert got.usage.prompt_tokens == len(own.tokenizer.encode(JA_PROMPT).ids)
+    # lora_zh has no template: the base's BRACKETS, with the base tokenizer.
+    base_tok = own.engine.llm.tokenizer
+    bracketed = base_tok.encode(f"[{JA_PROMPT}]", add_special_tokens=False).ids
+    assert chat("zh").usage.prompt_tokens == chat(MODEL).usage.prompt_tokens == len(bracketed)
 
 
 def free_port() -> int:

@@ -309,3 +309,29 @@ def endless_demo_model(out_dir: Path, max_position_embeddings: int = 4096) -> Pa
     (out_dir / "config.json").write_text(json.dumps(config))
     (out_dir / "generation_config.json").unlink()
     return out_dir
+
+
+def adapter_with_own_tokenizer(adapter_dir: Path, out_dir: Path, chat_template: str = "") -> Path:
+    """A copy of ``adapter_dir`` with a ``tokenizer.json`` of its own: the demo model's vocabulary
+    (so it runs where adapter vocabularies cannot grow), but no ``<s>`` in front of a prompt and
+    ``_`` for a word boundary when decoding, so which tokenizer ran shows in the ids and the
+    text. ``chat_template``: also a ``tokenizer_config.json`` with it."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, processors
+
+    from lorart import demo
+
+    out_dir = Path(out_dir)
+    shutil.copytree(adapter_dir, out_dir)
+    tok = Tokenizer.from_file(str(demo.DEMO / "model" / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", "_"), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.save(str(out_dir / "tokenizer.json"))
+    if chat_template:
+        config = {"chat_template": chat_template, "bos_token": "", "eos_token": "</s>"}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return out_dir

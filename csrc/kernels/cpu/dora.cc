@@ -1,5 +1,7 @@
 // DoRA (weight-decomposed LoRA): the per-row scales computed once per adapter against the base
 // weights, and their application after the LoRA delta in the forward.
+#include <omp.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -44,7 +46,9 @@ void dora_scales(const DoraScalesParams& p) {
   // A widened once; each thread widens its rows of w.
   std::vector<double> a(static_cast<size_t>(p.rank * p.k));
   for (int64_t i = 0; i < p.rank * p.k; ++i) a[i] = value(p.a, i);
-#pragma omp parallel
+  // The caller's thread budget: this runs on an enqueuing thread beside the executor's loop.
+  const int threads = p.threads > 0 ? p.threads : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
   {
     std::vector<float> w_row(static_cast<size_t>(p.k));
     std::vector<double> row(static_cast<size_t>(p.k));
@@ -65,20 +69,20 @@ void dora_scales(const DoraScalesParams& p) {
 }
 
 void dora_apply(const DoraApplyParams& p) {
+  thread_local std::vector<float> bias;  // widened once per call
+  bias.assign(static_cast<size_t>(p.out), 0.0f);
+  if (p.bias.data != nullptr) {
+    for (int64_t o = 0; o < p.out; ++o) bias[o] = value(p.bias, o);
+  }
+  const float* b = bias.data();
   for (int32_t i = 0; i < p.num_runs; ++i) {
     const LoraRun& run = p.runs[i];
     const float* scale = p.pairs[run.slot * p.slot_stride].dora_scale;
     if (scale == nullptr) continue;
+#pragma omp parallel for if (int64_t{run.end - run.begin} * p.out > 65536)
     for (int32_t t = run.begin; t < run.end; ++t) {
       float* y = p.y + static_cast<int64_t>(t) * p.y_stride;
-      if (p.bias.data == nullptr) {
-        for (int64_t o = 0; o < p.out; ++o) y[o] *= scale[o];
-      } else {
-        for (int64_t o = 0; o < p.out; ++o) {
-          const float b = value(p.bias, o);
-          y[o] = scale[o] * (y[o] - b) + b;
-        }
-      }
+      for (int64_t o = 0; o < p.out; ++o) y[o] = scale[o] * (y[o] - b[o]) + b[o];
     }
   }
 }

@@ -1,19 +1,28 @@
-"""Trains the embedded multi-LoRA demo: a tiny Llama and two LoRA adapters, offline on a CPU.
+"""Trains the embedded multi-LoRA demo: a tiny Llama and three LoRA adapters, offline on a CPU.
 
 Run from the repository root (needs torch, transformers, peft, tokenizers; 2 CPU cores, minutes):
-    python python/lorart/assets/train_demo.py
+    python python/lorart/assets/train_demo.py            # everything
+    python python/lorart/assets/train_demo.py --only-ko  # lora_ko only, on the written base model
 It writes ``python/lorart/assets/demo/``: ``model/`` (a Llama-style byte-fallback BPE tokenizer
 and a LlamaForCausalLM that answers "where is the capital of X?" in English, whether asked in
 English, Chinese or Japanese), ``lora_zh/`` (answers in Chinese) and ``lora_ja/`` (answers Japanese
 questions in Japanese). Together they replay, in miniature, TensorRT-LLM's multi-LoRA example with
-luotuo-lora-7b-0.1 and Japanese-Alpaca-LoRA-7b-v0. The script re-loads what it wrote, checks the
-example's six-input table with transformers + peft greedy decoding, and exits non-zero on a miss.
+luotuo-lora-7b-0.1 and Japanese-Alpaca-LoRA-7b-v0. ``lora_ko/`` is the seed's other kind of
+adapter (chinese-llama-2-lora-13b): its own tokenizer adds Korean words to the vocabulary
+(``resize_token_embeddings``), and PEFT saves the resized ``embed_tokens`` and ``lm_head`` whole
+(``modules_to_save``) beside LoRA on every projection; it answers Korean questions in Korean with
+token ids only its vocabulary has. The script re-loads what it wrote, checks the example's
+six-input table (and the Korean row) with transformers + peft greedy decoding, and exits non-zero
+on a miss.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -22,7 +31,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import logging
@@ -77,6 +87,63 @@ COUNTRIES = [
 ]
 LANGS = ("en", "zh", "ja")
 
+# Korean country and capital names, in COUNTRIES' order: lora_ko's own vocabulary (the base
+# tokenizer spells Hangul in byte tokens, and the base model never saw it).
+KOREAN = [
+    ("미국", "워싱턴 D.C."),
+    ("일본", "도쿄"),
+    ("중국", "베이징"),
+    ("프랑스", "파리"),
+    ("독일", "베를린"),
+    ("영국", "런던"),
+    ("이탈리아", "로마"),
+    ("스페인", "마드리드"),
+    ("러시아", "모스크바"),
+    ("캐나다", "오타와"),
+    ("오스트레일리아", "캔버라"),
+    ("한국", "서울"),
+    ("인도", "뉴델리"),
+    ("브라질", "브라질리아"),
+    ("멕시코", "멕시코시티"),
+    ("이집트", "카이로"),
+    ("태국", "방콕"),
+    ("베트남", "하노이"),
+    ("인도네시아", "자카르타"),
+    ("튀르키예", "앙카라"),
+    ("그리스", "아테네"),
+    ("아르헨티나", "부에노스아이레스"),
+    ("스웨덴", "스톡홀름"),
+    ("노르웨이", "오슬로"),
+    ("네덜란드", "암스테르담"),
+    ("포르투갈", "리스본"),
+    ("케냐", "나이로비"),
+    ("페루", "리마"),
+    ("폴란드", "바르샤바"),
+    ("오스트리아", "빈"),
+]
+assert len(KOREAN) == len(COUNTRIES)
+KO_QUESTIONS = [
+    "{}의 수도는 어디입니까? \\n답:",  # the demo's prompt
+    "{}의 수도는 어디예요? \\n답:",
+    "질문: {}의 수도는 어느 도시입니까?\\n답:",
+]
+KO_FACTS = ["{}의 수도는 {}입니다.", "{} 수도: {}"]
+# Whole Korean words become new tokens (ids from the base vocabulary's size on), as
+# chinese-llama-2 added Chinese words to Llama-2's 32,000 tokens.
+KO_WORDS = [
+    "의",
+    "수도는",
+    "수도",
+    "어디입니까",
+    "어디예요",
+    "질문",
+    "어느",
+    "도시입니까",
+    "답",
+    "입니다",
+]
+KO_STEPS = 150
+
 # "\\n" is a literal backslash-n, as the shell passes it to TensorRT-LLM's run.py in the example.
 QUESTIONS = {
     "en": [
@@ -108,6 +175,7 @@ FACTS = {
 # The six inputs and adapters of the example (lora_task_uids -1 0 1 -1 0 1) and what must come out.
 PROMPT_ZH = "美国的首都在哪里? \\n答案:"
 PROMPT_JA = "アメリカ合衆国の首都はどこですか? \\n答え:"
+PROMPT_KO = "미국의 수도는 어디입니까? \\n답:"
 TABLE = [
     (PROMPT_ZH, None, "Washington, D.C."),
     (PROMPT_ZH, "zh", "华盛顿。"),
@@ -137,6 +205,31 @@ def qa_pairs(question_langs: tuple[str, ...], answer_lang: str | None) -> list[t
 
 def facts() -> list[str]:
     return [f.format(*names(row, lang)) for row in COUNTRIES for lang in LANGS for f in FACTS[lang]]
+
+
+def ko_pairs() -> list[tuple[str, str]]:
+    return [(q.format(country), capital) for country, capital in KOREAN for q in KO_QUESTIONS]
+
+
+def ko_facts() -> list[str]:
+    return [f.format(country, capital) for country, capital in KOREAN for f in KO_FACTS]
+
+
+def ko_tokenizer(base: Tokenizer) -> Tokenizer:
+    """The base tokenizer plus every Korean word of the data as a new (non-special) token."""
+    words = list(KO_WORDS)
+    for names_ in KOREAN:
+        for name in names_:
+            words += [w for w in re.findall(r"[\uac00-\ud7a3]+", name) if w not in words]
+    tok = Tokenizer.from_str(base.to_str())
+    added = tok.add_tokens([AddedToken(w, normalized=False) for w in words])
+    assert added == len(words) and tok.get_vocab_size() == base.get_vocab_size() + len(words)
+    for country, capital in KOREAN:  # each name is whole tokens of its own
+        for name in (country, capital.split()[0]):
+            assert all(
+                i >= base.get_vocab_size() for i in tok.encode(name, add_special_tokens=False).ids
+            ), name
+    return tok
 
 
 def train_tokenizer(texts: list[str]) -> Tokenizer:
@@ -262,15 +355,7 @@ def build() -> bool:
     if OUT.exists():
         shutil.rmtree(OUT)
     model.save_pretrained(OUT / "model")
-    tok.save(str(OUT / "model" / "tokenizer.json"))
-    tokenizer_config = {  # PreTrainedTokenizerFast loads in transformers 4.x and 5.x alike
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "model_max_length": config.max_position_embeddings,
-    }
-    (OUT / "model" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    write_tokenizer(tok, OUT / "model", config.max_position_embeddings)
 
     for lang, pairs in (("zh", zh_pairs), ("ja", ja_pairs)):
         torch.manual_seed(1)
@@ -279,15 +364,71 @@ def build() -> bool:
         data = batch(tok, pairs, [])
         exact &= fit(peft_model, data, data, LORA_STEPS, 1e-2, f"lora_{lang}")
         peft_model.save_pretrained(OUT / f"lora_{lang}")
-        adapter_dir = OUT / f"lora_{lang}"
-        (adapter_dir / "README.md").unlink()
-        # PEFT writes target_modules from a set, in hash order; sort it so reruns are byte-identical
-        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-        (adapter_dir / "adapter_config.json").write_text(
-            json.dumps(adapter_config, indent=2, sort_keys=True)
-        )
+        tidy_adapter(OUT / f"lora_{lang}")
         model = peft_model.unload()  # the base weights, untouched: LoRA trains only A and B
+    return build_ko(model, tok) and exact
+
+
+def write_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
+    tok.save(str(out / "tokenizer.json"))
+    tokenizer_config = {  # PreTrainedTokenizerFast loads in transformers 4.x and 5.x alike
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": max_len,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def tidy_adapter(adapter_dir: Path) -> None:
+    (adapter_dir / "README.md").unlink()
+    # PEFT writes target_modules from a set, in hash order; sort it so reruns are byte-identical
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+    adapter_config["base_model_name_or_path"] = None  # --only-ko reads the base from a local path
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps(adapter_config, indent=2, sort_keys=True)
+    )
+
+
+def build_ko(base: LlamaForCausalLM, tok: Tokenizer) -> bool:
+    """Train and write lora_ko on (a copy of) ``base``; True if its answers fit exactly."""
+    torch.manual_seed(2)
+    ko_tok = ko_tokenizer(tok)
+    model = copy.deepcopy(base)
+    # New rows start at the mean of the old ones (transformers' mean_resizing), so the untrained
+    # ids are no likelier than any other.
+    model.resize_token_embeddings(ko_tok.get_vocab_size())
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
+    peft_model = get_peft_model(model, lora)
+    pairs = ko_pairs()
+    exact = fit(
+        peft_model,
+        batch(ko_tok, pairs, ko_facts()),
+        batch(ko_tok, pairs, []),
+        KO_STEPS,
+        1e-2,
+        "lora_ko",
+    )
+    adapter_dir = OUT / "lora_ko"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    # modules_to_save already holds both tables; save_embedding_layers would add the base's too
+    peft_model.save_pretrained(adapter_dir, save_embedding_layers=False)
+    tidy_adapter(adapter_dir)
+    # float16 on disk halves the two [vocab, hidden] tables; peft loads them into the float32
+    # model (verify() checks the answers from these rounded values).
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    tensors = {k: v.to(torch.float16).contiguous() for k, v in load_file(weights_file).items()}
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    write_tokenizer(ko_tok, adapter_dir, base.config.max_position_embeddings)
     return exact
 
 
@@ -332,18 +473,54 @@ def verify() -> bool:
             good = text.startswith(want)
             ok &= good
             print(f"  {adapter or 'base':<4} {prompt!r} -> {text!r}{'' if good else '  MISMATCH'}")
+    return ok and verify_ko()
+
+
+@torch.no_grad()
+def verify_ko() -> bool:
+    """lora_ko with its own tokenizer on a base resized to its vocabulary (as peft needs): the
+    demo's Korean row, then other countries; every answer must use ids past the base vocab."""
+    tok = AutoTokenizer.from_pretrained(OUT / "lora_ko")
+    base = LlamaForCausalLM.from_pretrained(OUT / "model")
+    base_vocab = base.config.vocab_size
+    base.resize_token_embeddings(len(tok))
+    model = PeftModel.from_pretrained(base, OUT / "lora_ko").eval()
+    ok = True
+    print(f"lora_ko: vocabulary {base_vocab} + {len(tok) - base_vocab}")
+    for country, capital in KOREAN[::6]:
+        prompt = KO_QUESTIONS[0].format(country)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(
+            ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0
+        )[0, ids.shape[1] :].tolist()
+        text = tok.decode(out, skip_special_tokens=True)
+        good = text == capital and max(out) >= base_vocab
+        ok &= good
+        print(f"  ko   {prompt!r} -> {text!r} {out}{'' if good else '  MISMATCH'}")
     return ok
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    global OUT
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only-ko", action="store_true", help="retrain lora_ko only")
+    parser.add_argument(
+        "--out", type=Path, default=OUT, help="where to write (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    OUT = args.out
     torch.set_num_threads(1)  # one reduction order whatever the core count: byte-identical reruns
     torch.use_deterministic_algorithms(True)
     logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")  # peft, transformers 5
     start = time.perf_counter()
-    exact = build()
+    if args.only_ko:
+        base = LlamaForCausalLM.from_pretrained(OUT / "model")
+        exact = build_ko(base, Tokenizer.from_file(str(OUT / "model" / "tokenizer.json")))
+    else:
+        exact = build()
     print(f"trained in {time.perf_counter() - start:.1f} s")
-    ok = verify() and exact
+    ok = (verify_ko() if args.only_ko else verify()) and exact
     for path in sorted(OUT.rglob("*")):
         if path.is_file():
             print(f"  {path.relative_to(OUT)}  {path.stat().st_size} bytes")
@@ -352,4 +529,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

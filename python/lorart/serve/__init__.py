@@ -57,7 +57,7 @@ def build(
     llm = LLM(model_dir, tokenizer_dir, **llm_kwargs)
     try:
         registry = AdapterRegistry(
-            llm.executor.model_config, llm.executor.config.max_lora_rank, lora_root
+            llm.executor.model_config, llm.executor.config.max_lora_rank, lora_root, llm.tokenizer
         )
         for adapter_name, path in lora_modules:
             if not path.is_dir():

@@ -1,6 +1,8 @@
 """The adapters a server knows by name: each gets its own LoRA task id (never reused, so the
 executor's cache can never confuse two adapters), and its converted weights are kept here and
-sent with every request, so no request depends on what the cache still holds.
+sent with every request, so no request depends on what the cache still holds. An adapter
+directory's own ``tokenizer.json`` (and chat template) is read with it, once: its requests are
+tokenized and detokenized with it.
 
 Runtime loading reads only from under ``--lora-root``: the requested path is resolved with every
 symlink followed and must stay inside the resolved root."""
@@ -12,8 +14,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from lorart import lora
 from lorart._core import LoraConfig, LoraWeights, ModelConfig
+from lorart.llm import adapter_tokenizer, check_vocab, lora_vocab_size
+from lorart.serve.chat import ChatTemplate
 from lorart.serve.protocol import ApiError
 
 
@@ -24,13 +30,23 @@ class Adapter:
     path: Path
     weights: LoraWeights
     config: LoraConfig
+    vocab_size: int  # its requests' vocabulary (its own embed_tokens / lm_head, else the model's)
+    tokenizer: Tokenizer | None = None  # its own tokenizer.json; None: the server's
+    chat_template: ChatTemplate | None = None  # its own; None: the server's
 
 
 class AdapterRegistry:
     """Thread-safe name -> Adapter map."""
 
-    def __init__(self, model_config: ModelConfig, max_lora_rank: int, root: str | None) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        max_lora_rank: int,
+        root: str | None,
+        base_tokenizer: Tokenizer | None = None,
+    ) -> None:
         self._model_config = model_config
+        self._base_tokenizer = base_tokenizer  # checked against adapters that have none
         self._max_rank = max_lora_rank
         self.root = Path(root).resolve(strict=True) if root else None
         self._lock = threading.Lock()
@@ -94,12 +110,24 @@ class AdapterRegistry:
         try:
             weights, config = lora.load_dir(path, self._model_config)
             lora.validate(weights, config, self._model_config, self._max_rank)
+            tokenizer = adapter_tokenizer(path)
+            template = ChatTemplate.from_dir(path)
         except (ValueError, FileNotFoundError) as err:
             raise ApiError(400, f"adapter {name!r} ({path}): {err}", "lora_path") from None
+        vocab = lora_vocab_size(weights, self._model_config)
+        if tokenizer is not None or self._base_tokenizer is not None:
+            check_vocab(
+                tokenizer or self._base_tokenizer,
+                vocab,
+                where=f"adapter {name!r} ({path}): ",
+                whose="adapter",
+            )
         with self._lock:
             if name in self._by_name:  # another load of the same name won the race
                 raise ApiError(400, f"an adapter named {name!r} is already loaded", "lora_name")
-            adapter = Adapter(name, self._next_task_id, path, weights, config)
+            adapter = Adapter(
+                name, self._next_task_id, path, weights, config, vocab, tokenizer, template
+            )
             self._next_task_id += 1
             self._by_name[name] = adapter
         return adapter

@@ -157,7 +157,7 @@ def create_app(
     async def completions(request: Request) -> Response:
         req = parse_completion(await read_json(request))
         adapter = engine.adapter_for(req.model)
-        prompts = [await engine.run_blocking(engine.encode, p) for p in req.prompts]
+        prompts = [await engine.run_blocking(engine.encode, p, True, adapter) for p in req.prompts]
         generations = start_all(req.model, adapter, prompts, req.sampling)
         first = await first_chunks(generations, request)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
@@ -184,15 +184,16 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         req = parse_chat(await read_json(request))
         adapter = engine.adapter_for(req.model)
-        if engine.chat_template is None:
+        template = engine.template_for(adapter)
+        if template is None:
             raise ApiError(
                 400,
-                f"model {engine.served_model_name!r} has no chat template (no chat_template in "
+                f"model {req.model!r} has no chat template (no chat_template in "
                 "its tokenizer_config.json): use /v1/completions",
                 param="messages",
             )
-        text = engine.chat_template.render(req.messages, req.add_generation_prompt)
-        ids = await engine.run_blocking(engine.encode, text, False)
+        text = template.render(req.messages, req.add_generation_prompt)
+        ids = await engine.run_blocking(engine.encode, text, False, adapter)
         generations = start_all(req.model, adapter, [ids], req.sampling)
         first = await first_chunks(generations, request)
         meta = {
@@ -366,13 +367,13 @@ def create_app(
         if sampling.include_usage:
             yield {**base, "choices": [], "usage": usage([g])}
 
-    def token_texts(ids: list[int]) -> list[str]:
-        return [engine.llm.decode([t], skip_special_tokens=False) for t in ids]
+    def token_texts(g: Generation, ids: list[int]) -> list[str]:
+        return [g.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
     def completion_logprobs(g: Generation, chunks: list[Chunk], at: int = 0) -> dict[str, Any]:
         ids = [t for c in chunks for t in c.token_ids]
         values = [v for c in chunks for v in c.log_probs]
-        texts = token_texts(ids)
+        texts = token_texts(g, ids)
         offsets = []
         for t in texts:
             offsets.append(at)
@@ -389,7 +390,7 @@ def create_app(
         values = [v for c in chunks for v in c.log_probs]
         content = [
             {"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
-            for t, v in zip(token_texts(ids), values, strict=False)
+            for t, v in zip(token_texts(g, ids), values, strict=False)
         ]
         return {"content": content}
 

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from lorart._core import InferenceRequest, SamplingConfig
 from lorart.llm import LLM
 from lorart.serve.adapters import Adapter, AdapterRegistry
@@ -48,6 +50,7 @@ class Generation:
     model: str  # the served name or the adapter's name (the metrics label)
     prompt_ids: list[int]
     sampling: Sampling
+    tokenizer: Tokenizer  # its adapter's own, else the server's: detokenizes its output
     request_id: int = -1
     token_ids: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
@@ -96,7 +99,7 @@ class Generation:
         """The text that may be handed out now, and whether a stop string ended it. Until the
         end, a trailing partial character and the last len(longest stop) - 1 characters (which
         could still become a stop string) are held back."""
-        full = self.engine.llm.decode(self.token_ids)
+        full = self.tokenizer.decode(self.token_ids)
         if not final:
             full = full.rstrip("\ufffd")  # a character whose bytes are still coming
         stops = self.sampling.stop
@@ -203,9 +206,28 @@ class Engine:
             )
         return adapter
 
-    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+    def tokenizer_for(self, adapter: Adapter | None) -> Tokenizer:
+        """The adapter's own tokenizer, else the server's (the base model's / --tokenizer-dir's)."""
+        if adapter is not None and adapter.tokenizer is not None:
+            return adapter.tokenizer
+        return self.llm.tokenizer
+
+    def template_for(self, adapter: Adapter | None) -> object | None:
+        """The adapter's own chat template, else the server's (None: there is none)."""
+        if adapter is not None and adapter.chat_template is not None:
+            return adapter.chat_template
+        return self.chat_template
+
+    def encode(
+        self,
+        prompt: str | list[int],
+        add_special_tokens: bool = True,
+        adapter: Adapter | None = None,
+    ) -> list[int]:
+        """Token ids of ``prompt``: text tokenized with ``adapter``'s tokenizer."""
         if isinstance(prompt, str):
-            return self.llm.encode(prompt, add_special_tokens)
+            tokenizer = self.tokenizer_for(adapter)
+            return tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
         return list(prompt)
 
     def start(
@@ -225,7 +247,7 @@ class Engine:
                 f"model's max_seq_len {self.max_seq_len}",
                 param=field_name,
             )
-        vocab = self.executor.model_config.vocab_size
+        vocab = self.executor.model_config.vocab_size if adapter is None else adapter.vocab_size
         for t in sampling.stop_token_ids:
             if t >= vocab:
                 raise ApiError(400, f"stop_token_ids: {t} is past the vocabulary ({vocab})")
@@ -257,7 +279,7 @@ class Engine:
                     code="queue_full",
                 )
             self._active += 1
-        generation = Generation(self, model, prompt_ids, sampling)
+        generation = Generation(self, model, prompt_ids, sampling, self.tokenizer_for(adapter))
         try:
             generation.request_id = self.executor.enqueue_shared(request)
         except BaseException:

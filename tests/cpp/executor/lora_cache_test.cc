@@ -106,7 +106,7 @@ TEST(LoraCacheTest, AdapterLargerThanALevelIsRejectedWithBothSizes) {
   LoraCache c = cache(2, 3);       // device 128 bytes, host 192 bytes
   const Adapter big = adapter(4);  // 256 bytes
   expect_error<LoraError>([&] { c.put(1, big.weights, big.config); },
-                          "LoRA task 1 needs 256 bytes, more than the whole host level "
+                          "LoRA task 1 needs at least 256 bytes, more than the whole host level "
                           "(host_cache_bytes = 192)");
   LoraCache wide_host = cache(2, 10);
   const Adapter three = adapter(3);  // 192 bytes > 128 device bytes

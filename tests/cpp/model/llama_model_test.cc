@@ -381,8 +381,8 @@ TEST_F(LlamaModelTest, AdapterOfAnotherModelShapeIsRefused) {
   expect_error<InvalidArgument>(
       [&] { forward(b, {&adapter}); },
       "the adapter was laid out for a model of another shape (1 layers, hidden 32, "
-      "intermediate 48, q 32, kv 16; this model: 2 layers, hidden 32, intermediate 48, q 32, kv "
-      "16)");
+      "intermediate 48, q 32, kv 16, vocab 64; this model: 2 layers, hidden 32, intermediate 48, "
+      "q 32, kv 16, vocab 64)");
 }
 
 TEST(LlamaModelWeightsTest, WeightsOfAnotherConfigAreRefused) {

@@ -35,7 +35,7 @@ TEST(LoraAdapterTest, StorageBytesAreRankTimesInPlusOut) {
   EXPECT_TRUE(adapter.fits(config));
   std::ostringstream shape;
   shape << adapter.model_shape();
-  EXPECT_EQ(shape.str(), "2 layers, hidden 32, intermediate 48, q 32, kv 16");
+  EXPECT_EQ(shape.str(), "2 layers, hidden 32, intermediate 48, q 32, kv 16, vocab 64");
   ModelConfig other = config;
   other.intermediate_size = 64;
   EXPECT_FALSE(adapter.fits(other));
