@@ -238,10 +238,11 @@ def validate(
     """Raise :class:`lorart.LoraError` for the first rule the adapter breaks.
 
     Rules (checked in C++, the same code the executor runs at enqueue): both tensors present; row
-    counts equal; at least one row; each module id known and present in the model;
-    ``0 <= layer_idx < num_layers``; ``0 < r <= max_lora_rank``; no (module, layer) twice; rows
-    long enough for ``r*Hi + Ho*r`` values; dtype equal to ``dtype`` when given; used values
-    finite.
+    counts equal; at least one row or embedding-side parts; each module id known and present in
+    the model; ``0 <= layer_idx < num_layers``; ``0 < r <= max_lora_rank``; no (module, layer)
+    twice; rows long enough for ``r*Hi + Ho*r`` values (``+ Ho`` for DoRA); dtype equal to
+    ``dtype`` when given; used values finite; the embedding-side parts' shapes, ranks and
+    vocabulary (at least the model's; both tables when larger).
     """
     _core.validate_lora(weights, config, model_config, max_lora_rank, dtype)
 
@@ -486,14 +487,18 @@ def _replacement_tables(
     the vocabulary was resized (``save_embedding_layers``) or the module carries LoRA
     (``base_layer``): it only matters when its vocabulary is not the model's.
     """
-    trained = cfg["modules_to_save"]
+    trained = set(cfg["modules_to_save"])
+    if cfg["ensure_weight_tying"] and "embed_tokens" in trained:
+        trained.add("lm_head")  # PEFT's modules_to_tie: lm_head shares the trained copy, if saved
     base_vocab = model_config.vocab_size if model_config is not None else None
     out: dict[str, np.ndarray] = {}
     for name in _TABLES:
         kinds = tables.get(name, {})
         if name in trained:
             table = kinds.get("modules_to_save", kinds.get("weight"))
-            if table is None:
+            if table is None and name not in cfg["modules_to_save"]:
+                pass  # lm_head tied by ensure_weight_tying but not saved: the tie rule below
+            elif table is None:
                 raise LoraError(
                     f"{adapter_dir}: modules_to_save lists {name} but the adapter holds no {name} "
                     f"table (expected a key like base_model.model...{name}.weight)"
@@ -525,7 +530,7 @@ def _replacement_tables(
         and head is None
         and model_config is not None
         and model_config.tie_word_embeddings
-        and (cfg["ensure_weight_tying"] or "embed_tokens" not in trained)
+        and (cfg["ensure_weight_tying"] or "embed_tokens" not in cfg["modules_to_save"])
     ):
         # A tied base's lm_head is its embedding table: PEFT ties the trained copy to it under
         # ensure_weight_tying, and a resized base table replaces both.

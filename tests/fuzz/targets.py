@@ -363,12 +363,16 @@ def fuzz_lora(data: bytes) -> None:
     else:
         values = None
     c_dtype = _dtype(fdp, _CONFIG_DTYPES)
+    dora = _rare(fdp, 0.2)  # TensorRT-LLM's 4th column, is_dora
+    columns = 4 if dora else 3
     table = []
     for _ in range(rows):
-        table.append([_field(fdp, 0, 8), _field(fdp, 0, 2), _field(fdp, 1, 4)])
-    c_shape = (rows * 3,) if _rare(fdp, 0.05) else (rows, 3)
+        row = [_field(fdp, 0, 8), _field(fdp, 0, 2), _field(fdp, 1, 4)]
+        table.append([*row, _field(fdp, 0, 1)] if dora else row)
+    c_shape = (rows * columns,) if _rare(fdp, 0.05) else (rows, columns)
+    embeddings = _embeddings(fdp) if _rare(fdp, 0.2) else None
     try:
-        weights = lora.LoraWeights(_array(fdp, w_dtype, w_shape, values))
+        weights = lora.LoraWeights(_array(fdp, w_dtype, w_shape, values), embeddings=embeddings)
     except Exception as err:
         expect_value_error(err)
         weights = None
@@ -399,6 +403,37 @@ def fuzz_lora(data: bytes) -> None:
     _check_adapter(weights, config, max_rank, dtype)
 
 
+def _embeddings(fdp: atheris.FuzzedDataProvider):
+    """Embedding-side parts of shapes near (and sometimes off) the model's, or None when the
+    constructor refuses them (which must be a ValueError)."""
+    h, v = MODEL_CONFIG.hidden_size, MODEL_CONFIG.vocab_size
+    vocab = fdp.PickValueInList([v, v + 3, v - 1, 0])
+    rank = fdp.PickValueInList([1, 2, 4, 0])
+    shapes = {
+        "embed_tokens": [(vocab, h), (vocab, h + 1)],
+        "lm_head": [(vocab, h), (v, h)],
+        "embed_lora_a": [(rank, vocab), (rank, v)],
+        "embed_lora_b": [(h, rank), (h, rank + 1)],
+        "lm_head_lora_a": [(rank, h), (rank, h - 1)],
+        "lm_head_lora_b": [(vocab, rank), (v, rank)],
+    }
+    gen = np.random.default_rng(fdp.ConsumeIntInRange(0, 2**16))
+    parts = {}
+    for name, choices in shapes.items():
+        if fdp.ConsumeBool():
+            continue
+        shape = fdp.PickValueInList(choices)
+        values = gen.standard_normal(shape) * fdp.PickValueInList([1, 1e-3, 3e38])
+        parts[name] = _array(fdp, _dtype(fdp, _WEIGHT_DTYPES), shape, values.reshape(-1))
+    if "embed_tokens" in parts and _rare(fdp, 0.3):
+        parts["lm_head"] = parts["embed_tokens"]  # kept tied
+    try:
+        return lora.LoraEmbeddings(**parts)
+    except Exception as err:
+        expect_value_error(err)
+        return None
+
+
 @atheris.instrument_func
 def _check_adapter(weights, config, max_rank: int, dtype) -> None:
     """What validate() accepts must work everywhere an adapter goes."""
@@ -409,9 +444,24 @@ def _check_adapter(weights, config, max_rank: int, dtype) -> None:
         return
     rows = lora.unpack(weights, config, MODEL_CONFIG)
     assert len(rows) == config.num_rows
+    dora = config.num_columns == 4 and bool(config.numpy()[:, 3].any())
     for tp_rank in (0, 1):
-        lora.tp_split(weights, config, MODEL_CONFIG, 2, tp_rank)
-    _core.LoraAdapter(weights, config, MODEL_CONFIG, lora._max_rank(config))
+        try:
+            lora.tp_split(weights, config, MODEL_CONFIG, 2, tp_rank)
+        except lora.LoraError:  # what tensor parallelism cannot split yet, and only that
+            assert dora or weights.embeddings is not None
+    max_rank = max(1, lora._max_rank(config), *_part_ranks(weights))
+    try:
+        _core.LoraAdapter(weights, config, MODEL_CONFIG, max_rank)
+    except lora.LoraError as err:  # DoRA's scales need a model's weights
+        assert dora and "DoRA rows" in str(err), err
+
+
+def _part_ranks(weights) -> list[int]:
+    e = weights.embeddings
+    if e is None:
+        return []
+    return [p.shape[0] for p in (e.embed_lora_a, e.lm_head_lora_a) if p is not None]
 
 
 TARGETS = {

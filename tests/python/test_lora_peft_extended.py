@@ -6,7 +6,7 @@ and end to end through lorart.Executor against PEFT's forward.
 The merged-weight checks rebuild every adapted weight from the converted parts alone and compare
 it with ``merge_and_unload()``; the forward checks compare with the unmerged PeftModel (which is
 what PEFT serves; for LoRA on a tied base's embed_tokens ``merge_and_unload`` also changes
-lm_head, see test_tied_lora_on_embed_tokens_follows_peft_forward).
+lm_head, see test_tied_lora_on_embed_tokens).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import copy
 import json
 import shutil
 
-import ml_dtypes
 import numpy as np
 import pytest
 from executor_helpers import final
@@ -89,6 +88,24 @@ ADAPTERS = {
     "tied_embed_lora": (
         "ext_tied_dir",
         dict(seed=36, r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"]),
+    ),
+    # A tied base resized by 1,000 tokens: a trained table kept tied, and LoRA only (PEFT then
+    # saves the resized base table, which serves as both embed_tokens and lm_head).
+    "tied_resized_kept": (
+        "ext_tied_dir",
+        dict(
+            seed=41,
+            resize=1160,
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj"],
+            modules_to_save=["embed_tokens"],
+            ensure_weight_tying=True,
+        ),
+    ),
+    "tied_resized_lora": (
+        "ext_tied_dir",
+        dict(seed=42, resize=1160, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
     ),
     # (d) DoRA on all seven projections with mixed ranks and alphas.
     "dora": (
@@ -355,11 +372,29 @@ def test_tied_ensure_weight_tying_without_lm_head_key(adapter, tmp_path):
 def test_tied_lora_on_embed_tokens(adapter):
     """PEFT's forward adds the LoRA to the looked-up embeddings only: the tied lm_head keeps the
     base table (merge_and_unload would fold it into the shared table and change lm_head too)."""
-    ad, _, mc = adapter("tied_embed_lora")
+    ad, base_dir, mc = adapter("tied_embed_lora")
     weights, _ = lora.from_peft(ad.dir, mc)
     parts = weights.embeddings
     assert parts.embed_lora_a.shape == (4, 160)
     assert parts.lm_head_lora_a is None and parts.lm_head is None and parts.embed_tokens is None
+    base = base_state(base_dir)["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(ad.model.get_output_embeddings().weight.detach(), base)
+    merged = merged_state(ad.model)  # PEFT's merge folds the LoRA into the shared table
+    assert not np.allclose(merged["lm_head.weight"], base)
+
+
+@pytest.mark.parametrize("name", ["tied_resized_kept", "tied_resized_lora"])
+def test_tied_resized(adapter, name):
+    """A resized tied base: the trained copy (ensure_weight_tying, saved for both modules) or the
+    resized base table PEFT saves (LoRA only) is both embed_tokens and lm_head, one array."""
+    ad, _, mc = adapter(name)
+    weights, _ = lora.from_peft(ad.dir, mc)
+    parts = weights.embeddings
+    assert parts.vocab_size == 1160 and parts.lm_head_is_embed_tokens
+    np.testing.assert_array_equal(
+        parts.embed_tokens, ad.model.get_input_embeddings().weight.detach()
+    )
+    assert_rebuilds_merged(name, adapter)
 
 
 # ----------------------------------------------------------------------------- (d) DoRA
@@ -668,3 +703,194 @@ def test_embed_lora_rank_checked(adapter, tmp_path):
         lorart.LoraError, match=r"rank 6 for model.embed_tokens .* lora_A has 4 rows"
     ):
         lora.from_peft(d, mc)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+NEW_TOKENS = 8
+PLAIN = dict(seed=38, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS)  # task 1 of each base
+BASES = {"ext_llama_dir": BASE_VOCAB, "ext_tied_dir": 160}
+E2E = [
+    "extended",
+    "embed_lora",
+    "dora",
+    "tied_kept",
+    "tied_untied",
+    "tied_both",
+    "tied_embed_lora",
+    "tied_resized_kept",
+    "tied_resized_lora",
+]
+
+
+class Served:
+    """One executor over a base, its PEFT references and the adapters it has been sent."""
+
+    def __init__(self, exe, base_dir, vocab: int, plain) -> None:
+        self.exe, self.base_dir, self.vocab = exe, base_dir, vocab
+        self.models = {None: load_hf_eval(base_dir), 1: plain.model}
+        self.tensors = {1: lora.from_peft(plain.dir, lorart.hf.load_config(str(base_dir)))}
+        self.sent: set[int] = set()
+        self._f64: dict = {}
+
+    def request(self, ids, task=None, **kw) -> lorart.InferenceRequest:
+        if task is not None:
+            kw["lora_task_id"] = task
+            if task not in self.sent:
+                kw["lora_weights"], kw["lora_config"] = self.tensors[task]
+                self.sent.add(task)
+        return lorart.InferenceRequest(
+            list(ids),
+            max_new_tokens=NEW_TOKENS,
+            sampling_config=lorart.SamplingConfig(top_k=1),
+            return_context_logits=True,
+            **kw,
+        )
+
+    def run_all(self, jobs) -> list:
+        """Enqueue every (ids, task) at once (one in-flight batch), then collect them."""
+        rids = [self.exe.enqueue_request(self.request(ids, task)) for ids, task in jobs]
+        return [final(self.exe, rid) for rid in rids]
+
+    def f64(self, task):
+        if task not in self._f64:
+            self._f64[task] = copy.deepcopy(self.models[task]).double()
+        return self._f64[task]
+
+    def check(self, response, ids, task, what: str) -> None:
+        """Context logits within the suite's fp32 tolerance of PEFT, greedy tokens identical."""
+        assert response.finish_reason == "length", (what, response.finish_reason, response.error)
+        ref = self.models[task]
+        hf32, hf64 = hf_logits(ref, ids), hf_logits(self.f64(task), ids)
+        got = np.asarray(response.context_logits)
+        assert got.shape == hf32.shape, f"{what}: logits {got.shape} != PEFT {hf32.shape}"
+        assert response.vocab_size == hf32.shape[1], what
+        tol = max(1e-4, 3 * float(np.max(np.abs(hf32 - hf64))))
+        err = float(np.max(np.abs(got - hf32)))
+        assert err <= tol, f"{what}: max |lorart - PEFT fp32| = {err:.3g} > {tol:.3g}"
+        tokens, _ = hf_greedy(ref, ids, NEW_TOKENS)
+        assert list(response.output_token_ids) == tokens, what
+
+
+def load_hf_eval(model_dir):
+    from tiny_models import load_hf
+
+    return load_hf(model_dir)
+
+
+@pytest.fixture(scope="module")
+def served(request, make_ext_adapter):
+    """served(base fixture name) -> Served, one executor per base for the module."""
+    made: dict[str, Served] = {}
+
+    def get(fixture: str) -> Served:
+        if fixture not in made:
+            base = request.getfixturevalue(fixture)
+            cfg = lorart.ExecutorConfig(
+                max_batch_size=8,
+                max_num_tokens=256,
+                max_seq_len=128,
+                max_lora_rank=16,
+                kv_cache=lorart.KvCacheConfig(block_size=16, max_tokens=4096),
+            )
+            exe = lorart.Executor(str(base), cfg)
+            made[fixture] = Served(exe, base, BASES[fixture], make_ext_adapter(base, **PLAIN))
+        return made[fixture]
+
+    yield get
+    for s in made.values():
+        s.exe.shutdown()
+
+
+def e2e_task(name: str) -> int:
+    return 10 + E2E.index(name)
+
+
+def setup_adapter(served, adapter, name: str) -> tuple[Served, int, int]:
+    """(Served, task id, the adapter's vocabulary) with the adapter registered."""
+    ad, _, mc = adapter(name)
+    s = served(ADAPTERS[name][0])
+    task = e2e_task(name)
+    if task not in s.tensors:
+        s.tensors[task] = lora.from_peft(ad.dir, mc)
+        s.models[task] = ad.model
+    parts = s.tensors[task][0].embeddings
+    vocab = parts.vocab_size if parts is not None and parts.vocab_size else s.vocab
+    return s, task, vocab
+
+
+def prompt(vocab: int, length: int, seed: int) -> list[int]:
+    ids = [int(t) for t in np.random.default_rng(seed).integers(0, vocab, length)]
+    return ids
+
+
+@pytest.mark.parametrize("name", E2E)
+def test_executor_alone_matches_peft(served, adapter, name):
+    s, task, vocab = setup_adapter(served, adapter, name)
+    ids = prompt(vocab, 21, seed=e2e_task(name))
+    if name == "extended":
+        assert max(ids) >= BASE_VOCAB  # ids only the extended vocabulary has
+    [response] = s.run_all([(ids, task)])
+    s.check(response, ids, task, f"{name} alone")
+
+
+@pytest.mark.parametrize("name", E2E)
+def test_executor_mixed_batch_matches_peft(served, adapter, name):
+    """Tasks -1 0 1 -1 0 1 (base, this adapter, a plain LoRA) in one in-flight batch."""
+    s, task, vocab = setup_adapter(served, adapter, name)
+    order = [None, task, 1, None, task, 1]
+    jobs = [
+        (prompt(vocab if t == task else s.vocab, 11 + 3 * i, seed=100 + i), t)
+        for i, t in enumerate(order)
+    ]
+    mixed = s.run_all(jobs)
+    for i, ((ids, t), response) in enumerate(zip(jobs, mixed, strict=True)):
+        s.check(response, ids, t, f"{name} mixed #{i} (task {t})")
+    for i, ((ids, t), response) in enumerate(zip(jobs, mixed, strict=True)):
+        if t is None:
+            [solo] = s.run_all([(ids, None)])
+            assert list(solo.output_token_ids) == list(response.output_token_ids)
+            np.testing.assert_array_equal(
+                np.asarray(solo.context_logits).view(np.uint32),
+                np.asarray(response.context_logits).view(np.uint32),
+                err_msg=f"{name}: base row #{i} differs from its solo run",
+            )
+
+
+def test_token_ids_past_base_vocab(served, adapter):
+    s, task, vocab = setup_adapter(served, adapter, "extended")
+    assert vocab == EXTENDED
+    ids = [3, BASE_VOCAB + 500, 7, EXTENDED - 1]
+    base, plain, ext = s.run_all([(ids, None), (ids, 1), (ids, task)])
+    for response in (base, plain):
+        assert response.finish_reason == "error"
+        assert "input_token_ids[1] = 628 is out of the vocabulary [0, 128)" in response.error
+    s.check(ext, ids, task, "extended ids")
+    assert np.asarray(ext.context_logits).shape == (len(ids), EXTENDED)
+
+
+@pytest.mark.parametrize("name", ["extended", "dora", "tied_kept", "embed_lora"])
+def test_convert_npy_executor_same_tokens(served, adapter, tmp_path, name):
+    """PEFT -> lorart convert -> .npy -> executor gives from_peft's tokens (and logits)."""
+    s, task, vocab = setup_adapter(served, adapter, name)
+    ad, base_dir, _ = adapter(name)
+    out = tmp_path / "npy"
+    res = run_lorart_cli(
+        "convert",
+        "-i",
+        str(ad.dir),
+        "-o",
+        str(out),
+        "--storage-type",
+        "float32",
+        "--model_dir",
+        str(base_dir),
+    )
+    assert res.returncode == 0, res.stderr
+    npy_task = 100 + e2e_task(name)
+    s.tensors[npy_task] = lora.load_npy(out)
+    ids = prompt(vocab, 17, seed=7)
+    direct, converted = s.run_all([(ids, task), (ids, npy_task)])
+    assert converted.finish_reason == "length", converted.error
+    assert list(converted.output_token_ids) == list(direct.output_token_ids)
+    np.testing.assert_array_equal(converted.context_logits, direct.context_logits)
