@@ -23,8 +23,9 @@ step of each in turn (round-robin, so a busy neighbour slows all alike), the med
 
 Each set runs in its own ``Model`` over the same loaded weights, so a set's batch holds only its
 own adapters. Reported: step time and its ratio to ``plain`` (targets: ``lm_head`` <= 1.3x), the
-bytes one step reads (weights, the 8 adapters' A and B, DoRA's per-row scales, the KV cache at the
-median step's context, and the extra lm_head table) as a fraction of the streaming-read bandwidth
+bytes one step reads (weights, the batch's adapters' A and B, DoRA's per-row scales, the KV cache
+at the median step's context, and the extra lm_head table) as a fraction of the streaming-read
+bandwidth
 measured in the same process (``cpu_forward.py``'s reader); the seconds ``Model.add_adapter``
 takes per adapter, plain and DoRA (the difference is computing DoRA's row norms against the base
 weights, the function the executor's LoRA cache runs when a DoRA adapter enters it).
