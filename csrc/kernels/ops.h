@@ -84,7 +84,8 @@ void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t
                const LoraBatch& lora, int64_t pair_index, const Tensor& scratch);
 
 // DoRA's per-row scales: scales [out] float32 = magnitude [out] / ||w[row_offset + o, :] +
-// b [out, r] @ a [r, K]|| (w [N, K] in `w_layout`, norms in float64); +inf where a norm is 0.
+// b [out, r] @ a [r, K]|| (w [N, K] in `w_layout`; W + B A in float32, norms accumulated in
+// float64); +inf where a norm is 0.
 void dora_scales(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout, int64_t row_offset,
                  const Tensor& a, const Tensor& b, const Tensor& magnitude, const Tensor& scales);
 // DoRA's output after lora_gemm added the delta: for each run whose slot's pair at `pair_index`

@@ -135,8 +135,9 @@ struct LoraGemmParams {
 };
 
 // DoRA's per-row scale: scales[o] = magnitude[o] / ||w[row_offset + o, :] + b[o, :] @ a|| for o in
-// [0, out), each norm accumulated in float64 (PEFT's weight norm of W + scaling * B A, with the
-// scaling already in b). A zero norm gives +inf (the caller reports it).
+// [0, out), W + B A formed in float32 as PEFT does for a float32 model, its squared norm
+// accumulated in float64 (the scaling is already in b). A zero norm gives +inf (the caller reports
+// it).
 struct DoraScalesParams {
   WeightRef w;  // [>= row_offset + out, k], in its layout
   int64_t row_offset;

@@ -365,18 +365,32 @@ void LlamaModel::lm_head_per_slot(const Pass& pass, const LoraTable& lora, const
       head_runs_.push_back({static_cast<int32_t>(i), static_cast<int32_t>(i + 1), slot});
     }
   }
+  // The projection once per run of rows that share a table: rows of plain adapters and base
+  // rows all read the model's lm_head, in one pass (the step sorted them next to each other).
+  auto head_of = [&](int32_t slot) -> const Tensor& {
+    const LoraAdapter* a = lora.adapter(slot);
+    return a != nullptr && a->lm_head().defined() ? a->lm_head() : weights_.lm_head();
+  };
+  for (size_t r = 0; r < head_runs_.size();) {
+    const Tensor& head = head_of(head_runs_[r].slot);
+    const int64_t vocab = lora.vocab_size(head_runs_[r].slot, config_.vocab_size);
+    size_t e = r + 1;
+    while (e < head_runs_.size() && head_of(head_runs_[e].slot).data() == head.data() &&
+           lora.vocab_size(head_runs_[e].slot, config_.vocab_size) == vocab) {
+      ++e;
+    }
+    const int32_t begin = head_runs_[r].begin, end = head_runs_[e - 1].end;
+    const Tensor y = rows_of(logits.slice_rows(begin, end), 0, vocab);
+    const WeightLayout layout = head.data() == weights_.lm_head().data() ? weights_.lm_head_layout()
+                                                                         : WeightLayout::kRowMajor;
+    ops::linear(ctx, picked.slice_rows(begin, end), head, y, 0.0f, Tensor(), layout);
+    r = e;
+  }
   const Tensor scratch = lora_scratch_.view(
       DType::kFloat32, {static_cast<int64_t>(lora_scratch_.size() / sizeof(float))});
   for (const LoraRun& run : head_runs_) {
     const LoraAdapter* a = lora.adapter(run.slot);
     const int64_t vocab = lora.vocab_size(run.slot, config_.vocab_size);
-    const Tensor x = picked.slice_rows(run.begin, run.end);
-    const Tensor y = rows_of(logits.slice_rows(run.begin, run.end), 0, vocab);
-    if (a != nullptr && a->lm_head().defined()) {
-      ops::linear(ctx, x, a->lm_head(), y);
-    } else {
-      ops::linear(ctx, x, weights_.lm_head(), y, 0.0f, Tensor(), weights_.lm_head_layout());
-    }
     if (a != nullptr && a->lm_head_pair().rank > 0) {
       const LoraRun all{0, run.end - run.begin, 0};
       ops::LoraBatch head;
@@ -385,7 +399,9 @@ void LlamaModel::lm_head_per_slot(const Pass& pass, const LoraTable& lora, const
       head.pairs = &a->lm_head_pair();
       head.num_slots = 1;
       head.pairs_per_slot = 1;
-      ops::lora_gemm(ctx, x, y, vocab, head, 0, scratch);
+      ops::lora_gemm(ctx, picked.slice_rows(run.begin, run.end),
+                     rows_of(logits.slice_rows(run.begin, run.end), 0, vocab), vocab, head, 0,
+                     scratch);
     }
     if (vocab < width) {  // not this row's tokens
       for (int32_t r = run.begin; r < run.end; ++r) {

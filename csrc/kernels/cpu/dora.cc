@@ -43,26 +43,25 @@ void read_weight_row(const WeightRef& w, int64_t row, int64_t cols, float* out) 
 }
 
 void dora_scales(const DoraScalesParams& p) {
-  // A widened once; each thread widens its rows of w.
-  std::vector<double> a(static_cast<size_t>(p.rank * p.k));
+  // W + B A row by row in float32 (PEFT's own arithmetic for a float32 model), its squared norm
+  // accumulated in float64. A is widened once.
+  std::vector<float> a(static_cast<size_t>(p.rank * p.k));
   for (int64_t i = 0; i < p.rank * p.k; ++i) a[i] = value(p.a, i);
   // The caller's thread budget: this runs on an enqueuing thread beside the executor's loop.
   const int threads = p.threads > 0 ? p.threads : omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> w_row(static_cast<size_t>(p.k));
-    std::vector<double> row(static_cast<size_t>(p.k));
+    std::vector<float> row(static_cast<size_t>(p.k));
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < p.out; ++o) {
-      read_weight_row(p.w, p.row_offset + o, p.k, w_row.data());
-      for (int64_t c = 0; c < p.k; ++c) row[c] = w_row[c];
+      read_weight_row(p.w, p.row_offset + o, p.k, row.data());
       for (int64_t r = 0; r < p.rank; ++r) {  // row += B[o, r] * A[r, :]
-        const double b = value(p.b, o * p.rank + r);
-        const double* a_r = a.data() + r * p.k;
+        const float b = value(p.b, o * p.rank + r);
+        const float* a_r = a.data() + r * p.k;
         for (int64_t c = 0; c < p.k; ++c) row[c] += b * a_r[c];
       }
       double sum = 0.0;
-      for (int64_t c = 0; c < p.k; ++c) sum += row[c] * row[c];
+      for (int64_t c = 0; c < p.k; ++c) sum += static_cast<double>(row[c]) * row[c];
       p.scales[o] = static_cast<float>(static_cast<double>(value(p.magnitude, o)) / std::sqrt(sum));
     }
   }
