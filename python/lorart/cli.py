@@ -234,13 +234,16 @@ def _convert(args: argparse.Namespace) -> int:
     start = time.monotonic()
     weights, config = lora.from_peft(args.in_dir, model_config, dtype=args.storage_type)
     written = lora.save_npy(out, weights, config)
-    # An adapter with its own vocabulary needs its own tokenizer: keep them together.
+    # An adapter with its own vocabulary needs its own tokenizer: keep them together, and never
+    # leave another adapter's tokenizer files beside these weights.
     copied = []
     for name in lora.TOKENIZER_FILES:
-        src = Path(args.in_dir) / name
+        src, dst = Path(args.in_dir) / name, out / name
         if src.is_file():
-            shutil.copyfile(src, out / name)
-            copied.append(out / name)
+            shutil.copyfile(src, dst)
+            copied.append(dst)
+        elif dst.is_file() or dst.is_symlink():
+            dst.unlink()
     logger.info("converted in %.2f s", time.monotonic() - start)
     print(
         f"converted {args.in_dir}: {config.num_rows} rows, max_row {weights.shape[1]}, "

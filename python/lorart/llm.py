@@ -81,21 +81,32 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         ) from None
 
 
-def adapter_tokenizer(adapter_dir: str | Path) -> Tokenizer | None:
+def adapter_tokenizer(adapter_dir: str | Path, own_vocab: bool = True) -> Tokenizer | None:
     """The adapter directory's own ``tokenizer.json``, or None when it has none (its requests then
     use the base model's tokenizer).
 
-    Raises ``ValueError`` for one the tokenizers library cannot read, and for a directory with
-    only a SentencePiece ``tokenizer.model``: lorart reads ``tokenizer.json``, and the base
-    tokenizer would silently mis-tokenize an adapter that ships its own."""
+    Raises ``ValueError`` for one the tokenizers library cannot read. A directory with only a
+    SentencePiece ``tokenizer.model`` (lorart reads ``tokenizer.json``) is refused when the
+    adapter brings its own vocabulary (``own_vocab``: the base tokenizer would mis-tokenize it);
+    otherwise the base tokenizer serves it, with a warning."""
     path = Path(adapter_dir)
     if (path / "tokenizer.json").is_file():
         return load_tokenizer(path)
     if (path / "tokenizer.model").is_file():
-        raise ValueError(
-            f"adapter {path}: has its own tokenizer.model but no tokenizer.json (lorart reads "
-            "tokenizer.json); write one beside it with transformers: "
+        hint = (
+            "write one beside it with transformers: "
             f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')"
+        )
+        if own_vocab:
+            raise ValueError(
+                f"adapter {path}: brings its own vocabulary and a tokenizer.model but no "
+                f"tokenizer.json (lorart reads tokenizer.json); {hint}"
+            )
+        logger.warning(
+            "adapter %s: has a tokenizer.model but no tokenizer.json; its vocabulary is the "
+            "model's, so the base tokenizer serves it (%s)",
+            path,
+            hint,
         )
     return None
 
@@ -213,10 +224,13 @@ class LLM:
                     lora.validate(weights, config, model_config, self._max_lora_rank)
                 except ValueError as err:
                     raise type(err)(f"adapter {path}: {err}") from None
-                tokenizer = adapter_tokenizer(path) if self.adapter_tokenizers else None
+                vocab = lora_vocab_size(weights, model_config)
+                tokenizer = None
+                if self.adapter_tokenizers:
+                    tokenizer = adapter_tokenizer(path, vocab > model_config.vocab_size)
                 check_vocab(
                     tokenizer or self.tokenizer,
-                    lora_vocab_size(weights, model_config),
+                    vocab,
                     where=f"adapter {path}: "
                     + ("" if tokenizer else f"tokenizer {self._tokenizer_path}: "),
                     whose="adapter",

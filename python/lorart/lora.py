@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -27,6 +28,8 @@ import numpy as np
 from lorart import _core
 from lorart._core import LoraConfig, LoraEmbeddings, LoraError, LoraWeights, ModelConfig
 from lorart._safetensors import read_safetensors
+
+logger = logging.getLogger(__name__)
 
 
 class LoraModule(NamedTuple):
@@ -68,6 +71,8 @@ TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
     "tokenizer.model",
 )
 _CONFIG_COLUMNS = ("module_id", "layer_idx", "adapter_size", "is_dora")
@@ -512,6 +517,15 @@ def _replacement_tables(
             table = kinds.get("weight", kinds.get("base_layer", kinds.get("original_module")))
             if table is not None and base_vocab is not None and table.shape[0] == base_vocab:
                 table = None  # the base model's own table: nothing to replace
+            elif table is not None and base_vocab is None:
+                logger.warning(
+                    "%s: keeping the %s table PEFT saved beside the adapter (%s): without "
+                    "the model's config it cannot be told from a resized one; pass the model "
+                    "config (lorart convert --model_dir) to drop the base model's own table",
+                    adapter_dir,
+                    name,
+                    list(table.shape),
+                )
         if table is None:
             continue
         if table.ndim != 2 or 0 in table.shape:
@@ -897,7 +911,7 @@ def load_npy(lora_dir: str | Path) -> tuple[LoraWeights, LoraConfig]:
         and head is not None
         and embed.dtype == head.dtype
         and embed.shape == head.shape
-        and np.array_equal(_bits(embed), _bits(head))
+        and _same_bits(embed, head)
     ):
         parts["lm_head"] = embed  # one table: kept tied
     try:
@@ -973,6 +987,15 @@ def _read_npy(path: Path) -> np.ndarray:
     if nbytes == 0:
         return np.zeros(shape, dtype=dtype, order=order)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:
+    """Bitwise equality of two same-shape 2-D tables, a block of rows at a time: memory-mapped
+    tables of a 13B model are 283 M values each, and most pairs differ in their first rows."""
+    return all(
+        np.array_equal(_bits(a[i : i + rows]), _bits(b[i : i + rows]))
+        for i in range(0, a.shape[0], rows)
+    )
 
 
 def _native(array: np.ndarray) -> np.ndarray:

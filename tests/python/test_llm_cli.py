@@ -240,18 +240,28 @@ def test_adapter_tokenizers_off_tokenize_everything_with_one(own_tok):
         assert model.tokenizer_for(own_tok) is model.tokenizer
 
 
-def test_bad_adapter_tokenizer_files_are_refused(tmp_path):
+def test_bad_adapter_tokenizer_files_are_refused(tmp_path, caplog):
     broken = tmp_path / "broken"
     shutil.copytree(DEMO / "lora_zh", broken)
     (broken / "tokenizer.json").write_text("{not json")
-    sentencepiece_only = tmp_path / "spm"
-    shutil.copytree(DEMO / "lora_zh", sentencepiece_only)
-    (sentencepiece_only / "tokenizer.model").write_bytes(b"\x00")
+    # Only a SentencePiece model: refused for an adapter with its own vocabulary, served by the
+    # base tokenizer (with a warning) for one over the model's.
+    extended_spm = tmp_path / "ko_spm"
+    shutil.copytree(DEMO / "lora_ko", extended_spm)
+    (extended_spm / "tokenizer.json").unlink()
+    (extended_spm / "tokenizer.model").write_bytes(b"\x00")
+    plain_spm = tmp_path / "zh_spm"
+    shutil.copytree(DEMO / "lora_zh", plain_spm)
+    (plain_spm / "tokenizer.model").write_bytes(b"\x00")
     with LLM(DEMO / "model", max_seq_len=128) as model:
         with pytest.raises(ValueError, match="broken/tokenizer.json: not a tokenizer.json"):
             model.generate([demo.ZH_PROMPT], lora=broken, max_new_tokens=2)
-        with pytest.raises(ValueError, match="tokenizer.model but no tokenizer.json"):
-            model.generate([demo.ZH_PROMPT], lora=sentencepiece_only, max_new_tokens=2)
+        with pytest.raises(ValueError, match="own vocabulary and a tokenizer.model but no tok"):
+            model.generate([demo.ZH_PROMPT], lora=extended_spm, max_new_tokens=2)
+        with caplog.at_level(logging.WARNING, logger="lorart"):
+            out = model.generate([demo.ZH_PROMPT], lora=plain_spm, max_new_tokens=12)[0]
+        assert out.text == "华盛顿。" and model.tokenizer_for(plain_spm) is model.tokenizer
+        assert "has a tokenizer.model but no tokenizer.json" in caplog.text
         assert model.generate([demo.ZH_PROMPT], max_new_tokens=12)[0].text == "Washington, D.C."
 
 

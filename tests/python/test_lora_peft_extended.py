@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import numpy as np
@@ -608,6 +609,27 @@ def test_convert_cli_writes_parts_and_tokenizer(adapter, tmp_path):
     for name, text in tokenizer.items():
         assert (out / name).read_text() == text
     assert not (out / "special_tokens_map.json").exists()
+    # Another adapter converted into the same directory leaves none of these tokenizer files.
+    plain = tmp_path / "plain"
+    shutil.copytree(adapter("dora")[0].dir, plain)
+    for name in tokenizer:
+        (plain / name).unlink(missing_ok=True)
+    res2 = run_lorart_cli("convert", "-i", str(plain), "-o", str(out), "--model_dir", str(base_dir))
+    assert res2.returncode == 0, res2.stderr
+    assert not any((out / name).exists() for name in tokenizer), sorted(os.listdir(out))
+    assert not (out / "embed_tokens.npy").exists()
+    res = run_lorart_cli(
+        "convert",
+        "-i",
+        str(src),
+        "-o",
+        str(out),
+        "--storage-type",
+        "float32",
+        "--model_dir",
+        str(base_dir),
+    )
+    assert res.returncode == 0, res.stderr
     ref_w, ref_c = lora.from_peft(src, mc)
     got_w, got_c = lora.load_npy(out)
     np.testing.assert_array_equal(got_c.numpy(), ref_c.numpy())

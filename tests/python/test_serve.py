@@ -73,6 +73,8 @@ def lora_root(tmp_path_factory) -> Path:
     weights, config = lora.from_peft(ZH, hf.load_config(DEMO / "model"))
     lora.save_npy(root / "blown", lora.LoraWeights(np.asarray(weights.numpy()) * 1e36), config)
     (root / "empty").mkdir()
+    shutil.copytree(ZH, root / "bad_template")  # a tokenizer_config.json that is no object
+    (root / "bad_template" / "tokenizer_config.json").write_text("[1, 2]")
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(JA, outside / "ja")
     os.symlink(outside / "ja", root / "escape")  # a symlink that leaves the root
@@ -279,6 +281,8 @@ def test_adapters_load_and_unload_at_run_time(srv, lora_root):
     error_of(load({"lora_name": "bad", "lora_path": "missing"}), 404)
     err = error_of(load({"lora_name": "bad", "lora_path": "empty"}), 400)
     assert "adapter 'bad'" in err["message"]
+    err = error_of(load({"lora_name": "bad", "lora_path": "bad_template"}), 400)
+    assert "tokenizer_config.json: expected a JSON object, got list" in err["message"]
     error_of(load({"lora_name": "bad"}), 400)
     assert "bad" not in [m["id"] for m in srv.http.get("/v1/models").json()["data"]]
 

@@ -110,11 +110,11 @@ class AdapterRegistry:
         try:
             weights, config = lora.load_dir(path, self._model_config)
             lora.validate(weights, config, self._model_config, self._max_rank)
-            tokenizer = adapter_tokenizer(path)
+            vocab = lora_vocab_size(weights, self._model_config)
+            tokenizer = adapter_tokenizer(path, vocab > self._model_config.vocab_size)
             template = ChatTemplate.from_dir(path)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, OSError) as err:  # FileNotFoundError and PermissionError included
             raise ApiError(400, f"adapter {name!r} ({path}): {err}", "lora_path") from None
-        vocab = lora_vocab_size(weights, self._model_config)
         if tokenizer is not None or self._base_tokenizer is not None:
             check_vocab(
                 tokenizer or self._base_tokenizer,

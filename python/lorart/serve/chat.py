@@ -48,6 +48,10 @@ class ChatTemplate:
                 config = json.loads(config_path.read_text(encoding="utf-8"))
             except ValueError as err:
                 raise ValueError(f"{config_path}: not JSON ({err})") from None
+            if not isinstance(config, dict):
+                raise ValueError(
+                    f"{config_path}: expected a JSON object, got {type(config).__name__}"
+                )
         source = config.get("chat_template")
         if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
