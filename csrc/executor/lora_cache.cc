@@ -37,7 +37,8 @@ bool evict_lru(Entries& entries, std::list<uint64_t>& lru, int64_t& used, int64_
 
 bool same_bytes(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.dim() == b.dim() && a.size(0) == b.size(0) &&
-         a.size(1) == b.size(1) && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+         a.size(1) == b.size(1) &&
+         (a.nbytes() == 0 || std::memcmp(a.data(), b.data(), a.nbytes()) == 0);
 }
 
 bool has_dora_rows(const LoraConfig& config) {

@@ -101,7 +101,7 @@ bool LoraEmbeddings::same_as(const LoraEmbeddings& other) const {
     if (!has(p)) continue;
     const Tensor &a = part(p), &b = other.part(p);
     if (a.dtype() != b.dtype() || a.size(0) != b.size(0) || a.size(1) != b.size(1) ||
-        std::memcmp(a.data(), b.data(), a.nbytes()) != 0) {
+        (a.nbytes() > 0 && std::memcmp(a.data(), b.data(), a.nbytes()) != 0)) {
       return false;
     }
   }

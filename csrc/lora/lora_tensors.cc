@@ -101,7 +101,7 @@ size_t LoraWeights::nbytes() const {
 bool LoraWeights::same_as(const LoraWeights& other) const {
   const Tensor &a = rows_, &b = other.rows_;
   if (a.dtype() != b.dtype() || a.size(0) != b.size(0) || a.size(1) != b.size(1) ||
-      std::memcmp(a.data(), b.data(), a.nbytes()) != 0) {
+      (a.nbytes() > 0 && std::memcmp(a.data(), b.data(), a.nbytes()) != 0)) {
     return false;
   }
   if ((embeddings_ == nullptr) != (other.embeddings_ == nullptr)) return false;
