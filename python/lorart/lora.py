@@ -515,9 +515,11 @@ def _replacement_tables(
                     f"adapter_config.json's modules_to_save is {sorted(trained) or None}"
                 )
             table = kinds.get("weight", kinds.get("base_layer", kinds.get("original_module")))
-            if table is not None and base_vocab is not None and table.shape[0] == base_vocab:
+            if table is None or table.ndim != 2:
+                pass  # refused below, naming its shape
+            elif base_vocab is not None and table.shape[0] == base_vocab:
                 table = None  # the base model's own table: nothing to replace
-            elif table is not None and base_vocab is None:
+            elif base_vocab is None:
                 logger.warning(
                     "%s: keeping the %s table PEFT saved beside the adapter (%s): without "
                     "the model's config it cannot be told from a resized one; pass the model "

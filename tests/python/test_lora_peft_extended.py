@@ -682,6 +682,20 @@ def test_modules_to_save_without_table_refused(adapter, tmp_path):
         lora.from_peft(d, mc)
 
 
+@pytest.mark.parametrize("with_model", [True, False])
+def test_a_frozen_table_of_the_wrong_rank_is_refused(adapter, tmp_path, with_model):
+    """A saved base table that is not 2-D (found by the fuzzer: it raised IndexError)."""
+    ad, _, mc = adapter("embed_lora")
+    d = edited_copy(
+        ad,
+        tmp_path,
+        drop=("lm_head.weight",),
+        add={"base_model.model.lm_head.weight": np.zeros((), np.float32)},
+    )
+    with pytest.raises(lorart.LoraError, match=r"the lm_head table is \[\]; expected \[V, hidden"):
+        lora.from_peft(d, mc if with_model else None)
+
+
 def test_dora_tensors_and_config_must_agree(adapter, tmp_path):
     ad, _, mc = adapter("dora")
     d = edited_copy(ad, tmp_path, {"use_dora": False})
