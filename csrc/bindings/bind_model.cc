@@ -133,8 +133,9 @@ void bind_model(py::module_& m) {
                }
                scales = dora_scales(ExecContext::cpu(0), model->weights(), weights, config);
              }
-             return std::make_shared<LoraAdapter>(weights, config, model_config, rank,
-                                                  model != nullptr ? &scales : nullptr);
+             // Validated above: laid out without checking the rows a second time.
+             return std::make_shared<LoraAdapter>(LoraAdapter::from_validated(
+                 weights, config, model_config, model != nullptr ? &scales : nullptr));
            }),
            py::arg("weights"), py::arg("config"), py::arg("model_config"),
            py::arg("max_lora_rank") = 64, py::arg("model") = py::none(),

@@ -117,8 +117,6 @@ uint16_t float_to_bfloat16(float value) {
   return static_cast<uint16_t>(rounded >> 16);
 }
 
-namespace {
-
 float load_float(const void* src, DType dtype, size_t i) {
   switch (dtype) {
     case DType::kFloat32:
@@ -131,6 +129,8 @@ float load_float(const void* src, DType dtype, size_t i) {
       raise<InvalidArgument>("convert_floats: ", dtype_name(dtype), " is not a floating dtype");
   }
 }
+
+namespace {
 
 void store_float(void* dst, DType dtype, size_t i, float value) {
   switch (dtype) {

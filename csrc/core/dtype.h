@@ -34,6 +34,8 @@ const char* precision_name(Precision precision);
 // Inverse of precision_name; throws InvalidArgument naming `field` otherwise.
 Precision precision_from_name(std::string_view name, std::string_view field = "precision");
 
+// Element i of a contiguous floating array of `dtype`, widened to float (exact).
+float load_float(const void* src, DType dtype, size_t i);
 // Converts `count` contiguous elements between floating dtypes (any pair, including equal ones).
 void convert_floats(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count);
 

@@ -161,10 +161,10 @@ std::optional<Executor::RequestError> Executor::validate(InferenceRequest& r, in
   int64_t bound = m.vocab_size;
   if (r.lora_weights && r.lora_weights->embeddings() != nullptr) {
     bound = std::max(bound, r.lora_weights->embeddings()->vocab_size());
-  } else if (r.lora_task_id && !r.lora_config && lora_cache_.contains(*r.lora_task_id)) {
+  } else if (r.lora_task_id && !r.lora_config) {
     try {
       bound = std::max(bound, lora_cache_.vocab_size(*r.lora_task_id));
-    } catch (const Error&) {  // evicted meanwhile: ref() below says so
+    } catch (const Error&) {  // not cached: ref() below says so
     }
   }
   vocab_size = bound;  // what a refusal here reports (Response.vocab_size)

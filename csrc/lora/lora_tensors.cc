@@ -109,15 +109,7 @@ bool LoraWeights::same_as(const LoraWeights& other) const {
 }
 
 float LoraWeights::value(int64_t i, int64_t j) const {
-  const int64_t offset = i * row_size() + j;
-  switch (dtype()) {
-    case DType::kFloat32:
-      return rows_.data_as<const float>()[offset];
-    case DType::kFloat16:
-      return half_to_float(rows_.data_as<const uint16_t>()[offset]);
-    default:
-      return bfloat16_to_float(rows_.data_as<const uint16_t>()[offset]);
-  }
+  return load_float(rows_.data(), dtype(), static_cast<size_t>(i * row_size() + j));
 }
 
 LoraWeights LoraWeights::to(DType dtype) const {

@@ -49,20 +49,9 @@ void check_row(const LoraTarget& model, const LoraLimits& limits, int64_t i,
 
 const char* describe_value(float v) { return std::isnan(v) ? "nan" : "inf"; }
 
-float value_at(const Tensor& t, int64_t i) {
-  switch (t.dtype()) {
-    case DType::kFloat32:
-      return t.data_as<const float>()[i];
-    case DType::kFloat16:
-      return half_to_float(t.data_as<const uint16_t>()[i]);
-    default:
-      return bfloat16_to_float(t.data_as<const uint16_t>()[i]);
-  }
-}
-
 void check_finite(const Tensor& t, const char* name) {
   for (int64_t i = 0; i < t.numel(); ++i) {
-    const float v = value_at(t, i);
+    const float v = load_float(t.data(), t.dtype(), static_cast<size_t>(i));
     if (!std::isfinite(v)) {
       raise<LoraError>(name, "[", i / t.size(1), ", ", i % t.size(1), "] is ", describe_value(v),
                        "; LoRA weights must be finite");

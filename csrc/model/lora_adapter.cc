@@ -191,10 +191,6 @@ void LoraAdapter::lay_out_embeddings(const LoraEmbeddings& e) {
   if (e.has(P::kLmHeadLoraA)) {
     const Tensor a = copy(e.part(P::kLmHeadLoraA), head_a_buf_);
     const Tensor b_t = transposed(e.part(P::kLmHeadLoraB), head_b_t_buf_);  // [V, r] -> [r, V]
-    if (a.dtype() != b_t.dtype()) {
-      raise<LoraError>("lm_head_lora_a and lm_head_lora_b must have one dtype, got ",
-                       dtype_name(a.dtype()), " and ", dtype_name(b_t.dtype()));
-    }
     lm_head_pair_ = LoraPair{a.data(), b_t.data(), a.dtype(), static_cast<int32_t>(a.size(0))};
     max_rank_ = std::max<int64_t>(max_rank_, a.size(0));
   }

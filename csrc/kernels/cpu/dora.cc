@@ -13,16 +13,7 @@ namespace lorart::cpu {
 
 namespace {
 
-float value(const WeightRef& w, int64_t i) {
-  switch (w.dtype) {
-    case DType::kFloat32:
-      return static_cast<const float*>(w.data)[i];
-    case DType::kFloat16:
-      return half_to_float(static_cast<const uint16_t*>(w.data)[i]);
-    default:
-      return bfloat16_to_float(static_cast<const uint16_t*>(w.data)[i]);
-  }
-}
+float value(const WeightRef& w, int64_t i) { return load_float(w.data, w.dtype, i); }
 
 }  // namespace
 
