@@ -8,9 +8,9 @@ namespace lorart::ops {
 
 namespace {
 
-// Every tensor of an op lives on the context's device; only the CPU has kernels in this build.
-// The CUDA backend provides device memory today; its kernels land op by op, each checked against
-// the CPU implementation before it is dispatched to here.
+// Every tensor of an op lives on the context's device. A CUDA context needs a build with the CUDA
+// backend; each op then dispatches to its kernel in csrc/kernels/cuda/ (checked against the CPU
+// implementation, which stays the reference).
 template <class... More>
 void check_device(const char* op, const ExecContext& ctx, const More&... tensors) {
   const Device bad[] = {tensors.device()...};
@@ -20,13 +20,22 @@ void check_device(const char* op, const ExecContext& ctx, const More&... tensors
                              ctx.device.str(), ", got one on ", d.str());
     }
   }
-  if (!ctx.device.is_cpu()) {
-    raise<DeviceError>(op, ": no ", ctx.device.str(), " implementation in this build yet");
+  if (ctx.device.is_cuda()) {
+    if (!LORART_WITH_CUDA) {
+      raise<DeviceError>(op, ": this build has no CUDA backend (built with LORART_CUDA=OFF or ",
+                         "without nvcc), so it cannot run on ", ctx.device.str());
+    }
+    return;
   }
   // The CPU pool: OpenMP's team size is a per-thread setting of the calling thread.
   if (ctx.num_threads > 0 && cpu::num_threads() != ctx.num_threads) {
     cpu::set_num_threads(ctx.num_threads);
   }
+}
+
+// An op whose CUDA kernel has not landed refuses a CUDA context by name.
+[[noreturn]] void no_cuda_kernel(const char* op) {
+  raise<DeviceError>(op, ": no CUDA kernel in this build yet");
 }
 
 void require(bool ok, const char* op, const char* what, const Tensor& t) {
@@ -57,7 +66,10 @@ WeightRef weight_vector(const char* op, const char* what, const Tensor& w, int64
 }
 
 // Every entry of the int32 vector `t` in [0, limit).
+// Reads host memory only: device index arrays are checked on the host before they are uploaded
+// (LlamaModel::validate), so a CUDA tensor is skipped here.
 void require_indices(const char* op, const char* name, const Tensor& t, int64_t limit) {
+  if (!t.device().is_cpu()) return;
   const int32_t* v = t.data_as<const int32_t>();
   for (int64_t i = 0; i < t.numel(); ++i) {
     if (v[i] < 0 || v[i] >= limit) {
@@ -79,6 +91,7 @@ void embedding(const ExecContext& ctx, const Tensor& table, const Tensor& ids, c
               out.size(0) == ids.size(0) && out.size(1) == table.size(1),
           "embedding", "out must be contiguous float32 [T, H]", out);
   require_indices("embedding", "ids", ids, table.size(0));
+  if (ctx.device.is_cuda()) no_cuda_kernel("embedding");
   cpu::embedding({t, ids.data_as<int32_t>(), out.data_as<float>(), ids.size(0), table.size(1)});
 }
 
@@ -91,6 +104,7 @@ void rms_norm(const ExecContext& ctx, const Tensor& x, const Tensor& weight, flo
           "out must have the shape of x", out);
   const WeightRef w =
       weight_vector("rms_norm", "weight must have H float elements", weight, x.size(1));
+  if (ctx.device.is_cuda()) no_cuda_kernel("rms_norm");
   cpu::rms_norm({x.data_as<float>(), x.stride(0), w, out.data_as<float>(), out.stride(0), x.size(0),
                  x.size(1), eps});
 }
@@ -105,6 +119,7 @@ void rope(const ExecContext& ctx, const Tensor& x, int32_t head_dim, const Tenso
           "positions must be [T] int32", positions);
   require(inv_freq.numel() == head_dim / 2 && inv_freq.dtype() == DType::kFloat32, "rope",
           "inv_freq must be float32 [head_dim / 2]", inv_freq);
+  if (ctx.device.is_cuda()) no_cuda_kernel("rope");
   cpu::rope(x.data_as<float>(), x.stride(0), x.size(0), static_cast<int32_t>(x.size(1) / head_dim),
             head_dim, positions.data_as<int32_t>(), inv_freq.data_as<float>());
 }
@@ -126,6 +141,7 @@ void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tens
   require(w_layout == WeightLayout::kRowMajor || w.dtype() == DType::kBFloat16, "linear",
           "w in the k32-interleaved layout must be bfloat16", w);
   ref.layout = w_layout;
+  if (ctx.device.is_cuda()) no_cuda_kernel("linear");
   cpu::linear({x.data_as<float>(), x.stride(0), ref, y.data_as<float>(), y.stride(0), x.size(0),
                y.size(1), x.size(1), beta, ctx.precision});
 }
@@ -142,6 +158,7 @@ void relayout_weight(const ExecContext& ctx, const Tensor& w, WeightLayout layou
           "w must be a bfloat16 [N, K] matrix with unit column stride for the k32-interleaved "
           "layout",
           w);
+  if (ctx.device.is_cuda()) no_cuda_kernel("relayout_weight");
   cpu::to_layout(w.data_as<uint16_t>(), w.size(0), w.size(1), w.stride(0), layout);
 }
 
@@ -149,6 +166,7 @@ void add_bias(const ExecContext& ctx, const Tensor& y, const Tensor& bias) {
   check_device("add_bias", ctx, y, bias);
   require_rows("add_bias", y, "y must be [M, N] float32");
   const WeightRef b = weight_vector("add_bias", "bias must have N float elements", bias, y.size(1));
+  if (ctx.device.is_cuda()) no_cuda_kernel("add_bias");
   cpu::add_bias({y.data_as<float>(), y.stride(0), b, y.size(0), y.size(1)});
 }
 
@@ -157,6 +175,7 @@ void add(const ExecContext& ctx, const Tensor& y, const Tensor& x) {
   require(y.is_contiguous() && x.is_contiguous() && x.numel() == y.numel() &&
               x.dtype() == DType::kFloat32 && y.dtype() == DType::kFloat32,
           "add", "x and y must be contiguous float32 with the same size", x);
+  if (ctx.device.is_cuda()) no_cuda_kernel("add");
   cpu::add(y.data_as<float>(), x.data_as<float>(), y.numel());
 }
 
@@ -166,6 +185,7 @@ void silu_mul(const ExecContext& ctx, const Tensor& gate_up, const Tensor& out) 
               gate_up.dtype() == DType::kFloat32 && out.dtype() == DType::kFloat32 &&
               gate_up.size(1) == 2 * out.size(1) && gate_up.size(0) == out.size(0),
           "silu_mul", "gate_up must be [T, 2I] and out [T, I], contiguous float32", gate_up);
+  if (ctx.device.is_cuda()) no_cuda_kernel("silu_mul");
   cpu::silu_mul(gate_up.data_as<float>(), out.size(0), out.size(1), out.data_as<float>());
 }
 
@@ -178,6 +198,7 @@ void gather_rows(const ExecContext& ctx, const Tensor& x, const Tensor& rows, co
               out.size(0) == rows.size(0) && out.size(1) == x.size(1),
           "gather_rows", "out must be contiguous float32 [N, W]", out);
   require_indices("gather_rows", "rows", rows, x.size(0));
+  if (ctx.device.is_cuda()) no_cuda_kernel("gather_rows");
   cpu::gather_rows(x.data_as<float>(), x.size(1), rows.data_as<int32_t>(), rows.size(0),
                    out.data_as<float>());
 }
@@ -267,6 +288,7 @@ void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, c
   p.head_dim = shape.head_dim;
   p.sliding_window = shape.sliding_window;
   p.scale = shape.scale;
+  if (ctx.device.is_cuda()) no_cuda_kernel("paged_attention");
   cpu::paged_attention(p);
 }
 
@@ -308,6 +330,7 @@ void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t
   p.pairs = lora.pairs + pair_index;
   p.slot_stride = lora.pairs_per_slot;
   p.scratch = scratch.data_as<float>();
+  if (ctx.device.is_cuda()) no_cuda_kernel("lora_gemm");
   cpu::lora_gemm(p);
 }
 
@@ -340,6 +363,7 @@ void dora_scales(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout,
   p.k = k;
   p.rank = rank;
   p.threads = ctx.num_threads;
+  if (ctx.device.is_cuda()) no_cuda_kernel("dora_scales");
   cpu::dora_scales(p);
 }
 
@@ -373,6 +397,7 @@ void lora_dora_apply(const ExecContext& ctx, const Tensor& y, int64_t out, const
   p.num_runs = lora.num_runs;
   p.pairs = lora.pairs + pair_index;
   p.slot_stride = lora.pairs_per_slot;
+  if (ctx.device.is_cuda()) no_cuda_kernel("lora_dora_apply");
   cpu::dora_apply(p);
 }
 
@@ -385,6 +410,7 @@ void read_weight_row(const ExecContext& ctx, const Tensor& w, WeightLayout w_lay
           "w in the k32-interleaved layout must be bfloat16", w);
   require(out.is_contiguous() && out.dtype() == DType::kFloat32 && out.numel() == w.size(1),
           "read_weight_row", "out must be contiguous float32 [K]", out);
+  if (ctx.device.is_cuda()) no_cuda_kernel("read_weight_row");
   cpu::read_weight_row({w.data(), w.dtype(), nullptr, w.stride(0), w_layout}, row, w.size(1),
                        out.data_as<float>());
 }
@@ -421,6 +447,7 @@ void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
   p.tokens = tokens.data_as<int32_t>();
   p.log_probs = log_probs.numel() > 0 ? log_probs.data_as<float>() : nullptr;
   p.num_samples = static_cast<int32_t>(rows.size(0));
+  if (ctx.device.is_cuda()) no_cuda_kernel("sample");
   cpu::sample(p, scratch);
 }
 

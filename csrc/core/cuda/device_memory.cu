@@ -1,19 +1,28 @@
 #include <cuda_runtime.h>
 
+#include "core/cuda/cuda_check.h"
 #include "core/cuda/device_memory.h"
 #include "core/errors.h"
 
 namespace lorart::cuda {
 
-namespace {
-
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error so later calls are not poisoned
+    cudaGetLastError();  // clear the non-sticky error so later calls are not poisoned
     raise<DeviceError>(what, " failed: ", cudaGetErrorName(status), " (",
                        cudaGetErrorString(status), ")");
   }
 }
+
+void check_launch(const char* kernel) {
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    raise<DeviceError>("launch of ", kernel, " failed: ", cudaGetErrorName(status), " (",
+                       cudaGetErrorString(status), ")");
+  }
+}
+
+namespace {
 
 // Restores the caller's current device on scope exit.
 class DeviceGuard {

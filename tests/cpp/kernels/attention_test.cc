@@ -268,21 +268,6 @@ TEST(PagedAttentionTest, WritesChunkKeysAndValuesToTheirSlots) {
   }
 }
 
-TEST(PagedAttentionTest, CudaHasNoImplementationYet) {
-  std::vector<float> buf(16);
-  const Tensor kv(buf.data(), DType::kFloat32, {1, 16}, Device::cuda());
-  const Tensor cache(buf.data(), DType::kFloat32, {1, 1, 1, 16}, Device::cuda());
-  const Tensor idx(buf.data(), DType::kInt32, {1}, Device::cuda());
-  ExecContext ctx;
-  ctx.device = Device::cuda();
-  testing_util::expect_error<DeviceError>(
-      [&] {
-        ops::paged_attention(ctx, kv, kv, kv, cache, cache, {idx, idx, idx}, {1, 1, 16, 0, 1.0f},
-                             kv);
-      },
-      "paged_attention: no cuda:0 implementation in this build yet");
-}
-
 // The op checks the layout's contents, not just its shapes: a block id past the cache or a
 // sequence longer than its row of blocks would make the kernel write outside the cache.
 TEST(PagedAttentionTest, LayoutsReachingOutsideTheCacheAreRefused) {

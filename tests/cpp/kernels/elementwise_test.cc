@@ -259,28 +259,6 @@ TEST(ElementwiseArgumentsTest, RmsNormOutMustMatchX) {
       "rms_norm: out must have the shape of x");
 }
 
-// The device check comes before any access, so host memory labelled cuda is never touched.
-TEST(ElementwiseArgumentsTest, CudaTensorsHaveNoImplementationYet) {
-  std::vector<float> f(16);
-  ExecContext kCuda;
-  kCuda.device = Device::cuda();
-  const Tensor cuda(f.data(), DType::kFloat32, {2, 8}, Device::cuda());
-  const Tensor weight(f.data(), DType::kFloat32, {8}, Device::cuda());
-  const Tensor ids(f.data(), DType::kInt32, {2}, Device::cuda());
-  const Tensor freq(f.data(), DType::kFloat32, {2}, Device::cuda());
-  const Tensor half(f.data(), DType::kFloat32, {2, 4}, Device::cuda());
-  expect_error<DeviceError>([&] { ops::rms_norm(kCuda, cuda, weight, 1e-6f, cuda); },
-                            "rms_norm: no cuda:0 implementation in this build yet");
-  expect_error<DeviceError>([&] { ops::rope(kCuda, cuda, 4, ids, freq); },
-                            "rope: no cuda:0 implementation");
-  expect_error<DeviceError>([&] { ops::embedding(kCuda, cuda, ids, cuda); },
-                            "embedding: no cuda:0 implementation");
-  expect_error<DeviceError>([&] { ops::silu_mul(kCuda, cuda, half); },
-                            "silu_mul: no cuda:0 implementation");
-  expect_error<DeviceError>([&] { ops::add(kCuda, cuda, cuda); }, "add: no cuda:0 implementation");
-  expect_error<DeviceError>([&] { ops::add_bias(kCuda, cuda, weight); },
-                            "add_bias: no cuda:0 implementation");
-}
 
 // A host weight with a device activation would reach the wrong kernel; refuse it up front.
 TEST(ElementwiseArgumentsTest, MixedDevicesAreRejected) {

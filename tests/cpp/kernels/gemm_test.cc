@@ -246,16 +246,6 @@ TEST(LinearTest, InterleavedLayoutNeedsBfloat16) {
   ops::relayout_weight(ctx, w, WeightLayout::kRowMajor);  // nothing to do, any dtype
 }
 
-TEST(LinearTest, CudaTensorsHaveNoImplementationYet) {
-  std::vector<float> buf(16);
-  const Tensor x(buf.data(), DType::kFloat32, {2, 2}, Device::cuda());
-  const Tensor w(buf.data(), DType::kFloat32, {2, 2}, Device::cuda());
-  ExecContext ctx;
-  ctx.device = Device::cuda();
-  expect_error<DeviceError>([&] { ops::linear(ctx, x, w, w); },
-                            "linear: no cuda:0 implementation in this build yet");
-}
-
 // Values in `dtype` storage: the float32 values the kernels will see after widening, and the raw
 // words (float32 bits, or 16-bit words) they read.
 struct Stored {
@@ -456,15 +446,6 @@ void LoraGemmInvarianceTest::check() {
       }
     }
   }
-}
-
-TEST(LoraGemmDeviceTest, CudaHasNoImplementationYet) {
-  std::vector<float> buf(16);
-  const Tensor t(buf.data(), DType::kFloat32, {1, 16}, Device::cuda());
-  ExecContext ctx;
-  ctx.device = Device::cuda();
-  expect_error<DeviceError>([&] { ops::lora_gemm(ctx, t, t, 16, ops::LoraBatch{}, 0, t); },
-                            "lora_gemm: no cuda:0 implementation in this build yet");
 }
 
 TEST(LoraGemmDeviceTest, TensorsOffTheContextsDeviceAreRefused) {
