@@ -57,6 +57,11 @@ struct AttentionBatch {
   Tensor seq_starts;    // [S + 1] int32
   Tensor context_lens;  // [S] int32
   Tensor block_tables;  // [S, max_blocks] int32
+  // Host-known bounds of the step, for a device launch that cannot read the arrays above (they
+  // are device memory there): the longest query chunk and the longest context plus chunk of any
+  // sequence. 0 = unknown (the CPU reads the arrays).
+  int32_t max_query_len = 0;
+  int32_t max_kv_len = 0;
 };
 struct AttentionShape {
   int32_t num_heads, num_kv_heads, head_dim, sliding_window;
@@ -72,11 +77,15 @@ void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, c
 // The adapters of one step as the LoRA op reads them: `pairs` holds, for each adapter slot,
 // `pairs_per_slot` entries indexed by (layer * lora_module::kCount + module).
 struct LoraBatch {
-  const LoraRun* runs = nullptr;  // token runs sharing one slot, in token order
+  const LoraRun* runs = nullptr;  // token runs sharing one slot, in token order (host memory)
   int32_t num_runs = 0;
-  const LoraPair* pairs = nullptr;
+  const LoraPair* pairs = nullptr;  // host memory; on CUDA its a / b_t / dora_scale are device
   int32_t num_slots = 0;
   int64_t pairs_per_slot = 0;
+  // CUDA: the same two arrays in device memory, uploaded once per step by the model. Kernels read
+  // these; the op checks and plans from the host arrays above. Null on the CPU.
+  const LoraRun* device_runs = nullptr;
+  const LoraPair* device_pairs = nullptr;
 };
 // y[:, :out] += x @ A^T @ B^T per run, with each run's slot's pair at `pair_index` (layer *
 // kCount + module); x [T, in] and y [T, >= out] are row views, scratch holds T * max rank floats.
