@@ -109,6 +109,38 @@ void rms_norm(const ExecContext& ctx, const Tensor& x, const Tensor& weight, flo
                  x.size(1), eps});
 }
 
+void add_rms_norm(const ExecContext& ctx, const Tensor& residual, const Tensor& x,
+                  const Tensor& weight, float eps, const Tensor& out) {
+  check_device("add_rms_norm", ctx, residual, x, weight, out);
+  require_rows("add_rms_norm", residual, "residual must be [T, H] float32 with unit column stride");
+  require_rows("add_rms_norm", x, "x must be [T, H] float32 with unit column stride");
+  require_rows("add_rms_norm", out, "out must be [T, H] float32 with unit column stride");
+  require(x.size(0) == residual.size(0) && x.size(1) == residual.size(1), "add_rms_norm",
+          "x must have the shape of residual", x);
+  require(out.size(0) == residual.size(0) && out.size(1) == residual.size(1), "add_rms_norm",
+          "out must have the shape of residual", out);
+  // out == residual would overwrite the sum the op keeps; and rows of out are written while other
+  // threads (blocks, on CUDA) still read other rows of residual and x. Equal data pointers, the
+  // overlap a caller is likely to make, are refused here.
+  require(residual.numel() == 0 || (out.data() != residual.data() && out.data() != x.data()),
+          "add_rms_norm", "out must not alias residual or x", out);
+  const WeightRef w =
+      weight_vector("add_rms_norm", "weight must have H float elements", weight, residual.size(1));
+  AddRmsNormParams p{};
+  p.residual = residual.data_as<float>();
+  p.residual_stride = residual.stride(0);
+  p.x = x.data_as<const float>();
+  p.x_stride = x.stride(0);
+  p.weight = w;
+  p.out = out.data_as<float>();
+  p.out_stride = out.stride(0);
+  p.num_tokens = residual.size(0);
+  p.hidden = residual.size(1);
+  p.eps = eps;
+  if (ctx.device.is_cuda()) no_cuda_kernel("add_rms_norm");
+  cpu::add_rms_norm(p);
+}
+
 void rope(const ExecContext& ctx, const Tensor& x, int32_t head_dim, const Tensor& positions,
           const Tensor& inv_freq) {
   check_device("rope", ctx, x, positions, inv_freq);

@@ -24,6 +24,10 @@ void embedding(const ExecContext& ctx, const Tensor& table, const Tensor& ids, c
 // out [T, H] = RMSNorm(x [T, H]) * weight [H]; out may alias x.
 void rms_norm(const ExecContext& ctx, const Tensor& x, const Tensor& weight, float eps,
               const Tensor& out);
+// residual [T, H] += x [T, H]; out [T, H] = RMSNorm(residual) * weight [H]: bitwise add then
+// rms_norm, in one pass over the rows. out must not overlap residual or x.
+void add_rms_norm(const ExecContext& ctx, const Tensor& residual, const Tensor& x,
+                  const Tensor& weight, float eps, const Tensor& out);
 // In-place rotary embedding of x [T, heads * head_dim] (row stride may exceed the width, e.g. a
 // view into the fused qkv output) at positions [T] (int32) with inv_freq [head_dim / 2].
 void rope(const ExecContext& ctx, const Tensor& x, int32_t head_dim, const Tensor& positions,

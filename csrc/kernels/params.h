@@ -63,6 +63,21 @@ struct RmsNormParams {
   float eps;
 };
 
+// residual[t] += x[t]; out[t] = weight * (residual[t] / sqrt(mean(residual[t]^2) + eps)): the
+// residual add and the next norm in one pass, bitwise the two ops one after the other. out must
+// not overlap residual or x.
+struct AddRmsNormParams {
+  float* residual;  // [num_tokens, hidden], row stride residual_stride, in/out
+  int64_t residual_stride;
+  const float* x;  // [num_tokens, hidden], row stride x_stride
+  int64_t x_stride;
+  WeightRef weight;  // [hidden]
+  float* out;        // [num_tokens, hidden], row stride out_stride
+  int64_t out_stride;
+  int64_t num_tokens, hidden;
+  float eps;
+};
+
 // y[t, :cols] += widen(bias).
 struct BiasParams {
   float* y;  // [num_tokens, >= cols], row stride y_stride

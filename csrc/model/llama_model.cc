@@ -448,7 +448,8 @@ void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
   ops::linear(ctx, attn, w.o, proj, 0.0f, Tensor(), layout);
   if (w.o_bias.defined()) ops::add_bias(ctx, proj, w.o_bias);
   apply_lora(pass, layer, lora_module::kAttnDense, attn, proj, 0, w.o_bias);
-  ops::add(ctx, hidden, proj);
+  // The residual add and mlp_block's input norm in one pass (bitwise the two ops).
+  ops::add_rms_norm(ctx, hidden, proj, w.post_norm, eps, normed);
 }
 
 void LlamaModel::mlp_block(const Pass& pass, int64_t layer) {
@@ -460,7 +461,7 @@ void LlamaModel::mlp_block(const Pass& pass, int64_t layer) {
   const Tensor hidden = rows(hidden_, n, h), normed = rows(normed_, n, h);
   const Tensor gate_up = rows(gate_up_, n, 2 * inter), act = rows(act_, n, inter);
   const Tensor proj = rows(proj_, n, h);
-  ops::rms_norm(ctx, hidden, w.post_norm, static_cast<float>(config_.rms_norm_eps), normed);
+  // normed = RMSNorm(hidden) * post_norm already (attention_block's add_rms_norm).
   ops::linear(ctx, normed, w.gate_up, gate_up, 0.0f, Tensor(), layout);
   apply_lora(pass, layer, lora_module::kMlpHTo4H, normed, gate_up, 0);     // gate_proj half
   apply_lora(pass, layer, lora_module::kMlpGate, normed, gate_up, inter);  // up_proj half

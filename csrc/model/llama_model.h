@@ -84,6 +84,8 @@ class LlamaModel {
   void embed_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& hidden);
   void lm_head_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& picked,
                         const Tensor& logits);
+  // attention_block ends with the residual add fused with the post-attention norm: it leaves
+  // normed_ holding mlp_block's input.
   void attention_block(const Pass& pass, int64_t layer);
   void mlp_block(const Pass& pass, int64_t layer);
 

@@ -18,6 +18,7 @@ void interleave_k32(uint16_t* row, int64_t k);
 // A row-major bfloat16 matrix [rows, cols] (row stride `stride`) -> `layout`, in place.
 void to_layout(uint16_t* w, int64_t rows, int64_t cols, int64_t stride, WeightLayout layout);
 void rms_norm(const RmsNormParams& p);
+void add_rms_norm(const AddRmsNormParams& p);
 // Rotates [num_tokens, num_heads, head_dim] (token row stride `stride`) in place, HF's
 // rotate_half layout: pairs (i, i + head_dim/2) turn by positions[t] * inv_freq[i].
 void rope(float* x, int64_t stride, int64_t num_tokens, int32_t num_heads, int32_t head_dim,

@@ -38,6 +38,19 @@ void embedding(const EmbeddingParams& p) {
   }
 }
 
+namespace {
+
+// One row of RMSNorm; rms_norm and add_rms_norm share it so the fused op is bitwise the two.
+inline void normalize_row(const float* row, const float* weight, int64_t hidden, float eps,
+                          float* dst) {
+  double sum = 0.0;  // double: the mean of squares is the one reduction that loses digits
+  for (int64_t i = 0; i < hidden; ++i) sum += static_cast<double>(row[i]) * row[i];
+  const float inv = 1.0f / std::sqrt(static_cast<float>(sum / hidden) + eps);
+  for (int64_t i = 0; i < hidden; ++i) dst[i] = weight[i] * (row[i] * inv);
+}
+
+}  // namespace
+
 void rms_norm(const RmsNormParams& p) {
   thread_local std::vector<float> weight_storage;
   const float* weight = widened(p.weight, p.hidden, weight_storage);
@@ -47,12 +60,24 @@ void rms_norm(const RmsNormParams& p) {
     const FloatMode::Scope same(mode);
 #pragma omp for
     for (int64_t t = 0; t < p.num_tokens; ++t) {
-      const float* row = p.x + t * p.x_stride;
-      double sum = 0.0;  // double: the mean of squares is the one reduction that loses digits
-      for (int64_t i = 0; i < p.hidden; ++i) sum += static_cast<double>(row[i]) * row[i];
-      const float inv = 1.0f / std::sqrt(static_cast<float>(sum / p.hidden) + p.eps);
-      float* dst = p.out + t * p.out_stride;
-      for (int64_t i = 0; i < p.hidden; ++i) dst[i] = weight[i] * (row[i] * inv);
+      normalize_row(p.x + t * p.x_stride, weight, p.hidden, p.eps, p.out + t * p.out_stride);
+    }
+  }
+}
+
+void add_rms_norm(const AddRmsNormParams& p) {
+  thread_local std::vector<float> weight_storage;
+  const float* weight = widened(p.weight, p.hidden, weight_storage);
+  const FloatMode mode;
+#pragma omp parallel if (p.num_tokens * p.hidden > 65536)
+  {
+    const FloatMode::Scope same(mode);
+#pragma omp for
+    for (int64_t t = 0; t < p.num_tokens; ++t) {
+      float* row = p.residual + t * p.residual_stride;
+      const float* x = p.x + t * p.x_stride;
+      for (int64_t i = 0; i < p.hidden; ++i) row[i] += x[i];
+      normalize_row(row, weight, p.hidden, p.eps, p.out + t * p.out_stride);
     }
   }
 }

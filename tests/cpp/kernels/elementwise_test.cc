@@ -54,6 +54,65 @@ TEST(RmsNormTest, MatchesDoubleReferenceAndMayRunInPlace) {
   }
 }
 
+// The fused op is the model's residual add followed by its next norm: bitwise the two ops, for
+// every weight dtype, strided rows, a zero row (eps) and one or several threads.
+TEST(AddRmsNormTest, IsBitwiseAddThenRmsNorm) {
+  constexpr int64_t kT = 70, kH = 1031, kStride = 1040;  // past the parallel threshold, odd H
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (int threads : testing_util::kThreadCounts) {
+      testing_util::ScopedThreads scope(threads);
+      std::vector<float> residual = random_floats(kT * kStride, 5, -3.0f, 3.0f);
+      const std::vector<float> x = random_floats(kT * kH, 6, -3.0f, 3.0f);
+      for (int64_t i = 0; i < kH; ++i) residual[3 * kStride + i] = -x[3 * kH + i];  // sums to 0
+      const std::vector<float> wf = random_floats(kH, 7, 0.5f, 1.5f);
+      std::vector<unsigned char> wbytes(kH * dtype_size(dtype));
+      convert_floats(wf.data(), DType::kFloat32, wbytes.data(), dtype, kH);
+      const Tensor weight(wbytes.data(), dtype, {kH});
+      std::vector<float> expect_res = residual, expect_out(kT * kH), out(kT * kH, -1.0f);
+      std::vector<float> x_copy = x;
+      // The reference: add then rms_norm (add takes contiguous rows: do it row by row).
+      for (int64_t t = 0; t < kT; ++t) {
+        ops::add(ExecContext::cpu(), Tensor(expect_res.data() + t * kStride, DType::kFloat32, {kH}),
+                 Tensor(x_copy.data() + t * kH, DType::kFloat32, {kH}));
+      }
+      ops::rms_norm(ExecContext::cpu(), rows_view(expect_res.data(), kT, kH, kStride), weight,
+                    1e-6f, Tensor(expect_out.data(), DType::kFloat32, {kT, kH}));
+      ops::add_rms_norm(ExecContext::cpu(), rows_view(residual.data(), kT, kH, kStride),
+                        Tensor(x_copy.data(), DType::kFloat32, {kT, kH}), weight, 1e-6f,
+                        Tensor(out.data(), DType::kFloat32, {kT, kH}));
+      EXPECT_EQ(0, std::memcmp(residual.data(), expect_res.data(), residual.size() * 4))
+          << dtype_name(dtype) << " threads " << threads;
+      EXPECT_EQ(0, std::memcmp(out.data(), expect_out.data(), out.size() * 4))
+          << dtype_name(dtype) << " threads " << threads;
+      for (int64_t i = 0; i < kH; ++i) ASSERT_EQ(out[3 * kH + i], 0.0f);  // eps kept it finite
+    }
+  }
+}
+
+TEST(AddRmsNormTest, BadArgumentsAreRefusedByName) {
+  std::vector<float> a(2 * 8), b(2 * 8), c(2 * 8), w(8);
+  const Tensor ta(a.data(), DType::kFloat32, {2, 8}), tb(b.data(), DType::kFloat32, {2, 8});
+  const Tensor tc(c.data(), DType::kFloat32, {2, 8}), weight(w.data(), DType::kFloat32, {8});
+  const ExecContext cpu = ExecContext::cpu();
+  expect_error<InvalidArgument>([&] { ops::add_rms_norm(cpu, ta, tb, weight, 1e-6f, ta); },
+                                "add_rms_norm: out must not alias residual or x");
+  expect_error<InvalidArgument>([&] { ops::add_rms_norm(cpu, ta, tb, weight, 1e-6f, tb); },
+                                "add_rms_norm: out must not alias residual or x");
+  expect_error<InvalidArgument>(
+      [&] {
+        ops::add_rms_norm(cpu, ta, Tensor(b.data(), DType::kFloat32, {1, 8}), weight, 1e-6f, tc);
+      },
+      "add_rms_norm: x must have the shape of residual");
+  expect_error<InvalidArgument>(
+      [&] { ops::add_rms_norm(cpu, ta, tb, Tensor(w.data(), DType::kFloat32, {7}), 1e-6f, tc); },
+      "add_rms_norm: weight must have H float elements");
+  expect_error<InvalidArgument>(
+      [&] {
+        ops::add_rms_norm(cpu, ta, Tensor(b.data(), DType::kInt32, {2, 8}), weight, 1e-6f, tc);
+      },
+      "add_rms_norm: x must be [T, H] float32");
+}
+
 #if defined(__SSE__)
 // Denormals-are-zero set on the calling thread only: a row normalised by an OpenMP worker (a
 // batch past the parallel threshold) gets the caller's bits too.
@@ -258,7 +317,6 @@ TEST(ElementwiseArgumentsTest, RmsNormOutMustMatchX) {
       },
       "rms_norm: out must have the shape of x");
 }
-
 
 // A host weight with a device activation would reach the wrong kernel; refuse it up front.
 TEST(ElementwiseArgumentsTest, MixedDevicesAreRejected) {
