@@ -3,6 +3,9 @@
 #include "core/checked_math.h"
 #include "core/errors.h"
 #include "kernels/cpu/cpu_kernels.h"
+#if LORART_WITH_CUDA
+#include "kernels/cuda/elementwise/elementwise.h"
+#endif
 
 namespace lorart::ops {
 
@@ -91,8 +94,12 @@ void embedding(const ExecContext& ctx, const Tensor& table, const Tensor& ids, c
               out.size(0) == ids.size(0) && out.size(1) == table.size(1),
           "embedding", "out must be contiguous float32 [T, H]", out);
   require_indices("embedding", "ids", ids, table.size(0));
-  if (ctx.device.is_cuda()) no_cuda_kernel("embedding");
-  cpu::embedding({t, ids.data_as<int32_t>(), out.data_as<float>(), ids.size(0), table.size(1)});
+  const EmbeddingParams p{t, ids.data_as<int32_t>(), out.data_as<float>(), ids.size(0),
+                          table.size(1)};
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) return cuda::embedding(p, ctx.stream);
+#endif
+  cpu::embedding(p);
 }
 
 void rms_norm(const ExecContext& ctx, const Tensor& x, const Tensor& weight, float eps,
@@ -104,9 +111,12 @@ void rms_norm(const ExecContext& ctx, const Tensor& x, const Tensor& weight, flo
           "out must have the shape of x", out);
   const WeightRef w =
       weight_vector("rms_norm", "weight must have H float elements", weight, x.size(1));
-  if (ctx.device.is_cuda()) no_cuda_kernel("rms_norm");
-  cpu::rms_norm({x.data_as<float>(), x.stride(0), w, out.data_as<float>(), out.stride(0), x.size(0),
-                 x.size(1), eps});
+  const RmsNormParams p{x.data_as<float>(), x.stride(0), w,         out.data_as<float>(),
+                        out.stride(0),      x.size(0),   x.size(1), eps};
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) return cuda::rms_norm(p, ctx.stream);
+#endif
+  cpu::rms_norm(p);
 }
 
 void add_rms_norm(const ExecContext& ctx, const Tensor& residual, const Tensor& x,
@@ -137,7 +147,9 @@ void add_rms_norm(const ExecContext& ctx, const Tensor& residual, const Tensor& 
   p.num_tokens = residual.size(0);
   p.hidden = residual.size(1);
   p.eps = eps;
-  if (ctx.device.is_cuda()) no_cuda_kernel("add_rms_norm");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) return cuda::add_rms_norm(p, ctx.stream);
+#endif
   cpu::add_rms_norm(p);
 }
 
@@ -151,7 +163,13 @@ void rope(const ExecContext& ctx, const Tensor& x, int32_t head_dim, const Tenso
           "positions must be [T] int32", positions);
   require(inv_freq.numel() == head_dim / 2 && inv_freq.dtype() == DType::kFloat32, "rope",
           "inv_freq must be float32 [head_dim / 2]", inv_freq);
-  if (ctx.device.is_cuda()) no_cuda_kernel("rope");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    return cuda::rope(x.data_as<float>(), x.stride(0), x.size(0),
+                      static_cast<int32_t>(x.size(1) / head_dim), head_dim,
+                      positions.data_as<int32_t>(), inv_freq.data_as<float>(), ctx.stream);
+  }
+#endif
   cpu::rope(x.data_as<float>(), x.stride(0), x.size(0), static_cast<int32_t>(x.size(1) / head_dim),
             head_dim, positions.data_as<int32_t>(), inv_freq.data_as<float>());
 }
@@ -198,8 +216,11 @@ void add_bias(const ExecContext& ctx, const Tensor& y, const Tensor& bias) {
   check_device("add_bias", ctx, y, bias);
   require_rows("add_bias", y, "y must be [M, N] float32");
   const WeightRef b = weight_vector("add_bias", "bias must have N float elements", bias, y.size(1));
-  if (ctx.device.is_cuda()) no_cuda_kernel("add_bias");
-  cpu::add_bias({y.data_as<float>(), y.stride(0), b, y.size(0), y.size(1)});
+  const BiasParams p{y.data_as<float>(), y.stride(0), b, y.size(0), y.size(1)};
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) return cuda::add_bias(p, ctx.stream);
+#endif
+  cpu::add_bias(p);
 }
 
 void add(const ExecContext& ctx, const Tensor& y, const Tensor& x) {
@@ -207,7 +228,11 @@ void add(const ExecContext& ctx, const Tensor& y, const Tensor& x) {
   require(y.is_contiguous() && x.is_contiguous() && x.numel() == y.numel() &&
               x.dtype() == DType::kFloat32 && y.dtype() == DType::kFloat32,
           "add", "x and y must be contiguous float32 with the same size", x);
-  if (ctx.device.is_cuda()) no_cuda_kernel("add");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    return cuda::add(y.data_as<float>(), x.data_as<const float>(), y.numel(), ctx.stream);
+  }
+#endif
   cpu::add(y.data_as<float>(), x.data_as<float>(), y.numel());
 }
 
@@ -217,7 +242,12 @@ void silu_mul(const ExecContext& ctx, const Tensor& gate_up, const Tensor& out) 
               gate_up.dtype() == DType::kFloat32 && out.dtype() == DType::kFloat32 &&
               gate_up.size(1) == 2 * out.size(1) && gate_up.size(0) == out.size(0),
           "silu_mul", "gate_up must be [T, 2I] and out [T, I], contiguous float32", gate_up);
-  if (ctx.device.is_cuda()) no_cuda_kernel("silu_mul");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    return cuda::silu_mul(gate_up.data_as<float>(), out.size(0), out.size(1), out.data_as<float>(),
+                          ctx.stream);
+  }
+#endif
   cpu::silu_mul(gate_up.data_as<float>(), out.size(0), out.size(1), out.data_as<float>());
 }
 
@@ -230,7 +260,12 @@ void gather_rows(const ExecContext& ctx, const Tensor& x, const Tensor& rows, co
               out.size(0) == rows.size(0) && out.size(1) == x.size(1),
           "gather_rows", "out must be contiguous float32 [N, W]", out);
   require_indices("gather_rows", "rows", rows, x.size(0));
-  if (ctx.device.is_cuda()) no_cuda_kernel("gather_rows");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    return cuda::gather_rows(x.data_as<float>(), x.size(1), rows.data_as<int32_t>(), rows.size(0),
+                             out.data_as<float>(), ctx.stream);
+  }
+#endif
   cpu::gather_rows(x.data_as<float>(), x.size(1), rows.data_as<int32_t>(), rows.size(0),
                    out.data_as<float>());
 }
@@ -395,7 +430,13 @@ void dora_scales(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout,
   p.k = k;
   p.rank = rank;
   p.threads = ctx.num_threads;
-  if (ctx.device.is_cuda()) no_cuda_kernel("dora_scales");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    require(w_layout == WeightLayout::kRowMajor, "dora_scales",
+            "w must be row-major on CUDA (the k32-interleaved layout is the CPU's)", w);
+    return cuda::dora_scales(p, ctx.stream);
+  }
+#endif
   cpu::dora_scales(p);
 }
 
@@ -429,7 +470,17 @@ void lora_dora_apply(const ExecContext& ctx, const Tensor& y, int64_t out, const
   p.num_runs = lora.num_runs;
   p.pairs = lora.pairs + pair_index;
   p.slot_stride = lora.pairs_per_slot;
-  if (ctx.device.is_cuda()) no_cuda_kernel("lora_dora_apply");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    // The kernel reads the step's device copies of the runs and pairs (the host ones are checked
+    // above).
+    require(lora.device_runs != nullptr && lora.device_pairs != nullptr, "lora_dora_apply",
+            "a CUDA LoRA batch needs device_runs and device_pairs", y);
+    p.runs = lora.device_runs;
+    p.pairs = lora.device_pairs + pair_index;
+    return cuda::dora_apply(p, y.size(0), ctx.stream);
+  }
+#endif
   cpu::dora_apply(p);
 }
 
@@ -442,9 +493,15 @@ void read_weight_row(const ExecContext& ctx, const Tensor& w, WeightLayout w_lay
           "w in the k32-interleaved layout must be bfloat16", w);
   require(out.is_contiguous() && out.dtype() == DType::kFloat32 && out.numel() == w.size(1),
           "read_weight_row", "out must be contiguous float32 [K]", out);
-  if (ctx.device.is_cuda()) no_cuda_kernel("read_weight_row");
-  cpu::read_weight_row({w.data(), w.dtype(), nullptr, w.stride(0), w_layout}, row, w.size(1),
-                       out.data_as<float>());
+  const WeightRef ref{w.data(), w.dtype(), nullptr, w.stride(0), w_layout};
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    require(w_layout == WeightLayout::kRowMajor, "read_weight_row",
+            "w must be row-major on CUDA (the k32-interleaved layout is the CPU's)", w);
+    return cuda::read_weight_row(ref, row, w.size(1), out.data_as<float>(), ctx.stream);
+  }
+#endif
+  cpu::read_weight_row(ref, row, w.size(1), out.data_as<float>());
 }
 
 void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
