@@ -3,6 +3,9 @@
 #include "core/checked_math.h"
 #include "core/errors.h"
 #include "kernels/cpu/cpu_kernels.h"
+#if LORART_WITH_CUDA
+#include "kernels/cuda/sampling/sampling.h"
+#endif
 
 namespace lorart::ops {
 
@@ -417,8 +420,10 @@ void read_weight_row(const ExecContext& ctx, const Tensor& w, WeightLayout w_lay
 
 void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
             const SamplingParams* params, uint64_t* rng_states, const Tensor& tokens,
-            const Tensor& log_probs, std::pair<float, int32_t>* scratch) {
+            const Tensor& log_probs, std::pair<float, int32_t>* scratch,
+            const SampleDeviceArgs& device) {
   check_device("sample", ctx, logits, rows, tokens);
+  if (log_probs.defined() && log_probs.numel() > 0) check_device("sample", ctx, log_probs);
   require(logits.is_contiguous() && logits.dim() == 2 && logits.dtype() == DType::kFloat32,
           "sample", "logits must be contiguous float32 [N, V]", logits);
   require_int32("sample", rows, 1, "rows must be [R] int32");
@@ -447,8 +452,29 @@ void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
   p.tokens = tokens.data_as<int32_t>();
   p.log_probs = log_probs.numel() > 0 ? log_probs.data_as<float>() : nullptr;
   p.num_samples = static_cast<int32_t>(rows.size(0));
-  if (ctx.device.is_cuda()) no_cuda_kernel("sample");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    if (p.num_samples > 0 && (device.params == nullptr || device.rng_states == nullptr)) {
+      raise<InvalidArgument>("sample: a CUDA context needs the device copies of params and ",
+                             "rng_states (SampleDeviceArgs)");
+    }
+    p.params = device.params;
+    p.rng_states = device.rng_states;
+    p.workspace = device.workspace;
+    p.workspace_bytes = device.workspace_bytes;
+    return cuda::sample(p, ctx.stream);
+  }
+#endif
+  (void)device;  // read by the CUDA path only
   cpu::sample(p, scratch);
+}
+
+int64_t sample_workspace_bytes(const ExecContext& ctx, int64_t num_samples, int64_t vocab) {
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) return cuda::sample_workspace_bytes(num_samples, vocab);
+#endif
+  (void)ctx, (void)num_samples, (void)vocab;
+  return 0;
 }
 
 void set_cpu_threads(int threads) { cpu::set_num_threads(threads); }

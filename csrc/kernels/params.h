@@ -183,6 +183,9 @@ struct SampleParams {
   int32_t* tokens;               // [num_samples] out
   float* log_probs;              // [num_samples] out, or null
   int32_t num_samples;
+  // CUDA only: device scratch of ops::sample_workspace_bytes bytes (the CPU uses its host pairs).
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
 
 }  // namespace lorart
