@@ -106,6 +106,10 @@ void ExecutorConfig::validate() const {
   }
   in_range("kv_cache.block_size", kv_cache.block_size, 1, kMaxBlockSize);
   positive("kv_cache.max_tokens", kv_cache.max_tokens);
+  if (!(kv_cache.free_gpu_memory_fraction > 0.0 && kv_cache.free_gpu_memory_fraction <= 1.0)) {
+    raise<InvalidArgument>("ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], ",
+                           "got ", kv_cache.free_gpu_memory_fraction);
+  }
   const int64_t blocks = blocks_for(kv_cache);
   if (blocks > kMaxInt32) {
     raise<InvalidArgument>("ExecutorConfig.kv_cache.max_tokens (", kv_cache.max_tokens, ") needs ",

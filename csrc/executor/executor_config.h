@@ -15,6 +15,10 @@ namespace lorart {
 struct KvCacheConfig {
   int64_t block_size = 16;
   int64_t max_tokens = 16384;  // pool capacity in tokens (rounded up to whole blocks)
+  // CUDA: the share of the device memory left free after the weights, the device LoRA cache and
+  // the workspace that the KV pool may take (TensorRT-LLM's name), in (0, 1]; the pool is the
+  // smaller of this and max_tokens (runtime/memory_plan.h). The CPU backend ignores it.
+  double free_gpu_memory_fraction = 0.9;
 };
 
 struct ExecutorConfig {

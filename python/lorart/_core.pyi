@@ -542,12 +542,22 @@ class KvCacheConfig:
         self,
         block_size: typing.SupportsInt | typing.SupportsIndex = 16,
         max_tokens: typing.SupportsInt | typing.SupportsIndex = 16384,
-    ) -> None: ...
+        free_gpu_memory_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9,
+    ) -> None:
+        """
+        free_gpu_memory_fraction (CUDA only, in (0, 1]): the share of the device memory left after weights, device LoRA cache and workspace that the KV pool may take; the pool is the smaller of that and max_tokens. Checked by ExecutorConfig.
+        """
     def __repr__(self) -> str: ...
     @property
     def block_size(self) -> int: ...
     @block_size.setter
     def block_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    @property
+    def free_gpu_memory_fraction(self) -> float: ...
+    @free_gpu_memory_fraction.setter
+    def free_gpu_memory_fraction(
+        self, arg0: typing.SupportsFloat | typing.SupportsIndex
+    ) -> None: ...
     @property
     def max_tokens(self) -> int: ...
     @max_tokens.setter

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -48,6 +49,12 @@ TEST(ExecutorConfigTest, EveryFieldNamesItsLimit) {
        },
        "ExecutorConfig.kv_cache.max_tokens (9223372036854775807) needs 9223372036854775807 "
        "blocks of 1 tokens, more than the 2147483647 block ids"},
+      {[](ExecutorConfig& c) { c.kv_cache.free_gpu_memory_fraction = 0.0; },
+       "ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], got 0"},
+      {[](ExecutorConfig& c) { c.kv_cache.free_gpu_memory_fraction = 1.5; },
+       "ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], got 1.5"},
+      {[](ExecutorConfig& c) { c.kv_cache.free_gpu_memory_fraction = std::nan(""); },
+       "ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], got nan"},
       {[](ExecutorConfig& c) { c.lora_cache.device_cache_bytes = 0; },
        "ExecutorConfig.lora_cache.device_cache_bytes must be > 0, got 0"},
       {[](ExecutorConfig& c) { c.dtype = "int8"; },
@@ -68,6 +75,9 @@ TEST(ExecutorConfigTest, EveryFieldNamesItsLimit) {
     expect_error<InvalidArgument>([&] { config.validate(); }, c.message);
   }
   ExecutorConfig defaults;
+  defaults.validate();
+  EXPECT_EQ(defaults.kv_cache.free_gpu_memory_fraction, 0.9);
+  defaults.kv_cache.free_gpu_memory_fraction = 1.0;  // the whole of what is left is allowed
   defaults.validate();
   // Budgets are bounds, not allocations: the largest is fine.
   defaults.lora_cache.host_cache_bytes = kInt64Max;
