@@ -62,6 +62,27 @@ __device__ uint64_t sort_key(float logit, int32_t id) {
   return (static_cast<uint64_t>(~ascending) << 32) | static_cast<uint32_t>(id);
 }
 
+constexpr int kChunk = 32;
+constexpr int64_t kSharedSortKeys = 4096;  // 32 KB
+
+// Ascending bitonic sort of keys[0, padded) (padded a power of two) by the whole block.
+__device__ void bitonic_sort(uint64_t* keys, int64_t padded) {
+  for (int64_t size = 2; size <= padded; size <<= 1) {
+    for (int64_t stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int64_t t = threadIdx.x; t < padded / 2; t += kThreads) {
+        const int64_t a = 2 * stride * (t / stride) + (t % stride);
+        const int64_t b = a + stride;
+        const uint64_t ka = keys[a], kb = keys[b];
+        if ((ka > kb) == ((a & size) == 0)) {
+          keys[a] = kb;
+          keys[b] = ka;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 struct Shared {
   double sums[kThreads];
   float best_value[kThreads];
@@ -92,6 +113,7 @@ __device__ double block_sum(Shared& sh, double v) {
 
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int64_t block_bytes) {
   __shared__ Shared sh;
+  __shared__ uint64_t small_keys[kSharedSortKeys];
   char* base = static_cast<char*>(p.workspace) + static_cast<int64_t>(blockIdx.x) * block_bytes;
   const int64_t max_sort = next_pow2(p.vocab);
   uint64_t* keys = reinterpret_cast<uint64_t*>(base);
@@ -173,20 +195,16 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int64_
         const int64_t padded = next_pow2(n);
         for (int64_t j = n + tid; j < padded; j += kThreads) keys[j] = ~0ull;
         __syncthreads();
-        // Bitonic sort, ascending; keys are distinct (ids are), so the result is unique.
-        for (int64_t size = 2; size <= padded; size <<= 1) {
-          for (int64_t stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int64_t t = tid; t < padded / 2; t += kThreads) {
-              const int64_t a = 2 * stride * (t / stride) + (t % stride);
-              const int64_t b = a + stride;
-              const uint64_t ka = keys[a], kb = keys[b];
-              if ((ka > kb) == ((a & size) == 0)) {
-                keys[a] = kb;
-                keys[b] = ka;
-              }
-            }
-            __syncthreads();
-          }
+        // Keys are distinct (ids are), so the sorted order is unique. Small sets sort in shared
+        // memory (rows whose weights mostly underflow: low temperature, peaked logits).
+        if (padded <= kSharedSortKeys) {
+          for (int64_t j = tid; j < padded; j += kThreads) small_keys[j] = keys[j];
+          __syncthreads();
+          bitonic_sort(small_keys, padded);
+          for (int64_t j = tid; j < padded; j += kThreads) keys[j] = small_keys[j];
+          __syncthreads();
+        } else {
+          bitonic_sort(keys, padded);
         }
         const int64_t count = min(k, n);
         for (int64_t j = tid; j < count; j += kThreads) {
@@ -196,20 +214,35 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p, int64_
         }
         __syncthreads();
         if (tid == 0) {
-          // The CPU's sums, in its order.
+          // The CPU's sums, in its order. The weights are read kChunk at a time into registers
+          // so one thread's chain waits on memory once per chunk, not once per token.
           double total = 0.0;
-          for (int64_t j = 0; j < count; ++j) {
-            total = __dadd_rn(total, static_cast<double>(weights[j]));
-            prefix[j] = total;
+          for (int64_t j0 = 0; j0 < count; j0 += kChunk) {
+            float w[kChunk];
+#pragma unroll
+            for (int c = 0; c < kChunk; ++c) w[c] = j0 + c < count ? weights[j0 + c] : 0.0f;
+#pragma unroll
+            for (int c = 0; c < kChunk; ++c) {
+              if (j0 + c < count) {
+                total = __dadd_rn(total, static_cast<double>(w[c]));
+                prefix[j0 + c] = total;
+              }
+            }
           }
           int64_t keep = count;
           if (sp.top_p < 1.0f) {
+            const double top_p = static_cast<double>(sp.top_p);
             double mass = 0.0;
-            for (int64_t j = 0; j < count; ++j) {
-              mass = __dadd_rn(mass, __ddiv_rn(static_cast<double>(weights[j]), total));
-              if (mass >= static_cast<double>(sp.top_p)) {
-                keep = j + 1;
-                break;
+            for (int64_t j0 = 0; j0 < count && keep == count; j0 += kChunk) {
+              float w[kChunk];
+#pragma unroll
+              for (int c = 0; c < kChunk; ++c) w[c] = j0 + c < count ? weights[j0 + c] : 0.0f;
+#pragma unroll
+              for (int c = 0; c < kChunk; ++c) {
+                if (j0 + c < count && keep == count) {
+                  mass = __dadd_rn(mass, __ddiv_rn(static_cast<double>(w[c]), total));
+                  if (mass >= top_p) keep = j0 + c + 1;
+                }
               }
             }
           }
@@ -261,6 +294,9 @@ void sample(const SampleParams& p, void* stream) {
   if (p.num_samples <= 0) return;
   if (p.vocab > INT32_MAX) {
     raise<InvalidArgument>("sample: a vocabulary of ", p.vocab, " exceeds int32 token ids");
+  }
+  if (reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0) {
+    raise<InvalidArgument>("sample: the device workspace must be 256-byte aligned");
   }
   const int64_t need = sample_workspace_bytes(p.num_samples, p.vocab);
   if (p.workspace == nullptr || p.workspace_bytes < need) {

@@ -18,11 +18,13 @@
 #include "core/errors.h"
 #include "kernels/cuda/cuda_test_util.h"
 #include "kernels/ops.h"
+#include "test_util.h"
 
 namespace lorart {
 namespace {
 
 using testing_util::DeviceArray;
+using testing_util::expect_error;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -202,18 +204,26 @@ TEST(CudaSamplingTest, RefusesMissingDeviceArraysAndShortWorkspace) {
   const Tensor logits(&fake_logits, DType::kFloat32, {1, 1}, ctx.device);
   const Tensor rows(&fake_rows, DType::kInt32, {1}, ctx.device);
   const Tensor tokens(&fake_tokens, DType::kInt32, {1}, ctx.device);
-  EXPECT_THROW(ops::sample(ctx, logits, rows, &params, nullptr, tokens, Tensor(), nullptr),
-               InvalidArgument);
+  expect_error<InvalidArgument>(
+      [&] { ops::sample(ctx, logits, rows, &params, nullptr, tokens, Tensor(), nullptr); },
+      "needs the device copies of params and rng_states");
   ops::SampleDeviceArgs dev;
   uint64_t state = 0;
+  alignas(256) static char fake_workspace[512];
   dev.params = &params;
   dev.rng_states = &state;
-  dev.workspace = &state;
+  dev.workspace = fake_workspace;
   dev.workspace_bytes = ops::sample_workspace_bytes(ctx, 1, 1) - 1;
   EXPECT_GT(ops::sample_workspace_bytes(ctx, 1, 1), 0);
   EXPECT_EQ(ops::sample_workspace_bytes(ExecContext::cpu(), 1, 1), 0);
-  EXPECT_THROW(ops::sample(ctx, logits, rows, &params, nullptr, tokens, Tensor(), nullptr, dev),
-               InvalidArgument);
+  expect_error<InvalidArgument>(
+      [&] { ops::sample(ctx, logits, rows, &params, nullptr, tokens, Tensor(), nullptr, dev); },
+      "bytes of device workspace, got");
+  dev.workspace = fake_workspace + 8;
+  dev.workspace_bytes = 1 << 20;
+  expect_error<InvalidArgument>(
+      [&] { ops::sample(ctx, logits, rows, &params, nullptr, tokens, Tensor(), nullptr, dev); },
+      "256-byte aligned");
 }
 
 }  // namespace
