@@ -4,8 +4,9 @@
 // than the launch has blocks. Tokens and states must match exactly: both backends sum the same
 // float weights in the same order in double. They could differ only where CUDA's double exp and
 // glibc's round a weight to different floats and u lands in that one-ulp sliver (see
-// sampling.cu); no seed here hits it. log p(token) is summed in a different (fixed) order on the
-// GPU, so it is compared within 1e-6 relative (double sums of <= 2^17 terms rounded to float).
+// sampling.cu); a seed that hit it would fail here, naming the row. log p(token) is summed in a
+// different (fixed) order on the GPU, so it is compared within 1e-6 relative (double sums of <=
+// 2^17 terms rounded to float).
 #include <gtest/gtest.h>
 
 #include <cmath>
