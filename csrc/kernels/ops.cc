@@ -7,6 +7,10 @@
 #include "kernels/cuda/sampling/sampling.h"
 #endif
 
+#if LORART_WITH_CUDA
+#include "kernels/cuda/gemm/gemm.h"
+#endif
+
 namespace lorart::ops {
 
 namespace {
@@ -144,9 +148,17 @@ void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tens
   require(w_layout == WeightLayout::kRowMajor || w.dtype() == DType::kBFloat16, "linear",
           "w in the k32-interleaved layout must be bfloat16", w);
   ref.layout = w_layout;
-  if (ctx.device.is_cuda()) no_cuda_kernel("linear");
-  cpu::linear({x.data_as<float>(), x.stride(0), ref, y.data_as<float>(), y.stride(0), x.size(0),
-               y.size(1), x.size(1), beta, ctx.precision});
+  const LinearParams p{
+      x.data_as<float>(), x.stride(0), ref,  y.data_as<float>(), y.stride(0), x.size(0),
+      y.size(1),          x.size(1),   beta, ctx.precision};
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    require(w_layout == WeightLayout::kRowMajor, "linear",
+            "w must be row-major on CUDA (the k32-interleaved layout is the CPU's)", w);
+    return cuda::linear(p, ctx.stream);
+  }
+#endif
+  cpu::linear(p);
 }
 
 WeightLayout preferred_layout(const ExecContext& ctx, DType dtype) {
@@ -161,7 +173,9 @@ void relayout_weight(const ExecContext& ctx, const Tensor& w, WeightLayout layou
           "w must be a bfloat16 [N, K] matrix with unit column stride for the k32-interleaved "
           "layout",
           w);
-  if (ctx.device.is_cuda()) no_cuda_kernel("relayout_weight");
+  // The CUDA kernels read row-major matrices only (preferred_layout never asks for another there).
+  require(!ctx.device.is_cuda(), "relayout_weight",
+          "the k32-interleaved layout is the CPU's; CUDA weights stay row-major", w);
   cpu::to_layout(w.data_as<uint16_t>(), w.size(0), w.size(1), w.stride(0), layout);
 }
 
