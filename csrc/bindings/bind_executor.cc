@@ -157,7 +157,7 @@ std::string repr_lora_cache(const LoraCacheConfig& c) {
 
 std::string repr_kv_cache(const KvCacheConfig& c) {
   return "KvCacheConfig(block_size=" + std::to_string(c.block_size) +
-         ", max_tokens=" + std::to_string(c.max_tokens) + ")";
+         ", max_tokens=" + std::to_string(c.max_tokens) + ", dtype=" + repr_str(c.dtype) + ")";
 }
 
 std::string repr_executor_config(const ExecutorConfig& c) {
@@ -285,13 +285,17 @@ void bind_executor(py::module_& m) {
       .def_readwrite("device_cache_bytes", &LoraCacheConfig::device_cache_bytes)
       .def("__repr__", &repr_lora_cache);
 
-  py::class_<KvCacheConfig>(m, "KvCacheConfig", "Paged KV pool: block size and capacity.")
-      .def(py::init([](int64_t block_size, int64_t max_tokens) {
-             return KvCacheConfig{block_size, max_tokens};
+  py::class_<KvCacheConfig>(m, "KvCacheConfig",
+                            "Paged KV pool: block size, capacity and storage dtype (\"float32\", "
+                            "\"float16\", \"bfloat16\" or \"auto\").")
+      .def(py::init([](int64_t block_size, int64_t max_tokens, std::string dtype) {
+             return KvCacheConfig{block_size, max_tokens, std::move(dtype)};
            }),
-           py::arg("block_size") = kv_cache.block_size, py::arg("max_tokens") = kv_cache.max_tokens)
+           py::arg("block_size") = kv_cache.block_size, py::arg("max_tokens") = kv_cache.max_tokens,
+           py::arg("dtype") = kv_cache.dtype)
       .def_readwrite("block_size", &KvCacheConfig::block_size)
       .def_readwrite("max_tokens", &KvCacheConfig::max_tokens)
+      .def_readwrite("dtype", &KvCacheConfig::dtype)
       .def("__repr__", &repr_kv_cache);
 
   py::class_<ExecutorConfig>(m, "ExecutorConfig", "Sizes and limits of an Executor.")

@@ -15,7 +15,14 @@ namespace lorart {
 struct KvCacheConfig {
   int64_t block_size = 16;
   int64_t max_tokens = 16384;  // pool capacity in tokens (rounded up to whole blocks)
+  // Storage dtype of cached keys / values: "float32", "float16", "bfloat16" (rounded to nearest
+  // even on write, widened to float32 on read), or "auto" (float32 on the CPU, bfloat16 on CUDA);
+  // resolve() turns "auto" into the concrete name.
+  std::string dtype = "float32";
 };
+
+// The KV cache dtype a resolved KvCacheConfig::dtype names ("float32" / "float16" / "bfloat16").
+DType kv_cache_dtype(const KvCacheConfig& kv);
 
 struct ExecutorConfig {
   std::string device = "cpu";  // the CPU backend; CUDA executors arrive with the CUDA kernels

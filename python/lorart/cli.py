@@ -295,6 +295,13 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16"],
         help="matmul precision: float32 (exact, the default) or bfloat16 (bf16 dot products)",
     )
+    model.add_argument(
+        "--kv_cache_dtype",
+        default="float32",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="how cached keys/values are stored (default: float32; auto: float32 on the CPU, "
+        "bfloat16 on CUDA)",
+    )
 
     inputs = run.add_argument_group("inputs")
     inputs.add_argument("--input_text", nargs="+", default=None, help="one or more prompts")
@@ -539,7 +546,7 @@ def _run(args: argparse.Namespace) -> int:
         precision=args.precision,
         max_batch_size=batch,
         max_seq_len=max_seq_len,
-        kv_cache=KvCacheConfig(max_tokens=kv_tokens),
+        kv_cache=KvCacheConfig(max_tokens=kv_tokens, dtype=args.kv_cache_dtype),
     ) as llm:
         load_seconds = time.monotonic() - start
         logger.info(

@@ -351,7 +351,9 @@ def test_reprs_are_short_and_constructor_like(exe):
         "error='input_token_ids is empty; a request needs at least one prompt token', "
         "error_kind='invalid_request', is_final=True)"
     )
-    assert repr(lorart.KvCacheConfig()) == "KvCacheConfig(block_size=16, max_tokens=16384)"
+    assert repr(lorart.KvCacheConfig()) == (
+        "KvCacheConfig(block_size=16, max_tokens=16384, dtype='float32')"
+    )
     assert repr(lorart.LoraCacheConfig(host_cache_bytes=1024, device_cache_bytes=512)) == (
         "LoraCacheConfig(host_cache_bytes=1024, device_cache_bytes=512)"
     )
@@ -360,7 +362,7 @@ def test_reprs_are_short_and_constructor_like(exe):
         "max_num_tokens=2048, "
         "max_seq_len=0, max_lora_rank=64, num_threads=0, "
         "lora_cache=LoraCacheConfig(host_cache_bytes=1073741824, device_cache_bytes=268435456), "
-        "kv_cache=KvCacheConfig(block_size=16, max_tokens=16384))"
+        "kv_cache=KvCacheConfig(block_size=16, max_tokens=16384, dtype='float32'))"
     )
 
 
