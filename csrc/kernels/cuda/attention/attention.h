@@ -14,9 +14,10 @@
 //   a combine kernel folds them in split order. The split depends only on the sequence's length.
 // - prefill (chunks of more than one token): one block per (sequence, tile of kPrefillRows query
 //   rows, KV head); a row is a (token, query head of the group) pair, so the K / V tiles loaded
-//   to shared memory serve the whole group. 16-bit caches use tensor cores (wmma, float32
-//   accumulation, the query and probabilities rounded to the cache's dtype); float32 caches use
-//   float32 FMAs. Online softmax in float32 over key tiles in increasing order.
+//   to shared memory serve the whole group. 16-bit caches with head_dim % 16 == 0 use tensor
+//   cores (wmma, float32 accumulation, the query and probabilities rounded to the cache's
+//   dtype); other caches use float32 FMAs. Online softmax in float32 over key tiles in increasing
+//   order.
 // Called only by ops::paged_attention, which has checked shapes and bounds (the batch's arrays
 // are device memory: the caller validated them on the host).
 #pragma once

@@ -4,10 +4,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "core/cuda/cuda_check.h"
 #include "core/errors.h"
@@ -448,6 +450,160 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- prefill on tensor cores (16-bit caches) -----------------------------------------------
+
+// Shared memory of prefill_tc_kernel: q, k, v, p in T; scores and o in float; row state.
+size_t prefill_tc_smem(int head_dim, size_t elt) {
+  return elt * (size_t{kPrefillRows} * head_dim + 2 * size_t{kPrefillKeys} * head_dim +
+                size_t{kPrefillRows} * kPrefillKeys) +
+         sizeof(float) * (size_t{kPrefillRows} * kPrefillKeys + size_t{kPrefillRows} * head_dim +
+                          3 * kPrefillRows);
+}
+
+// prefill_kernel's work split and masks, with S = Q K^T and O += P V on tensor cores (wmma
+// 16x16x16, float32 accumulation): the query rounded to T (the cache's dtype), the
+// probabilities rounded to T for the P V product, the softmax statistics in float32. head_dim is
+// a multiple of 16. Each warp owns fixed output tiles, each accumulated over k in order.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    prefill_tc_kernel(PagedAttentionParams p, int32_t tiles_per_seq) {
+  using namespace nvcuda;
+  constexpr int VEC = 16 / sizeof(T);
+  const int32_t s = blockIdx.x / tiles_per_seq, tile = blockIdx.x % tiles_per_seq;
+  const int32_t kv_head = blockIdx.y;
+  const int32_t t0 = p.seq_starts[s];
+  const int32_t qlen = p.seq_starts[s + 1] - t0;
+  if (qlen <= 1) return;
+  const int32_t group = p.num_heads / p.num_kv_heads;
+  const int32_t rows = qlen * group;
+  const int32_t row0 = tile * kPrefillRows;
+  if (row0 >= rows) return;
+  const int32_t nrows = min(kPrefillRows, rows - row0);
+  const int32_t hd = p.head_dim;
+  const int32_t ctx = p.context_lens[s];
+  const int32_t* table = p.block_tables + int64_t{s} * p.max_blocks_per_seq;
+  const T* k_cache = static_cast<const T*>(p.k_cache);
+  const T* v_cache = static_cast<const T*>(p.v_cache);
+  const int32_t first_pos = ctx + row0 / group;
+  const int32_t last_pos = ctx + (row0 + nrows - 1) / group;
+  const int32_t key_begin = p.sliding_window > 0 ? max(0, first_pos - p.sliding_window + 1) : 0;
+
+  // Every array starts at a multiple of 32 bytes (wmma's alignment): the sizes are multiples of
+  // 16 elements.
+  extern __shared__ __align__(32) unsigned char tc_smem[];
+  T* q_h = reinterpret_cast<T*>(tc_smem);                                    // [rows][hd]
+  T* k_h = q_h + kPrefillRows * hd;                                          // [keys][hd]
+  T* v_h = k_h + kPrefillKeys * hd;                                          // [keys][hd]
+  T* p_h = v_h + kPrefillKeys * hd;                                          // [rows][keys]
+  float* s_f = reinterpret_cast<float*>(p_h + kPrefillRows * kPrefillKeys);  // [rows][keys]
+  float* o_f = s_f + kPrefillRows * kPrefillKeys;                            // [rows][hd]
+  float* m_s = o_f + kPrefillRows * hd;
+  float* l_s = m_s + kPrefillRows;
+  float* a_s = l_s + kPrefillRows;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+
+  for (int i = tid; i < kPrefillRows * hd; i += kThreads) {
+    const int r = i / hd, d = i % hd;
+    float qv = 0.0f;
+    if (r < nrows) {
+      const int32_t row = row0 + r;
+      qv = p.q[int64_t{t0 + row / group} * p.q_stride +
+               int64_t{kv_head * group + row % group} * hd + d];
+    }
+    q_h[i] = narrow<T>(qv);
+    o_f[i] = 0.0f;
+  }
+  if (tid < kPrefillRows) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.0f;
+  }
+  const int chunks = hd / VEC;
+  const int n_tiles = hd / 16;
+  for (int32_t kb = key_begin; kb <= last_pos; kb += kPrefillKeys) {
+    const int32_t nk = min(kPrefillKeys, last_pos - kb + 1);
+    __syncthreads();
+    // Raw 16-byte copies of the K / V rows (zeros past the tile's last key).
+    for (int i = tid; i < kPrefillKeys * chunks; i += kThreads) {
+      const int j = i / chunks, c = i % chunks;
+      uint4 kraw = make_uint4(0, 0, 0, 0), vraw = kraw;
+      if (j < nk) {
+        kraw = __ldg(reinterpret_cast<const uint4*>(
+            cache_row(k_cache, table, kb + j, kv_head, p.block_size, p.num_kv_heads, hd) +
+            c * VEC));
+        vraw = __ldg(reinterpret_cast<const uint4*>(
+            cache_row(v_cache, table, kb + j, kv_head, p.block_size, p.num_kv_heads, hd) +
+            c * VEC));
+      }
+      *reinterpret_cast<uint4*>(k_h + j * hd + c * VEC) = kraw;
+      *reinterpret_cast<uint4*>(v_h + j * hd + c * VEC) = vraw;
+    }
+    __syncthreads();
+    {  // S = Q K^T: warp w owns the 16x16 tile (w / 2, w % 2) of the 32x32 scores.
+      const int mi = warp / 2, ni = warp % 2;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+      for (int kk = 0; kk < n_tiles; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(a, q_h + mi * 16 * hd + kk * 16, hd);
+        wmma::load_matrix_sync(b, k_h + ni * 16 * hd + kk * 16, hd);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(s_f + mi * 16 * kPrefillKeys + ni * 16, acc, kPrefillKeys,
+                              wmma::mem_row_major);
+    }
+    __syncthreads();
+    // Masks and the online softmax: a warp per row, a lane per key.
+    for (int r = warp; r < kPrefillRows; r += kWarps) {
+      const int32_t pos = ctx + (row0 + r) / group;
+      const int32_t key = kb + lane;
+      const bool visible = r < nrows && lane < nk && key <= pos &&
+                           (p.sliding_window <= 0 || key > pos - p.sliding_window);
+      const float sc = visible ? s_f[r * kPrefillKeys + lane] * p.scale : -INFINITY;
+      float mt = sc;
+      for (int off = 16; off > 0; off /= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+      const float m_old = m_s[r];
+      const float m_new = fmaxf(m_old, mt);
+      const float e = m_new == -INFINITY ? 0.0f : __expf(sc - m_new);
+      float sum = e;
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      p_h[r * kPrefillKeys + lane] = narrow<T>(e);
+      __syncwarp();
+      if (lane == 0) {
+        const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_old - m_new);
+        a_s[r] = alpha;
+        l_s[r] = l_s[r] * alpha + sum;
+        m_s[r] = m_new;
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < kPrefillRows * hd; i += kThreads) o_f[i] *= a_s[i / hd];
+    __syncthreads();
+    // O += P V: warp w owns output tiles (mi, nj) with (mi * n_tiles + nj) % kWarps == w.
+    for (int t = warp; t < 2 * n_tiles; t += kWarps) {
+      const int mi = t / n_tiles, nj = t % n_tiles;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      float* o_tile = o_f + mi * 16 * hd + nj * 16;
+      wmma::load_matrix_sync(acc, o_tile, hd, wmma::mem_row_major);
+      for (int kk = 0; kk < kPrefillKeys / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(a, p_h + mi * 16 * kPrefillKeys + kk * 16, kPrefillKeys);
+        wmma::load_matrix_sync(b, v_h + kk * 16 * hd + nj * 16, hd);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(o_tile, acc, hd, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < nrows * hd; i += kThreads) {
+    const int r = i / hd, d = i % hd;
+    const int32_t row = row0 + r;
+    p.out[(int64_t{t0 + row / group} * p.num_heads + kv_head * group + row % group) * hd + d] =
+        o_f[i] / l_s[r];
+  }
+}
+
 // ---- launch --------------------------------------------------------------------------------
 
 void set_smem(const void* kernel, size_t bytes, const char* name) {
@@ -511,11 +667,19 @@ void launch(const PagedAttentionParams& p, cudaStream_t stream) {
       raise<InvalidArgument>("paged_attention: num_seqs x query tiles (", blocks,
                              ") exceeds the CUDA grid");
     }
+    const dim3 grid(static_cast<unsigned>(blocks), p.num_kv_heads);
+    if constexpr (!std::is_same_v<T, float> && VEC * sizeof(T) == 16) {
+      if (p.head_dim % 16 == 0) {  // tensor cores: whole 16-wide k steps and output tiles
+        const size_t smem = prefill_tc_smem(p.head_dim, sizeof(T));
+        set_smem(reinterpret_cast<const void*>(&prefill_tc_kernel<T>), smem, "prefill_tc_kernel");
+        prefill_tc_kernel<T><<<grid, kThreads, smem, stream>>>(p, static_cast<int32_t>(tiles));
+        check_launch("paged_attention prefill_tc_kernel");
+        return;
+      }
+    }
     const size_t smem = prefill_smem(p.head_dim);
     set_smem(reinterpret_cast<const void*>(&prefill_kernel<T, VEC>), smem, "prefill_kernel");
-    prefill_kernel<T, VEC>
-        <<<dim3(static_cast<unsigned>(blocks), p.num_kv_heads), kThreads, smem, stream>>>(
-            p, static_cast<int32_t>(tiles));
+    prefill_kernel<T, VEC><<<grid, kThreads, smem, stream>>>(p, static_cast<int32_t>(tiles));
     check_launch("paged_attention prefill_kernel");
   }
 }
