@@ -96,23 +96,37 @@ void bind_model(py::module_& m) {
                              "Bytes of weight buffers allocated so far: only those that added "
                              "tensors fill (nothing is allocated ahead of the checkpoint).");
 
-  py::class_<KvCache>(m, "KvCache", "Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd].")
-      .def(py::init([](const ModelConfig& config, py::handle num_blocks, py::handle block_size) {
+  py::class_<KvCache>(m, "KvCache",
+                      "Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd] in `dtype` "
+                      "(\"float32\", \"float16\" or \"bfloat16\").")
+      .def(py::init([](const ModelConfig& config, py::handle num_blocks, py::handle block_size,
+                       const std::string& dtype) {
              return std::make_unique<KvCache>(config, int64_arg(num_blocks, "num_kv_blocks"),
-                                              int64_arg(block_size, "block_size"));
+                                              int64_arg(block_size, "block_size"), Device::cpu(),
+                                              dtype_from_name(dtype));
            }),
-           py::arg("config"), py::arg("num_blocks"), py::arg("block_size") = 16)
+           py::arg("config"), py::arg("num_blocks"), py::arg("block_size") = 16,
+           py::arg("dtype") = "float32")
       .def_property_readonly("num_blocks", &KvCache::num_blocks)
       .def_property_readonly("block_size", &KvCache::block_size)
       .def_property_readonly("nbytes", &KvCache::nbytes)
-      .def_static("bytes_per_token", &KvCache::bytes_per_token, py::arg("config"))
+      .def_property_readonly("dtype", [](const KvCache& c) { return dtype_name(c.dtype()); })
+      .def_static(
+          "bytes_per_token",
+          [](const ModelConfig& config, const std::string& dtype) {
+            return KvCache::bytes_per_token(config, dtype_from_name(dtype));
+          },
+          py::arg("config"), py::arg("dtype") = "float32")
       .def_static(
           "checked_bytes",
-          [](const ModelConfig& config, py::handle num_blocks, py::handle block_size) {
+          [](const ModelConfig& config, py::handle num_blocks, py::handle block_size,
+             const std::string& dtype) {
             return KvCache::checked_bytes(config, int64_arg(num_blocks, "num_kv_blocks"),
-                                          int64_arg(block_size, "block_size"));
+                                          int64_arg(block_size, "block_size"), Device::cpu(),
+                                          dtype_from_name(dtype));
           },
           py::arg("config"), py::arg("num_blocks"), py::arg("block_size") = 16,
+          py::arg("dtype") = "float32",
           "Bytes such a pool takes; raises ValueError naming the field and the limit where the "
           "constructor would, without allocating.");
 

@@ -97,7 +97,8 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
                   config_.kv_cache.block_size,  // resolve() bounded both: no overflow
               config_.kv_cache.block_size,
               ExecContext::cpu(static_cast<int>(config_.num_threads),
-                               precision_from_name(config_.precision))),
+                               precision_from_name(config_.precision)),
+              kv_cache_dtype(config_.kv_cache)),
       kv_manager_(runner_.kv_cache().num_blocks(), runner_.kv_cache().block_size()),
       lora_cache_(runner_.config(), config_.lora_cache, config_.max_lora_rank,
                   // DoRA's row norms against the model's weights, on the enqueuing thread.

@@ -110,6 +110,13 @@ void ExecutorConfig::validate() const {
     raise<InvalidArgument>("ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], ",
                            "got ", kv_cache.free_gpu_memory_fraction);
   }
+  if (kv_cache.dtype != "auto" && kv_cache.dtype != "float32" && kv_cache.dtype != "float16" &&
+      kv_cache.dtype != "bfloat16") {
+    raise<InvalidArgument>(
+        "ExecutorConfig.kv_cache.dtype must be \"auto\", \"float32\", \"float16\" or "
+        "\"bfloat16\", got \"",
+        kv_cache.dtype, "\"");
+  }
   const int64_t blocks = blocks_for(kv_cache);
   if (blocks > kMaxInt32) {
     raise<InvalidArgument>("ExecutorConfig.kv_cache.max_tokens (", kv_cache.max_tokens, ") needs ",
@@ -123,6 +130,14 @@ void ExecutorConfig::validate() const {
     raise<InvalidArgument>("ExecutorConfig.kv_cache.max_tokens (", kv_cache.max_tokens,
                            ") must hold at least one max_seq_len (", max_seq_len, ") sequence");
   }
+}
+
+DType kv_cache_dtype(const KvCacheConfig& kv) {
+  if (kv.dtype == "float32") return DType::kFloat32;
+  if (kv.dtype == "float16") return DType::kFloat16;
+  if (kv.dtype == "bfloat16") return DType::kBFloat16;
+  raise<InvalidArgument>("ExecutorConfig.kv_cache.dtype \"", kv.dtype,
+                         "\" is not a resolved KV cache dtype (float32, float16, bfloat16)");
 }
 
 ExecutorConfig ExecutorConfig::resolve(const ModelConfig& model) const {
@@ -150,6 +165,7 @@ ExecutorConfig ExecutorConfig::resolve(const ModelConfig& model) const {
                            kv_cache.block_size, " is more than the step's ", kMaxInt32,
                            " block-table entries; lower one, or raise kv_cache.block_size");
   }
+  if (kv_cache.dtype == "auto") out.kv_cache.dtype = device == "cpu" ? "float32" : "bfloat16";
   if (num_threads == 0) {
     const int64_t env = omp_num_threads_env();
     out.num_threads = env > 0 ? env : available_cpus();
@@ -157,9 +173,9 @@ ExecutorConfig ExecutorConfig::resolve(const ModelConfig& model) const {
   // The two allocations sized from the config here (the model's workspace checks its own).
   const int64_t memory = physical_memory_bytes();
   const int64_t kv_tokens = blocks_for(kv_cache) * kv_cache.block_size;  // < 2^47: no overflow
-  const int64_t per_token =
-      checked_mul(checked_mul(checked_mul(model.num_layers, 2), model.num_kv_heads),
-                  checked_mul(model.head_dim, static_cast<int64_t>(sizeof(float))));
+  const int64_t per_token = checked_mul(
+      checked_mul(checked_mul(model.num_layers, 2), model.num_kv_heads),
+      checked_mul(model.head_dim, static_cast<int64_t>(dtype_size(kv_cache_dtype(out.kv_cache)))));
   const int64_t kv_bytes = per_token < 0 ? -1 : checked_mul(kv_tokens, per_token);
   if (kv_bytes < 0 || kv_bytes > memory) {
     raise<InvalidArgument>("ExecutorConfig.kv_cache.max_tokens (", kv_cache.max_tokens, ") needs ",

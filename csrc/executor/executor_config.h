@@ -15,11 +15,18 @@ namespace lorart {
 struct KvCacheConfig {
   int64_t block_size = 16;
   int64_t max_tokens = 16384;  // pool capacity in tokens (rounded up to whole blocks)
+  // Storage dtype of cached keys / values: "float32", "float16", "bfloat16" (rounded to nearest
+  // even on write, widened to float32 on read), or "auto" (float32 on the CPU, bfloat16 on CUDA);
+  // resolve() turns "auto" into the concrete name.
+  std::string dtype = "float32";
   // CUDA: the share of the device memory left free after the weights, the device LoRA cache and
   // the workspace that the KV pool may take (TensorRT-LLM's name), in (0, 1]; the pool is the
   // smaller of this and max_tokens (runtime/memory_plan.h). The CPU backend ignores it.
   double free_gpu_memory_fraction = 0.9;
 };
+
+// The KV cache dtype a resolved KvCacheConfig::dtype names ("float32" / "float16" / "bfloat16").
+DType kv_cache_dtype(const KvCacheConfig& kv);
 
 struct ExecutorConfig {
   std::string device = "cpu";  // the CPU backend; CUDA executors arrive with the CUDA kernels

@@ -62,17 +62,28 @@ struct AttentionBatch {
   // sequence. 0 = unknown (the CPU reads the arrays).
   int32_t max_query_len = 0;
   int32_t max_kv_len = 0;
+  // CUDA: device scratch of at least paged_attention_workspace_bytes bytes (any dtype,
+  // contiguous) for the split-KV partials of decode sequences. Unused on the CPU (may be empty).
+  Tensor workspace;
 };
 struct AttentionShape {
   int32_t num_heads, num_kv_heads, head_dim, sliding_window;
   float scale;
 };
 // Writes the chunk's k, v ([T, kv_heads * head_dim] views with one row stride) into the layer's
-// caches k_cache, v_cache ([blocks, block_size, kv_heads, head_dim]), then out [T, heads *
-// head_dim] = causal attention of q ([T, heads * head_dim] view) over the cache.
+// caches k_cache, v_cache ([blocks, block_size, kv_heads, head_dim], float32, float16 or bfloat16;
+// 16-bit caches are written rounded to nearest even and widened to float32 as read), then out
+// [T, heads * head_dim] = causal attention of q ([T, heads * head_dim] view) over the cache.
+// On the CPU the batch's arrays are checked (block ids, lengths); device arrays cannot be read, so
+// on CUDA the caller validates them on the host first, and max_query_len / max_kv_len must be set
+// (> 0) and be true bounds.
 void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                      const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
                      const AttentionShape& shape, const Tensor& out);
+// Bytes of AttentionBatch::workspace for steps of at most `max_seqs` sequences whose context plus
+// chunk is at most `max_kv_len` tokens: 0 on the CPU. Throws InvalidArgument on overflow.
+size_t paged_attention_workspace_bytes(const ExecContext& ctx, int64_t max_seqs, int64_t max_kv_len,
+                                       const AttentionShape& shape);
 
 // The adapters of one step as the LoRA op reads them: `pairs` holds, for each adapter slot,
 // `pairs_per_slot` entries indexed by (layer * lora_module::kCount + module).

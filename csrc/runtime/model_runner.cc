@@ -24,10 +24,10 @@ std::shared_ptr<LlamaModel> checked_model(std::shared_ptr<LlamaModel> model,
 }  // namespace
 
 ModelRunner::ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_blocks,
-                         int64_t block_size, const ExecContext& ctx)
+                         int64_t block_size, const ExecContext& ctx, DType kv_dtype)
     : model_(checked_model(std::move(model), ctx)),
       ctx_(ctx),
-      kv_cache_(model_->config(), num_kv_blocks, block_size, ctx.device) {
+      kv_cache_(model_->config(), num_kv_blocks, block_size, ctx.device, kv_dtype) {
   sample_scratch_.resize(static_cast<size_t>(model_->config().vocab_size));
   // The step buffers at their largest up front (LlamaModel::workspace_bytes bounded the logits):
   // grown step by step, each reallocation left the old block to the heap, and RSS crept up.

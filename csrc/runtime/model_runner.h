@@ -41,9 +41,10 @@ struct StepOutput {
 class ModelRunner {
  public:
   // Allocates the KV pool (`num_kv_blocks` blocks of `block_size` tokens) and the step buffers
-  // for the model's max_num_tokens rows. Throws InvalidArgument (KvCache::checked_bytes) first.
+  // for the model's max_num_tokens rows; the pool stores `kv_dtype`. Throws InvalidArgument
+  // (KvCache::checked_bytes) first.
   ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_blocks, int64_t block_size,
-              const ExecContext& ctx);
+              const ExecContext& ctx, DType kv_dtype = DType::kFloat32);
 
   // Forward, then samples every sample row (token -1 where its logits hold NaN or +inf).
   // Throws InvalidArgument

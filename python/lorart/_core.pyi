@@ -300,22 +300,31 @@ class ModelWeightsBuilder:
 
 class KvCache:
     """
-    Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd].
+    Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd] in `dtype` ("float32", "float16" or "bfloat16").
     """
     @staticmethod
-    def bytes_per_token(config: ModelConfig) -> int: ...
+    def bytes_per_token(config: ModelConfig, dtype: str = "float32") -> int: ...
     @staticmethod
     def checked_bytes(
-        config: ModelConfig, num_blocks: typing.Any, block_size: typing.Any = 16
+        config: ModelConfig,
+        num_blocks: typing.Any,
+        block_size: typing.Any = 16,
+        dtype: str = "float32",
     ) -> int:
         """
         Bytes such a pool takes; raises ValueError naming the field and the limit where the constructor would, without allocating.
         """
     def __init__(
-        self, config: ModelConfig, num_blocks: typing.Any, block_size: typing.Any = 16
+        self,
+        config: ModelConfig,
+        num_blocks: typing.Any,
+        block_size: typing.Any = 16,
+        dtype: str = "float32",
     ) -> None: ...
     @property
     def block_size(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
     @property
     def nbytes(self) -> int: ...
     @property
@@ -536,8 +545,10 @@ class LoraCacheConfig:
 
 class KvCacheConfig:
     """
-    Paged KV pool: block size and capacity.
+    Paged KV pool: block size, capacity and storage dtype ("float32", "float16", "bfloat16" or "auto").
     """
+
+    dtype: str
     def __init__(
         self,
         block_size: typing.SupportsInt | typing.SupportsIndex = 16,

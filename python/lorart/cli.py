@@ -295,6 +295,13 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16"],
         help="matmul precision: float32 (exact, the default) or bfloat16 (bf16 dot products)",
     )
+    model.add_argument(
+        "--kv_cache_dtype",
+        default="float32",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="how cached keys/values are stored (default: float32; auto: float32 on the CPU, "
+        "bfloat16 on CUDA)",
+    )
 
     inputs = run.add_argument_group("inputs")
     inputs.add_argument("--input_text", nargs="+", default=None, help="one or more prompts")
@@ -427,6 +434,13 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     serve.add_argument(
+        "--kv-cache-dtype",
+        dest="kv_cache_dtype",
+        default="float32",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="how cached keys/values are stored (auto: float32 on the CPU, bfloat16 on CUDA)",
+    )
+    serve.add_argument(
         "--drain-timeout",
         dest="drain_timeout",
         type=float,
@@ -450,6 +464,10 @@ def _serve(args: argparse.Namespace) -> int:
         config["max_num_tokens"] = args.max_num_tokens
     if args.max_seq_len is not None:
         config["max_seq_len"] = args.max_seq_len
+    if args.kv_cache_dtype != "float32":
+        from lorart._core import KvCacheConfig
+
+        config["kv_cache"] = KvCacheConfig(dtype=args.kv_cache_dtype)
     try:
         _start_server(serve, args, config)
     except Interrupted as err:
@@ -539,7 +557,7 @@ def _run(args: argparse.Namespace) -> int:
         precision=args.precision,
         max_batch_size=batch,
         max_seq_len=max_seq_len,
-        kv_cache=KvCacheConfig(max_tokens=kv_tokens),
+        kv_cache=KvCacheConfig(max_tokens=kv_tokens, dtype=args.kv_cache_dtype),
     ) as llm:
         load_seconds = time.monotonic() - start
         logger.info(

@@ -211,11 +211,12 @@ class Model:
         num_kv_blocks: int,
         block_size: int,
         precision: str = "float32",
+        kv_cache_dtype: str = "float32",
     ) -> None:
         self._core = core
         self.precision: str = check_precision(precision)
         self.config: ModelConfig = core.config
-        self.kv_cache = _core.KvCache(self.config, num_kv_blocks, block_size)
+        self.kv_cache = _core.KvCache(self.config, num_kv_blocks, block_size, kv_cache_dtype)
         self._adapters: list[_core.LoraAdapter] = []
 
     @classmethod
@@ -231,6 +232,7 @@ class Model:
         progress: bool | None = None,
         dtype: str = "auto",
         precision: str = "float32",
+        kv_cache_dtype: str = "float32",
     ) -> Model:
         """Load an HF checkpoint directory (``config.json`` + safetensors, float32/16/bf16).
 
@@ -239,6 +241,8 @@ class Model:
         widen 16-bit weights to float32 as they read them, so with ``precision="float32"`` a bf16
         checkpoint gives bitwise the logits of its float32 copy. ``precision="bfloat16"`` rounds
         the matmuls' activations to bf16 and uses the CPU's bf16 dot products (faster, not exact).
+        ``kv_cache_dtype``: how the KV pool stores keys and values, ``"float32"``, ``"float16"``
+        or ``"bfloat16"`` (rounded to nearest even as written, widened to float32 as read).
         A progress bar is shown on stderr for checkpoints over 256 MiB (``progress`` forces it
         on/off).
 
@@ -250,11 +254,11 @@ class Model:
         """
         check_precision(precision)
         config = hf.load_config(model_dir)
-        _core.KvCache.checked_bytes(config, num_kv_blocks, block_size)
+        _core.KvCache.checked_bytes(config, num_kv_blocks, block_size, kv_cache_dtype)
         if threads is not None:
             _core.set_num_threads(threads)
         core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress, config, dtype)
-        return cls(core, num_kv_blocks, block_size, precision)
+        return cls(core, num_kv_blocks, block_size, precision, kv_cache_dtype)
 
     @property
     def weight_dtype(self) -> str:

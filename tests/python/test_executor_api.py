@@ -360,7 +360,8 @@ def test_reprs_are_short_and_constructor_like(exe):
         "error_kind='invalid_request', is_final=True)"
     )
     assert repr(lorart.KvCacheConfig()) == (
-        "KvCacheConfig(block_size=16, max_tokens=16384, free_gpu_memory_fraction=0.9)"
+        "KvCacheConfig(block_size=16, max_tokens=16384, dtype='float32', "
+        "free_gpu_memory_fraction=0.9)"
     )
     assert repr(lorart.LoraCacheConfig(host_cache_bytes=1024, device_cache_bytes=512)) == (
         "LoraCacheConfig(host_cache_bytes=1024, device_cache_bytes=512)"
@@ -370,7 +371,8 @@ def test_reprs_are_short_and_constructor_like(exe):
         "max_num_tokens=2048, "
         "max_seq_len=0, max_lora_rank=64, num_threads=0, "
         "lora_cache=LoraCacheConfig(host_cache_bytes=1073741824, device_cache_bytes=268435456), "
-        "kv_cache=KvCacheConfig(block_size=16, max_tokens=16384, free_gpu_memory_fraction=0.9))"
+        "kv_cache=KvCacheConfig(block_size=16, max_tokens=16384, dtype='float32', "
+        "free_gpu_memory_fraction=0.9))"
     )
 
 

@@ -42,6 +42,9 @@ TEST(ExecutorConfigTest, EveryFieldNamesItsLimit) {
        "ExecutorConfig.kv_cache.block_size must be in [1, 1024], got 0"},
       {[](ExecutorConfig& c) { c.kv_cache.max_tokens = -1; },
        "ExecutorConfig.kv_cache.max_tokens must be > 0, got -1"},
+      {[](ExecutorConfig& c) { c.kv_cache.dtype = "int8"; },
+       "ExecutorConfig.kv_cache.dtype must be \"auto\", \"float32\", \"float16\" or "
+       "\"bfloat16\", got \"int8\""},
       // ceil(max_tokens / block_size) is computed without the overflow of the usual formula.
       {[](ExecutorConfig& c) {
          c.kv_cache.block_size = 1;
@@ -99,6 +102,20 @@ TEST(ExecutorConfigTest, MaxSeqLenDefaultsToTheModelAndIsCappedByIt) {
                                 "ExecutorConfig.max_seq_len (65) exceeds the model's "
                                 "max_position_embeddings (64); lower it, or leave it 0 for the "
                                 "model's limit");
+}
+
+TEST(ExecutorConfigTest, KvCacheDtypeAutoResolvesToTheDevicesDefault) {
+  const ModelConfig model = testing_util::executor_model_config();
+  ExecutorConfig config;
+  EXPECT_EQ(config.kv_cache.dtype, "float32");
+  config.kv_cache.dtype = "auto";
+  const ExecutorConfig resolved = config.resolve(model);
+  EXPECT_EQ(resolved.kv_cache.dtype, "float32");  // the CPU
+  EXPECT_EQ(kv_cache_dtype(resolved.kv_cache), DType::kFloat32);
+  config.kv_cache.dtype = "bfloat16";
+  EXPECT_EQ(kv_cache_dtype(config.resolve(model).kv_cache), DType::kBFloat16);
+  config.kv_cache.dtype = "float16";
+  EXPECT_EQ(kv_cache_dtype(config.resolve(model).kv_cache), DType::kFloat16);
 }
 
 TEST(ExecutorConfigTest, TheStepsBlockTableIsBounded) {
