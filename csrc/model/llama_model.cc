@@ -348,8 +348,9 @@ const ForwardBatch& LlamaModel::stage(const ExecContext& ctx, const ForwardBatch
   if (staging_host_.size() < bytes) staging_host_.resize(bytes);
   unsigned char* image = staging_host_.data();
   for (int i = 0; i < 7; ++i) {
-    if (arrays[i]->nbytes() > 0)
+    if (arrays[i]->nbytes() > 0) {
       std::memcpy(image + offsets[i], arrays[i]->data(), arrays[i]->nbytes());
+    }
   }
   if (lora.num_runs > 0) {
     std::memcpy(image + offsets[7], lora.runs,
