@@ -1,5 +1,7 @@
 #include "executor/executor_config.h"
 
+#include "core/buffer.h"
+
 #include <sched.h>
 #include <unistd.h>
 
@@ -8,6 +10,7 @@
 #include <fstream>
 #include <string>
 
+#include "core/buffer.h"
 #include "core/errors.h"
 
 namespace lorart {
@@ -81,10 +84,7 @@ int64_t physical_memory_bytes() {
 }
 
 void ExecutorConfig::validate() const {
-  if (device != "cpu") {
-    raise<InvalidArgument>("ExecutorConfig.device '", device, "' is not supported by this build ",
-                           "(supported: cpu; the CUDA executor lands with the CUDA kernels)");
-  }
+  parse_device(device);
   static const char* const kDtypes[] = {"auto", "float32", "float16", "bfloat16",
                                         "fp32", "fp16",    "bf16"};
   if (std::find(std::begin(kDtypes), std::end(kDtypes), dtype) == std::end(kDtypes)) {
@@ -140,8 +140,20 @@ DType kv_cache_dtype(const KvCacheConfig& kv) {
                          "\" is not a resolved KV cache dtype (float32, float16, bfloat16)");
 }
 
+Device parse_device(const std::string& name, const char* field) {
+  if (name == "cpu") return Device::cpu();
+  if (name == "cuda") return Device::cuda(0);
+  if (name.rfind("cuda:", 0) == 0 && name.size() > 5 && name.size() <= 9 &&
+      std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return Device::cuda(std::stoi(name.substr(5)));  // at most 4 digits: no overflow
+  }
+  raise<InvalidArgument>(field, " must be 'cpu', 'cuda' or 'cuda:N' (N the CUDA ",
+                         "device ordinal, 0 to 9999), got '", name, "'");
+}
+
 ExecutorConfig ExecutorConfig::resolve(const ModelConfig& model) const {
   validate();
+  require_device(parse_device(device));  // DeviceError before anything is loaded
   ExecutorConfig out = *this;
   if (max_seq_len > model.max_position_embeddings) {
     raise<InvalidArgument>("ExecutorConfig.max_seq_len (", max_seq_len,

@@ -300,16 +300,13 @@ class ModelWeightsBuilder:
 
 class KvCache:
     """
-    Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd] in `dtype` ("float32", "float16" or "bfloat16").
+    Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd].
     """
     @staticmethod
-    def bytes_per_token(config: ModelConfig, dtype: str = "float32") -> int: ...
+    def bytes_per_token(config: ModelConfig) -> int: ...
     @staticmethod
     def checked_bytes(
-        config: ModelConfig,
-        num_blocks: typing.Any,
-        block_size: typing.Any = 16,
-        dtype: str = "float32",
+        config: ModelConfig, num_blocks: typing.Any, block_size: typing.Any = 16
     ) -> int:
         """
         Bytes such a pool takes; raises ValueError naming the field and the limit where the constructor would, without allocating.
@@ -319,12 +316,12 @@ class KvCache:
         config: ModelConfig,
         num_blocks: typing.Any,
         block_size: typing.Any = 16,
-        dtype: str = "float32",
+        device: str = "cpu",
     ) -> None: ...
     @property
     def block_size(self) -> int: ...
     @property
-    def dtype(self) -> str: ...
+    def device(self) -> str: ...
     @property
     def nbytes(self) -> int: ...
     @property
@@ -377,7 +374,13 @@ class LlamaModel:
         weights: ModelWeightsBuilder,
         max_num_tokens: typing.Any = 2048,
         max_lora_rank: typing.Any = 64,
-    ) -> None: ...
+        device: str = "cpu",
+    ) -> None:
+        """
+        `device`: 'cpu', 'cuda' or 'cuda:N'; the weights are uploaded there once (DeviceError when this build has no CUDA backend or the machine no such GPU).
+        """
+    @property
+    def device(self) -> str: ...
     def forward(
         self,
         token_ids: typing.Any,
@@ -545,30 +548,18 @@ class LoraCacheConfig:
 
 class KvCacheConfig:
     """
-    Paged KV pool: block size, capacity and storage dtype ("float32", "float16", "bfloat16" or "auto").
+    Paged KV pool: block size and capacity.
     """
-
-    dtype: str
     def __init__(
         self,
         block_size: typing.SupportsInt | typing.SupportsIndex = 16,
         max_tokens: typing.SupportsInt | typing.SupportsIndex = 16384,
-        free_gpu_memory_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9,
-    ) -> None:
-        """
-        free_gpu_memory_fraction (CUDA only, in (0, 1]): the share of the device memory left after weights, device LoRA cache and workspace that the KV pool may take; the pool is the smaller of that and max_tokens. Checked by ExecutorConfig.
-        """
+    ) -> None: ...
     def __repr__(self) -> str: ...
     @property
     def block_size(self) -> int: ...
     @block_size.setter
     def block_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
-    @property
-    def free_gpu_memory_fraction(self) -> float: ...
-    @free_gpu_memory_fraction.setter
-    def free_gpu_memory_fraction(
-        self, arg0: typing.SupportsFloat | typing.SupportsIndex
-    ) -> None: ...
     @property
     def max_tokens(self) -> int: ...
     @max_tokens.setter

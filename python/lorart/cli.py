@@ -282,7 +282,11 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         default=None,
         help="directory with tokenizer.json (default: the model dir)",
     )
-    model.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    model.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N (a build with the CUDA backend and a GPU)",
+    )
     model.add_argument(
         "--dtype",
         default="auto",
@@ -441,6 +445,11 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
         help="how cached keys/values are stored (auto: float32 on the CPU, bfloat16 on CUDA)",
     )
     serve.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N (a build with the CUDA backend and a GPU)",
+    )
+    serve.add_argument(
         "--drain-timeout",
         dest="drain_timeout",
         type=float,
@@ -491,6 +500,7 @@ def _start_server(serve, args: argparse.Namespace, config: dict) -> None:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         max_queue=args.max_queue,
+        device=args.device,
         num_threads=args.threads,
         dtype=args.dtype,
         precision=args.precision,

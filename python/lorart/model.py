@@ -33,6 +33,7 @@ def load_core_model(
     progress: bool | None = None,
     config: ModelConfig | None = None,
     dtype: str = "auto",
+    device: str = "cpu",
 ) -> _core.LlamaModel:
     """Read an HF checkpoint into the C++ model, its weights stored in ``dtype``: ``"auto"`` (the
     checkpoint's own, :func:`lorart.hf.checkpoint_dtype`), ``"float32"``, ``"float16"`` or
@@ -46,8 +47,10 @@ def load_core_model(
 
     Raises ``ValueError`` naming the field and the limit for sizes the model cannot take
     (``max_num_tokens``, ``max_lora_rank``, config.json's dimensions, a ``dtype`` outside the
-    choices) before reading any weight. ``config`` is the directory's ``hf.load_config``, for
-    callers that have read it already.
+    choices) before reading any weight. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``): where
+    the model runs; the weights are read on the host and uploaded once (``lorart.DeviceError``
+    when this build has no CUDA backend or the machine no such GPU). ``config`` is the
+    directory's ``hf.load_config``, for callers that have read it already.
     """
     if config is None:
         config = hf.load_config(model_dir)
@@ -83,7 +86,7 @@ def load_core_model(
             storage,
             dtype,
         )
-    model = _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
+    model = _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank, device)
     logger.info(
         "loaded %s (%s, %.0f MiB, stored as %s) in %.1f s",
         model_dir,

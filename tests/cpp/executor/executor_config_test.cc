@@ -8,6 +8,7 @@
 #include <limits>
 #include <string>
 
+#include "core/buffer.h"
 #include "core/errors.h"
 #include "executor_test_util.h"
 #include "test_util.h"
@@ -169,6 +170,38 @@ TEST(ExecutorConfigTest, AllocationsPastTheMachinesMemoryAreRefused) {
                                 "ExecutorConfig.max_num_tokens (2147483647) needs more than 2^63 "
                                 "bytes of logits ([max_num_tokens, vocab_size 1099511627776] "
                                 "float32), more than this machine's memory");
+}
+
+// "cpu", "cuda", "cuda:N" name a device; anything else is refused by validate(), naming the field.
+TEST(ExecutorConfigTest, DeviceNamesParse) {
+  EXPECT_EQ(parse_device("cpu"), Device::cpu());
+  EXPECT_EQ(parse_device("cuda"), Device::cuda(0));
+  EXPECT_EQ(parse_device("cuda:3"), Device::cuda(3));
+  EXPECT_EQ(parse_device("cuda:9999"), Device::cuda(9999));
+  for (const char* bad : {"gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:10000", "CPU", "cuda:1 "}) {
+    ExecutorConfig c;
+    c.device = bad;
+    expect_error<InvalidArgument>([&] { c.validate(); },
+                                  std::string("ExecutorConfig.device must be 'cpu', 'cuda' or "
+                                              "'cuda:N' (N the CUDA device ordinal, 0 to 9999), "
+                                              "got '") +
+                                      bad + "'");
+  }
+  ExecutorConfig c;
+  c.device = "cuda:1";
+  EXPECT_NO_THROW(c.validate());  // the name is fine; whether the GPU is there is resolve()'s
+}
+
+// A CUDA device this build or machine does not have is a DeviceError naming it, from resolve()
+// (which the executor runs before it allocates, and Python before it reads a weight).
+TEST(ExecutorConfigTest, AMissingCudaDeviceIsADeviceErrorAtResolve) {
+  ExecutorConfig c;
+  c.device = "cuda:" + std::to_string(cuda_device_count());  // one past the visible ones
+  const std::string expected =
+      cuda_backend_built() ? "device " + c.device + " is not available (" +
+                                 std::to_string(cuda_device_count()) + " CUDA device(s) visible)"
+                           : "device " + c.device + ": this lorart build has no CUDA backend";
+  expect_error<DeviceError>([&] { c.resolve(testing_util::executor_model_config()); }, expected);
 }
 
 }  // namespace
