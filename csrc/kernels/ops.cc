@@ -4,6 +4,7 @@
 #include "core/errors.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cuda/attention/attention.h"  // plain C++: the split constants size the workspace
+#include "kernels/cuda/lora/lora_gemm.h"       // plain C++: the chunk sizes the scratch
 #if LORART_WITH_CUDA
 #include "kernels/cuda/elementwise/elementwise.h"
 #include "kernels/cuda/gemm/gemm.h"
@@ -439,44 +440,115 @@ void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, c
 
 void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t out,
                const LoraBatch& lora, int64_t pair_index, const Tensor& scratch) {
+  const LoraSlice slice{pair_index, 0, out};
+  lora_gemm_slices(ctx, x, y, &slice, 1, lora, scratch);
+}
+
+int64_t lora_scratch_floats(const ExecContext& ctx, int64_t num_tokens, int64_t max_rank,
+                            int64_t in, int32_t num_slices) {
+  if (num_tokens < 0 || max_rank < 0 || in < 0 || num_slices < 1 || num_slices > kMaxLoraSlices) {
+    raise<InvalidArgument>("lora_scratch_floats: num_tokens (", num_tokens, "), max_rank (",
+                           max_rank, ") and in (", in, ") must be >= 0 and num_slices (",
+                           num_slices, ") in [1, ", kMaxLoraSlices, "]");
+  }
+  const int64_t per_slice = checked_mul(num_tokens, max_rank, "LoRA scratch floats");
+  if (!ctx.device.is_cuda()) return per_slice;
+  const int64_t chunks = (in + cuda::kLoraChunk - 1) / cuda::kLoraChunk;
+  return checked_product({per_slice, chunks, int64_t{num_slices}}, "LoRA scratch floats");
+}
+
+void lora_gemm_slices(const ExecContext& ctx, const Tensor& x, const Tensor& y,
+                      const LoraSlice* slices, int32_t num_slices, const LoraBatch& lora,
+                      const Tensor& scratch) {
   check_device("lora_gemm", ctx, x, y, scratch);
   if (lora.num_runs == 0) return;
   require_rows("lora_gemm", x, "x must be [T, in] float32");
   require_rows("lora_gemm", y, "y must be [T, >= out] float32");
-  require(y.size(0) == x.size(0) && y.size(1) >= out, "lora_gemm",
-          "y must have x's rows and at least `out` columns", y);
-  require(pair_index >= 0 && pair_index < lora.pairs_per_slot && lora.pairs != nullptr, "lora_gemm",
-          "pair_index must index the LoRA table's (layer, module) entries", x);
+  require(y.size(0) == x.size(0), "lora_gemm", "y must have x's rows", y);
+  if (num_slices < 1 || num_slices > kMaxLoraSlices || slices == nullptr) {
+    raise<InvalidArgument>("lora_gemm: num_slices must be in [1, ", kMaxLoraSlices, "], got ",
+                           num_slices);
+  }
+  for (int32_t s = 0; s < num_slices; ++s) {
+    const LoraSlice& sl = slices[s];
+    require(sl.out_offset >= 0 && sl.out >= 0 && sl.out_offset + sl.out <= y.size(1), "lora_gemm",
+            "each slice's columns [out_offset, out_offset + out) must lie within y", y);
+    require(sl.pair_index >= 0 && sl.pair_index < lora.pairs_per_slot && lora.pairs != nullptr,
+            "lora_gemm", "pair_index must index the LoRA table's (layer, module) entries", x);
+  }
   require(scratch.dtype() == DType::kFloat32 && scratch.is_contiguous(), "lora_gemm",
           "scratch must be contiguous float32", scratch);
-  int64_t need = 0;
-  for (int32_t i = 0; i < lora.num_runs; ++i) {
-    const LoraRun& run = lora.runs[i];
-    if (run.begin < 0 || run.end > x.size(0) || run.begin > run.end || run.slot < 0 ||
-        run.slot >= lora.num_slots) {
-      raise<InvalidArgument>("lora_gemm: run ", i, " [", run.begin, ", ", run.end, ") of slot ",
-                             run.slot, " is outside the ", x.size(0), " tokens or the ",
-                             lora.num_slots, " slot(s)");
+  // The runs index x's rows and the table's slots; the ranks size the scratch.
+  int64_t max_need = 0;  // CPU: the largest slice's sum of tokens * rank (slices reuse it)
+  int32_t max_rank = 0;
+  int32_t previous_end = 0;
+  for (int32_t s = 0; s < num_slices; ++s) {
+    int64_t need = 0;
+    for (int32_t i = 0; i < lora.num_runs; ++i) {
+      const LoraRun& run = lora.runs[i];
+      if (run.begin < 0 || run.end > x.size(0) || run.begin > run.end || run.slot < 0 ||
+          run.slot >= lora.num_slots) {
+        raise<InvalidArgument>("lora_gemm: run ", i, " [", run.begin, ", ", run.end, ") of slot ",
+                               run.slot, " is outside the ", x.size(0), " tokens or the ",
+                               lora.num_slots, " slot(s)");
+      }
+      if (s == 0 && run.begin < previous_end) {
+        raise<InvalidArgument>("lora_gemm: run ", i, " [", run.begin, ", ", run.end,
+                               ") starts before the previous run ends (", previous_end,
+                               "): runs must be in token order and disjoint");
+      }
+      if (s == 0) previous_end = run.end;
+      const LoraPair& pair = lora.pairs[run.slot * lora.pairs_per_slot + slices[s].pair_index];
+      need += int64_t{run.end - run.begin} * pair.rank;
+      if (run.end > run.begin) max_rank = std::max(max_rank, pair.rank);
     }
-    need +=
-        int64_t{run.end - run.begin} * lora.pairs[run.slot * lora.pairs_per_slot + pair_index].rank;
+    max_need = std::max(max_need, need);
   }
-  require(scratch.numel() >= need, "lora_gemm", "scratch is smaller than the runs' tokens * rank",
-          scratch);
-  LoraGemmParams p{};
-  p.x = x.data_as<const float>();
-  p.x_stride = x.stride(0);
-  p.y = y.data_as<float>();
-  p.y_stride = y.stride(0);
-  p.in = x.size(1);
-  p.out = out;
-  p.runs = lora.runs;
-  p.num_runs = lora.num_runs;
-  p.pairs = lora.pairs + pair_index;
-  p.slot_stride = lora.pairs_per_slot;
-  p.scratch = scratch.data_as<float>();
-  if (ctx.device.is_cuda()) no_cuda_kernel("lora_gemm");
-  cpu::lora_gemm(p);
+  if (max_rank == 0) return;  // no run's adapter adapts these modules
+  if (ctx.device.is_cuda()) {
+#if LORART_WITH_CUDA
+    require(lora.device_runs != nullptr && lora.device_pairs != nullptr, "lora_gemm",
+            "a CUDA LoraBatch needs its runs and pairs in device memory (device_runs, "
+            "device_pairs)",
+            x);
+    require(scratch.numel() >= lora_scratch_floats(ctx, x.size(0), max_rank, x.size(1), num_slices),
+            "lora_gemm", "scratch is smaller than lora_scratch_floats(T, max rank, in, slices)",
+            scratch);
+    CudaLoraParams p{};
+    p.x = x.data_as<const float>();
+    p.x_stride = x.stride(0);
+    p.y = y.data_as<float>();
+    p.y_stride = y.stride(0);
+    p.in = x.size(1);
+    p.num_tokens = static_cast<int32_t>(x.size(0));
+    p.runs = lora.device_runs;
+    p.num_runs = lora.num_runs;
+    p.pairs = lora.device_pairs;
+    p.slot_stride = lora.pairs_per_slot;
+    for (int32_t s = 0; s < num_slices; ++s) p.slices[s] = slices[s];
+    p.num_slices = num_slices;
+    p.rank_stride = max_rank;
+    p.scratch = scratch.data_as<float>();
+    return cuda::lora_gemm(p, ctx.stream);
+#endif
+  }
+  require(scratch.numel() >= max_need, "lora_gemm",
+          "scratch is smaller than the runs' tokens * rank", scratch);
+  for (int32_t s = 0; s < num_slices; ++s) {
+    LoraGemmParams p{};
+    p.x = x.data_as<const float>();
+    p.x_stride = x.stride(0);
+    p.y = y.data_as<float>() + slices[s].out_offset;
+    p.y_stride = y.stride(0);
+    p.in = x.size(1);
+    p.out = slices[s].out;
+    p.runs = lora.runs;
+    p.num_runs = lora.num_runs;
+    p.pairs = lora.pairs + slices[s].pair_index;
+    p.slot_stride = lora.pairs_per_slot;
+    p.scratch = scratch.data_as<float>();
+    cpu::lora_gemm(p);
+  }
 }
 
 void dora_scales(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout, int64_t row_offset,

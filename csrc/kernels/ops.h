@@ -103,9 +103,23 @@ struct LoraBatch {
   const LoraPair* device_pairs = nullptr;
 };
 // y[:, :out] += x @ A^T @ B^T per run, with each run's slot's pair at `pair_index` (layer *
-// kCount + module); x [T, in] and y [T, >= out] are row views, scratch holds T * max rank floats.
+// kCount + module); x [T, in] and y [T, >= out] are row views, scratch holds at least
+// lora_scratch_floats(ctx, T, max rank, in, 1) floats. Runs must be in token order and disjoint.
 void lora_gemm(const ExecContext& ctx, const Tensor& x, const Tensor& y, int64_t out,
                const LoraBatch& lora, int64_t pair_index, const Tensor& scratch);
+// The fused form: for each of the 1..kMaxLoraSlices slices in order, y[:, off : off + out] +=
+// the delta of its pair (pair_index), all reading the same x (the q / k / v slices of qkv, the
+// gate / up halves of gate_up): one launch on CUDA. On the CPU, bitwise the same as one
+// lora_gemm per slice in that order. scratch: lora_scratch_floats(ctx, T, max rank, in, slices).
+void lora_gemm_slices(const ExecContext& ctx, const Tensor& x, const Tensor& y,
+                      const LoraSlice* slices, int32_t num_slices, const LoraBatch& lora,
+                      const Tensor& scratch);
+// Floats of lora_gemm scratch for `num_tokens` tokens of adapters of rank <= max_rank, input
+// width `in` and `num_slices` slices: num_tokens * max_rank on the CPU (slices reuse it); on CUDA
+// the split-K partials, num_slices * ceil(in / 256) * num_tokens * max_rank. InvalidArgument on
+// overflow.
+int64_t lora_scratch_floats(const ExecContext& ctx, int64_t num_tokens, int64_t max_rank,
+                            int64_t in, int32_t num_slices);
 
 // DoRA's per-row scales: scales [out] float32 = magnitude [out] / ||w[row_offset + o, :] +
 // b [out, r] @ a [r, K]|| (w [N, K] in `w_layout`; W + B A in float32, norms accumulated in

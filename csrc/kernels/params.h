@@ -159,6 +159,35 @@ struct LoraGemmParams {
   float* scratch;         // >= sum over runs of (end - begin) * rank floats
 };
 
+// One module of a fused LoRA launch (the q / k / v slices of the fused qkv matrix, the gate / up
+// halves of gate_up): its pair in the LoRA table and the columns of y it adds to.
+struct LoraSlice {
+  int64_t pair_index;  // layer * lora_module::kCount + module
+  int64_t out_offset;  // first column of y
+  int64_t out;         // columns
+};
+constexpr int32_t kMaxLoraSlices = 4;  // fused qkv + q + k + v
+
+// ops::lora_gemm_slices on CUDA: for each slice in order, y[:, off : off + out] += (x @ A^T) @ B^T
+// for each run's tokens with the run's slot's pair. `runs` and `pairs` are device memory (their
+// A / B^T too); the op planned `rank_stride` and validated the runs from the host copies.
+struct CudaLoraParams {
+  const float* x;  // [num_tokens, in], row stride x_stride (device)
+  int64_t x_stride;
+  float* y;  // [num_tokens, >= every slice's out_offset + out], row stride y_stride (device)
+  int64_t y_stride;
+  int64_t in;
+  int32_t num_tokens;
+  const LoraRun* runs;  // [num_runs], in token order, device memory
+  int32_t num_runs;
+  const LoraPair* pairs;  // the table: slot s's pair of slice i at pairs[s * slot_stride + index]
+  int64_t slot_stride;
+  LoraSlice slices[kMaxLoraSlices];
+  int32_t num_slices;
+  int32_t rank_stride;  // >= every used pair's rank: the scratch's rank axis
+  float* scratch;       // lora_scratch_floats floats (device)
+};
+
 // DoRA's per-row scale: scales[o] = magnitude[o] / ||w[row_offset + o, :] + b[o, :] @ a|| for o in
 // [0, out), W + B A formed in float32 as PEFT does for a float32 model, its squared norm
 // accumulated in float64 (the scaling is already in b). A zero norm gives +inf (the caller reports

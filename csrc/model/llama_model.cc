@@ -42,6 +42,18 @@ void check_index_tensor(const Tensor& t, const char* name, int dims) {
   }
 }
 
+// Floats of the LoRA scratch for max_num_tokens tokens: the largest of the model's LoRA launches
+// (qkv: 4 slices of width hidden; gate_up: 2 of hidden; o: 1 of q_out; down: 1 of intermediate;
+// lm_head: 1 of hidden; the embedding's A rows: max_lora_rank per token).
+int64_t lora_scratch_floats(const ModelConfig& config, int64_t tokens, int64_t rank,
+                            Device device) {
+  const ExecContext ctx{device};
+  const int64_t q_out = config.num_attention_heads * config.head_dim;
+  return std::max({ops::lora_scratch_floats(ctx, tokens, rank, config.hidden_size, 4),
+                   ops::lora_scratch_floats(ctx, tokens, rank, q_out, 1),
+                   ops::lora_scratch_floats(ctx, tokens, rank, config.intermediate_size, 1)});
+}
+
 }  // namespace
 
 Buffer LlamaModel::workspace(int64_t count, const char* what, DType dtype) const {
@@ -105,7 +117,8 @@ LlamaModel::LlamaModel(const ModelConfig& config, ModelWeights weights, int64_t 
   proj_ = workspace(t * h, "the projection workspace");
   gate_up_ = workspace(t * 2 * inter, "the gate_up workspace");
   act_ = workspace(t * inter, "the MLP activation workspace");
-  lora_scratch_ = workspace(t * max_lora_rank, "the LoRA scratch workspace");
+  lora_scratch_ = workspace(lora_scratch_floats(config_, t, max_lora_rank, device()),
+                            "the LoRA scratch workspace");
   runs_.reserve(t);
 }
 
@@ -123,12 +136,16 @@ size_t LlamaModel::workspace_bytes(const ModelConfig& config, int64_t max_num_to
   const int64_t h = config.hidden_size, inter = config.intermediate_size;
   const int64_t q_out = config.num_attention_heads * config.head_dim;
   const int64_t qkv_out = q_out + 2 * config.num_kv_heads * config.head_dim;
-  const int64_t floats = 3 * h + qkv_out + q_out + 3 * inter + max_lora_rank;
+  const int64_t floats = 3 * h + qkv_out + q_out + 3 * inter;
   const int64_t per_token =
       floats * static_cast<int64_t>(sizeof(float)) + static_cast<int64_t>(sizeof(LoraRun));
+  const int64_t lora_bytes =
+      checked_mul(lora_scratch_floats(config, max_num_tokens, max_lora_rank, device),
+                  static_cast<int64_t>(sizeof(float)), "LlamaModel LoRA scratch bytes");
   const int64_t bytes = checked_add(
-      checked_mul(max_num_tokens, per_token,
-                  "LlamaModel workspace bytes (max_num_tokens * bytes per token)"),
+      checked_add(checked_mul(max_num_tokens, per_token,
+                              "LlamaModel workspace bytes (max_num_tokens * bytes per token)"),
+                  lora_bytes, "LlamaModel workspace bytes"),
       config.head_dim / 2 * static_cast<int64_t>(sizeof(float)), "LlamaModel workspace bytes");
   checked_product({max_num_tokens, config.vocab_size, int64_t{sizeof(float)}},
                   "logits bytes (max_num_tokens * vocab_size * 4)");
@@ -175,6 +192,26 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
   if (lora.max_rank() > max_lora_rank_) {
     raise<InvalidArgument>("the LoRA table holds an adapter of rank ", lora.max_rank(),
                            ", above max_lora_rank = ", max_lora_rank_);
+  }
+  if (device().is_cuda()) {
+    // The CUDA kernels read the pairs through device pointers, and the DoRA and embedding-side
+    // paths have no CUDA kernels yet: refuse such a table here, by slot, before any launch.
+    for (int32_t slot = 0; slot < lora.num_slots(); ++slot) {
+      const LoraAdapter* a = lora.adapter(slot);
+      if (a == nullptr) continue;
+      if (a->pairs_device() != device()) {
+        raise<InvalidArgument>("LoRA slot ", slot, ": the adapter's pairs are in ",
+                               a->pairs_device().str(), " memory; a model on ", device().str(),
+                               " reads them from its device (the LoRA cache's device level)");
+      }
+      if (a->has_dora() || a->has_embedding_parts()) {
+        raise<InvalidArgument>("LoRA slot ", slot, ": ",
+                               a->has_dora() ? "DoRA"
+                                             : "embedding-side parts (embed_tokens, "
+                                               "lm_head or their LoRA)",
+                               " are not supported on CUDA yet");
+      }
+    }
   }
   if (num_seqs < 1 || b.seq_starts.size(0) != num_seqs + 1 || b.lora_slots.size(0) != num_seqs ||
       b.block_tables.size(0) != num_seqs) {
@@ -295,8 +332,11 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
   }
   ops::LoraBatch lora_batch = lora.batch(runs_);
   const ForwardBatch& staged = stage(ctx, b, lora_batch);
-  const Pass pass{ctx, staged,        cache,     lora_batch, num_tokens, lora.has_dora(),
-                  b,   max_query_len, max_kv_len};
+  const Pass pass{ctx,        staged,
+                  cache,      lora_batch,
+                  num_tokens, lora.has_dora(),
+                  b,          max_query_len,
+                  max_kv_len, attention_workspace(ctx, num_seqs, max_kv_len)};
 
   const int64_t h = config_.hidden_size;
   if (lora.has_embedding_parts()) {
@@ -381,6 +421,23 @@ const ForwardBatch& LlamaModel::stage(const ExecContext& ctx, const ForwardBatch
   lora.device_pairs =
       num_pairs > 0 ? reinterpret_cast<const LoraPair*>(base + offsets[8]) : nullptr;
   return device_batch_;
+}
+
+Tensor LlamaModel::attention_workspace(const ExecContext& ctx, int64_t num_seqs,
+                                       int32_t max_kv_len) {
+  const ops::AttentionShape shape{
+      static_cast<int32_t>(config_.num_attention_heads), static_cast<int32_t>(config_.num_kv_heads),
+      static_cast<int32_t>(config_.head_dim), static_cast<int32_t>(config_.sliding_window), 1.0f};
+  const size_t need = ops::paged_attention_workspace_bytes(ctx, num_seqs, max_kv_len, shape);
+  if (need == 0) return Tensor();
+  if (attention_workspace_.size() < need) {
+    // Grown geometrically; the device may still read the old buffer, so wait before freeing it.
+    const size_t grown = std::max(aligned16(need), attention_workspace_.size() * 2);
+    if (attention_workspace_.size() > 0) synchronize_stream(device(), ctx.stream);
+    attention_workspace_ = Buffer::allocate(grown, device(), "the attention split-KV workspace");
+  }
+  return attention_workspace_.view(DType::kInt32,
+                                   {static_cast<int64_t>(attention_workspace_.size() / 4)});
 }
 
 void LlamaModel::embed_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& hidden) {
@@ -514,17 +571,19 @@ void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
   ops::rms_norm(ctx, hidden, w.input_norm, eps, normed);
   ops::linear(ctx, normed, w.qkv, qkv, 0.0f, Tensor(), layout);
   if (w.qkv_bias.defined()) ops::add_bias(ctx, qkv, w.qkv_bias);
-  apply_lora(pass, layer, lora_module::kAttnQkv, normed, qkv, 0, w.qkv_bias);
-  apply_lora(pass, layer, lora_module::kAttnQ, normed, qkv, 0, w.qkv_bias);
-  apply_lora(pass, layer, lora_module::kAttnK, normed, qkv, q_out, w.qkv_bias);
-  apply_lora(pass, layer, lora_module::kAttnV, normed, qkv, q_out + kv_out, w.qkv_bias);
+  const ModuleColumns qkv_modules[] = {{lora_module::kAttnQkv, 0},
+                                       {lora_module::kAttnQ, 0},
+                                       {lora_module::kAttnK, q_out},
+                                       {lora_module::kAttnV, q_out + kv_out}};
+  apply_lora_slices(pass, layer, qkv_modules, 4, normed, qkv, w.qkv_bias);
 
   // q and k heads sit side by side in each qkv row: one pass rotates both.
   ops::rope(ctx, rows(qkv_, n, q_out + kv_out, 0, qkv_out), static_cast<int32_t>(hd),
             pass.batch.positions, vec(inv_freq_, hd / 2));
   const Tensor attn = rows(attn_, n, q_out), proj = rows(proj_, n, h);
-  const ops::AttentionBatch batch{pass.batch.seq_starts, pass.batch.context_lens,
-                                  pass.batch.block_tables, pass.max_query_len, pass.max_kv_len};
+  const ops::AttentionBatch batch{pass.batch.seq_starts,   pass.batch.context_lens,
+                                  pass.batch.block_tables, pass.max_query_len,
+                                  pass.max_kv_len,         pass.attention_workspace};
   const ops::AttentionShape shape{
       static_cast<int32_t>(config_.num_attention_heads), static_cast<int32_t>(config_.num_kv_heads),
       static_cast<int32_t>(hd), static_cast<int32_t>(config_.sliding_window),
@@ -551,8 +610,9 @@ void LlamaModel::mlp_block(const Pass& pass, int64_t layer) {
   const Tensor proj = rows(proj_, n, h);
   // normed = RMSNorm(hidden) * post_norm already (attention_block's add_rms_norm).
   ops::linear(ctx, normed, w.gate_up, gate_up, 0.0f, Tensor(), layout);
-  apply_lora(pass, layer, lora_module::kMlpHTo4H, normed, gate_up, 0);     // gate_proj half
-  apply_lora(pass, layer, lora_module::kMlpGate, normed, gate_up, inter);  // up_proj half
+  const ModuleColumns gate_up_modules[] = {{lora_module::kMlpHTo4H, 0},      // gate_proj half
+                                           {lora_module::kMlpGate, inter}};  // up_proj half
+  apply_lora_slices(pass, layer, gate_up_modules, 2, normed, gate_up, Tensor());
   ops::silu_mul(ctx, gate_up, act);
   ops::linear(ctx, act, w.down, proj, 0.0f, Tensor(), layout);
   apply_lora(pass, layer, lora_module::kMlp4HToH, act, proj, 0);
@@ -576,6 +636,26 @@ void LlamaModel::apply_lora(const Pass& pass, int64_t layer, int32_t module_id, 
     }
     ops::lora_dora_apply(pass.ctx, y_cols, dims.out, bias_cols, pass.lora, pair_index);
   }
+}
+
+void LlamaModel::apply_lora_slices(const Pass& pass, int64_t layer, const ModuleColumns* modules,
+                                   int32_t count, const Tensor& x, const Tensor& y,
+                                   const Tensor& bias) {
+  if (pass.lora.num_runs == 0) return;
+  if (pass.dora) {  // DoRA rescales after each module's delta: one module at a time
+    for (int32_t i = 0; i < count; ++i) {
+      apply_lora(pass, layer, modules[i].module_id, x, y, modules[i].out_offset, bias);
+    }
+    return;
+  }
+  LoraSlice slices[kMaxLoraSlices];
+  for (int32_t i = 0; i < count; ++i) {
+    slices[i] = {layer * lora_module::kCount + modules[i].module_id, modules[i].out_offset,
+                 config_.lora_module_dims(modules[i].module_id).out};
+  }
+  const Tensor scratch = lora_scratch_.view(
+      DType::kFloat32, {static_cast<int64_t>(lora_scratch_.size() / sizeof(float))});
+  ops::lora_gemm_slices(pass.ctx, x, y, slices, count, pass.lora, scratch);
 }
 
 }  // namespace lorart

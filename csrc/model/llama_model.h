@@ -82,6 +82,12 @@ class LlamaModel {
     bool dora;                          // a slot has DoRA pairs
     const ForwardBatch& host;           // what the host plans from (validated)
     int32_t max_query_len, max_kv_len;  // the step's bounds (ops::AttentionBatch)
+    Tensor attention_workspace;         // CUDA: the split-KV partials (empty on the CPU)
+  };
+  // A LoRA module and the first column of the fused output it adds to.
+  struct ModuleColumns {
+    int32_t module_id;
+    int64_t out_offset;
   };
   // A workspace Buffer of `count` values on the model's device.
   Buffer workspace(int64_t count, const char* what, DType dtype = DType::kFloat32) const;
@@ -96,6 +102,12 @@ class LlamaModel {
   void embed_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& hidden);
   void lm_head_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& picked,
                         const Tensor& logits);
+  // The modules sharing input x and output y (fused qkv, gate_up), in order: one fused LoRA
+  // launch, or one module at a time when the step has DoRA pairs.
+  void apply_lora_slices(const Pass& pass, int64_t layer, const ModuleColumns* modules,
+                         int32_t count, const Tensor& x, const Tensor& y, const Tensor& bias);
+  // CUDA: attention's split-KV scratch for the step, grown (never shrunk) as steps need it.
+  Tensor attention_workspace(const ExecContext& ctx, int64_t num_seqs, int32_t max_kv_len);
   // attention_block ends with the residual add fused with the post-attention norm: it leaves
   // normed_ holding mlp_block's input.
   void attention_block(const Pass& pass, int64_t layer);
@@ -114,6 +126,7 @@ class LlamaModel {
   // arrays outgrow it, never shrunk); device_batch_ views it.
   std::vector<unsigned char> staging_host_;
   Buffer staging_;
+  Buffer attention_workspace_;
   ForwardBatch device_batch_;
   std::vector<float> neg_inf_;  // a row of -inf, the source of the device logits' padding
 };

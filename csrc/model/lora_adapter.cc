@@ -160,6 +160,32 @@ LoraAdapter::LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_conf
   if (const LoraEmbeddings* parts = weights.embeddings()) lay_out_embeddings(*parts);
 }
 
+LoraAdapter LoraAdapter::to_device(Device device) const {
+  if (has_dora_ || has_embedding_parts()) {
+    raise<LoraError>("the adapter has ", has_dora_ ? "DoRA rows" : "embedding-side parts",
+                     ", which cannot run on ", device.str(), " yet");
+  }
+  LoraAdapter out;
+  out.shape_ = shape_;
+  out.dtype_ = dtype_;
+  out.max_rank_ = max_rank_;
+  out.storage_ = Buffer::allocate(std::max<size_t>(storage_.size(), 1), device,
+                                  "the adapter's LoRA pairs on the device");
+  if (storage_.size() > 0) {
+    copy_bytes(out.storage_.data(), device, storage_.data(), Device::cpu(), storage_.size());
+  }
+  // The same layout at another base address.
+  const auto* from = static_cast<const char*>(storage_.data());
+  auto* to = static_cast<char*>(out.storage_.data());
+  out.table_ = table_;
+  for (LoraPair& pair : out.table_) {
+    if (pair.rank == 0) continue;
+    pair.a = to + (static_cast<const char*>(pair.a) - from);
+    pair.b_t = to + (static_cast<const char*>(pair.b_t) - from);
+  }
+  return out;
+}
+
 void LoraAdapter::lay_out_embeddings(const LoraEmbeddings& e) {
   using P = LoraEmbeddings;
   auto copy = [](const Tensor& t, Buffer& dst) {

@@ -63,6 +63,13 @@ class LoraAdapter {
   DType dtype() const { return dtype_; }
   size_t nbytes() const;
   bool has_dora() const { return has_dora_; }
+  // Where the pairs' A / B^T (and DoRA scales) live: the host for an adapter built from weights;
+  // a device for one the LoRA cache's device level placed there (to_device).
+  Device pairs_device() const { return storage_.size() > 0 ? storage_.device() : Device::cpu(); }
+  // A copy whose pairs (A, B^T) are in one allocation on `device`, copied before it returns.
+  // Throws LoraError for a DoRA adapter or one with embedding-side parts (no CUDA path reads
+  // them yet), DeviceError for a device this build cannot reach.
+  LoraAdapter to_device(Device device) const;
 
   // The embedding-side parts; each undefined when the adapter leaves that part to the model.
   // The adapter's vocabulary: rows of embed_tokens / lm_head, 0 when it keeps the model's.
@@ -84,15 +91,16 @@ class LoraAdapter {
  private:
   LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config,
               const std::vector<float>* dora_scales);
+  LoraAdapter() = default;  // to_device fills it
   void lay_out_embeddings(const LoraEmbeddings& parts);
   // Bytes of the A and B^T values alone.
   static int64_t pair_bytes(const LoraConfig& lora_config, const ModelConfig& config, DType dtype);
 
-  ModelShape shape_;             // first: its initializer validates the model config
+  ModelShape shape_{};           // first: its initializer validates the model config
   Buffer storage_;               // per config row: A rows then B^T rows, in dtype_
   std::vector<float> dora_;      // DoRA rows' scales, in row order
   std::vector<LoraPair> table_;  // [num_layers * lora_module::kCount]
-  DType dtype_;
+  DType dtype_ = DType::kFloat32;
   int64_t max_rank_ = 0;
   bool has_dora_ = false;
   // The embedding-side parts (each in its own dtype) and views of them.

@@ -469,6 +469,95 @@ TEST(LoraGemmOpTest, RunsOutsideTheBatchOrTableAreRefused) {
   }
 }
 
+TEST(LoraGemmOpTest, OverlappingOrUnorderedRunsAreRefused) {
+  std::vector<float> x(4 * 8), y(4 * 8), scratch(64);
+  const Tensor xt(x.data(), DType::kFloat32, {4, 8}), yt(y.data(), DType::kFloat32, {4, 8});
+  const Tensor st(scratch.data(), DType::kFloat32, {64});
+  const std::vector<LoraPair> table(2);
+  const LoraRun runs[] = {{2, 4, 0}, {0, 2, 1}};
+  const ops::LoraBatch lora{runs, 2, table.data(), 2, 1};
+  expect_error<InvalidArgument>([&] { ops::lora_gemm(ExecContext::cpu(), xt, yt, 8, lora, 0, st); },
+                                "lora_gemm: run 1 [0, 2) starts before the previous run ends (4)");
+}
+
+// The fused form on the CPU is one lora_gemm per slice, in order, bitwise: slices with
+// overlapping columns (fused qkv and q of one adapter) add in the slices' order.
+TEST(LoraGemmOpTest, SlicesAreBitwiseOneLoraGemmPerSliceInOrder) {
+  const int64_t tokens = 9, in = 40, width = 30;
+  const std::vector<float> x = random_floats(tokens * in, 1);
+  const std::vector<float> y0 = random_floats(tokens * width, 2);
+  // Two slots x three slices: [0, 30) fused, [0, 12) q, [17, 30) v; slot 1 skips the fused one.
+  const LoraSlice slices[] = {{0, 0, 30}, {1, 0, 12}, {2, 17, 13}};
+  const int32_t ranks[2][3] = {{4, 3, 5}, {0, 6, 2}};
+  std::vector<std::vector<float>> storage;
+  std::vector<LoraPair> table;
+  for (int s = 0; s < 2; ++s) {
+    for (int i = 0; i < 3; ++i) {
+      const int32_t r = ranks[s][i];
+      storage.push_back(random_floats(std::max<int64_t>(1, r * in), 10 + 3 * s + i));
+      storage.push_back(random_floats(std::max<int64_t>(1, r * slices[i].out), 20 + 3 * s + i));
+      table.push_back(
+          {storage[storage.size() - 2].data(), storage.back().data(), DType::kFloat32, r, nullptr});
+    }
+  }
+  const LoraRun runs[] = {{0, 4, 0}, {5, 9, 1}};  // token 4 is a base token
+  const ops::LoraBatch lora{runs, 2, table.data(), 2, 3};
+  const ExecContext ctx = ExecContext::cpu();
+  std::vector<float> scratch(ops::lora_scratch_floats(ctx, tokens, 6, in, 3));
+  const Tensor st(scratch.data(), DType::kFloat32, {static_cast<int64_t>(scratch.size())});
+  const Tensor xt(const_cast<float*>(x.data()), DType::kFloat32, {tokens, in});
+  std::vector<float> fused = y0, one_by_one = y0;
+  ops::lora_gemm_slices(ctx, xt, Tensor(fused.data(), DType::kFloat32, {tokens, width}), slices, 3,
+                        lora, st);
+  for (const LoraSlice& sl : slices) {
+    const int64_t shape[2] = {tokens, sl.out}, strides[2] = {width, 1};
+    ops::lora_gemm(ctx, xt,
+                   Tensor(one_by_one.data() + sl.out_offset, DType::kFloat32, 2, shape, strides),
+                   sl.out, lora, sl.pair_index, st);
+  }
+  EXPECT_EQ(std::memcmp(fused.data(), one_by_one.data(), fused.size() * sizeof(float)), 0);
+  EXPECT_NE(std::memcmp(fused.data(), y0.data(), fused.size() * sizeof(float)), 0);
+  for (int64_t c = 0; c < width; ++c) {  // the base token's row is untouched
+    EXPECT_EQ(fused[4 * width + c], y0[4 * width + c]);
+  }
+  // Slices past y's columns, too many slices and an unknown pair are refused by name.
+  const LoraSlice wide[] = {{0, 20, 11}};
+  expect_error<InvalidArgument>(
+      [&] {
+        ops::lora_gemm_slices(ctx, xt, Tensor(fused.data(), DType::kFloat32, {tokens, width}), wide,
+                              1, lora, st);
+      },
+      "lora_gemm: each slice's columns [out_offset, out_offset + out) must lie within y");
+  expect_error<InvalidArgument>(
+      [&] {
+        ops::lora_gemm_slices(ctx, xt, Tensor(fused.data(), DType::kFloat32, {tokens, width}),
+                              slices, 5, lora, st);
+      },
+      "lora_gemm: num_slices must be in [1, 4], got 5");
+  const LoraSlice unknown[] = {{3, 0, 4}};
+  expect_error<InvalidArgument>(
+      [&] {
+        ops::lora_gemm_slices(ctx, xt, Tensor(fused.data(), DType::kFloat32, {tokens, width}),
+                              unknown, 1, lora, st);
+      },
+      "lora_gemm: pair_index must index");
+}
+
+TEST(LoraGemmOpTest, ScratchFloatsPerDevice) {
+  EXPECT_EQ(ops::lora_scratch_floats(ExecContext::cpu(), 10, 16, 4096, 4), 160);
+  ExecContext cuda;
+  cuda.device = Device::cuda();
+  // Split-K partials: ceil(4097 / 256) = 17 chunks per slice.
+  EXPECT_EQ(ops::lora_scratch_floats(cuda, 10, 16, 4097, 3), 3 * 17 * 10 * 16);
+  expect_error<InvalidArgument>([] { ops::lora_scratch_floats(ExecContext::cpu(), 1, 1, 1, 0); },
+                                "num_slices (0) in [1, 4]");
+  expect_error<InvalidArgument>(
+      [] {
+        ops::lora_scratch_floats(ExecContext::cpu(), int64_t{1} << 40, int64_t{1} << 40, 1, 1);
+      },
+      "LoRA scratch floats");
+}
+
 }  // namespace
 }  // namespace lorart
 

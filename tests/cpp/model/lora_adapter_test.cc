@@ -173,6 +173,35 @@ TEST(LoraAdapterTest, StorageBytesCountThePartsOnceAndTheDoraScales) {
   EXPECT_TRUE(two.has_embedding_parts());
 }
 
+// to_device keeps the layout at another address: every pair's bytes are the original's (tested
+// here with the host as the target; the CUDA runner test takes the device), the DoRA / embedding
+// adapters the CUDA path cannot read are refused.
+TEST(LoraAdapterTest, ToDeviceCopiesThePairsToANewAllocation) {
+  const ModelConfig config = tiny_config();
+  const LoraConfig rows = LoraConfig::from_rows(
+      {{lora_module::kAttnQ, 0, 2}, {lora_module::kMlp4HToH, 1, 4}, {lora_module::kAttnV, 1, 3}});
+  const std::vector<float> values = testing_util::random_floats(3 * 320, 5);
+  const LoraAdapter adapter(
+      LoraWeights::copy_of(Tensor(const_cast<float*>(values.data()), DType::kFloat32, {3, 320})),
+      rows, config, 8);
+  const LoraAdapter copy = adapter.to_device(Device::cpu());
+  EXPECT_EQ(copy.pairs_device(), Device::cpu());
+  EXPECT_EQ(copy.max_rank(), 4);
+  EXPECT_TRUE(copy.fits(config));
+  for (int64_t i = 0; i < 2 * lora_module::kCount; ++i) {
+    const LoraPair &a = adapter.pairs()[i], &b = copy.pairs()[i];
+    ASSERT_EQ(a.rank, b.rank);
+    if (a.rank == 0) continue;
+    const LoraModuleDims d = config.lora_module_dims(static_cast<int32_t>(i % lora_module::kCount));
+    EXPECT_NE(a.a, b.a);
+    EXPECT_EQ(std::memcmp(a.a, b.a, a.rank * d.in * sizeof(float)), 0) << "pair " << i;
+    EXPECT_EQ(std::memcmp(a.b_t, b.b_t, a.rank * d.out * sizeof(float)), 0) << "pair " << i;
+  }
+  const Full f = full_adapter();
+  const LoraAdapter dora(f.weights, f.config, config, 8, &f.scales);
+  expect_error<LoraError>([&] { dora.to_device(Device::cpu()); }, "which cannot run on cpu yet");
+}
+
 TEST(LoraAdapterTest, DoraRowsNeedTheirScales) {
   const ModelConfig config = tiny_config();
   const Full f = full_adapter();

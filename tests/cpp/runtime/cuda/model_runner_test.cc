@@ -11,7 +11,9 @@
 #include <vector>
 
 #include "core/buffer.h"
+#include "core/errors.h"
 #include "kernels/cuda/cuda_test_util.h"
+#include "lora/module_ids.h"
 #include "test_util.h"
 
 namespace lorart {
@@ -33,6 +35,30 @@ std::shared_ptr<LlamaModel> tiny_model(Device device, DType dtype) {
                           : Tensor(storage.back().data(), DType::kFloat32, {shape[0], shape[1]}));
   });
   return std::make_shared<LlamaModel>(c, ModelWeights(std::move(builder), device), 16, 8);
+}
+
+// An adapter of every attention and MLP module on every layer, ranks `rank`, `rank` + 3, ...
+// (mixed ranks within one adapter and across adapters), random values.
+LoraAdapter random_adapter(const ModelConfig& c, int32_t rank, uint32_t seed) {
+  const int32_t modules[] = {lora_module::kAttnQ,     lora_module::kAttnK,    lora_module::kAttnV,
+                             lora_module::kAttnDense, lora_module::kMlpHTo4H, lora_module::kMlpGate,
+                             lora_module::kMlp4HToH};
+  std::vector<LoraConfigRow> rows;
+  int64_t row_size = 0;
+  for (int32_t layer = 0; layer < c.num_layers; ++layer) {
+    for (int32_t m = 0; m < 7; ++m) {
+      const int32_t r = rank + 3 * ((layer * 7 + m) % 3);
+      const LoraModuleDims d = c.lora_module_dims(modules[m]);
+      rows.push_back({modules[m], layer, r});
+      row_size = std::max<int64_t>(row_size, r * (d.in + d.out));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(rows.size());
+  const std::vector<float> values =
+      testing_util::random_floats(static_cast<size_t>(n * row_size), seed, -0.2f, 0.2f);
+  const LoraWeights weights = LoraWeights::copy_of(
+      Tensor(const_cast<float*>(values.data()), DType::kFloat32, {n, row_size}));
+  return LoraAdapter(weights, LoraConfig::from_rows(rows), c, 16);
 }
 
 // Two sequences prefilling 3 and 2 tokens (logits of every token), then each decoding one.
@@ -85,7 +111,9 @@ std::vector<float> host_copy(const Tensor& t) {
 // float32, so only the order of the float32 sums may differ (K <= 96, two layers): about 1e-6
 // relative; 1e-4 (float32) and 1e-3 (bf16 weights, larger logits) leave ample margin while a
 // wrong row, a stale cache entry or a misplaced upload shows as O(1).
-void compare_runners(DType dtype, float tol) {
+// With `lora`, sequence 0 uses one adapter and sequence 1 another (the GPU's copies placed on the
+// device with to_device), so every layer runs the grouped LoRA kernels on mixed ranks.
+void compare_runners(DType dtype, float tol, bool lora_adapters = false) {
   const auto cpu_model = tiny_model(Device::cpu(), dtype);
   const auto gpu_model = tiny_model(Device::cuda(0), dtype);
   ASSERT_EQ(gpu_model->device(), Device::cuda(0));
@@ -94,14 +122,26 @@ void compare_runners(DType dtype, float tol) {
   cuda_ctx.device = Device::cuda(0);
   ModelRunner gpu(gpu_model, kBlocks, kBlockSize, cuda_ctx);
   ASSERT_NE(gpu.context().stream, nullptr);  // the runner made its own stream
-  LoraTable lora(cpu_model->config());
+  LoraTable lora(cpu_model->config()), gpu_lora(cpu_model->config());
   Steps cs, gs;
+  const LoraAdapter first = random_adapter(cpu_model->config(), 2, 31);
+  const LoraAdapter second = random_adapter(cpu_model->config(), 5, 32);
+  const LoraAdapter first_gpu = first.to_device(Device::cuda(0));
+  const LoraAdapter second_gpu = second.to_device(Device::cuda(0));
+  if (lora_adapters) {
+    EXPECT_EQ(first_gpu.pairs_device(), Device::cuda(0));
+    lora.add(first);
+    lora.add(second);
+    gpu_lora.add(first_gpu);
+    gpu_lora.add(second_gpu);
+    cs.slots = gs.slots = {0, 1};
+  }
   for (int step = 0; step < 2; ++step) {
     const StepOutput c = cpu.run(step == 0 ? cs.prefill(lora) : cs.decode(lora));
     const std::vector<float> cl = host_copy(c.logits);
     const std::vector<int32_t> ct(c.tokens.data_as<const int32_t>(),
                                   c.tokens.data_as<const int32_t>() + c.tokens.numel());
-    const StepOutput g = gpu.run(step == 0 ? gs.prefill(lora) : gs.decode(lora));
+    const StepOutput g = gpu.run(step == 0 ? gs.prefill(gpu_lora) : gs.decode(gpu_lora));
     ASSERT_EQ(g.logits.shape_str(), c.logits.shape_str());
     ASSERT_TRUE(g.logits.device().is_cpu());
     const std::vector<float> gl = host_copy(g.logits);
@@ -128,6 +168,31 @@ TEST(CudaModelRunnerTest, Float32MatchesTheCpuRunner) {
 TEST(CudaModelRunnerTest, BFloat16MatchesTheCpuRunner) {
   LORART_REQUIRE_GPU();
   compare_runners(DType::kBFloat16, 1e-3f);
+}
+
+TEST(CudaModelRunnerTest, MixedLoraAdaptersMatchTheCpuRunner) {
+  LORART_REQUIRE_GPU();
+  compare_runners(DType::kFloat32, 1e-4f, true);
+  compare_runners(DType::kBFloat16, 1e-3f, true);
+}
+
+// A table of host adapters is refused by slot before any launch, and the runner keeps working.
+TEST(CudaModelRunnerTest, HostAdaptersAreRefusedBySlot) {
+  LORART_REQUIRE_GPU();
+  const auto model = tiny_model(Device::cuda(0), DType::kBFloat16);
+  ExecContext ctx;
+  ctx.device = Device::cuda(0);
+  ModelRunner runner(model, kBlocks, kBlockSize, ctx);
+  const LoraAdapter host = random_adapter(model->config(), 2, 33);
+  LoraTable lora(model->config());
+  lora.add(host);
+  Steps steps;
+  steps.slots = {0, -1};
+  testing_util::expect_error<InvalidArgument>([&] { runner.run(steps.prefill(lora)); },
+                                              "LoRA slot 0: the adapter's pairs are in cpu");
+  LoraTable none(model->config());
+  Steps plain;
+  EXPECT_EQ(runner.run(plain.prefill(none)).tokens.numel(), 2);
 }
 
 // The model's weights and KV pool live on the device; the runner's context is the model's.
