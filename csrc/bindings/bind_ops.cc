@@ -4,9 +4,13 @@
 // writable), else the call is refused rather than writing into a copy nobody sees. Each call runs
 // on the device of its first tensor, on `stream` (a cudaStream_t as an int, 0 = the legacy
 // default stream torch also uses unless told otherwise), and returns without synchronizing, like a
-// torch op; results are ordered on that stream.
+// torch op; results are ordered on that stream. What a CUDA op needs beyond its tensors (sample's
+// device copies of params and RNG states, attention's bounds and split-KV workspace) the binding
+// makes on the tensors' device when the caller does not pass it; such a call synchronizes.
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -19,6 +23,8 @@
 #include "bindings/bindings.h"
 #include "core/buffer.h"
 #include "core/errors.h"
+#include "core/stream.h"
+#include "executor/executor_config.h"
 #include "kernels/ops.h"
 
 namespace lorart::bindings {
@@ -150,13 +156,44 @@ class LoraTable {
   std::shared_ptr<Buffer> device_runs_, device_pairs_;
 };
 
+// The step's host-known bounds (longest query chunk, longest context plus chunk) read from the
+// arrays, copied to the host first when they are device memory. Checks only what the bounds need;
+// the op checks the rest (on the CPU).
+std::pair<int32_t, int32_t> attention_bounds(const Tensor& seq_starts, const Tensor& context_lens) {
+  if (seq_starts.dim() != 1 || context_lens.dim() != 1 || seq_starts.dtype() != DType::kInt32 ||
+      context_lens.dtype() != DType::kInt32 || seq_starts.size(0) != context_lens.size(0) + 1) {
+    raise<InvalidArgument>(
+        "paged_attention: seq_starts must be [S + 1] int32 and context_lens [S] "
+        "int32, got ",
+        seq_starts.describe(), " and ", context_lens.describe());
+  }
+  const int64_t n = context_lens.size(0);
+  std::vector<int32_t> starts(static_cast<size_t>(n + 1)), lens(static_cast<size_t>(n));
+  copy_bytes(starts.data(), Device::cpu(), seq_starts.data(), seq_starts.device(),
+             starts.size() * sizeof(int32_t));
+  copy_bytes(lens.data(), Device::cpu(), context_lens.data(), context_lens.device(),
+             lens.size() * sizeof(int32_t));
+  int64_t max_q = 0, max_kv = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t q = int64_t{starts[s + 1]} - starts[s];
+    max_q = std::max(max_q, q);
+    max_kv = std::max(max_kv, q + lens[s]);
+  }
+  if (max_kv > INT32_MAX) {
+    raise<InvalidArgument>("paged_attention: a sequence's context plus chunk (", max_kv,
+                           ") exceeds int32");
+  }
+  return {static_cast<int32_t>(max_q), static_cast<int32_t>(max_kv)};
+}
+
 }  // namespace
 
 void bind_ops(py::module_& parent) {
   py::module_ m = parent.def_submodule(
       "ops",
       "The kernel ops over numpy arrays or DLPack tensors (CPU or CUDA), for tests and "
-      "benchmarks. Outputs are written in place; calls on CUDA return without synchronizing.");
+      "benchmarks. Outputs are written in place; calls on CUDA return without synchronizing, "
+      "except sample and a paged_attention given no workspace (their docstrings say why).");
 
   m.def(
       "linear",
@@ -223,28 +260,87 @@ void bind_ops(py::module_& parent) {
       [](py::handle q, py::handle k, py::handle v, py::handle k_cache, py::handle v_cache,
          py::handle seq_starts, py::handle context_lens, py::handle block_tables, int32_t num_heads,
          int32_t num_kv_heads, int32_t head_dim, float scale, py::handle out,
-         int32_t sliding_window, int32_t max_query_len, int32_t max_kv_len, uintptr_t stream) {
+         int32_t sliding_window, int32_t max_query_len, int32_t max_kv_len, py::object workspace,
+         uintptr_t stream) {
         auto bq = in(q, "q"), bk = in(k, "k"), bv = in(v, "v");
         auto bkc = out_arg(k_cache, "k_cache"), bvc = out_arg(v_cache, "v_cache");
         auto bs = in(seq_starts, "seq_starts", DType::kInt32);
         auto bc = in(context_lens, "context_lens", DType::kInt32);
         auto bb = in(block_tables, "block_tables", DType::kInt32);
         auto bo = out_arg(out, "out");
+        const ExecContext ctx = context_of(bq.tensor, stream, Precision::kFloat32);
         ops::AttentionBatch batch{bs.tensor, bc.tensor, bb.tensor, max_query_len, max_kv_len};
         const ops::AttentionShape shape{num_heads, num_kv_heads, head_dim, sliding_window, scale};
-        ops::paged_attention(context_of(bq.tensor, stream, Precision::kFloat32), bq.tensor,
-                             bk.tensor, bv.tensor, bkc.tensor, bvc.tensor, batch, shape, bo.tensor);
+        BorrowedTensor bw{Tensor(), nullptr};
+        Buffer scratch;  // the call's own workspace when the caller passed none
+        if (ctx.device.is_cuda()) {
+          if (max_query_len <= 0 || max_kv_len <= 0) {
+            const auto [mq, mkv] = attention_bounds(bs.tensor, bc.tensor);
+            if (max_query_len <= 0) batch.max_query_len = mq;
+            if (max_kv_len <= 0) batch.max_kv_len = mkv;
+          }
+          if (!workspace.is_none()) {
+            bw = out_arg(workspace, "workspace");
+            batch.workspace = bw.tensor;
+          } else if (bc.tensor.dim() == 1) {
+            const size_t need = ops::paged_attention_workspace_bytes(ctx, bc.tensor.size(0),
+                                                                     batch.max_kv_len, shape);
+            if (need > 0) {
+              const int64_t words = static_cast<int64_t>((need + 3) / 4);
+              scratch = Buffer::allocate(static_cast<size_t>(words) * 4, ctx.device,
+                                         "paged_attention workspace");
+              batch.workspace = scratch.view(DType::kInt32, {words});
+            }
+          }
+        } else if (!workspace.is_none()) {
+          bw = out_arg(workspace, "workspace");  // unused on the CPU, but still checked
+          batch.workspace = bw.tensor;
+        }
+        ops::paged_attention(ctx, bq.tensor, bk.tensor, bv.tensor, bkc.tensor, bvc.tensor, batch,
+                             shape, bo.tensor);
+        // The call's own workspace is freed on return: the kernels reading it must be done.
+        if (scratch.data() != nullptr) synchronize_stream(ctx.device, ctx.stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
       py::arg("seq_starts"), py::arg("context_lens"), py::arg("block_tables"), py::arg("num_heads"),
       py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("out"),
       py::arg("sliding_window") = 0, py::arg("max_query_len") = 0, py::arg("max_kv_len") = 0,
-      py::arg("stream") = 0,
+      py::arg("workspace") = py::none(), py::arg("stream") = 0,
       "Writes the chunk's k, v [T, kv_heads * head_dim] into k_cache / v_cache [blocks, "
-      "block_size, kv_heads, head_dim], then out [T, heads * head_dim] = causal attention of q "
-      "over the cache. seq_starts [S + 1], context_lens [S], block_tables [S, W] are int32 on "
-      "the tensors' device; max_query_len / max_kv_len are the step's host-known bounds (0 = "
-      "unknown, which CUDA kernels may refuse).");
+      "block_size, kv_heads, head_dim] (float32, float16 or bfloat16), then out [T, heads * "
+      "head_dim] = causal attention of q over the cache. seq_starts [S + 1], context_lens [S], "
+      "block_tables [S, W] are int32 on the tensors' device. On CUDA, max_query_len / "
+      "max_kv_len are the step's bounds (0 = found by copying seq_starts and context_lens to "
+      "the host) and workspace is device memory of paged_attention_workspace_bytes bytes (None "
+      "= allocated for the call, which then synchronizes `stream`); pass both when timing.");
+
+  m.def(
+      "paged_attention_workspace_bytes",
+      [](const std::string& device, int64_t max_seqs, int64_t max_kv_len, int32_t num_heads,
+         int32_t num_kv_heads, int32_t head_dim) {
+        ExecContext ctx = ExecContext::cpu(0, Precision::kFloat32);
+        ctx.device = parse_device(device, "device");
+        const ops::AttentionShape shape{num_heads, num_kv_heads, head_dim, 0, 1.0f};
+        return ops::paged_attention_workspace_bytes(ctx, max_seqs, max_kv_len, shape);
+      },
+      py::arg("device"), py::arg("max_seqs"), py::arg("max_kv_len"), py::arg("num_heads"),
+      py::arg("num_kv_heads"), py::arg("head_dim"),
+      "Bytes of paged_attention's workspace on `device` ('cpu', 'cuda', 'cuda:N') for steps of "
+      "at most max_seqs sequences of at most max_kv_len keys (context plus chunk); 0 on the "
+      "CPU.");
+
+  m.def(
+      "synchronize",
+      [](const std::string& device, uintptr_t stream) {
+        const Device d = parse_device(device, "device");
+        require_device(d);  // a CPU build or a missing GPU says so rather than returning
+        py::gil_scoped_release release;
+        synchronize_stream(d, reinterpret_cast<void*>(stream));
+      },
+      py::arg("device") = "cuda", py::arg("stream") = 0,
+      "Waits for everything queued on `stream` (0 = the legacy default stream) of `device`; a "
+      "no-op for 'cpu'. Raises DeviceError for a fault of a kernel queued there, or when the "
+      "build or machine has no such device.");
 
   py::class_<LoraTable>(
       m, "LoraTable",
@@ -298,9 +394,42 @@ void bind_ops(py::module_& parent) {
           sp.push_back({top_k, top_p, temperature, vocab});
         }
         const int64_t vocab = bl.tensor.dim() == 2 ? bl.tensor.size(1) : 0;
-        std::vector<std::pair<float, int32_t>> scratch(static_cast<size_t>(vocab));
-        ops::sample(context_of(bl.tensor, stream, Precision::kFloat32), bl.tensor, br.tensor,
-                    sp.data(), rng_states.data(), bt.tensor, bp.tensor, scratch.data());
+        const ExecContext ctx = context_of(bl.tensor, stream, Precision::kFloat32);
+        if (!ctx.device.is_cuda()) {
+          std::vector<std::pair<float, int32_t>> scratch(static_cast<size_t>(vocab));
+          ops::sample(ctx, bl.tensor, br.tensor, sp.data(), rng_states.data(), bt.tensor, bp.tensor,
+                      scratch.data());
+          return rng_states;
+        }
+        // CUDA: the kernel reads device copies of params and RNG states and device scratch, made
+        // for this call; the advanced states come back once the stream is done.
+        ops::SampleDeviceArgs dev;
+        Buffer d_params, d_states, d_work;
+        if (!sp.empty()) {
+          d_params =
+              Buffer::allocate(sp.size() * sizeof(SamplingParams), ctx.device, "sample params");
+          d_params.copy_from(sp.data(), Device::cpu(), sp.size() * sizeof(SamplingParams));
+          d_states = Buffer::allocate(rng_states.size() * sizeof(uint64_t), ctx.device,
+                                      "sample rng_states");
+          d_states.copy_from(rng_states.data(), Device::cpu(),
+                             rng_states.size() * sizeof(uint64_t));
+          dev.params = static_cast<const SamplingParams*>(d_params.data());
+          dev.rng_states = static_cast<uint64_t*>(d_states.data());
+        }
+        const int64_t work =
+            ops::sample_workspace_bytes(ctx, static_cast<int64_t>(sp.size()), vocab);
+        if (work > 0) {
+          d_work = Buffer::allocate(static_cast<size_t>(work), ctx.device, "sample workspace");
+          dev.workspace = d_work.data();
+          dev.workspace_bytes = work;
+        }
+        ops::sample(ctx, bl.tensor, br.tensor, sp.data(), nullptr, bt.tensor, bp.tensor, nullptr,
+                    dev);
+        synchronize_stream(ctx.device, ctx.stream);
+        if (!sp.empty()) {
+          copy_bytes(rng_states.data(), Device::cpu(), d_states.data(), ctx.device,
+                     rng_states.size() * sizeof(uint64_t));
+        }
         return rng_states;
       },
       py::arg("logits"), py::arg("rows"), py::arg("params"), py::arg("rng_states"),
@@ -308,7 +437,8 @@ void bind_ops(py::module_& parent) {
       "tokens [R] int32 = a token drawn from logits [N, V] float32 row rows[i] with params[i] "
       "= (top_k, top_p, temperature, vocab) and rng_states[i]; log_probs [R] float32 (or None) "
       "receives log p(token). params and rng_states are host lists; returns the advanced RNG "
-      "states.");
+      "states. On CUDA the call uploads params and states, allocates the kernel's workspace and "
+      "synchronizes `stream` before returning.");
 }
 
 }  // namespace lorart::bindings
