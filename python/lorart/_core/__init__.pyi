@@ -1,7 +1,8 @@
-# Type stubs of the compiled module lorart._core (csrc/bindings/). Generated from the built
-# module with `python -m pybind11_stubgen lorart._core -o python` (the docstrings are the
-# bindings'; the two exception classes, which the generator imports from lorart, are written
-# out here); tests/python/test_core_stubs.py checks that they name what the module exports.
+# Type stubs of the compiled module lorart._core (csrc/bindings/), a stub package so that its
+# submodule ops (ops.pyi beside this) has its own. Generated from the built module with
+# `python -m pybind11_stubgen lorart._core -o python`, then `ruff format` (the docstrings are the
+# bindings'; the two exception classes, which the generator imports from lorart, are written out
+# here); tests/python/test_core_stubs.py checks that they name what the module exports.
 """
 lorart core: tensors, LoRA format and validation, model configuration (C++)
 """
@@ -13,6 +14,8 @@ import typing
 
 import numpy
 import numpy.typing
+
+from . import ops
 
 class LoraError(ValueError):
     """An adapter broke a rule of the LoRA format (the message names it); exported as
@@ -46,6 +49,7 @@ __all__: list[str] = [
     "host_memory_limit",
     "lora_modules",
     "num_threads",
+    "ops",
     "set_num_threads",
     "validate_lora",
 ]
@@ -300,13 +304,16 @@ class ModelWeightsBuilder:
 
 class KvCache:
     """
-    Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd].
+    Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd] in `dtype` ("float32", "float16" or "bfloat16") on `device`.
     """
     @staticmethod
-    def bytes_per_token(config: ModelConfig) -> int: ...
+    def bytes_per_token(config: ModelConfig, dtype: str = "float32") -> int: ...
     @staticmethod
     def checked_bytes(
-        config: ModelConfig, num_blocks: typing.Any, block_size: typing.Any = 16
+        config: ModelConfig,
+        num_blocks: typing.Any,
+        block_size: typing.Any = 16,
+        dtype: str = "float32",
     ) -> int:
         """
         Bytes such a pool takes; raises ValueError naming the field and the limit where the constructor would, without allocating.
@@ -316,12 +323,15 @@ class KvCache:
         config: ModelConfig,
         num_blocks: typing.Any,
         block_size: typing.Any = 16,
+        dtype: str = "float32",
         device: str = "cpu",
     ) -> None: ...
     @property
     def block_size(self) -> int: ...
     @property
     def device(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
     @property
     def nbytes(self) -> int: ...
     @property
@@ -379,8 +389,6 @@ class LlamaModel:
         """
         `device`: 'cpu', 'cuda' or 'cuda:N'; the weights are uploaded there once (DeviceError when this build has no CUDA backend or the machine no such GPU).
         """
-    @property
-    def device(self) -> str: ...
     def forward(
         self,
         token_ids: typing.Any,
@@ -399,6 +407,8 @@ class LlamaModel:
         """
     @property
     def config(self) -> ModelConfig: ...
+    @property
+    def device(self) -> str: ...
     @property
     def max_lora_rank(self) -> int: ...
     @property
@@ -548,18 +558,31 @@ class LoraCacheConfig:
 
 class KvCacheConfig:
     """
-    Paged KV pool: block size and capacity.
+    Paged KV pool: block size, capacity, storage dtype ("float32", "float16", "bfloat16" or "auto") and, on CUDA, the share of free device memory it may take.
     """
+
+    dtype: str
     def __init__(
         self,
         block_size: typing.SupportsInt | typing.SupportsIndex = 16,
         max_tokens: typing.SupportsInt | typing.SupportsIndex = 16384,
-    ) -> None: ...
+        dtype: str = "float32",
+        free_gpu_memory_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9,
+    ) -> None:
+        """
+        free_gpu_memory_fraction (CUDA only, in (0, 1]): the share of the device memory left after weights, device LoRA cache and workspace that the KV pool may take; the pool is the smaller of that and max_tokens. Checked by ExecutorConfig.
+        """
     def __repr__(self) -> str: ...
     @property
     def block_size(self) -> int: ...
     @block_size.setter
     def block_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    @property
+    def free_gpu_memory_fraction(self) -> float: ...
+    @free_gpu_memory_fraction.setter
+    def free_gpu_memory_fraction(
+        self, arg0: typing.SupportsFloat | typing.SupportsIndex
+    ) -> None: ...
     @property
     def max_tokens(self) -> int: ...
     @max_tokens.setter
