@@ -11,9 +11,12 @@ reported and not timed, and makes the exit status 1. An op whose CUDA kernel has
 ("no CUDA kernel in this build yet") is reported as not available and the run goes on.
 
 Timing: warm-up calls, then each call between CUDA events (host clock on the CPU), the median
-of --reps; inputs rotate among copies whose total exceeds the L2 cache where one copy would fit
-in it. The table shows time, achieved GB/s and TFLOP/s, and the roofline fraction: the time the
-larger of bytes / HBM bandwidth and FLOPs / peak rate would take over the measured time, with
+of --reps; then, on CUDA, the calls captured into a CUDA graph and its replays timed, which is
+the time reported (without the binding's launch overhead; the per-call time stays in the record
+as events_us, and is reported instead where a capture fails). Inputs rotate among copies whose
+total exceeds the L2 cache where one copy would fit in it. The table shows time, achieved GB/s
+and TFLOP/s, and the roofline fraction: the time the larger of bytes / HBM bandwidth and FLOPs /
+peak rate would take over the measured time, with
 the H200's datasheet ceilings (4.8 TB/s, 989 dense bf16 TFLOP/s, 67 fp32 TFLOP/s); the copy
 bandwidth and bf16 matmul rate measured through torch in the same run are printed beside them.
 Records (benchmarks/README.md's format, one JSON object a line) go to --json, or
@@ -106,29 +109,66 @@ class Bench:
             raise
         return out
 
-    def time(self, fn) -> float:
-        """Median seconds of fn(i) over the reps (i = the rep, for rotating inputs)."""
+    def time(self, fn, graph: bool = True) -> tuple[float, dict]:
+        """Median seconds of one fn(i, stream) (i = the call's index, for rotating inputs), and
+        how it was timed. On CUDA each call runs between two events; then, with `graph`, calls
+        are captured into a CUDA graph (enough of them for ~2 ms) and its replays timed, which
+        takes the binding's launch overhead out of short kernels. A capture that fails (an op
+        that synchronizes or allocates) leaves the per-call time."""
         for i in range(self.warmup):
-            fn(i)
+            fn(i, 0)
         self.sync()
-        times = []
-        if self.device == "cuda":
-            events = [
-                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                for _ in range(self.reps)
-            ]
-            for i, (a, b) in enumerate(events):
-                a.record()
-                fn(i)
-                b.record()
-            torch.cuda.synchronize()
-            times = [a.elapsed_time(b) * 1e-3 for a, b in events]
-        else:
+        if self.device != "cuda":
+            times = []
             for i in range(self.reps):
                 t0 = time.perf_counter()
-                fn(i)
+                fn(i, 0)
                 times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+            return statistics.median(times), {"timing": "host clock"}
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(self.reps)
+        ]
+        for i, (a, b) in enumerate(events):
+            a.record()
+            fn(i, 0)
+            b.record()
+        torch.cuda.synchronize()
+        per_call = statistics.median(a.elapsed_time(b) * 1e-3 for a, b in events)
+        info = {"timing": "events per call", "events_us": per_call * 1e6}
+        if not graph:
+            return per_call, info
+        n = max(1, min(64, math.ceil(2e-3 / per_call)))
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(0, side.cuda_stream)  # the side stream's first use outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                stream = torch.cuda.current_stream().cuda_stream
+                for i in range(n):
+                    fn(i, stream)
+            g.replay()
+            torch.cuda.synchronize()
+            reps = max(3, self.reps // 4)
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(reps)
+            ]
+            for a, b in events:
+                a.record()
+                g.replay()
+                b.record()
+            torch.cuda.synchronize()
+            t = statistics.median(a.elapsed_time(b) * 1e-3 for a, b in events) / n
+            info.update(timing=f"CUDA graph of {n} calls", graph_calls=n)
+            return t, info
+        except Exception as e:  # keep the per-call time, and say why
+            torch.cuda.synchronize()
+            info["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            return per_call, info
 
     def run(self, op, case, check, timed, nbytes, flops, peak, tol, baseline=None):
         """check() -> rel error; timed(i) is one call; baseline = (name, seconds) from this run."""
@@ -140,8 +180,9 @@ class Bench:
                 rec["status"] = "FAILED CHECK"
                 self.failed += 1
             else:
-                t = self.time(timed)
+                t, how = self.time(timed)
                 floor = max(nbytes / H200["bandwidth"], flops / peak)
+                rec.update(how)
                 rec.update(
                     status="ok",
                     metric="time",
@@ -174,6 +215,8 @@ def row(rec: dict) -> str:
         f"{head} {rec['value']:>10.1f} us {rec['gb_per_s']:>8.0f} GB/s "
         f"{rec['tflop_per_s']:>7.1f} TF/s  roof {rec['roofline_fraction']:>5.1%}"
     )
+    if rec.get("timing", "").startswith("events"):
+        s += "  (per call: no graph)"
     if "ratio" in rec:
         s += f"  x{rec['ratio']:.2f} of {rec['baseline']}"
     return s
@@ -220,7 +263,7 @@ def time_linear(b: Bench, n, k, m, precision, label):
         "linear",
         label,
         check,
-        lambda i: ops.linear(x, ws[i % copies], y, 0.0, precision),
+        lambda i, stream: ops.linear(x, ws[i % copies], y, 0.0, precision, stream),
         nbytes,
         2 * m * n * k,
         peak,
@@ -345,7 +388,7 @@ def attention_case(b: Bench, label, seqs, heads, kv_heads, hd, dtype=torch.bfloa
     shape = {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": hd, "scale": scale}
     arrays = {k: step[k] for k in ("q", "k", "v", "seq_starts", "context_lens", "block_tables")}
 
-    def call(i):
+    def call(i, stream=0):
         kc, vc = step["caches"][i % copies]
         ops.paged_attention(
             **arrays,
@@ -356,6 +399,7 @@ def attention_case(b: Bench, label, seqs, heads, kv_heads, hd, dtype=torch.bfloa
             max_query_len=max_q,
             max_kv_len=max_kv,
             workspace=workspace,
+            stream=stream,
         )
 
     def check():
@@ -453,8 +497,8 @@ def lora_case(b: Bench, label, in_f, out_f, runs, ranks, dtype=torch.bfloat16):
             want[s:e] = xs[s:e].double() @ a.double().T @ bt.double()
         return rel_err(delta, want)
 
-    def call(i):
-        ops.lora_gemm(x, y, out_f, sets[i % copies][1], scratch)
+    def call(i, stream=0):
+        ops.lora_gemm(x, y, out_f, sets[i % copies][1], scratch, stream)
 
     flops = sum(2 * n * r * (in_f + out_f) for n, r in zip(runs, slot_ranks, strict=True))
     nbytes = adapter_bytes + t * in_f * 4 + 2 * t * out_f * 4
@@ -489,10 +533,10 @@ def measured_ceilings(b: Bench) -> dict:
         return {}
     src = torch.randn(1 << 29, device=b.dev).to(torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
-    t = b.time(lambda i: dst.copy_(src))
+    t, _ = b.time(lambda i, stream: dst.copy_(src), graph=False)
     a = torch.randn(8192, 8192, device=b.dev, dtype=torch.bfloat16)
     c = torch.randn(8192, 8192, device=b.dev, dtype=torch.bfloat16)
-    tm = b.time(lambda i: a @ c)
+    tm, _ = b.time(lambda i, stream: a @ c, graph=False)
     return {
         "copy_gb_per_s": 2 * src.numel() * 2 / t / 1e9,
         "bf16_mm_tflop_per_s": 2 * 8192**3 / tm / 1e12,
