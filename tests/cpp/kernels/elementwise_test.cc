@@ -259,7 +259,6 @@ TEST(ElementwiseArgumentsTest, RmsNormOutMustMatchX) {
       "rms_norm: out must have the shape of x");
 }
 
-
 // A host weight with a device activation would reach the wrong kernel; refuse it up front.
 TEST(ElementwiseArgumentsTest, MixedDevicesAreRejected) {
   std::vector<float> f(16);
