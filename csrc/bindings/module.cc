@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
   lorart::bindings::bind_lora(m);
   lorart::bindings::bind_model(m);
   lorart::bindings::bind_executor(m);
+  lorart::bindings::bind_ops(m);
 }

@@ -1,7 +1,8 @@
-# Type stubs of the compiled module lorart._core (csrc/bindings/). Generated from the built
-# module with `python -m pybind11_stubgen lorart._core -o python` (the docstrings are the
-# bindings'; the two exception classes, which the generator imports from lorart, are written
-# out here); tests/python/test_core_stubs.py checks that they name what the module exports.
+# Type stubs of the compiled module lorart._core (csrc/bindings/), a stub package so that its
+# submodule ops (ops.pyi beside this) has its own. Generated from the built module with
+# `python -m pybind11_stubgen lorart._core -o python`, then `ruff format` (the docstrings are the
+# bindings'; the two exception classes, which the generator imports from lorart, are written out
+# here); tests/python/test_core_stubs.py checks that they name what the module exports.
 """
 lorart core: tensors, LoRA format and validation, model configuration (C++)
 """
@@ -13,6 +14,8 @@ import typing
 
 import numpy
 import numpy.typing
+
+from . import ops
 
 class LoraError(ValueError):
     """An adapter broke a rule of the LoRA format (the message names it); exported as
@@ -46,6 +49,7 @@ __all__: list[str] = [
     "host_memory_limit",
     "lora_modules",
     "num_threads",
+    "ops",
     "set_num_threads",
     "validate_lora",
 ]
@@ -385,8 +389,6 @@ class LlamaModel:
         """
         `device`: 'cpu', 'cuda' or 'cuda:N'; the weights are uploaded there once (DeviceError when this build has no CUDA backend or the machine no such GPU).
         """
-    @property
-    def device(self) -> str: ...
     def forward(
         self,
         token_ids: typing.Any,
@@ -405,6 +407,8 @@ class LlamaModel:
         """
     @property
     def config(self) -> ModelConfig: ...
+    @property
+    def device(self) -> str: ...
     @property
     def max_lora_rank(self) -> int: ...
     @property
@@ -556,6 +560,8 @@ class KvCacheConfig:
     """
     Paged KV pool: block size, capacity, storage dtype ("float32", "float16", "bfloat16" or "auto") and, on CUDA, the share of free device memory it may take.
     """
+
+    dtype: str
     def __init__(
         self,
         block_size: typing.SupportsInt | typing.SupportsIndex = 16,
