@@ -75,7 +75,8 @@ class LoraTable {
  public:
   LoraTable(const std::vector<std::tuple<int32_t, int32_t, int32_t>>& runs,
             const std::vector<std::optional<std::pair<py::object, py::object>>>& slots,
-            int64_t in_features, int64_t out_features) {
+            int64_t in_features, int64_t out_features)
+      : in_features_(in_features) {
     if (slots.empty()) raise<InvalidArgument>("slots must hold at least one slot");
     for (const auto& [begin, end, slot] : runs) runs_.push_back({begin, end, slot});
     bool have_device = false;
@@ -134,15 +135,17 @@ class LoraTable {
     if (device_pairs_) b.device_pairs = static_cast<const LoraPair*>(device_pairs_->data());
     return b;
   }
-  // Floats of scratch the op needs: the runs' tokens times their slot's rank.
+  // Floats of scratch the op needs on the table's device (ops::lora_scratch_floats) for the
+  // tokens the runs reach and the largest rank they use.
   int64_t scratch_floats() const {
-    int64_t need = 0;
+    int64_t tokens = 0, rank = 0;
     for (const LoraRun& r : runs_) {
       if (r.slot >= 0 && r.slot < static_cast<int32_t>(pairs_.size()) && r.end > r.begin) {
-        need += int64_t{r.end - r.begin} * pairs_[r.slot].rank;
+        tokens = std::max<int64_t>(tokens, r.end);
+        rank = std::max<int64_t>(rank, pairs_[r.slot].rank);
       }
     }
-    return need;
+    return ops::lora_scratch_floats(ExecContext{device_}, tokens, rank, in_features_, 1);
   }
   Device device() const { return device_; }
   int num_runs() const { return static_cast<int>(runs_.size()); }
@@ -152,6 +155,7 @@ class LoraTable {
   std::vector<LoraRun> runs_;
   std::vector<LoraPair> pairs_;
   std::vector<SlotArrays> keep_;
+  int64_t in_features_;
   Device device_ = Device::cpu();
   std::shared_ptr<Buffer> device_runs_, device_pairs_;
 };

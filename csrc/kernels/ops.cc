@@ -40,11 +40,6 @@ void check_device(const char* op, const ExecContext& ctx, const More&... tensors
   }
 }
 
-// An op whose CUDA kernel has not landed refuses a CUDA context by name.
-[[noreturn]] void no_cuda_kernel(const char* op) {
-  raise<DeviceError>(op, ": no CUDA kernel in this build yet");
-}
-
 void require(bool ok, const char* op, const char* what, const Tensor& t) {
   if (!ok) raise<InvalidArgument>(op, ": ", what, ", got ", t.describe());
 }
