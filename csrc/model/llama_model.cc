@@ -206,7 +206,7 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
       }
       if (a->has_dora() || a->has_embedding_parts()) {
         raise<InvalidArgument>("LoRA slot ", slot, ": ",
-                               a->has_dora() ? "DoRA"
+                               a->has_dora() ? "DoRA adapters"
                                              : "embedding-side parts (embed_tokens, "
                                                "lm_head or their LoRA)",
                                " are not supported on CUDA yet");
