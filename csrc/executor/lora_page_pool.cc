@@ -1,11 +1,13 @@
 #include "executor/lora_page_pool.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
 #include "core/checked_math.h"
 #include "core/errors.h"
+#include "lora/module_ids.h"
 #include "model/model_config.h"
 
 namespace lorart {
@@ -14,7 +16,10 @@ int64_t LoraPageLayout::pair_bytes(int64_t rank, LoraModuleDims dims, DType dtyp
   constexpr std::string_view what = "LoRA pair bytes";
   int64_t bytes = checked_mul(checked_mul(rank, checked_add(dims.in, dims.out, what), what),
                               static_cast<int64_t>(dtype_size(dtype)), what);
-  if (dora) bytes = checked_add(bytes, checked_mul(dims.out, int64_t{sizeof(float)}, what), what);
+  if (dora) {  // float32 scales after B^T, 4-byte aligned
+    bytes = checked_add((checked_add(bytes, 3, what)) / 4 * 4,
+                        checked_mul(dims.out, int64_t{sizeof(float)}, what), what);
+  }
   return checked_mul((checked_add(bytes, kAlignment - 1, what)) / kAlignment, kAlignment, what);
 }
 
@@ -73,6 +78,73 @@ LoraPagePlan plan_lora_pages(const LoraConfig& lora_config, const ModelConfig& c
                                           dtype, row.is_dora != 0);
   }
   return plan_lora_pages(bytes, layout.page_bytes);
+}
+
+std::vector<LoraPair> stage_lora_pages(const LoraWeights& weights, const LoraConfig& lora_config,
+                                       const ModelConfig& config,
+                                       const std::vector<float>* dora_scales,
+                                       const LoraPagePlan& plan, int64_t page_bytes, char* staging,
+                                       const std::vector<char*>& device_pages) {
+  if (static_cast<int64_t>(plan.placements.size()) != lora_config.num_rows() ||
+      static_cast<int64_t>(device_pages.size()) != plan.num_pages) {
+    raise<InvalidArgument>("stage_lora_pages: a plan of ", plan.placements.size(), " pairs on ",
+                           plan.num_pages, " pages for ", lora_config.num_rows(), " rows on ",
+                           device_pages.size(), " pages");
+  }
+  int64_t dora_values = 0;
+  for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
+    const LoraConfigRow row = lora_config.row(i);
+    if (row.is_dora != 0) dora_values += config.lora_module_dims(row.module_id).out;
+  }
+  if (dora_values > 0 &&
+      (dora_scales == nullptr || static_cast<int64_t>(dora_scales->size()) != dora_values)) {
+    raise<LoraError>("the adapter has DoRA rows: it needs their ", dora_values, " scales, got ",
+                     dora_scales == nullptr ? 0 : dora_scales->size());
+  }
+  const DType dtype = weights.dtype();
+  const size_t size = dtype_size(dtype);
+  const auto* rows = static_cast<const char*>(weights.tensor().data());
+  std::vector<LoraPair> table(static_cast<size_t>(config.num_layers) * lora_module::kCount);
+  int64_t dora_offset = 0;
+  for (int64_t i = 0; i < lora_config.num_rows(); ++i) {
+    const LoraConfigRow row = lora_config.row(i);
+    const LoraModuleDims dims = config.lora_module_dims(row.module_id);
+    const int64_t rank = row.adapter_size;
+    const LoraPairPlacement& at = plan.placements[i];
+    const int64_t bytes = LoraPageLayout::pair_bytes(rank, dims, dtype, row.is_dora != 0);
+    if (at.page < 0 || at.page >= plan.num_pages || at.offset < 0 ||
+        at.offset + bytes > page_bytes) {
+      raise<InvalidArgument>("stage_lora_pages: pair ", i, " placed outside its page");
+    }
+    char* dst = staging + at.page * page_bytes + at.offset;
+    char* device = device_pages[at.page] + at.offset;
+    const char* a = rows + i * weights.row_size() * size;  // A [rank, in] then B [out, rank]
+    const size_t a_bytes = static_cast<size_t>(rank * dims.in) * size;
+    const size_t b_bytes = static_cast<size_t>(rank * dims.out) * size;
+    std::memcpy(dst, a, a_bytes);
+    const char* b = a + a_bytes;
+    char* b_t = dst + a_bytes;
+    for (int64_t o = 0; o < dims.out; ++o) {  // B^T [rank, out] = B [out, rank]^T
+      for (int64_t r = 0; r < rank; ++r) {
+        std::memcpy(b_t + (r * dims.out + o) * size, b + (o * rank + r) * size, size);
+      }
+    }
+    LoraPair& pair = table[row.layer_idx * lora_module::kCount + row.module_id];
+    pair.a = device;
+    pair.b_t = device + a_bytes;
+    pair.dtype = dtype;
+    pair.rank = row.adapter_size;
+    if (row.is_dora != 0) {
+      // float32 scales right after B^T, 4-byte aligned (the pair starts 256-byte aligned and
+      // a_bytes + b_bytes is a multiple of the element size; round up for 16-bit elements).
+      const size_t scale_at = (a_bytes + b_bytes + 3) / 4 * 4;
+      std::memcpy(dst + scale_at, dora_scales->data() + dora_offset,
+                  static_cast<size_t>(dims.out) * sizeof(float));
+      pair.dora_scale = reinterpret_cast<const float*>(device + scale_at);
+      dora_offset += dims.out;
+    }
+  }
+  return table;
 }
 
 LoraPagePool::LoraPagePool(int64_t page_bytes, int64_t num_pages)

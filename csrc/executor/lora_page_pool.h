@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "kernels/params.h"
 #include "lora/lora_target.h"
 #include "lora/lora_tensors.h"
 
@@ -63,6 +64,21 @@ LoraPagePlan plan_lora_pages(const std::vector<int64_t>& pair_bytes, int64_t pag
 // each pair_bytes(rank, the row's module dims, dtype, is_dora).
 LoraPagePlan plan_lora_pages(const LoraConfig& lora_config, const ModelConfig& config, DType dtype,
                              const LoraPageLayout& layout);
+
+// Writes a validated adapter's pairs in the paged layout and returns its pair table
+// ([num_layers * lora_module::kCount], indexed by layer * kCount + module, rank 0 where the
+// adapter leaves a module alone) pointing into the task's pages on the device.
+// - `staging`: host memory mirroring the task's pages (page j at staging + j * page_bytes,
+//   plan.num_pages pages), which the caller then copies to the pages (CopyStream);
+// - `device_pages[j]`: the device address of the task's page j (pool base + offset(page)).
+// Pair i goes at its placement: A [rank, in] then B^T [rank, out] in the weights' dtype, then,
+// for a DoRA row, its `out` float32 scales (from `dora_scales`, in row order, as
+// LoraAdapter takes them). Throws LoraError when DoRA rows lack their scales.
+std::vector<LoraPair> stage_lora_pages(const LoraWeights& weights, const LoraConfig& lora_config,
+                                       const ModelConfig& config,
+                                       const std::vector<float>* dora_scales,
+                                       const LoraPagePlan& plan, int64_t page_bytes, char* staging,
+                                       const std::vector<char*>& device_pages);
 
 struct LoraPagePoolStats {
   int64_t num_pages = 0;

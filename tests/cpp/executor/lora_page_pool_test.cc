@@ -3,11 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <set>
 #include <vector>
 
 #include "core/errors.h"
 #include "lora/module_ids.h"
+#include "model/lora_adapter.h"
 #include "model/model_config.h"
 #include "test_util.h"
 
@@ -108,6 +110,94 @@ TEST(LoraPagePlanTest, AnAdaptersRowsArePlacedWithTheirModulesDimsAndDora) {
       4, config.lora_module_dims(lora_module::kMlp4HToH), DType::kFloat16, false);
   EXPECT_EQ(plan.used_bytes, q + gate + down);
   EXPECT_EQ(plan.num_pages, (q + gate + down + layout.page_bytes - 1) / layout.page_bytes);
+}
+
+// The paged layout holds the same pairs LoraAdapter lays out (A, B^T, DoRA scales), each inside
+// its page at its placement, pointing at the task's device pages.
+TEST(LoraPagePlanTest, StagedPagesHoldTheAdaptersPairs) {
+  const ModelConfig config = testing_util::llama_config(16, 8, 16, 2, 2, 2, 4);
+  const LoraPageLayout layout = LoraPageLayout::for_model(config, 8);
+  const LoraConfig rows = LoraConfig::from_rows({{lora_module::kAttnQ, 0, 3, 0},
+                                                 {lora_module::kMlpGate, 1, 8, 1},
+                                                 {lora_module::kMlp4HToH, 1, 5, 0},
+                                                 {lora_module::kAttnV, 0, 1, 1}});
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    int64_t row_size = 0, dora_values = 0;
+    for (int64_t i = 0; i < rows.num_rows(); ++i) {
+      const LoraConfigRow r = rows.row(i);
+      const LoraModuleDims d = config.lora_module_dims(r.module_id);
+      row_size = std::max(row_size, r.adapter_size * (d.in + d.out) + (r.is_dora ? d.out : 0));
+      if (r.is_dora) dora_values += d.out;
+    }
+    const size_t size = dtype_size(dtype);
+    std::vector<uint16_t> bits(static_cast<size_t>(rows.num_rows() * row_size) * size / 2);
+    for (size_t i = 0; i < bits.size(); ++i) bits[i] = static_cast<uint16_t>(0x3c00 + i % 977);
+    const LoraWeights weights =
+        LoraWeights::copy_of(Tensor(bits.data(), dtype, {rows.num_rows(), row_size}));
+    std::vector<float> scales(static_cast<size_t>(dora_values));
+    for (size_t i = 0; i < scales.size(); ++i) scales[i] = 0.5f + static_cast<float>(i);
+    const LoraAdapter adapter = LoraAdapter::from_validated(weights, rows, config, &scales);
+
+    const LoraPagePlan plan = plan_lora_pages(rows, config, dtype, layout);
+    // A pool of 3 pages; the task got pages 2 and 0 (any pages, in any order).
+    std::vector<char> pool(3 * layout.page_bytes, 0x5a),
+        staging(plan.num_pages * layout.page_bytes);
+    const std::vector<int32_t> pages = {2, 0};
+    ASSERT_LE(plan.num_pages, 2);
+    std::vector<char*> device_pages;
+    for (int64_t j = 0; j < plan.num_pages; ++j) {
+      device_pages.push_back(pool.data() + pages[j] * layout.page_bytes);
+    }
+    const std::vector<LoraPair> table = stage_lora_pages(
+        weights, rows, config, &scales, plan, layout.page_bytes, staging.data(), device_pages);
+    for (int64_t j = 0; j < plan.num_pages; ++j) {  // what the copy stream does on the device
+      std::memcpy(device_pages[j], staging.data() + j * layout.page_bytes, layout.page_bytes);
+    }
+    ASSERT_EQ(table.size(), static_cast<size_t>(config.num_layers) * lora_module::kCount);
+    int checked = 0;
+    for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+      for (int32_t m = 0; m < lora_module::kCount; ++m) {
+        const LoraPair& want = adapter.pair(layer, m);
+        const LoraPair& got = table[layer * lora_module::kCount + m];
+        ASSERT_EQ(got.rank, want.rank);
+        if (want.rank == 0) continue;
+        ++checked;
+        const LoraModuleDims d = config.lora_module_dims(m);
+        EXPECT_EQ(got.dtype, dtype);
+        EXPECT_EQ(reinterpret_cast<uintptr_t>(got.a) % LoraPageLayout::kAlignment,
+                  reinterpret_cast<uintptr_t>(pool.data()) % LoraPageLayout::kAlignment);
+        EXPECT_EQ(std::memcmp(got.a, want.a, want.rank * d.in * size), 0);
+        EXPECT_EQ(std::memcmp(got.b_t, want.b_t, want.rank * d.out * size), 0);
+        ASSERT_EQ(got.dora_scale == nullptr, want.dora_scale == nullptr);
+        if (want.dora_scale != nullptr) {
+          EXPECT_EQ(std::memcmp(got.dora_scale, want.dora_scale, d.out * sizeof(float)), 0);
+          EXPECT_EQ(reinterpret_cast<uintptr_t>(got.dora_scale) % 4, 0u);
+        }
+        // Inside one of the task's pages, never page 1 (not the task's).
+        const auto* at = static_cast<const char*>(got.a);
+        const int64_t page = (at - pool.data()) / layout.page_bytes;
+        EXPECT_NE(page, 1);
+        const char* end =
+            reinterpret_cast<const char*>(got.dora_scale ? got.dora_scale + d.out : nullptr);
+        if (end == nullptr) end = static_cast<const char*>(got.b_t) + want.rank * d.out * size;
+        EXPECT_LE(end, pool.data() + (page + 1) * layout.page_bytes);
+      }
+    }
+    EXPECT_EQ(checked, 4);
+    // Page 1 was not written.
+    EXPECT_EQ(
+        std::count(pool.begin() + layout.page_bytes, pool.begin() + 2 * layout.page_bytes, 0x5a),
+        layout.page_bytes);
+  }
+  expect_error<LoraError>(
+      [&] {
+        const LoraPagePlan plan = plan_lora_pages(rows, config, DType::kFloat32, layout);
+        std::vector<char> staging(plan.num_pages * layout.page_bytes);
+        std::vector<char*> pages(plan.num_pages, staging.data());
+        const LoraWeights w = LoraWeights::copy_of(Tensor(staging.data(), DType::kFloat32, {4, 8}));
+        stage_lora_pages(w, rows, config, nullptr, plan, layout.page_bytes, staging.data(), pages);
+      },
+      "DoRA rows");
 }
 
 TEST(LoraPagePoolTest, AllocatesPinsAndAccountsBytes) {
