@@ -9,6 +9,7 @@
 #include "core/buffer.h"
 #include "core/checked_math.h"
 #include "core/errors.h"
+#include "executor/executor_config.h"
 #include "kernels/ops.h"
 #include "lora/lora_validation.h"
 #include "model/dora.h"
@@ -96,23 +97,39 @@ void bind_model(py::module_& m) {
                              "Bytes of weight buffers allocated so far: only those that added "
                              "tensors fill (nothing is allocated ahead of the checkpoint).");
 
-  py::class_<KvCache>(m, "KvCache", "Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd].")
-      .def(py::init([](const ModelConfig& config, py::handle num_blocks, py::handle block_size) {
+  py::class_<KvCache>(m, "KvCache",
+                      "Paged KV pool [layers, 2, blocks, block_size, kv_heads, hd] in `dtype` "
+                      "(\"float32\", \"float16\" or \"bfloat16\") on `device`.")
+      .def(py::init([](const ModelConfig& config, py::handle num_blocks, py::handle block_size,
+                       const std::string& dtype, const std::string& device) {
              return std::make_unique<KvCache>(config, int64_arg(num_blocks, "num_kv_blocks"),
-                                              int64_arg(block_size, "block_size"));
+                                              int64_arg(block_size, "block_size"),
+                                              parse_device(device, "device"),
+                                              dtype_from_name(dtype));
            }),
-           py::arg("config"), py::arg("num_blocks"), py::arg("block_size") = 16)
+           py::arg("config"), py::arg("num_blocks"), py::arg("block_size") = 16,
+           py::arg("dtype") = "float32", py::arg("device") = "cpu")
+      .def_property_readonly("device", [](const KvCache& c) { return c.device().str(); })
       .def_property_readonly("num_blocks", &KvCache::num_blocks)
       .def_property_readonly("block_size", &KvCache::block_size)
       .def_property_readonly("nbytes", &KvCache::nbytes)
-      .def_static("bytes_per_token", &KvCache::bytes_per_token, py::arg("config"))
+      .def_property_readonly("dtype", [](const KvCache& c) { return dtype_name(c.dtype()); })
+      .def_static(
+          "bytes_per_token",
+          [](const ModelConfig& config, const std::string& dtype) {
+            return KvCache::bytes_per_token(config, dtype_from_name(dtype));
+          },
+          py::arg("config"), py::arg("dtype") = "float32")
       .def_static(
           "checked_bytes",
-          [](const ModelConfig& config, py::handle num_blocks, py::handle block_size) {
+          [](const ModelConfig& config, py::handle num_blocks, py::handle block_size,
+             const std::string& dtype) {
             return KvCache::checked_bytes(config, int64_arg(num_blocks, "num_kv_blocks"),
-                                          int64_arg(block_size, "block_size"));
+                                          int64_arg(block_size, "block_size"), Device::cpu(),
+                                          dtype_from_name(dtype));
           },
           py::arg("config"), py::arg("num_blocks"), py::arg("block_size") = 16,
+          py::arg("dtype") = "float32",
           "Bytes such a pool takes; raises ValueError naming the field and the limit where the "
           "constructor would, without allocating.");
 
@@ -154,15 +171,22 @@ void bind_model(py::module_& m) {
   py::class_<LlamaModel, std::shared_ptr<LlamaModel>>(
       m, "LlamaModel", "Llama-family forward over a packed, paged batch.")
       .def(py::init([](const ModelConfig& config, ModelWeightsBuilder& builder,
-                       py::handle max_num_tokens, py::handle max_lora_rank) {
+                       py::handle max_num_tokens, py::handle max_lora_rank,
+                       const std::string& device_name) {
              const int64_t tokens = int64_arg(max_num_tokens, "max_num_tokens");
              const int64_t rank = int64_arg(max_lora_rank, "max_lora_rank");
-             LlamaModel::workspace_bytes(config, tokens, rank);  // before taking the weights
-             return std::make_shared<LlamaModel>(config, ModelWeights(std::move(builder)), tokens,
-                                                 rank);
+             const Device device = parse_device(device_name, "device");
+             require_device(device);
+             LlamaModel::workspace_bytes(config, tokens, rank, device);  // before the weights
+             py::gil_scoped_release release;  // the upload to a GPU takes a while
+             return std::make_shared<LlamaModel>(config, ModelWeights(std::move(builder), device),
+                                                 tokens, rank);
            }),
            py::arg("config"), py::arg("weights"), py::arg("max_num_tokens") = 2048,
-           py::arg("max_lora_rank") = 64)
+           py::arg("max_lora_rank") = 64, py::arg("device") = "cpu",
+           "`device`: 'cpu', 'cuda' or 'cuda:N'; the weights are uploaded there once (DeviceError "
+           "when this build has no CUDA backend or the machine no such GPU).")
+      .def_property_readonly("device", [](const LlamaModel& model) { return model.device().str(); })
       .def_static(
           "workspace_bytes",
           [](const ModelConfig& config, py::handle max_num_tokens, py::handle max_lora_rank) {
@@ -187,8 +211,8 @@ void bind_model(py::module_& m) {
              py::handle logits_indices, KvCache& cache,
              const std::vector<std::shared_ptr<LoraAdapter>>& adapters,
              const std::string& precision) {
-            const ExecContext ctx =
-                ExecContext::cpu(0, precision_from_name(precision, "precision"));
+            const ExecContext ctx{model.device(), nullptr, 0,
+                                  precision_from_name(precision, "precision")};
             BorrowedBatch b;
             b.batch.token_ids = b.take(token_ids, "token_ids");
             b.batch.positions = b.take(positions, "positions");
@@ -209,7 +233,17 @@ void bind_model(py::module_& m) {
             const Tensor out(logits.mutable_data(), DType::kFloat32, {n_out, width});
             {
               py::gil_scoped_release release;
-              model.forward(ctx, b.batch, cache, table, out);
+              if (model.device().is_cpu()) {
+                model.forward(ctx, b.batch, cache, table, out);
+              } else {  // on the default stream, then back (the synchronous copy waits for it)
+                const Buffer on_device =
+                    Buffer::allocate(out.nbytes(), model.device(), "the forward's logits");
+                model.forward(
+                    ctx, b.batch, cache, table,
+                    Tensor(on_device.data(), DType::kFloat32, {n_out, width}, model.device()));
+                copy_bytes(out.data(), Device::cpu(), on_device.data(), model.device(),
+                           out.nbytes());
+              }
             }
             return logits;
           },

@@ -182,6 +182,35 @@ void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device
 #endif
 }
 
+void require_device(Device device) {
+  if (device.is_cpu()) return;
+#if LORART_WITH_CUDA
+  const int count = cuda::device_count();
+  if (device.index < 0 || device.index >= count) {
+    raise<DeviceError>("device ", device.str(), " is not available (", count,
+                       " CUDA device(s) visible)");
+  }
+#else
+  raise<DeviceError>("device ", device.str(), ": this lorart build has no CUDA backend (rebuild ",
+                     "with nvcc on PATH, or -C cmake.define.LORART_CUDA=ON)");
+#endif
+}
+
+void copy_bytes_async(void* dst, Device dst_device, const void* src, Device src_device,
+                      size_t bytes, void* stream) {
+  if (bytes == 0) return;
+  if (dst_device.is_cpu() && src_device.is_cpu()) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+#if LORART_WITH_CUDA
+  cuda::memcpy_async(dst, dst_device.is_cuda(), src, src_device.is_cuda(), bytes, stream);
+#else
+  (void)stream;
+  no_cuda_backend("copy to or from CUDA memory");
+#endif
+}
+
 int cuda_device_count() {
 #if LORART_WITH_CUDA
   return cuda::device_count();

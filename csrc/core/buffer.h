@@ -53,6 +53,12 @@ class Buffer {
 // Copies between any two devices (host<->host, host<->device, device<->device).
 void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes);
 
+// As copy_bytes, queued on `stream` (a cudaStream_t; ignored, and the copy done at once, when
+// both sides are host memory). From host memory it returns once the source has been read; bytes
+// copied to the host are there only after the stream is synchronised (DeviceStream).
+void copy_bytes_async(void* dst, Device dst_device, const void* src, Device src_device,
+                      size_t bytes, void* stream);
+
 // The most bytes one host Buffer may hold: the machine's physical memory, or the memory limit of
 // this process's cgroup (v2 memory.max, v1 memory.limit_in_bytes) when that is lower. Read once.
 size_t host_memory_limit();
@@ -61,6 +67,11 @@ size_t host_memory_limit();
 // bytes and the limit when `bytes` exceed the memory of `device`. For callers that want to refuse
 // a size before they do other expensive work (loading weights).
 void check_allocation(size_t bytes, Device device, std::string_view what);
+
+// Throws DeviceError naming `device` when this build has no CUDA backend or the machine has no
+// such CUDA device (a CPU device is always there). For callers that want to refuse a device
+// before they do expensive work (loading weights).
+void require_device(Device device);
 
 // Number of CUDA devices visible (0 when the build has no CUDA backend or no driver/GPU).
 int cuda_device_count();

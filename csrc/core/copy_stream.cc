@@ -7,6 +7,7 @@
 #include "core/buffer.h"
 #include "core/errors.h"
 #if LORART_WITH_CUDA
+#include "core/cuda/device_memory.h"
 #include "core/cuda/stream.h"
 #endif
 
@@ -83,7 +84,7 @@ CopyStream::CopyStream(Device device) : CopyStream(device, Borrowed{}) {
   if (device.is_cuda()) {
     // If this throws, the destructor (the delegated constructor finished) frees the event.
     owns_stream_ = true;
-    stream_ = cuda::stream_create(device.index);
+    stream_ = cuda::stream_create_nonblocking(device.index);
   }
 #endif
 }
@@ -109,7 +110,7 @@ CopyStream::~CopyStream() {
     } catch (...) {
     }
     cuda::event_destroy(event_);
-    if (owns_stream_) cuda::stream_destroy(stream_);
+    if (owns_stream_) cuda::stream_destroy(device_.index, stream_);
   }
 #endif
 }

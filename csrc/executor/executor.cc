@@ -75,6 +75,10 @@ bool wait_until_ready(std::unique_lock<std::mutex>& lock, std::condition_variabl
 ExecutorConfig checked_config(const ExecutorConfig& config, const LlamaModel* model) {
   if (model == nullptr) raise<InvalidArgument>("Executor: model is null");
   ExecutorConfig out = config.resolve(model->config());
+  if (parse_device(out.device) != model->device()) {
+    raise<InvalidArgument>("ExecutorConfig.device is '", out.device, "' but the model is on ",
+                           model->device().str(), " (load it on that device)");
+  }
   if (out.dtype != "auto" && dtype_from_name(out.dtype) != model->weight_dtype()) {
     raise<InvalidArgument>("ExecutorConfig.dtype is '", out.dtype, "' but the model's weights are ",
                            dtype_name(model->weight_dtype()), " (load it with that dtype)");
@@ -92,12 +96,14 @@ ExecutorConfig checked_config(const ExecutorConfig& config, const LlamaModel* mo
 
 Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& config)
     : config_(checked_config(config, model.get())),
-      runner_(std::move(model),
-              (config_.kv_cache.max_tokens + config_.kv_cache.block_size - 1) /
-                  config_.kv_cache.block_size,  // resolve() bounded both: no overflow
-              config_.kv_cache.block_size,
-              ExecContext::cpu(static_cast<int>(config_.num_threads),
-                               precision_from_name(config_.precision))),
+      runner_(
+          std::move(model),
+          (config_.kv_cache.max_tokens + config_.kv_cache.block_size - 1) /
+              config_.kv_cache.block_size,  // resolve() bounded both: no overflow
+          config_.kv_cache.block_size,
+          ExecContext{parse_device(config_.device), nullptr, static_cast<int>(config_.num_threads),
+                      precision_from_name(config_.precision)},
+          kv_cache_dtype(config_.kv_cache)),
       kv_manager_(runner_.kv_cache().num_blocks(), runner_.kv_cache().block_size()),
       lora_cache_(runner_.config(), config_.lora_cache, config_.max_lora_rank,
                   // DoRA's row norms against the model's weights, on the enqueuing thread.

@@ -1,5 +1,7 @@
 #include "executor/executor_config.h"
 
+#include "core/buffer.h"
+
 #include <sched.h>
 #include <unistd.h>
 
@@ -8,6 +10,7 @@
 #include <fstream>
 #include <string>
 
+#include "core/buffer.h"
 #include "core/errors.h"
 
 namespace lorart {
@@ -81,10 +84,7 @@ int64_t physical_memory_bytes() {
 }
 
 void ExecutorConfig::validate() const {
-  if (device != "cpu") {
-    raise<InvalidArgument>("ExecutorConfig.device '", device, "' is not supported by this build ",
-                           "(supported: cpu; the CUDA executor lands with the CUDA kernels)");
-  }
+  parse_device(device);
   static const char* const kDtypes[] = {"auto", "float32", "float16", "bfloat16",
                                         "fp32", "fp16",    "bf16"};
   if (std::find(std::begin(kDtypes), std::end(kDtypes), dtype) == std::end(kDtypes)) {
@@ -106,6 +106,17 @@ void ExecutorConfig::validate() const {
   }
   in_range("kv_cache.block_size", kv_cache.block_size, 1, kMaxBlockSize);
   positive("kv_cache.max_tokens", kv_cache.max_tokens);
+  if (!(kv_cache.free_gpu_memory_fraction > 0.0 && kv_cache.free_gpu_memory_fraction <= 1.0)) {
+    raise<InvalidArgument>("ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], ",
+                           "got ", kv_cache.free_gpu_memory_fraction);
+  }
+  if (kv_cache.dtype != "auto" && kv_cache.dtype != "float32" && kv_cache.dtype != "float16" &&
+      kv_cache.dtype != "bfloat16") {
+    raise<InvalidArgument>(
+        "ExecutorConfig.kv_cache.dtype must be \"auto\", \"float32\", \"float16\" or "
+        "\"bfloat16\", got \"",
+        kv_cache.dtype, "\"");
+  }
   const int64_t blocks = blocks_for(kv_cache);
   if (blocks > kMaxInt32) {
     raise<InvalidArgument>("ExecutorConfig.kv_cache.max_tokens (", kv_cache.max_tokens, ") needs ",
@@ -121,8 +132,28 @@ void ExecutorConfig::validate() const {
   }
 }
 
+DType kv_cache_dtype(const KvCacheConfig& kv) {
+  if (kv.dtype == "float32") return DType::kFloat32;
+  if (kv.dtype == "float16") return DType::kFloat16;
+  if (kv.dtype == "bfloat16") return DType::kBFloat16;
+  raise<InvalidArgument>("ExecutorConfig.kv_cache.dtype \"", kv.dtype,
+                         "\" is not a resolved KV cache dtype (float32, float16, bfloat16)");
+}
+
+Device parse_device(const std::string& name, const char* field) {
+  if (name == "cpu") return Device::cpu();
+  if (name == "cuda") return Device::cuda(0);
+  if (name.rfind("cuda:", 0) == 0 && name.size() > 5 && name.size() <= 9 &&
+      std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return Device::cuda(std::stoi(name.substr(5)));  // at most 4 digits: no overflow
+  }
+  raise<InvalidArgument>(field, " must be 'cpu', 'cuda' or 'cuda:N' (N the CUDA ",
+                         "device ordinal, 0 to 9999), got '", name, "'");
+}
+
 ExecutorConfig ExecutorConfig::resolve(const ModelConfig& model) const {
   validate();
+  require_device(parse_device(device));  // DeviceError before anything is loaded
   ExecutorConfig out = *this;
   if (max_seq_len > model.max_position_embeddings) {
     raise<InvalidArgument>("ExecutorConfig.max_seq_len (", max_seq_len,
@@ -146,6 +177,7 @@ ExecutorConfig ExecutorConfig::resolve(const ModelConfig& model) const {
                            kv_cache.block_size, " is more than the step's ", kMaxInt32,
                            " block-table entries; lower one, or raise kv_cache.block_size");
   }
+  if (kv_cache.dtype == "auto") out.kv_cache.dtype = device == "cpu" ? "float32" : "bfloat16";
   if (num_threads == 0) {
     const int64_t env = omp_num_threads_env();
     out.num_threads = env > 0 ? env : available_cpus();
@@ -153,9 +185,9 @@ ExecutorConfig ExecutorConfig::resolve(const ModelConfig& model) const {
   // The two allocations sized from the config here (the model's workspace checks its own).
   const int64_t memory = physical_memory_bytes();
   const int64_t kv_tokens = blocks_for(kv_cache) * kv_cache.block_size;  // < 2^47: no overflow
-  const int64_t per_token =
-      checked_mul(checked_mul(checked_mul(model.num_layers, 2), model.num_kv_heads),
-                  checked_mul(model.head_dim, static_cast<int64_t>(sizeof(float))));
+  const int64_t per_token = checked_mul(
+      checked_mul(checked_mul(model.num_layers, 2), model.num_kv_heads),
+      checked_mul(model.head_dim, static_cast<int64_t>(dtype_size(kv_cache_dtype(out.kv_cache)))));
   const int64_t kv_bytes = per_token < 0 ? -1 : checked_mul(kv_tokens, per_token);
   if (kv_bytes < 0 || kv_bytes > memory) {
     raise<InvalidArgument>("ExecutorConfig.kv_cache.max_tokens (", kv_cache.max_tokens, ") needs ",

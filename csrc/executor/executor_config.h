@@ -6,6 +6,7 @@
 #include <limits>
 #include <string>
 
+#include "core/device.h"
 #include "executor/lora_cache_config.h"
 #include "model/kv_cache.h"
 #include "model/model_config.h"
@@ -15,10 +16,22 @@ namespace lorart {
 struct KvCacheConfig {
   int64_t block_size = 16;
   int64_t max_tokens = 16384;  // pool capacity in tokens (rounded up to whole blocks)
+  // Storage dtype of cached keys / values: "float32", "float16", "bfloat16" (rounded to nearest
+  // even on write, widened to float32 on read), or "auto" (float32 on the CPU, bfloat16 on CUDA);
+  // resolve() turns "auto" into the concrete name.
+  std::string dtype = "float32";
+  // CUDA: the share of the device memory left free after the weights, the device LoRA cache and
+  // the workspace that the KV pool may take (TensorRT-LLM's name), in (0, 1]; the pool is the
+  // smaller of this and max_tokens (runtime/memory_plan.h). The CPU backend ignores it.
+  double free_gpu_memory_fraction = 0.9;
 };
 
+// The KV cache dtype a resolved KvCacheConfig::dtype names ("float32" / "float16" / "bfloat16").
+DType kv_cache_dtype(const KvCacheConfig& kv);
+
 struct ExecutorConfig {
-  std::string device = "cpu";  // the CPU backend; CUDA executors arrive with the CUDA kernels
+  // "cpu", or "cuda" / "cuda:N" (CUDA device N, 0 by default) in a build with the CUDA backend.
+  std::string device = "cpu";
   // Storage dtype of the weights: "auto" (the checkpoint's), "float32", "float16", "bfloat16".
   // The loader reads it; an executor checks it against its model's weights.
   std::string dtype = "auto";
@@ -40,8 +53,10 @@ struct ExecutorConfig {
   // InvalidArgument naming the field and its limit.
   void validate() const;
   // validate(), then the checks that need the model (max_seq_len against its positions, the KV
-  // pool and the logits scratch against this machine's memory). Returns the config an executor
-  // runs with: max_seq_len and num_threads resolved (never 0). Nothing is allocated.
+  // pool and the logits scratch against this machine's memory, the device against this build and
+  // machine: DeviceError naming it when there is no CUDA backend or no such GPU). Returns the
+  // config an executor runs with: max_seq_len and num_threads resolved (never 0). Nothing is
+  // allocated.
   ExecutorConfig resolve(const ModelConfig& model) const;
 };
 
@@ -53,6 +68,11 @@ inline constexpr int64_t kMaxBatchSize = int64_t{1} << 16;
 inline constexpr int64_t kMaxBlockSize = KvCache::kMaxBlockSize;
 inline constexpr int64_t kMaxLoraRank = int64_t{1} << 16;
 inline constexpr int64_t kMaxThreads = 1024;
+
+// The Device `name` names ("cpu", "cuda", "cuda:N"); throws InvalidArgument naming `field` for
+// anything else. Does not check that the device exists
+// (require_device does).
+Device parse_device(const std::string& name, const char* field = "ExecutorConfig.device");
 
 // CPUs this process may run on: the affinity mask, capped by a cgroup CPU quota (v2 cpu.max or
 // v1 cpu.cfs_quota_us) when one is set. At least 1.

@@ -3,6 +3,11 @@
 #include "core/checked_math.h"
 #include "core/errors.h"
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cuda/attention/attention.h"  // plain C++: the split constants size the workspace
+#if LORART_WITH_CUDA
+#include "kernels/cuda/gemm/gemm.h"
+#include "kernels/cuda/sampling/sampling.h"
+#endif
 
 namespace lorart::ops {
 
@@ -141,9 +146,17 @@ void linear(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tens
   require(w_layout == WeightLayout::kRowMajor || w.dtype() == DType::kBFloat16, "linear",
           "w in the k32-interleaved layout must be bfloat16", w);
   ref.layout = w_layout;
-  if (ctx.device.is_cuda()) no_cuda_kernel("linear");
-  cpu::linear({x.data_as<float>(), x.stride(0), ref, y.data_as<float>(), y.stride(0), x.size(0),
-               y.size(1), x.size(1), beta, ctx.precision});
+  const LinearParams p{
+      x.data_as<float>(), x.stride(0), ref,  y.data_as<float>(), y.stride(0), x.size(0),
+      y.size(1),          x.size(1),   beta, ctx.precision};
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    require(w_layout == WeightLayout::kRowMajor, "linear",
+            "w must be row-major on CUDA (the k32-interleaved layout is the CPU's)", w);
+    return cuda::linear(p, ctx.stream);
+  }
+#endif
+  cpu::linear(p);
 }
 
 WeightLayout preferred_layout(const ExecContext& ctx, DType dtype) {
@@ -158,7 +171,9 @@ void relayout_weight(const ExecContext& ctx, const Tensor& w, WeightLayout layou
           "w must be a bfloat16 [N, K] matrix with unit column stride for the k32-interleaved "
           "layout",
           w);
-  if (ctx.device.is_cuda()) no_cuda_kernel("relayout_weight");
+  // The CUDA kernels read row-major matrices only (preferred_layout never asks for another there).
+  require(!ctx.device.is_cuda(), "relayout_weight",
+          "the k32-interleaved layout is the CPU's; CUDA weights stay row-major", w);
   cpu::to_layout(w.data_as<uint16_t>(), w.size(0), w.size(1), w.stride(0), layout);
 }
 
@@ -203,6 +218,35 @@ void gather_rows(const ExecContext& ctx, const Tensor& x, const Tensor& rows, co
                    out.data_as<float>());
 }
 
+namespace {
+
+bool is_kv_dtype(DType d) {
+  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
+}
+
+// Bytes of split-KV partials for `seqs` sequences of at most `kv_len` keys (CUDA layout, see
+// kernels/cuda/attention/attention.h); 0 when no sequence can need more than one split.
+size_t attention_partial_bytes(int64_t seqs, int64_t kv_len, const AttentionShape& shape) {
+  const int64_t splits = (kv_len + cuda::kAttentionSplitKeys - 1) / cuda::kAttentionSplitKeys;
+  if (splits <= 1 || seqs <= 0) return 0;
+  return static_cast<size_t>(checked_product(
+      {seqs, shape.num_heads, splits, int64_t{shape.head_dim} + 2, int64_t{sizeof(float)}},
+      "paged_attention workspace bytes (seqs * heads * splits * (head_dim + 2) * 4)"));
+}
+
+}  // namespace
+
+size_t paged_attention_workspace_bytes(const ExecContext& ctx, int64_t max_seqs, int64_t max_kv_len,
+                                       const AttentionShape& shape) {
+  if (max_seqs < 0 || max_kv_len < 0 || shape.num_heads <= 0 || shape.head_dim <= 0) {
+    raise<InvalidArgument>("paged_attention_workspace_bytes: max_seqs (", max_seqs,
+                           "), max_kv_len (", max_kv_len, "), num_heads (", shape.num_heads,
+                           ") and head_dim (", shape.head_dim, ") must be >= 0 / > 0");
+  }
+  if (!ctx.device.is_cuda()) return 0;
+  return attention_partial_bytes(max_seqs, max_kv_len, shape);
+}
+
 void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                      const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
                      const AttentionShape& shape, const Tensor& out) {
@@ -220,14 +264,15 @@ void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, c
   require(k.size(1) == kv_width && v.size(1) == kv_width && k.stride(0) == v.stride(0) &&
               k.size(0) == q.size(0) && v.size(0) == q.size(0),
           "paged_attention", "k and v must be [T, kv_heads * head_dim] views with one stride", k);
-  require(k_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.dtype() == DType::kFloat32 &&
+  require(k_cache.is_contiguous() && k_cache.dim() == 4 && is_kv_dtype(k_cache.dtype()) &&
               k_cache.size(2) == shape.num_kv_heads && k_cache.size(3) == shape.head_dim,
-          "paged_attention", "k_cache must be float32 [blocks, block_size, kv_heads, head_dim]",
+          "paged_attention",
+          "k_cache must be float32, float16 or bfloat16 [blocks, block_size, kv_heads, head_dim]",
           k_cache);
-  require(v_cache.is_contiguous() && v_cache.dim() == 4 && v_cache.dtype() == DType::kFloat32 &&
+  require(v_cache.is_contiguous() && v_cache.dim() == 4 && v_cache.dtype() == k_cache.dtype() &&
               v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) &&
               v_cache.size(2) == k_cache.size(2) && v_cache.size(3) == k_cache.size(3),
-          "paged_attention", "v_cache must have k_cache's shape", v_cache);
+          "paged_attention", "v_cache must have k_cache's shape and dtype", v_cache);
   require_int32("paged_attention", batch.seq_starts, 1, "seq_starts must be [S + 1] int32");
   require_int32("paged_attention", batch.context_lens, 1, "context_lens must be [S] int32");
   require_int32("paged_attention", batch.block_tables, 2, "block_tables must be [S, W] int32");
@@ -238,33 +283,36 @@ void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, c
   require(out.is_contiguous() && out.dtype() == DType::kFloat32 && out.dim() == 2 &&
               out.size(0) == q.size(0) && out.size(1) == q.size(1),
           "paged_attention", "out must be contiguous float32 [T, heads * head_dim]", out);
-  // The layout's contents, O(S + blocks): every position's block inside the cache.
-  const int32_t* starts = batch.seq_starts.data_as<const int32_t>();
-  const int32_t* ctx_lens = batch.context_lens.data_as<const int32_t>();
-  const int32_t* tables = batch.block_tables.data_as<const int32_t>();
   const int64_t width = batch.block_tables.size(1), block_size = k_cache.size(1);
-  if (starts[0] != 0 || starts[num_seqs] != q.size(0)) {
-    raise<InvalidArgument>("paged_attention: seq_starts must run from 0 to the ", q.size(0),
-                           " query tokens");
-  }
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    if (starts[s + 1] <= starts[s] || ctx_lens[s] < 0) {
-      raise<InvalidArgument>("paged_attention: sequence ", s,
-                             " has no tokens or a negative context length");
+  if (!ctx.device.is_cuda()) {
+    // The layout's contents, O(S + blocks): every position's block inside the cache. They are
+    // host memory here; on a device the caller (the model) has checked them before the upload.
+    const int32_t* starts = batch.seq_starts.data_as<const int32_t>();
+    const int32_t* ctx_lens = batch.context_lens.data_as<const int32_t>();
+    const int32_t* tables = batch.block_tables.data_as<const int32_t>();
+    if (starts[0] != 0 || starts[num_seqs] != q.size(0)) {
+      raise<InvalidArgument>("paged_attention: seq_starts must run from 0 to the ", q.size(0),
+                             " query tokens");
     }
-  }
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t end = int64_t{ctx_lens[s]} + (starts[s + 1] - starts[s]);
-    const int64_t blocks = (end + block_size - 1) / block_size;
-    if (end > kInt32Max || blocks > width) {
-      raise<InvalidArgument>("paged_attention: sequence ", s, " reaches position ", end,
-                             " beyond its ", width, " block(s) of ", block_size);
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      if (starts[s + 1] <= starts[s] || ctx_lens[s] < 0) {
+        raise<InvalidArgument>("paged_attention: sequence ", s,
+                               " has no tokens or a negative context length");
+      }
     }
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int32_t id = tables[s * width + b];
-      if (id < 0 || id >= k_cache.size(0)) {
-        raise<InvalidArgument>("paged_attention: block_tables[", s, ", ", b, "] = ", id,
-                               " is out of range [0, ", k_cache.size(0), ")");
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const int64_t end = int64_t{ctx_lens[s]} + (starts[s + 1] - starts[s]);
+      const int64_t blocks = (end + block_size - 1) / block_size;
+      if (end > kInt32Max || blocks > width) {
+        raise<InvalidArgument>("paged_attention: sequence ", s, " reaches position ", end,
+                               " beyond its ", width, " block(s) of ", block_size);
+      }
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int32_t id = tables[s * width + b];
+        if (id < 0 || id >= k_cache.size(0)) {
+          raise<InvalidArgument>("paged_attention: block_tables[", s, ", ", b, "] = ", id,
+                                 " is out of range [0, ", k_cache.size(0), ")");
+        }
       }
     }
   }
@@ -275,20 +323,52 @@ void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, c
   p.v = v.data_as<const float>();
   p.kv_stride = k.stride(0);
   p.out = out.data_as<float>();
-  p.k_cache = k_cache.data_as<float>();
-  p.v_cache = v_cache.data_as<float>();
+  p.k_cache = k_cache.data();
+  p.v_cache = v_cache.data();
+  p.cache_dtype = k_cache.dtype();
   p.seq_starts = batch.seq_starts.data_as<const int32_t>();
   p.context_lens = batch.context_lens.data_as<const int32_t>();
   p.block_tables = batch.block_tables.data_as<const int32_t>();
   p.num_seqs = static_cast<int32_t>(num_seqs);
-  p.max_blocks_per_seq = static_cast<int32_t>(batch.block_tables.size(1));
-  p.block_size = static_cast<int32_t>(k_cache.size(1));
+  p.max_blocks_per_seq = static_cast<int32_t>(width);
+  p.block_size = static_cast<int32_t>(block_size);
   p.num_heads = shape.num_heads;
   p.num_kv_heads = shape.num_kv_heads;
   p.head_dim = shape.head_dim;
   p.sliding_window = shape.sliding_window;
   p.scale = shape.scale;
-  if (ctx.device.is_cuda()) no_cuda_kernel("paged_attention");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    if (num_seqs == 0) return;
+    // The grids come from the host-known bounds: the arrays are device memory.
+    if (batch.max_query_len <= 0 || batch.max_query_len > q.size(0) || batch.max_kv_len <= 0 ||
+        batch.max_kv_len < batch.max_query_len ||
+        (batch.max_kv_len + block_size - 1) / block_size > width) {
+      raise<InvalidArgument>(
+          "paged_attention: on CUDA max_query_len (", batch.max_query_len,
+          ") must be in [1, T = ", q.size(0), "] and max_kv_len (", batch.max_kv_len,
+          ") in [max_query_len, max_blocks * block_size = ", width * block_size, "]");
+    }
+    if (shape.head_dim > cuda::kAttentionMaxHeadDim || shape.head_dim % 2 != 0) {
+      raise<InvalidArgument>("paged_attention: head_dim must be even and <= ",
+                             cuda::kAttentionMaxHeadDim, " on CUDA, got ", shape.head_dim);
+    }
+    const size_t need = attention_partial_bytes(num_seqs, batch.max_kv_len, shape);
+    if (need > 0 && (!batch.workspace.defined() || !batch.workspace.is_contiguous() ||
+                     batch.workspace.device() != ctx.device || batch.workspace.nbytes() < need)) {
+      raise<InvalidArgument>(
+          "paged_attention: workspace must be contiguous device memory of at "
+          "least ",
+          need, " bytes (paged_attention_workspace_bytes), got ", batch.workspace.describe());
+    }
+    p.num_tokens = static_cast<int32_t>(q.size(0));
+    p.max_query_len = batch.max_query_len;
+    p.max_kv_len = batch.max_kv_len;
+    p.workspace = need > 0 ? batch.workspace.data() : nullptr;
+    p.workspace_bytes = static_cast<int64_t>(need);
+    return cuda::paged_attention(p, ctx.stream);
+  }
+#endif
   cpu::paged_attention(p);
 }
 
@@ -417,8 +497,10 @@ void read_weight_row(const ExecContext& ctx, const Tensor& w, WeightLayout w_lay
 
 void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
             const SamplingParams* params, uint64_t* rng_states, const Tensor& tokens,
-            const Tensor& log_probs, std::pair<float, int32_t>* scratch) {
+            const Tensor& log_probs, std::pair<float, int32_t>* scratch,
+            const SampleDeviceArgs& device) {
   check_device("sample", ctx, logits, rows, tokens);
+  if (log_probs.defined() && log_probs.numel() > 0) check_device("sample", ctx, log_probs);
   require(logits.is_contiguous() && logits.dim() == 2 && logits.dtype() == DType::kFloat32,
           "sample", "logits must be contiguous float32 [N, V]", logits);
   require_int32("sample", rows, 1, "rows must be [R] int32");
@@ -447,8 +529,29 @@ void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
   p.tokens = tokens.data_as<int32_t>();
   p.log_probs = log_probs.numel() > 0 ? log_probs.data_as<float>() : nullptr;
   p.num_samples = static_cast<int32_t>(rows.size(0));
-  if (ctx.device.is_cuda()) no_cuda_kernel("sample");
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) {
+    if (p.num_samples > 0 && (device.params == nullptr || device.rng_states == nullptr)) {
+      raise<InvalidArgument>("sample: a CUDA context needs the device copies of params and ",
+                             "rng_states (SampleDeviceArgs)");
+    }
+    p.params = device.params;
+    p.rng_states = device.rng_states;
+    p.workspace = device.workspace;
+    p.workspace_bytes = device.workspace_bytes;
+    return cuda::sample(p, ctx.stream);
+  }
+#endif
+  (void)device;  // read by the CUDA path only
   cpu::sample(p, scratch);
+}
+
+int64_t sample_workspace_bytes(const ExecContext& ctx, int64_t num_samples, int64_t vocab) {
+#if LORART_WITH_CUDA
+  if (ctx.device.is_cuda()) return cuda::sample_workspace_bytes(num_samples, vocab);
+#endif
+  (void)ctx, (void)num_samples, (void)vocab;
+  return 0;
 }
 
 void set_cpu_threads(int threads) { cpu::set_num_threads(threads); }

@@ -62,17 +62,28 @@ struct AttentionBatch {
   // sequence. 0 = unknown (the CPU reads the arrays).
   int32_t max_query_len = 0;
   int32_t max_kv_len = 0;
+  // CUDA: device scratch of at least paged_attention_workspace_bytes bytes (any dtype,
+  // contiguous) for the split-KV partials of decode sequences. Unused on the CPU (may be empty).
+  Tensor workspace;
 };
 struct AttentionShape {
   int32_t num_heads, num_kv_heads, head_dim, sliding_window;
   float scale;
 };
 // Writes the chunk's k, v ([T, kv_heads * head_dim] views with one row stride) into the layer's
-// caches k_cache, v_cache ([blocks, block_size, kv_heads, head_dim]), then out [T, heads *
-// head_dim] = causal attention of q ([T, heads * head_dim] view) over the cache.
+// caches k_cache, v_cache ([blocks, block_size, kv_heads, head_dim], float32, float16 or bfloat16;
+// 16-bit caches are written rounded to nearest even and widened to float32 as read), then out
+// [T, heads * head_dim] = causal attention of q ([T, heads * head_dim] view) over the cache.
+// On the CPU the batch's arrays are checked (block ids, lengths); device arrays cannot be read, so
+// on CUDA the caller validates them on the host first, and max_query_len / max_kv_len must be set
+// (> 0) and be true bounds.
 void paged_attention(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                      const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
                      const AttentionShape& shape, const Tensor& out);
+// Bytes of AttentionBatch::workspace for steps of at most `max_seqs` sequences whose context plus
+// chunk is at most `max_kv_len` tokens: 0 on the CPU. Throws InvalidArgument on overflow.
+size_t paged_attention_workspace_bytes(const ExecContext& ctx, int64_t max_seqs, int64_t max_kv_len,
+                                       const AttentionShape& shape);
 
 // The adapters of one step as the LoRA op reads them: `pairs` holds, for each adapter slot,
 // `pairs_per_slot` entries indexed by (layer * lora_module::kCount + module).
@@ -106,14 +117,31 @@ void lora_dora_apply(const ExecContext& ctx, const Tensor& y, int64_t out, const
 void read_weight_row(const ExecContext& ctx, const Tensor& w, WeightLayout w_layout, int64_t row,
                      const Tensor& out);
 
+// What a CUDA sample reads besides its tensors: device copies of the step's `params` and
+// `rng_states` (uploaded by the caller with the step; the RNG states are advanced there, and the
+// caller copies them back with the tokens) and device scratch of sample_workspace_bytes bytes.
+// A CPU sample ignores it.
+struct SampleDeviceArgs {
+  const SamplingParams* params = nullptr;  // [R], the same values as the host `params`
+  uint64_t* rng_states = nullptr;          // [R], in/out
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+};
+
 // tokens[i] (int32 [R]) = a token drawn from logits [N, V] row rows[i] (int32 [R]) with
 // params[i] and rng_states[i] (advanced); log_probs (float32 [R], or undefined) receives log
 // p(token). -inf masks a token; a row holding NaN or +inf gets token -1 and leaves its RNG state
-// as it was. `scratch`
-// holds V (float, int32) pairs on the host.
+// as it was. `scratch` holds V (float, int32) pairs on the host (CPU only). `params` is host
+// memory on every device (it is validated here); on a CUDA context the kernel reads
+// `device.params` and advances `device.rng_states`, and the host `rng_states` is not touched
+// (may be null). Both backends draw alike: identical logits give identical tokens and states.
 void sample(const ExecContext& ctx, const Tensor& logits, const Tensor& rows,
             const SamplingParams* params, uint64_t* rng_states, const Tensor& tokens,
-            const Tensor& log_probs, std::pair<float, int32_t>* scratch);
+            const Tensor& log_probs, std::pair<float, int32_t>* scratch,
+            const SampleDeviceArgs& device = {});
+// Device bytes SampleDeviceArgs::workspace needs for `num_samples` rows of `vocab` logits on
+// ctx's device (0 on the CPU, whose scratch is the host pairs).
+int64_t sample_workspace_bytes(const ExecContext& ctx, int64_t num_samples, int64_t vocab);
 
 // The CPU backend's thread pool: OpenMP threads of the calling thread's ops.
 void set_cpu_threads(int threads);

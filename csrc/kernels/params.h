@@ -81,9 +81,12 @@ struct PagedAttentionParams {
   const float* k;  // [num_tokens, num_kv_heads * head_dim] new keys, row stride kv_stride
   const float* v;  // same layout as k
   int64_t kv_stride;
-  float* out;                   // [num_tokens, num_heads, head_dim], contiguous
-  float* k_cache;               // [num_blocks, block_size, num_kv_heads, head_dim] (this layer)
-  float* v_cache;               // same layout as k_cache
+  float* out;  // [num_tokens, num_heads, head_dim], contiguous
+  // [num_blocks, block_size, num_kv_heads, head_dim] (this layer) in cache_dtype: float32, or
+  // float16 / bfloat16 (written rounded to nearest even, widened to float32 as read).
+  void* k_cache;
+  void* v_cache;  // same layout and dtype as k_cache
+  DType cache_dtype;
   const int32_t* seq_starts;    // [num_seqs + 1] token offsets into the packed batch
   const int32_t* context_lens;  // [num_seqs] tokens already cached before this chunk
   const int32_t* block_tables;  // [num_seqs, max_blocks_per_seq] block ids
@@ -95,6 +98,13 @@ struct PagedAttentionParams {
   int32_t head_dim;
   int32_t sliding_window;  // 0 = full causal attention
   float scale;             // usually 1 / sqrt(head_dim)
+  // CUDA only (the CPU ignores them): host-known bounds of the step (AttentionBatch) that size the
+  // grids, and the split-KV scratch (paged_attention_workspace_bytes), device memory.
+  int32_t num_tokens;  // q's rows (= seq_starts[num_seqs])
+  int32_t max_query_len;
+  int32_t max_kv_len;
+  void* workspace;
+  int64_t workspace_bytes;
 };
 
 // One adapter's pair for one (layer, module), in the adapter's storage dtype (float32, float16 or
@@ -183,6 +193,9 @@ struct SampleParams {
   int32_t* tokens;               // [num_samples] out
   float* log_probs;              // [num_samples] out, or null
   int32_t num_samples;
+  // CUDA only: device scratch of ops::sample_workspace_bytes bytes (the CPU uses its host pairs).
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
 
 }  // namespace lorart

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 
 #include "core/checked_math.h"
 #include "core/errors.h"
+#include "core/stream.h"
 #include "kernels/ops.h"
 #include "lora/module_ids.h"
 
@@ -30,10 +32,8 @@ Tensor rows_of(const Tensor& t, int64_t offset, int64_t cols) {
   return Tensor(t.data_as<float>() + offset, DType::kFloat32, 2, shape, strides, t.device());
 }
 
-Buffer workspace(int64_t count, const char* what, DType dtype = DType::kFloat32) {
-  return Buffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * dtype_size(dtype),
-                          Device::cpu(), what);
-}
+// Bytes from `offset` rounded up to 16 (each staged array starts 16-byte aligned).
+size_t aligned16(size_t offset) { return (offset + 15) / 16 * 16; }
 
 void check_index_tensor(const Tensor& t, const char* name, int dims) {
   if (t.dim() != dims || t.dtype() != DType::kInt32 || !t.is_contiguous() || !t.device().is_cpu()) {
@@ -43,6 +43,11 @@ void check_index_tensor(const Tensor& t, const char* name, int dims) {
 }
 
 }  // namespace
+
+Buffer LlamaModel::workspace(int64_t count, const char* what, DType dtype) const {
+  return Buffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * dtype_size(dtype),
+                          device(), what);
+}
 
 std::vector<float> rope_inv_freq(const ModelConfig& config) {
   const int64_t dim = config.head_dim;
@@ -86,7 +91,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, ModelWeights weights, int64_t 
                            "); this config has ", config_.num_layers, " layers, vocab ",
                            config_.vocab_size, ", hidden ", config_.hidden_size);
   }
-  workspace_bytes(config_, max_num_tokens, max_lora_rank);  // every product below fits
+  workspace_bytes(config_, max_num_tokens, max_lora_rank, device());  // every product below fits
   const std::vector<float> inv = rope_inv_freq(config_);
   inv_freq_ = workspace(static_cast<int64_t>(inv.size()), "rotary frequencies");
   inv_freq_.copy_from(inv.data(), Device::cpu(), inv.size() * sizeof(float));
@@ -105,7 +110,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, ModelWeights weights, int64_t 
 }
 
 size_t LlamaModel::workspace_bytes(const ModelConfig& config, int64_t max_num_tokens,
-                                   int64_t max_lora_rank) {
+                                   int64_t max_lora_rank, Device device) {
   config.validate();
   if (max_num_tokens <= 0 || max_num_tokens > kInt32Max) {
     raise<InvalidArgument>("max_num_tokens must be in [1, ", kInt32Max,
@@ -127,7 +132,7 @@ size_t LlamaModel::workspace_bytes(const ModelConfig& config, int64_t max_num_to
       config.head_dim / 2 * static_cast<int64_t>(sizeof(float)), "LlamaModel workspace bytes");
   checked_product({max_num_tokens, config.vocab_size, int64_t{sizeof(float)}},
                   "logits bytes (max_num_tokens * vocab_size * 4)");
-  check_allocation(static_cast<size_t>(bytes), Device::cpu(),
+  check_allocation(static_cast<size_t>(bytes), device,
                    "the LlamaModel workspace (max_num_tokens = " + std::to_string(max_num_tokens) +
                        ", max_lora_rank = " + std::to_string(max_lora_rank) + ")");
   return static_cast<size_t>(bytes);
@@ -142,8 +147,9 @@ void LlamaModel::validate(const ForwardBatch& b, const KvCache& cache,
   check_index_tensor(b.block_tables, "block_tables", 2);
   check_index_tensor(b.lora_slots, "lora_slots", 1);
   check_index_tensor(b.logits_indices, "logits_indices", 1);
-  if (cache.device() != Device::cpu()) {
-    raise<InvalidArgument>("kv cache must be on the model's device (cpu)");
+  if (cache.device() != device()) {
+    raise<InvalidArgument>("kv cache must be on the model's device (", device().str(),
+                           "), it is on ", cache.device().str());
   }
   if (cache.num_layers() != config_.num_layers ||
       cache.kv_width() != config_.num_kv_heads * config_.head_dim) {
@@ -261,9 +267,10 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
   const int64_t n_out = b.logits_indices.size(0);
   const int64_t width = logits_width(lora);
   if (logits.dim() != 2 || logits.size(0) != n_out || logits.size(1) != width ||
-      logits.dtype() != DType::kFloat32 || !logits.is_contiguous()) {
+      logits.dtype() != DType::kFloat32 || !logits.is_contiguous() || logits.device() != device()) {
     raise<InvalidArgument>("logits must be contiguous float32 [", n_out, ", ", width, "], got ",
-                           logits.describe());
+                           logits.describe(),
+                           logits.device() == device() ? "" : " (not on the model's device)");
   }
   const int64_t num_tokens = b.token_ids.size(0);
   const int64_t num_seqs = b.context_lens.size(0);
@@ -278,13 +285,24 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
       runs_.push_back({starts[s], starts[s + 1], slots[s]});
     }
   }
-  const Pass pass{ctx, b, cache, lora.batch(runs_), num_tokens, lora.has_dora()};
+  // The step's bounds, for launches that cannot read the (device) arrays.
+  const int32_t* context = b.context_lens.data_as<const int32_t>();
+  int32_t max_query_len = 0, max_kv_len = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int32_t q = starts[s + 1] - starts[s];
+    max_query_len = std::max(max_query_len, q);
+    max_kv_len = std::max(max_kv_len, context[s] + q);  // < max_position_embeddings: no overflow
+  }
+  ops::LoraBatch lora_batch = lora.batch(runs_);
+  const ForwardBatch& staged = stage(ctx, b, lora_batch);
+  const Pass pass{ctx, staged,        cache,     lora_batch, num_tokens, lora.has_dora(),
+                  b,   max_query_len, max_kv_len};
 
   const int64_t h = config_.hidden_size;
   if (lora.has_embedding_parts()) {
     embed_per_slot(pass, lora, rows(hidden_, num_tokens, h));
   } else {
-    ops::embedding(ctx, weights_.embed(), b.token_ids, rows(hidden_, num_tokens, h));
+    ops::embedding(ctx, weights_.embed(), staged.token_ids, rows(hidden_, num_tokens, h));
   }
   for (int64_t layer = 0; layer < config_.num_layers; ++layer) {
     attention_block(pass, layer);
@@ -292,7 +310,7 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
   }
   // Final norm and lm_head only for the rows whose logits were asked for.
   const Tensor picked = rows(normed_, n_out, h);
-  ops::gather_rows(ctx, rows(hidden_, num_tokens, h), b.logits_indices, picked);
+  ops::gather_rows(ctx, rows(hidden_, num_tokens, h), staged.logits_indices, picked);
   ops::rms_norm(ctx, picked, weights_.final_norm(), static_cast<float>(config_.rms_norm_eps),
                 picked);
   if (lora.has_embedding_parts()) {
@@ -302,16 +320,79 @@ void LlamaModel::forward(const ExecContext& ctx, const ForwardBatch& b, KvCache&
   }
 }
 
+const ForwardBatch& LlamaModel::stage(const ExecContext& ctx, const ForwardBatch& host,
+                                      ops::LoraBatch& lora) {
+  if (device().is_cpu()) return host;
+  // One host image of everything the device reads this step, then one copy: the seven int32
+  // arrays, the LoRA runs and the LoRA pairs, each 16-byte aligned.
+  const Tensor* arrays[] = {&host.token_ids,     &host.positions,    &host.seq_starts,
+                            &host.context_lens,  &host.block_tables, &host.lora_slots,
+                            &host.logits_indices};
+  Tensor* device_arrays[] = {&device_batch_.token_ids,     &device_batch_.positions,
+                             &device_batch_.seq_starts,    &device_batch_.context_lens,
+                             &device_batch_.block_tables,  &device_batch_.lora_slots,
+                             &device_batch_.logits_indices};
+  const size_t num_pairs = lora.pairs == nullptr ? 0
+                                                 : static_cast<size_t>(lora.num_slots) *
+                                                       static_cast<size_t>(lora.pairs_per_slot);
+  size_t offsets[9];
+  size_t bytes = 0;
+  for (int i = 0; i < 7; ++i) {
+    offsets[i] = bytes;
+    bytes = aligned16(bytes + arrays[i]->nbytes());
+  }
+  offsets[7] = bytes;
+  bytes = aligned16(bytes + static_cast<size_t>(lora.num_runs) * sizeof(LoraRun));
+  offsets[8] = bytes;
+  bytes = aligned16(bytes + num_pairs * sizeof(LoraPair));
+  if (staging_host_.size() < bytes) staging_host_.resize(bytes);
+  unsigned char* image = staging_host_.data();
+  for (int i = 0; i < 7; ++i) {
+    if (arrays[i]->nbytes() > 0) {
+      std::memcpy(image + offsets[i], arrays[i]->data(), arrays[i]->nbytes());
+    }
+  }
+  if (lora.num_runs > 0) {
+    std::memcpy(image + offsets[7], lora.runs,
+                static_cast<size_t>(lora.num_runs) * sizeof(LoraRun));
+  }
+  if (num_pairs > 0) std::memcpy(image + offsets[8], lora.pairs, num_pairs * sizeof(LoraPair));
+  if (staging_.size() < bytes) {
+    // Grown geometrically so a step a little larger than the last does not reallocate each time.
+    // The device may still be reading the old buffer: wait for the stream before freeing it.
+    const size_t grown = std::max(bytes, staging_.size() * 2);
+    if (staging_.size() > 0) synchronize_stream(device(), ctx.stream);
+    staging_ = Buffer::allocate(grown, device(), "the step's device staging buffer");
+  }
+  copy_bytes_async(staging_.data(), device(), image, Device::cpu(), bytes, ctx.stream);
+  unsigned char* base = static_cast<unsigned char*>(staging_.data());
+  for (int i = 0; i < 7; ++i) {
+    const Tensor& h = *arrays[i];
+    int64_t shape[Tensor::kMaxDims];
+    int64_t strides[Tensor::kMaxDims];
+    for (int d = 0; d < h.dim(); ++d) {
+      shape[d] = h.size(d);
+      strides[d] = h.stride(d);
+    }
+    *device_arrays[i] = Tensor(base + offsets[i], DType::kInt32, h.dim(), shape, strides, device());
+  }
+  lora.device_runs =
+      lora.num_runs > 0 ? reinterpret_cast<const LoraRun*>(base + offsets[7]) : nullptr;
+  lora.device_pairs =
+      num_pairs > 0 ? reinterpret_cast<const LoraPair*>(base + offsets[8]) : nullptr;
+  return device_batch_;
+}
+
 void LlamaModel::embed_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& hidden) {
   const ExecContext& ctx = pass.ctx;
-  const ForwardBatch& b = pass.batch;
+  const ForwardBatch& b = pass.host;
   const int64_t num_seqs = b.context_lens.size(0);
   const int32_t* starts = b.seq_starts.data_as<const int32_t>();
   const int32_t* slots = b.lora_slots.data_as<const int32_t>();
-  auto* ids = b.token_ids.data_as<int32_t>();
+  auto* ids = pass.batch.token_ids.data_as<int32_t>();  // where the ops read them
   // Tokens [begin, end) as their own ids and hidden rows.
   auto ids_of = [&](int64_t begin, int64_t end) {
-    return Tensor(ids + begin, DType::kInt32, {end - begin});
+    return Tensor(ids + begin, DType::kInt32, {end - begin}, pass.batch.token_ids.device());
   };
   // Neighbouring sequences that embed with one table share one gather.
   for (int64_t s = 0; s < num_seqs;) {
@@ -347,7 +428,7 @@ void LlamaModel::embed_per_slot(const Pass& pass, const LoraTable& lora, const T
 void LlamaModel::lm_head_per_slot(const Pass& pass, const LoraTable& lora, const Tensor& picked,
                                   const Tensor& logits) {
   const ExecContext& ctx = pass.ctx;
-  const ForwardBatch& b = pass.batch;
+  const ForwardBatch& b = pass.host;
   const int64_t n_out = picked.size(0), width = logits.size(1);
   const int64_t num_seqs = b.context_lens.size(0);
   const int32_t* starts = b.seq_starts.data_as<const int32_t>();
@@ -406,7 +487,14 @@ void LlamaModel::lm_head_per_slot(const Pass& pass, const LoraTable& lora, const
     if (vocab < width) {  // not this row's tokens
       for (int32_t r = run.begin; r < run.end; ++r) {
         float* row = logits.data_as<float>() + r * width;
-        std::fill(row + vocab, row + width, -std::numeric_limits<float>::infinity());
+        if (logits.device().is_cpu()) {
+          std::fill(row + vocab, row + width, -std::numeric_limits<float>::infinity());
+        } else {
+          neg_inf_.assign(static_cast<size_t>(width - vocab),
+                          -std::numeric_limits<float>::infinity());
+          copy_bytes_async(row + vocab, logits.device(), neg_inf_.data(), Device::cpu(),
+                           neg_inf_.size() * sizeof(float), ctx.stream);
+        }
       }
     }
   }
@@ -436,7 +524,7 @@ void LlamaModel::attention_block(const Pass& pass, int64_t layer) {
             pass.batch.positions, vec(inv_freq_, hd / 2));
   const Tensor attn = rows(attn_, n, q_out), proj = rows(proj_, n, h);
   const ops::AttentionBatch batch{pass.batch.seq_starts, pass.batch.context_lens,
-                                  pass.batch.block_tables};
+                                  pass.batch.block_tables, pass.max_query_len, pass.max_kv_len};
   const ops::AttentionShape shape{
       static_cast<int32_t>(config_.num_attention_heads), static_cast<int32_t>(config_.num_kv_heads),
       static_cast<int32_t>(hd), static_cast<int32_t>(config_.sliding_window),

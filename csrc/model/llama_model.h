@@ -2,7 +2,9 @@
 // batch with a paged KV cache and per-sequence LoRA adapters, written once against the ops
 // (kernels/ops.h): the device, the weights' dtype and the matmul precision are the ops' business
 // (the ExecContext and the weight Tensors), never the model's. Owns the weights and a workspace
-// sized at construction (no allocation per step). Not thread-safe: one forward at a time (its
+// sized at construction (no allocation per step), both on the weights' device. On CUDA the step's
+// flat arrays and the LoRA table's runs and pairs are validated on the host, then uploaded in one
+// copy to a device staging buffer the ops read. Not thread-safe: one forward at a time (its
 // ModelRunner, or one Python caller).
 #pragma once
 
@@ -23,17 +25,18 @@ namespace lorart {
 class LlamaModel {
  public:
   // `max_num_tokens`: the most tokens one forward may carry; `max_lora_rank`: the largest adapter
-  // rank the LoRA workspace is sized for. Throws InvalidArgument (see workspace_bytes) before
-  // allocating the workspace.
+  // rank the LoRA workspace is sized for. The model runs on the weights' device (its workspace
+  // is allocated there). Throws InvalidArgument (see workspace_bytes) before allocating the
+  // workspace.
   LlamaModel(const ModelConfig& config, ModelWeights weights, int64_t max_num_tokens,
              int64_t max_lora_rank);
 
   // Bytes of the workspace a model of `config` allocates for these limits; allocates nothing.
   // Throws InvalidArgument naming the field: an invalid config, max_num_tokens or max_lora_rank
   // outside [1, INT32_MAX], a size that overflows int64 (the workspace, or the [max_num_tokens,
-  // vocab_size] float32 logits callers allocate), or a workspace over the host's memory limit.
+  // vocab_size] float32 logits callers allocate), or a workspace over the memory of `device`.
   static size_t workspace_bytes(const ModelConfig& config, int64_t max_num_tokens,
-                                int64_t max_lora_rank);
+                                int64_t max_lora_rank, Device device = Device::cpu());
 
   // Throws InvalidArgument naming the field and the limit for a batch forward() would refuse:
   // index tensors of the wrong kind or shape, token ids outside the vocabulary, seq_starts not
@@ -45,7 +48,9 @@ class LlamaModel {
   void validate(const ForwardBatch& batch, const KvCache& cache, const LoraTable& lora) const;
 
   // Runs the batch in `ctx` (its device must be the model's), writing K/V of its tokens into
-  // `cache` and logits [N, logits_width(lora)] (float32) into `logits`; sequence s uses slot
+  // `cache` and logits [N, logits_width(lora)] (float32, on the model's device) into `logits`;
+  // `batch` is host memory (on CUDA it is uploaded on ctx.stream, and the LoRA table's pairs
+  // must point at device copies of the adapters); sequence s uses slot
   // lora_slots[s] of `lora`: its adapter's embedding table, lm_head and vocabulary when the
   // adapter brings them. Row i holds its sequence's vocabulary (lora.vocab_size(slot)) and -inf
   // in the columns past it. Throws InvalidArgument naming the field for a malformed batch
@@ -64,18 +69,25 @@ class LlamaModel {
   // The base weights (DoRA's scales are computed against them).
   const ModelWeights& weights() const { return weights_; }
   DType weight_dtype() const { return weights_.dtype(); }
-  Device device() const { return Device::cpu(); }
+  Device device() const { return weights_.device(); }
 
  private:
   // The state of the forward in progress.
   struct Pass {
     const ExecContext& ctx;
-    const ForwardBatch& batch;
+    const ForwardBatch& batch;  // the arrays the ops read: `host`, or its device copy on CUDA
     KvCache& cache;
     ops::LoraBatch lora;
     int64_t num_tokens;
-    bool dora;  // a slot has DoRA pairs
+    bool dora;                          // a slot has DoRA pairs
+    const ForwardBatch& host;           // what the host plans from (validated)
+    int32_t max_query_len, max_kv_len;  // the step's bounds (ops::AttentionBatch)
   };
+  // A workspace Buffer of `count` values on the model's device.
+  Buffer workspace(int64_t count, const char* what, DType dtype = DType::kFloat32) const;
+  // The arrays the ops read for `host`: `host` itself on the CPU; on CUDA its device copy, made
+  // with `lora`'s runs and pairs in one upload on ctx.stream (device_runs / device_pairs set).
+  const ForwardBatch& stage(const ExecContext& ctx, const ForwardBatch& host, ops::LoraBatch& lora);
   // y[:, out_offset : + out] += the module's LoRA delta (DoRA-scaled for DoRA pairs; `bias` is
   // the matrix's whole bias vector or undefined).
   void apply_lora(const Pass& pass, int64_t layer, int32_t module_id, const Tensor& x,
@@ -96,6 +108,12 @@ class LlamaModel {
   // The step's adapter runs (neighbouring sequences of one slot merged), built once per forward,
   // and its logits rows' runs by slot (slot -1 included) for the per-slot lm_head.
   std::vector<LoraRun> runs_, head_runs_;
+  // CUDA: the step's upload, packed on the host, and its device copy (grown when a step's
+  // arrays outgrow it, never shrunk); device_batch_ views it.
+  std::vector<unsigned char> staging_host_;
+  Buffer staging_;
+  ForwardBatch device_batch_;
+  std::vector<float> neg_inf_;  // a row of -inf, the source of the device logits' padding
 };
 
 // Rotary inverse frequencies [head_dim / 2] as transformers computes them in float32, with the

@@ -185,19 +185,40 @@ bool ModelWeights::built_for(const ModelConfig& c) const {
          c.attention_bias == w.attention_bias && c.architecture == w.architecture;
 }
 
-ModelWeights::ModelWeights(ModelWeightsBuilder&& builder)
-    : config_(builder.config_), dtype_(builder.dtype_) {
+namespace {
+
+// Moves a host buffer to `device` (nothing to do on the CPU); the host copy is freed at once, so
+// the upload never holds more than one matrix twice.
+void place(Buffer& b, Device device) {
+  if (device.is_cpu() || b.size() == 0) return;
+  Buffer on_device = Buffer::allocate(b.size(), device, "model weights");
+  on_device.copy_from(b.data(), Device::cpu(), b.size());
+  b = std::move(on_device);
+}
+
+}  // namespace
+
+ModelWeights::ModelWeights(ModelWeightsBuilder&& builder, Device device)
+    : config_(builder.config_), dtype_(builder.dtype_), device_(device) {
   const std::vector<std::string> missing = builder.missing();
   if (!missing.empty()) {
     raise<InvalidArgument>("checkpoint is missing ", missing.size(), " tensor(s), first: '",
                            missing.front(), "'");
   }
+  require_device(device);
   const ModelConfig& c = builder.config_;
   embed_ = std::move(builder.embed_);
   final_norm_ = std::move(builder.final_norm_);
   lm_head_ = std::move(builder.lm_head_);
   layers_ = std::move(builder.layers_);
   builder.slots_.clear();  // its pointers aimed at the buffers we now own
+  for (Buffer* b : {&embed_, &final_norm_, &lm_head_}) place(*b, device);
+  for (LayerBuffers& l : layers_) {
+    for (Buffer* b :
+         {&l.input_norm, &l.qkv, &l.qkv_bias, &l.o, &l.o_bias, &l.post_norm, &l.gate_up, &l.down}) {
+      place(*b, device);
+    }
+  }
   const int64_t h = c.hidden_size, inter = c.intermediate_size;
   const int64_t q_out = c.num_attention_heads * c.head_dim;
   const int64_t qkv_out = q_out + 2 * c.num_kv_heads * c.head_dim;
@@ -212,15 +233,17 @@ ModelWeights::ModelWeights(ModelWeightsBuilder&& builder)
                             matrix(l.down, dtype_, h, inter)});
   }
   // The matrices in the layout the kernels read fastest; the embedding (and a tied lm_head) stays
-  // row-major: its rows are gathered.
-  const ExecContext ctx = ExecContext::cpu();
+  // row-major: its rows are gathered. Row-major on CUDA (nothing to do there).
+  const ExecContext ctx{device, nullptr, 0, Precision::kFloat32};
   matrix_layout_ = ops::preferred_layout(ctx, dtype_);
-  for (const LayerWeights& l : layer_views_) {
-    for (const Tensor* w : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
-      ops::relayout_weight(ctx, *w, matrix_layout_);
+  if (matrix_layout_ != WeightLayout::kRowMajor) {
+    for (const LayerWeights& l : layer_views_) {
+      for (const Tensor* w : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
+        ops::relayout_weight(ctx, *w, matrix_layout_);
+      }
     }
+    if (!c.tie_word_embeddings) ops::relayout_weight(ctx, lm_head_view_, lm_head_layout());
   }
-  if (!c.tie_word_embeddings) ops::relayout_weight(ctx, lm_head_view_, lm_head_layout());
   nbytes_ = total_bytes(embed_, final_norm_, lm_head_, layers_);
 }
 

@@ -1,5 +1,6 @@
 // ModelWeights: the base model's parameters in one storage dtype (float32, float16 or bfloat16:
-// normally the checkpoint's own), owned in Buffers on the model's device. The kernels widen
+// normally the checkpoint's own), owned in Buffers on the model's device (loaded on the host,
+// then uploaded once for a CUDA device). The kernels widen
 // 16-bit weights to float32 as they read them. Built once at load from HF-named tensors: a tensor
 // already in the storage dtype is copied as it is (or read straight into destination()), one of
 // another float dtype is converted on the way in (rounded to nearest even when narrowing, as
@@ -89,8 +90,10 @@ class ModelWeightsBuilder {
 
 class ModelWeights {
  public:
-  // Takes the builder's buffers; throws InvalidArgument naming the first missing tensor.
-  explicit ModelWeights(ModelWeightsBuilder&& builder);
+  // Takes the builder's buffers; throws InvalidArgument naming the first missing tensor. On a
+  // CUDA `device` each host buffer is uploaded once (in its stored dtype) and freed as it goes;
+  // throws DeviceError (require_device) before that when the device is not there.
+  explicit ModelWeights(ModelWeightsBuilder&& builder, Device device = Device::cpu());
 
   const Tensor& embed() const { return embed_view_; }            // [V, H]
   const Tensor& lm_head() const { return lm_head_view_; }        // [V, H] (the embedding when tied)
@@ -108,6 +111,7 @@ class ModelWeights {
     return config_.tie_word_embeddings ? WeightLayout::kRowMajor : matrix_layout_;
   }
   size_t nbytes() const { return nbytes_; }
+  Device device() const { return device_; }
   // The config the builder laid the weights out for.
   const ModelConfig& config() const { return config_; }
   // Whether `config` implies exactly these weights (every size and flag the layout depends on).
@@ -116,6 +120,7 @@ class ModelWeights {
  private:
   ModelConfig config_;
   DType dtype_;
+  Device device_;
   Buffer embed_, final_norm_, lm_head_;
   std::vector<LayerBuffers> layers_;
   std::vector<LayerWeights> layer_views_;

@@ -21,18 +21,33 @@ std::shared_ptr<LlamaModel> checked_model(std::shared_ptr<LlamaModel> model,
   return model;
 }
 
+// The context the runner runs in: `ctx`, with a stream of the runner's own (`owned`) on CUDA
+// when it brings none.
+ExecContext with_stream(const ExecContext& ctx, DeviceStream& owned) {
+  ExecContext out = ctx;
+  if (out.device.is_cuda() && out.stream == nullptr) {
+    owned = DeviceStream::create(out.device);
+    out.stream = owned.get();
+  }
+  return out;
+}
+
 }  // namespace
 
 ModelRunner::ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_blocks,
-                         int64_t block_size, const ExecContext& ctx)
+                         int64_t block_size, const ExecContext& ctx, DType kv_dtype)
     : model_(checked_model(std::move(model), ctx)),
-      ctx_(ctx),
-      kv_cache_(model_->config(), num_kv_blocks, block_size, ctx.device) {
+      ctx_(with_stream(ctx, stream_)),
+      kv_cache_(model_->config(), num_kv_blocks, block_size, ctx.device, kv_dtype) {
   sample_scratch_.resize(static_cast<size_t>(model_->config().vocab_size));
   // The step buffers at their largest up front (LlamaModel::workspace_bytes bounded the logits):
   // grown step by step, each reallocation left the old block to the heap, and RSS crept up.
   const auto rows = static_cast<size_t>(model_->max_num_tokens());
   logits_.reserve(rows * static_cast<size_t>(model_->config().vocab_size));
+  if (ctx_.device.is_cuda()) {
+    device_logits_ = Buffer::allocate(logits_.capacity() * sizeof(float), ctx_.device,
+                                      "the step's logits on the device");
+  }
   tokens_.reserve(rows);
   log_probs_.reserve(rows);
 }
@@ -74,15 +89,30 @@ StepOutput ModelRunner::run(const StepInput& step) {
     sample_scratch_.resize(static_cast<size_t>(vocab));
   }
   const Tensor logits(logits_.data(), DType::kFloat32, {n_out, vocab});
-  model_->forward(ctx_, step.batch, kv_cache_, *step.lora, logits);
+  if (ctx_.device.is_cpu()) {
+    model_->forward(ctx_, step.batch, kv_cache_, *step.lora, logits);
+  } else {
+    const size_t bytes = logits_.size() * sizeof(float);
+    if (device_logits_.size() < bytes) {  // a wider adapter vocabulary: grown once, like logits_
+      device_logits_ = Buffer();
+      device_logits_ = Buffer::allocate(bytes, ctx_.device, "the step's logits on the device");
+    }
+    const Tensor on_device(device_logits_.data(), DType::kFloat32, {n_out, vocab}, ctx_.device);
+    model_->forward(ctx_, step.batch, kv_cache_, *step.lora, on_device);
+    copy_bytes_async(logits_.data(), Device::cpu(), on_device.data(), ctx_.device,
+                     static_cast<size_t>(n_out * vocab) * sizeof(float), ctx_.stream);
+    synchronize_stream(ctx_.device, ctx_.stream);  // the logits are on the host from here
+  }
 
   tokens_.resize(static_cast<size_t>(num_samples));
   log_probs_.resize(step.log_probs ? static_cast<size_t>(num_samples) : 0);
   if (num_samples > 0) {
     // A row holding NaN or +inf gets token -1; the executor fails its request on any non-finite
     // logit.
+    // On the host (the logits are there): the CPU sampler, with this context's threads.
     ops::sample(
-        ctx_, logits, step.sample_rows, step.sampling, step.rng_states,
+        ctx_.device.is_cpu() ? ctx_ : ExecContext::cpu(ctx_.num_threads, ctx_.precision), logits,
+        step.sample_rows, step.sampling, step.rng_states,
         Tensor(tokens_.data(), DType::kInt32, {num_samples}),
         step.log_probs ? Tensor(log_probs_.data(), DType::kFloat32, {num_samples}) : Tensor(),
         sample_scratch_.data());

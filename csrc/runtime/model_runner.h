@@ -1,7 +1,9 @@
 // ModelRunner: runs steps. It sits between the executor (scheduling, admission, the LoRA cache,
 // responses) and the model: it owns the model, its KV pool, the step's logits and the sampling
 // scratch, and runs one step as forward, then sampling, in its ExecContext. A CUDA backend is a
-// runner whose context names a CUDA device (the step's flat arrays go over in one copy);
+// runner whose context names a CUDA device: it runs its forward passes on its own stream (created
+// here when the context brings none), the model uploads the step's flat arrays in one copy, and
+// the logits come back to the host, where the step's rows are sampled;
 // tensor parallelism runs one runner per rank on the broadcast step. Not thread-safe: one
 // caller (the executor's loop thread, or a test).
 #pragma once
@@ -10,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/buffer.h"
+#include "core/stream.h"
 #include "kernels/exec_context.h"
 #include "kernels/params.h"
 #include "model/forward_batch.h"
@@ -41,9 +45,12 @@ struct StepOutput {
 class ModelRunner {
  public:
   // Allocates the KV pool (`num_kv_blocks` blocks of `block_size` tokens) and the step buffers
-  // for the model's max_num_tokens rows. Throws InvalidArgument (KvCache::checked_bytes) first.
+  // for the model's max_num_tokens rows, on the context's device, which must be the model's; the
+  // pool stores `kv_dtype`. A CUDA context without a stream gets one the runner owns. Throws
+  // InvalidArgument
+  // (KvCache::checked_bytes) first.
   ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_blocks, int64_t block_size,
-              const ExecContext& ctx);
+              const ExecContext& ctx, DType kv_dtype = DType::kFloat32);
 
   // Forward, then samples every sample row (token -1 where its logits hold NaN or +inf).
   // Throws InvalidArgument
@@ -61,9 +68,11 @@ class ModelRunner {
 
  private:
   std::shared_ptr<LlamaModel> model_;
+  DeviceStream stream_;  // CUDA: the runner's own stream, when the context came without one
   ExecContext ctx_;
   KvCache kv_cache_;
   std::vector<float> logits_;  // [rows, vocab]; capacity for max_num_tokens rows from the start
+  Buffer device_logits_;       // CUDA: where the forward writes them (same capacity rule)
   std::vector<int32_t> tokens_;
   std::vector<float> log_probs_;
   std::vector<std::pair<float, int32_t>> sample_scratch_;  // [vocab]

@@ -312,10 +312,16 @@ class KvCache:
         Bytes such a pool takes; raises ValueError naming the field and the limit where the constructor would, without allocating.
         """
     def __init__(
-        self, config: ModelConfig, num_blocks: typing.Any, block_size: typing.Any = 16
+        self,
+        config: ModelConfig,
+        num_blocks: typing.Any,
+        block_size: typing.Any = 16,
+        device: str = "cpu",
     ) -> None: ...
     @property
     def block_size(self) -> int: ...
+    @property
+    def device(self) -> str: ...
     @property
     def nbytes(self) -> int: ...
     @property
@@ -368,7 +374,13 @@ class LlamaModel:
         weights: ModelWeightsBuilder,
         max_num_tokens: typing.Any = 2048,
         max_lora_rank: typing.Any = 64,
-    ) -> None: ...
+        device: str = "cpu",
+    ) -> None:
+        """
+        `device`: 'cpu', 'cuda' or 'cuda:N'; the weights are uploaded there once (DeviceError when this build has no CUDA backend or the machine no such GPU).
+        """
+    @property
+    def device(self) -> str: ...
     def forward(
         self,
         token_ids: typing.Any,

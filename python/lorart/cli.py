@@ -282,7 +282,11 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         default=None,
         help="directory with tokenizer.json (default: the model dir)",
     )
-    model.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    model.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N (a build with the CUDA backend and a GPU)",
+    )
     model.add_argument(
         "--dtype",
         default="auto",
@@ -294,6 +298,13 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         default="float32",
         choices=["float32", "bfloat16"],
         help="matmul precision: float32 (exact, the default) or bfloat16 (bf16 dot products)",
+    )
+    model.add_argument(
+        "--kv_cache_dtype",
+        default="float32",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="how cached keys/values are stored (default: float32; auto: float32 on the CPU, "
+        "bfloat16 on CUDA)",
     )
 
     inputs = run.add_argument_group("inputs")
@@ -427,6 +438,18 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     serve.add_argument(
+        "--kv-cache-dtype",
+        dest="kv_cache_dtype",
+        default="float32",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="how cached keys/values are stored (auto: float32 on the CPU, bfloat16 on CUDA)",
+    )
+    serve.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N (a build with the CUDA backend and a GPU)",
+    )
+    serve.add_argument(
         "--drain-timeout",
         dest="drain_timeout",
         type=float,
@@ -450,6 +473,10 @@ def _serve(args: argparse.Namespace) -> int:
         config["max_num_tokens"] = args.max_num_tokens
     if args.max_seq_len is not None:
         config["max_seq_len"] = args.max_seq_len
+    if args.kv_cache_dtype != "float32":
+        from lorart._core import KvCacheConfig
+
+        config["kv_cache"] = KvCacheConfig(dtype=args.kv_cache_dtype)
     try:
         _start_server(serve, args, config)
     except Interrupted as err:
@@ -473,6 +500,7 @@ def _start_server(serve, args: argparse.Namespace, config: dict) -> None:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         max_queue=args.max_queue,
+        device=args.device,
         num_threads=args.threads,
         dtype=args.dtype,
         precision=args.precision,
@@ -539,7 +567,7 @@ def _run(args: argparse.Namespace) -> int:
         precision=args.precision,
         max_batch_size=batch,
         max_seq_len=max_seq_len,
-        kv_cache=KvCacheConfig(max_tokens=kv_tokens),
+        kv_cache=KvCacheConfig(max_tokens=kv_tokens, dtype=args.kv_cache_dtype),
     ) as llm:
         load_seconds = time.monotonic() - start
         logger.info(

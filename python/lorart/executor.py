@@ -25,7 +25,9 @@ class Executor:
     limits, ``max_seq_len`` against ``max_position_embeddings``, memory) before any weight is
     read, so a bad size fails at once with a ``ValueError`` naming the field. The weights are
     stored in ``config.dtype`` (``"auto"``: the checkpoint's) and the matmuls run at
-    ``config.precision``.
+    ``config.precision``, on ``config.device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``; a
+    ``lorart.DeviceError`` naming it, before any weight is read, when this build has no CUDA
+    backend or the machine no such GPU).
     """
 
     def __init__(self, model_dir: str | Path, config: ExecutorConfig | None = None) -> None:
@@ -38,6 +40,7 @@ class Executor:
             config.max_lora_rank,
             config=model_config,
             dtype=config.dtype,
+            device=config.device,
         )
         self._weight_dtype: str = model.weight_dtype
         self._core = _core.Executor(model, config)

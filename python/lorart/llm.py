@@ -154,6 +154,8 @@ class _Adapter:
 class LLM:
     """Generate text with one base model and any number of LoRA adapters.
 
+    ``device``: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` in a build with the CUDA backend
+    (``lorart.DeviceError`` at once otherwise, or when the machine has no such GPU).
     ``num_threads``: CPU threads of the forward (None: the CPUs available to this process).
     ``dtype``: how the weights are stored: ``"auto"`` (the checkpoint's dtype), ``"float32"``,
     ``"float16"``, ``"bfloat16"``. ``precision``: ``"float32"`` (exact: a bf16 checkpoint gives
@@ -192,6 +194,8 @@ class LLM:
         self._adapters: dict[Path, _Adapter] = {}
         self._lock = threading.Lock()
         self._max_lora_rank = executor_config.max_lora_rank
+        # A missing device (DeviceError) or a bad size fails here, before adapters convert.
+        executor_config.resolve(model_config)
         if lora_dirs:
             self._convert_all(lora_dirs, model_config)
         self.executor = Executor(model_dir, executor_config)

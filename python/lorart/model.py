@@ -33,6 +33,7 @@ def load_core_model(
     progress: bool | None = None,
     config: ModelConfig | None = None,
     dtype: str = "auto",
+    device: str = "cpu",
 ) -> _core.LlamaModel:
     """Read an HF checkpoint into the C++ model, its weights stored in ``dtype``: ``"auto"`` (the
     checkpoint's own, :func:`lorart.hf.checkpoint_dtype`), ``"float32"``, ``"float16"`` or
@@ -46,8 +47,10 @@ def load_core_model(
 
     Raises ``ValueError`` naming the field and the limit for sizes the model cannot take
     (``max_num_tokens``, ``max_lora_rank``, config.json's dimensions, a ``dtype`` outside the
-    choices) before reading any weight. ``config`` is the directory's ``hf.load_config``, for
-    callers that have read it already.
+    choices) before reading any weight. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``): where
+    the model runs; the weights are read on the host and uploaded once (``lorart.DeviceError``
+    when this build has no CUDA backend or the machine no such GPU). ``config`` is the
+    directory's ``hf.load_config``, for callers that have read it already.
     """
     if config is None:
         config = hf.load_config(model_dir)
@@ -83,7 +86,7 @@ def load_core_model(
             storage,
             dtype,
         )
-    model = _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank)
+    model = _core.LlamaModel(config, builder, max_num_tokens, max_lora_rank, device)
     logger.info(
         "loaded %s (%s, %.0f MiB, stored as %s) in %.1f s",
         model_dir,
@@ -211,11 +214,12 @@ class Model:
         num_kv_blocks: int,
         block_size: int,
         precision: str = "float32",
+        kv_cache_dtype: str = "float32",
     ) -> None:
         self._core = core
         self.precision: str = check_precision(precision)
         self.config: ModelConfig = core.config
-        self.kv_cache = _core.KvCache(self.config, num_kv_blocks, block_size)
+        self.kv_cache = _core.KvCache(self.config, num_kv_blocks, block_size, kv_cache_dtype)
         self._adapters: list[_core.LoraAdapter] = []
 
     @classmethod
@@ -231,6 +235,7 @@ class Model:
         progress: bool | None = None,
         dtype: str = "auto",
         precision: str = "float32",
+        kv_cache_dtype: str = "float32",
     ) -> Model:
         """Load an HF checkpoint directory (``config.json`` + safetensors, float32/16/bf16).
 
@@ -239,6 +244,8 @@ class Model:
         widen 16-bit weights to float32 as they read them, so with ``precision="float32"`` a bf16
         checkpoint gives bitwise the logits of its float32 copy. ``precision="bfloat16"`` rounds
         the matmuls' activations to bf16 and uses the CPU's bf16 dot products (faster, not exact).
+        ``kv_cache_dtype``: how the KV pool stores keys and values, ``"float32"``, ``"float16"``
+        or ``"bfloat16"`` (rounded to nearest even as written, widened to float32 as read).
         A progress bar is shown on stderr for checkpoints over 256 MiB (``progress`` forces it
         on/off).
 
@@ -250,11 +257,11 @@ class Model:
         """
         check_precision(precision)
         config = hf.load_config(model_dir)
-        _core.KvCache.checked_bytes(config, num_kv_blocks, block_size)
+        _core.KvCache.checked_bytes(config, num_kv_blocks, block_size, kv_cache_dtype)
         if threads is not None:
             _core.set_num_threads(threads)
         core = load_core_model(model_dir, max_num_tokens, max_lora_rank, progress, config, dtype)
-        return cls(core, num_kv_blocks, block_size, precision)
+        return cls(core, num_kv_blocks, block_size, precision, kv_cache_dtype)
 
     @property
     def weight_dtype(self) -> str:

@@ -34,6 +34,26 @@ def test_reference_table(table):
     assert 'Output [Text 1 Beam 0]: "ワシントン D.C."' in table
 
 
+def test_a_16bit_kv_cache_gives_the_demo_answers():
+    # The demo's greedy answers are far from ties: rounding the cached keys / values to bf16
+    # does not move them.
+    out = run(
+        "--input_text",
+        *TEXTS,
+        *ADAPTERS,
+        "0",
+        "1",
+        "--max_output_len",
+        "12",
+        "--kv_cache_dtype",
+        "bfloat16",
+    ).stdout
+    assert 'Output [Text 0 Beam 0]: "华盛顿。"' in out
+    assert 'Output [Text 1 Beam 0]: "ワシントン D.C."' in out
+    bad = run_lorart_cli("run", "--model_dir", str(DEMO / "model"), "--kv_cache_dtype", "int8")
+    assert bad.returncode != 0 and "kv_cache_dtype" in bad.stderr
+
+
 def test_version():
     result = run_lorart_cli("--version")
     assert result.returncode == 0

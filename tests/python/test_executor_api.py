@@ -140,6 +140,14 @@ BAD_CONFIGS = {
         dict(max_seq_len=16, kv_cache=lorart.KvCacheConfig(block_size=16, max_tokens=2**63 - 1)),
         "ExecutorConfig.kv_cache.max_tokens (9223372036854775807) needs 576460752303423488 blocks",
     ),
+    "free_gpu_memory_fraction": (
+        dict(kv_cache=lorart.KvCacheConfig(free_gpu_memory_fraction=0.0)),
+        "ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], got 0",
+    ),
+    "free_gpu_memory_fraction_above_one": (
+        dict(kv_cache=lorart.KvCacheConfig(free_gpu_memory_fraction=1.5)),
+        "ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], got 1.5",
+    ),
     "host_cache_bytes": (
         dict(lora_cache=lorart.LoraCacheConfig(host_cache_bytes=0)),
         "ExecutorConfig.lora_cache.host_cache_bytes must be > 0, got 0",
@@ -351,7 +359,10 @@ def test_reprs_are_short_and_constructor_like(exe):
         "error='input_token_ids is empty; a request needs at least one prompt token', "
         "error_kind='invalid_request', is_final=True)"
     )
-    assert repr(lorart.KvCacheConfig()) == "KvCacheConfig(block_size=16, max_tokens=16384)"
+    assert repr(lorart.KvCacheConfig()) == (
+        "KvCacheConfig(block_size=16, max_tokens=16384, dtype='float32', "
+        "free_gpu_memory_fraction=0.9)"
+    )
     assert repr(lorart.LoraCacheConfig(host_cache_bytes=1024, device_cache_bytes=512)) == (
         "LoraCacheConfig(host_cache_bytes=1024, device_cache_bytes=512)"
     )
@@ -360,7 +371,8 @@ def test_reprs_are_short_and_constructor_like(exe):
         "max_num_tokens=2048, "
         "max_seq_len=0, max_lora_rank=64, num_threads=0, "
         "lora_cache=LoraCacheConfig(host_cache_bytes=1073741824, device_cache_bytes=268435456), "
-        "kv_cache=KvCacheConfig(block_size=16, max_tokens=16384))"
+        "kv_cache=KvCacheConfig(block_size=16, max_tokens=16384, dtype='float32', "
+        "free_gpu_memory_fraction=0.9))"
     )
 
 

@@ -178,6 +178,34 @@ def test_bad_dtype_or_precision_is_a_value_error_naming_the_field(gqa_llama_dir)
             lorart.LLM(lorart.demo.DEMO / "model", **{field: value})
 
 
+@pytest.mark.parametrize("kv_dtype", DTYPES16)
+def test_16bit_kv_cache_halves_the_pool_and_rounds_only_the_cached_values(gqa_llama_dir, kv_dtype):
+    ref = Model.from_pretrained(gqa_llama_dir, **MODEL_KW)
+    ours = Model.from_pretrained(gqa_llama_dir, kv_cache_dtype=kv_dtype, **MODEL_KW)
+    assert ours.kv_cache.dtype == kv_dtype and ref.kv_cache.dtype == "float32"
+    assert ours.kv_cache.nbytes * 2 == ref.kv_cache.nbytes
+    got, want = mixed_batch(ours, -1), mixed_batch(ref, -1)
+    # Keys and values carry a relative rounding error of at most 2^-8 (bf16) / 2^-11 (fp16); the
+    # logits move by a small multiple of that, and not at all would mean no rounding happened.
+    ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[kv_dtype]
+    worst = max(
+        float(np.max(np.abs(g.astype(np.float64) - w)) / np.max(np.abs(w)))
+        for g, w in zip(got, want, strict=True)
+    )
+    assert 0.0 < worst < 16 * ulp, worst
+
+
+def test_bad_kv_cache_dtype_is_a_value_error_naming_the_field(gqa_llama_dir):
+    with pytest.raises(ValueError, match="kv_cache.dtype"):
+        lorart.ExecutorConfig(kv_cache=lorart.KvCacheConfig(dtype="int8"))
+    with pytest.raises(ValueError, match="dtype"):
+        Model.from_pretrained(gqa_llama_dir, kv_cache_dtype="int8", **MODEL_KW)
+    cfg = lorart.ExecutorConfig(kv_cache=lorart.KvCacheConfig(max_tokens=256, dtype="bfloat16"))
+    with lorart.Executor(gqa_llama_dir, cfg) as exe:
+        req = lorart.InferenceRequest([1, 2, 3], max_new_tokens=3)
+        assert len(final(exe, exe.enqueue_request(req)).output_token_ids) == 3
+
+
 def test_llm_and_executor_report_the_resolved_dtype(copies):
     stored, _ = copies("gqa_llama_dir", "bfloat16")
     with lorart.Executor(stored, lorart.ExecutorConfig()) as exe:

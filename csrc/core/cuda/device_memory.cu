@@ -86,4 +86,33 @@ void memcpy_any(void* dst, bool dst_on_device, const void* src, bool src_on_devi
   check(cudaMemcpy(dst, src, bytes, kind), "cudaMemcpy");
 }
 
+void memcpy_async(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes,
+                  void* stream) {
+  const cudaMemcpyKind kind =
+      dst_on_device ? (src_on_device ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice)
+                    : (src_on_device ? cudaMemcpyDeviceToHost : cudaMemcpyHostToHost);
+  check(cudaMemcpyAsync(dst, src, bytes, kind, static_cast<cudaStream_t>(stream)),
+        "cudaMemcpyAsync");
+}
+
+void* stream_create(int device) {
+  DeviceGuard guard(device);
+  cudaStream_t stream = nullptr;
+  check(cudaStreamCreate(&stream), "cudaStreamCreate");
+  return stream;
+}
+
+void stream_destroy(int device, void* stream) noexcept {
+  if (stream == nullptr) return;
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess) return;
+  cudaSetDevice(device);
+  cudaStreamDestroy(static_cast<cudaStream_t>(stream));
+  cudaSetDevice(previous);
+}
+
+void stream_synchronize(void* stream) {
+  check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
+}
+
 }  // namespace lorart::cuda

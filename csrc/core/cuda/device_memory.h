@@ -19,5 +19,15 @@ void free_on(int device, void* ptr) noexcept;
 void memset_zero(int device, void* ptr, size_t bytes);
 // Synchronous copy; the flags say which side is device memory.
 void memcpy_any(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes);
+// Copy queued on `stream` (a cudaStream_t); from pageable host memory it returns once the source
+// has been read, so the caller may reuse it; to host memory the bytes are there only after
+// stream_synchronize.
+void memcpy_async(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes,
+                  void* stream);
+// A stream on `device` that synchronises with the legacy default stream (so the synchronous
+// copies of Buffer stay ordered with the kernels queued on it).
+void* stream_create(int device);
+void stream_destroy(int device, void* stream) noexcept;
+void stream_synchronize(void* stream);
 
 }  // namespace lorart::cuda

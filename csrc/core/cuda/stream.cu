@@ -26,19 +26,11 @@ void host_free_pinned(void* ptr) noexcept {
   if (ptr != nullptr) cudaFreeHost(ptr);
 }
 
-void* stream_create(int device) {
+void* stream_create_nonblocking(int device) {
   set_device(device);
   cudaStream_t s = nullptr;
   LORART_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   return s;
-}
-
-void stream_destroy(void* stream) noexcept {
-  if (stream != nullptr) cudaStreamDestroy(as_stream(stream));
-}
-
-void stream_synchronize(void* stream) {
-  LORART_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
 }
 
 void* event_create(int device) {

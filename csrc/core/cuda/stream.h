@@ -11,10 +11,9 @@ namespace lorart::cuda {
 
 void* host_alloc_pinned(size_t bytes);  // cudaHostAlloc, portable
 void host_free_pinned(void* ptr) noexcept;
-// A non-blocking stream on `device` (it does not wait on the legacy default stream).
-void* stream_create(int device);
-void stream_destroy(void* stream) noexcept;
-void stream_synchronize(void* stream);
+// A non-blocking stream on `device` (it does not wait on the legacy default stream); destroy and
+// synchronise it with device_memory.h's stream_destroy / stream_synchronize.
+void* stream_create_nonblocking(int device);
 // An event without timing (cheaper to record and wait on).
 void* event_create(int device);
 void event_destroy(void* event) noexcept;

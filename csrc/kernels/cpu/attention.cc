@@ -14,11 +14,27 @@ namespace lorart::cpu {
 
 namespace {
 
-inline const float* cache_row(const float* cache, const PagedAttentionParams& p,
-                              const int32_t* table, int32_t pos, int32_t kv_head) {
+// Row (pos, kv_head) of a cache in p.cache_dtype.
+inline const void* cache_row(const void* cache, const PagedAttentionParams& p, const int32_t* table,
+                             int32_t pos, int32_t kv_head) {
   const int64_t block = table[pos / p.block_size];
   const int64_t slot = block * p.block_size + pos % p.block_size;
-  return cache + (slot * p.num_kv_heads + kv_head) * p.head_dim;
+  return static_cast<const char*>(cache) +
+         (slot * p.num_kv_heads + kv_head) * p.head_dim * int64_t(dtype_size(p.cache_dtype));
+}
+
+// Stores `n` float32 values in the cache's dtype (16-bit: round to nearest even).
+void store_row(void* dst, const float* src, int64_t n, DType dtype) {
+  if (dtype == DType::kFloat32) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  auto* out = static_cast<uint16_t*>(dst);
+  if (dtype == DType::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) out[i] = float_to_bfloat16(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = float_to_half(src[i]);
+  }
 }
 
 // Positions j..(the end of j's block, or pos) sit in consecutive cache rows.
@@ -41,14 +57,17 @@ namespace {
 // Copies the chunk's K and V rows to their cache slots (layout of PagedAttentionParams::k_cache).
 void paged_kv_write(const PagedAttentionParams& p) {
   const int64_t width = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  const int64_t row_bytes = width * int64_t(dtype_size(p.cache_dtype));
   for (int32_t s = 0; s < p.num_seqs; ++s) {
     const int32_t* table = p.block_tables + static_cast<int64_t>(s) * p.max_blocks_per_seq;
     for (int32_t t = p.seq_starts[s]; t < p.seq_starts[s + 1]; ++t) {
       const int32_t pos = p.context_lens[s] + (t - p.seq_starts[s]);
       const int64_t slot =
           static_cast<int64_t>(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
-      std::memcpy(p.k_cache + slot * width, p.k + t * p.kv_stride, width * sizeof(float));
-      std::memcpy(p.v_cache + slot * width, p.v + t * p.kv_stride, width * sizeof(float));
+      store_row(static_cast<char*>(p.k_cache) + slot * row_bytes, p.k + t * p.kv_stride, width,
+                p.cache_dtype);
+      store_row(static_cast<char*>(p.v_cache) + slot * row_bytes, p.v + t * p.kv_stride, width,
+                p.cache_dtype);
     }
   }
 }
@@ -68,6 +87,8 @@ void paged_attention(const PagedAttentionParams& p) {
   // One item per (token, kv head): the `group` query heads that share a KV head read each K and
   // V row once, as the rows of one small GEMM. An item reads only its token's query and the
   // cache, so a token's output is bitwise the same as a decode token or inside any prefill chunk.
+  // 16-bit caches are widened exactly as gemm_nt / gemm_nn read them: the float32 math is the
+  // same, on the rounded values.
   const int64_t work = num_tokens * p.num_kv_heads;
   // Multiply-adds of the whole call; below ~1M, waking the thread team costs more than it saves.
   int64_t flops = 0;
@@ -96,8 +117,8 @@ void paged_attention(const PagedAttentionParams& p) {
       // Scores, one block (a run of contiguous cache rows) at a time.
       for (int32_t j = first; j <= pos;) {
         const int32_t run = block_run(j, pos, p.block_size);
-        const float* k = cache_row(p.k_cache, p, table, j, kv_head);
-        gemm_nt(DType::kFloat32, group, 0, run, p.head_dim, q, p.head_dim, k, kv_width, 0.0f,
+        const void* k = cache_row(p.k_cache, p, table, j, kv_head);
+        gemm_nt(p.cache_dtype, group, 0, run, p.head_dim, q, p.head_dim, k, kv_width, 0.0f,
                 scores.data() + (j - first), keys);
         j += run;
       }
@@ -119,8 +140,8 @@ void paged_attention(const PagedAttentionParams& p) {
       std::fill(out, out + static_cast<int64_t>(group) * p.head_dim, 0.0f);
       for (int32_t j = first; j <= pos;) {
         const int32_t run = block_run(j, pos, p.block_size);
-        const float* v = cache_row(p.v_cache, p, table, j, kv_head);
-        gemm_nn(DType::kFloat32, group, 0, p.head_dim, run, scores.data() + (j - first), keys, v,
+        const void* v = cache_row(p.v_cache, p, table, j, kv_head);
+        gemm_nn(p.cache_dtype, group, 0, p.head_dim, run, scores.data() + (j - first), keys, v,
                 kv_width, out, p.head_dim);
         j += run;
       }

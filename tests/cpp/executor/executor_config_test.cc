@@ -2,11 +2,13 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <string>
 
+#include "core/buffer.h"
 #include "core/errors.h"
 #include "executor_test_util.h"
 #include "test_util.h"
@@ -41,6 +43,9 @@ TEST(ExecutorConfigTest, EveryFieldNamesItsLimit) {
        "ExecutorConfig.kv_cache.block_size must be in [1, 1024], got 0"},
       {[](ExecutorConfig& c) { c.kv_cache.max_tokens = -1; },
        "ExecutorConfig.kv_cache.max_tokens must be > 0, got -1"},
+      {[](ExecutorConfig& c) { c.kv_cache.dtype = "int8"; },
+       "ExecutorConfig.kv_cache.dtype must be \"auto\", \"float32\", \"float16\" or "
+       "\"bfloat16\", got \"int8\""},
       // ceil(max_tokens / block_size) is computed without the overflow of the usual formula.
       {[](ExecutorConfig& c) {
          c.kv_cache.block_size = 1;
@@ -48,6 +53,12 @@ TEST(ExecutorConfigTest, EveryFieldNamesItsLimit) {
        },
        "ExecutorConfig.kv_cache.max_tokens (9223372036854775807) needs 9223372036854775807 "
        "blocks of 1 tokens, more than the 2147483647 block ids"},
+      {[](ExecutorConfig& c) { c.kv_cache.free_gpu_memory_fraction = 0.0; },
+       "ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], got 0"},
+      {[](ExecutorConfig& c) { c.kv_cache.free_gpu_memory_fraction = 1.5; },
+       "ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], got 1.5"},
+      {[](ExecutorConfig& c) { c.kv_cache.free_gpu_memory_fraction = std::nan(""); },
+       "ExecutorConfig.kv_cache.free_gpu_memory_fraction must be in (0, 1], got nan"},
       {[](ExecutorConfig& c) { c.lora_cache.device_cache_bytes = 0; },
        "ExecutorConfig.lora_cache.device_cache_bytes must be > 0, got 0"},
       {[](ExecutorConfig& c) { c.dtype = "int8"; },
@@ -69,6 +80,9 @@ TEST(ExecutorConfigTest, EveryFieldNamesItsLimit) {
   }
   ExecutorConfig defaults;
   defaults.validate();
+  EXPECT_EQ(defaults.kv_cache.free_gpu_memory_fraction, 0.9);
+  defaults.kv_cache.free_gpu_memory_fraction = 1.0;  // the whole of what is left is allowed
+  defaults.validate();
   // Budgets are bounds, not allocations: the largest is fine.
   defaults.lora_cache.host_cache_bytes = kInt64Max;
   defaults.validate();
@@ -89,6 +103,20 @@ TEST(ExecutorConfigTest, MaxSeqLenDefaultsToTheModelAndIsCappedByIt) {
                                 "ExecutorConfig.max_seq_len (65) exceeds the model's "
                                 "max_position_embeddings (64); lower it, or leave it 0 for the "
                                 "model's limit");
+}
+
+TEST(ExecutorConfigTest, KvCacheDtypeAutoResolvesToTheDevicesDefault) {
+  const ModelConfig model = testing_util::executor_model_config();
+  ExecutorConfig config;
+  EXPECT_EQ(config.kv_cache.dtype, "float32");
+  config.kv_cache.dtype = "auto";
+  const ExecutorConfig resolved = config.resolve(model);
+  EXPECT_EQ(resolved.kv_cache.dtype, "float32");  // the CPU
+  EXPECT_EQ(kv_cache_dtype(resolved.kv_cache), DType::kFloat32);
+  config.kv_cache.dtype = "bfloat16";
+  EXPECT_EQ(kv_cache_dtype(config.resolve(model).kv_cache), DType::kBFloat16);
+  config.kv_cache.dtype = "float16";
+  EXPECT_EQ(kv_cache_dtype(config.resolve(model).kv_cache), DType::kFloat16);
 }
 
 TEST(ExecutorConfigTest, TheStepsBlockTableIsBounded) {
@@ -142,6 +170,38 @@ TEST(ExecutorConfigTest, AllocationsPastTheMachinesMemoryAreRefused) {
                                 "ExecutorConfig.max_num_tokens (2147483647) needs more than 2^63 "
                                 "bytes of logits ([max_num_tokens, vocab_size 1099511627776] "
                                 "float32), more than this machine's memory");
+}
+
+// "cpu", "cuda", "cuda:N" name a device; anything else is refused by validate(), naming the field.
+TEST(ExecutorConfigTest, DeviceNamesParse) {
+  EXPECT_EQ(parse_device("cpu"), Device::cpu());
+  EXPECT_EQ(parse_device("cuda"), Device::cuda(0));
+  EXPECT_EQ(parse_device("cuda:3"), Device::cuda(3));
+  EXPECT_EQ(parse_device("cuda:9999"), Device::cuda(9999));
+  for (const char* bad : {"gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:10000", "CPU", "cuda:1 "}) {
+    ExecutorConfig c;
+    c.device = bad;
+    expect_error<InvalidArgument>([&] { c.validate(); },
+                                  std::string("ExecutorConfig.device must be 'cpu', 'cuda' or "
+                                              "'cuda:N' (N the CUDA device ordinal, 0 to 9999), "
+                                              "got '") +
+                                      bad + "'");
+  }
+  ExecutorConfig c;
+  c.device = "cuda:1";
+  EXPECT_NO_THROW(c.validate());  // the name is fine; whether the GPU is there is resolve()'s
+}
+
+// A CUDA device this build or machine does not have is a DeviceError naming it, from resolve()
+// (which the executor runs before it allocates, and Python before it reads a weight).
+TEST(ExecutorConfigTest, AMissingCudaDeviceIsADeviceErrorAtResolve) {
+  ExecutorConfig c;
+  c.device = "cuda:" + std::to_string(cuda_device_count());  // one past the visible ones
+  const std::string expected =
+      cuda_backend_built() ? "device " + c.device + " is not available (" +
+                                 std::to_string(cuda_device_count()) + " CUDA device(s) visible)"
+                           : "device " + c.device + ": this lorart build has no CUDA backend";
+  expect_error<DeviceError>([&] { c.resolve(testing_util::executor_model_config()); }, expected);
 }
 
 }  // namespace

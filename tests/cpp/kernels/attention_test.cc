@@ -41,11 +41,28 @@ struct Chunk {
   int32_t begin, end;
 };
 
+// The pool in float32 (k, v) or a 16-bit dtype (k16, v16, raw words).
 struct Cache {
-  explicit Cache(const Shape& shape)
-      : k(size_t{kNumBlocks} * kBlockSize * shape.kv_width()), v(k.size()) {}
+  explicit Cache(const Shape& shape, DType dtype = DType::kFloat32)
+      : dtype(dtype),
+        k(dtype == DType::kFloat32 ? size_t{kNumBlocks} * kBlockSize * shape.kv_width() : 0),
+        v(k.size()),
+        k16(dtype == DType::kFloat32 ? 0 : size_t{kNumBlocks} * kBlockSize * shape.kv_width()),
+        v16(k16.size()) {}
+  DType dtype;
   std::vector<float> k, v;
+  std::vector<uint16_t> k16, v16;
+  void* k_data() { return dtype == DType::kFloat32 ? static_cast<void*>(k.data()) : k16.data(); }
+  void* v_data() { return dtype == DType::kFloat32 ? static_cast<void*>(v.data()) : v16.data(); }
+  int64_t elements() const { return static_cast<int64_t>(k.size() + k16.size()); }
 };
+
+// `x` as the cache stores it: rounded to nearest even for a 16-bit dtype, widened back.
+double stored(float x, DType dtype) {
+  if (dtype == DType::kBFloat16) return bfloat16_to_float(float_to_bfloat16(x));
+  if (dtype == DType::kFloat16) return half_to_float(float_to_half(x));
+  return x;
+}
 
 // Sequences of the given lengths with random rows and blocks drawn from a shuffled pool, so no
 // block table is contiguous or in order.
@@ -91,11 +108,10 @@ std::vector<float> run(const Shape& shape, const std::vector<Chunk>& chunks, Cac
                  strides);
   const int64_t q_shape[2] = {tokens, shape.q_width()};
   const Tensor q(rows.data(), DType::kFloat32, 2, q_shape, strides);
-  const int64_t num_blocks =
-      static_cast<int64_t>(cache.k.size()) / (int64_t{kBlockSize} * shape.kv_width());
-  const Tensor k_cache(cache.k.data(), DType::kFloat32,
+  const int64_t num_blocks = cache.elements() / (int64_t{kBlockSize} * shape.kv_width());
+  const Tensor k_cache(cache.k_data(), cache.dtype,
                        {num_blocks, kBlockSize, shape.num_kv_heads, kHeadDim});
-  const Tensor v_cache(cache.v.data(), DType::kFloat32,
+  const Tensor v_cache(cache.v_data(), cache.dtype,
                        {num_blocks, kBlockSize, shape.num_kv_heads, kHeadDim});
   const auto num_seqs = static_cast<int64_t>(chunks.size());
   const ops::AttentionBatch batch{
@@ -110,8 +126,10 @@ std::vector<float> run(const Shape& shape, const std::vector<Chunk>& chunks, Cac
   return out;
 }
 
-// Plain causal attention over the contiguous sequence, in double: [length, heads * head_dim].
-std::vector<double> reference(const Shape& shape, const Sequence& s) {
+// Plain causal attention over the contiguous sequence, in double, with K and V as a cache of
+// `dtype` holds them: [length, heads * head_dim].
+std::vector<double> reference(const Shape& shape, const Sequence& s,
+                              DType dtype = DType::kFloat32) {
   const int64_t width = shape.row_width();
   const int32_t group = shape.num_heads / shape.num_kv_heads;
   const double scale = 1.0 / std::sqrt(static_cast<double>(kHeadDim));
@@ -126,7 +144,9 @@ std::vector<double> reference(const Shape& shape, const Sequence& s) {
       std::vector<double> w;
       for (int32_t j = first; j <= pos; ++j) {
         double dot = 0.0;
-        for (int32_t d = 0; d < kHeadDim; ++d) dot += double{q[d]} * s.rows[j * width + k_off + d];
+        for (int32_t d = 0; d < kHeadDim; ++d) {
+          dot += double{q[d]} * stored(s.rows[j * width + k_off + d], dtype);
+        }
         w.push_back(dot * scale);
       }
       const double max_w = *std::max_element(w.begin(), w.end());
@@ -135,7 +155,7 @@ std::vector<double> reference(const Shape& shape, const Sequence& s) {
       double* o = &out[(pos * shape.num_heads + h) * kHeadDim];
       for (int32_t j = first; j <= pos; ++j) {
         for (int32_t d = 0; d < kHeadDim; ++d) {
-          o[d] += w[j - first] / total * s.rows[j * width + v_off + d];
+          o[d] += w[j - first] / total * stored(s.rows[j * width + v_off + d], dtype);
         }
       }
     }
@@ -145,11 +165,11 @@ std::vector<double> reference(const Shape& shape, const Sequence& s) {
 
 // Checks the rows of `out` that belong to `chunks` against each sequence's reference.
 void expect_matches_reference(const Shape& shape, const std::vector<Chunk>& chunks,
-                              const std::vector<float>& out) {
+                              const std::vector<float>& out, DType dtype = DType::kFloat32) {
   const int64_t q_width = shape.q_width();
   int64_t row = 0;
   for (size_t c = 0; c < chunks.size(); ++c) {
-    const std::vector<double> ref = reference(shape, *chunks[c].seq);
+    const std::vector<double> ref = reference(shape, *chunks[c].seq, dtype);
     for (int32_t pos = chunks[c].begin; pos < chunks[c].end; ++pos, ++row) {
       for (int64_t i = 0; i < q_width; ++i) {
         ASSERT_NEAR(out[row * q_width + i], ref[pos * q_width + i], 1e-5)
@@ -161,17 +181,17 @@ void expect_matches_reference(const Shape& shape, const std::vector<Chunk>& chun
 
 // A first call prefills some sequences; a second call packs decode tokens, a chunked-prefill
 // continuation and a fresh prefill, each reading the context the first call cached.
-void check_prefill_then_mixed_step(const Shape& shape) {
+void check_prefill_then_mixed_step(const Shape& shape, DType dtype = DType::kFloat32) {
   const std::vector<Sequence> seqs = make_sequences(shape, {10, 13, 13, 15, 1});
-  Cache cache(shape);
+  Cache cache(shape, dtype);
   const std::vector<Chunk> prefill = {{&seqs[0], 0, 9}, {&seqs[2], 0, 6}, {&seqs[3], 0, 14}};
-  expect_matches_reference(shape, prefill, run(shape, prefill, cache));
+  expect_matches_reference(shape, prefill, run(shape, prefill, cache), dtype);
   const std::vector<Chunk> step = {{&seqs[0], 9, 10},
                                    {&seqs[1], 0, 13},
                                    {&seqs[2], 6, 13},
                                    {&seqs[3], 14, 15},
                                    {&seqs[4], 0, 1}};
-  expect_matches_reference(shape, step, run(shape, step, cache));
+  expect_matches_reference(shape, step, run(shape, step, cache), dtype);
 }
 
 TEST(PagedAttentionTest, GroupedQueryAttentionMatchesContiguousReference) {
@@ -189,6 +209,55 @@ TEST(PagedAttentionTest, MultiHeadAttentionMatchesContiguousReference) {
 TEST(PagedAttentionTest, SlidingWindowAttendsToTheLastWindowPositions) {
   check_prefill_then_mixed_step({4, 2, 5});
   check_prefill_then_mixed_step({4, 1, 1});  // a window of 1: each token sees only itself
+}
+
+// 16-bit caches: the values the reference reads are the rounded ones, so a kernel that rounded
+// differently (truncation) or read the words as anything but widened floats fails the 1e-5 bound.
+TEST(PagedAttentionTest, SixteenBitCachesMatchTheReferenceOnTheirRoundedValues) {
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    check_prefill_then_mixed_step({4, 2, 0}, dtype);
+    check_prefill_then_mixed_step({4, 1, 5}, dtype);
+  }
+}
+
+TEST(PagedAttentionTest, SixteenBitCachesStoreRowsRoundedToNearestEven) {
+  const Shape shape{2, 1, 0};
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    std::vector<Sequence> seqs = make_sequences(shape, {5});
+    // A tie (exactly half an ulp above 1) and an infinity: nearest-even keeps 1.0, not 1 + ulp.
+    const int64_t k0 = shape.q_width();
+    seqs[0].rows[k0] = dtype == DType::kBFloat16 ? 1.0f + 0x1p-8f : 1.0f + 0x1p-11f;
+    seqs[0].rows[k0 + 1] = INFINITY;
+    Cache cache(shape, dtype);
+    run(shape, {{&seqs[0], 0, 5}}, cache);
+    const int64_t kv = shape.kv_width();
+    for (int32_t pos = 0; pos < 5; ++pos) {
+      const int64_t slot =
+          int64_t{seqs[0].blocks[pos / kBlockSize]} * kBlockSize + pos % kBlockSize;
+      const float* row = &seqs[0].rows[pos * shape.row_width() + shape.q_width()];
+      for (int64_t i = 0; i < kv; ++i) {
+        const uint16_t want_k =
+            dtype == DType::kBFloat16 ? float_to_bfloat16(row[i]) : float_to_half(row[i]);
+        const uint16_t want_v =
+            dtype == DType::kBFloat16 ? float_to_bfloat16(row[kv + i]) : float_to_half(row[kv + i]);
+        EXPECT_EQ(cache.k16[slot * kv + i], want_k) << pos << " " << i;
+        EXPECT_EQ(cache.v16[slot * kv + i], want_v) << pos << " " << i;
+      }
+    }
+    const int64_t slot0 = int64_t{seqs[0].blocks[0]} * kBlockSize;
+    EXPECT_EQ(stored(seqs[0].rows[k0], dtype), 1.0);
+    EXPECT_EQ(cache.k16[slot0 * kv], dtype == DType::kBFloat16 ? 0x3F80 : 0x3C00);
+  }
+}
+
+TEST(PagedAttentionTest, CpuNeedsNoWorkspace) {
+  const ops::AttentionShape attn{32, 8, 128, 0, 0.1f};
+  EXPECT_EQ(ops::paged_attention_workspace_bytes(ExecContext::cpu(), 64, 16384, attn), 0u);
+  testing_util::expect_error<InvalidArgument>(
+      [&] { ops::paged_attention_workspace_bytes(ExecContext::cpu(), -1, 16, attn); },
+      "paged_attention_workspace_bytes: max_seqs (-1)");
 }
 
 TEST(PagedAttentionTest, SequenceResultDoesNotDependOnItsBatchNeighbours) {

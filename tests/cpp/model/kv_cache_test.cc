@@ -28,9 +28,10 @@ TEST(KvCacheTest, SizesAndLayout) {
   EXPECT_EQ(cache.num_layers(), 3);
   EXPECT_EQ(cache.kv_width(), 64);
   // [layers, K/V, blocks, block_size, kv_width]: the last layer's values end the buffer.
-  EXPECT_EQ(cache.values(2) + 8 * 16 * 64,
+  EXPECT_EQ(static_cast<const float*>(cache.values(2)) + 8 * 16 * 64,
             static_cast<const float*>(cache.keys(0)) + cache.nbytes() / sizeof(float));
-  for (size_t i = 0; i < cache.nbytes() / sizeof(float); ++i) ASSERT_EQ(cache.keys(0)[i], 0.0f);
+  for (size_t i = 0; i < cache.nbytes() / sizeof(float); ++i)
+    ASSERT_EQ(static_cast<const float*>(cache.keys(0))[i], 0.0f);
 }
 
 // Issue 8: 2^51 blocks made the byte count wrap to 0 in size_t; the cache then "held" 2^51 blocks
@@ -67,6 +68,22 @@ TEST(KvCacheTest, PoolsOverTheHostMemoryAreRefusedNamingTheSizes) {
                                     std::to_string(host_memory_limit()));
 }
 
+TEST(KvCacheTest, SixteenBitPoolsTakeHalfTheBytesAndViewTheirDtype) {
+  const ModelConfig config = demo_config();
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    EXPECT_EQ(KvCache::bytes_per_token(config, dtype), KvCache::bytes_per_token(config) / 2);
+    const KvCache cache(config, 8, 16, Device::cpu(), dtype);
+    EXPECT_EQ(cache.dtype(), dtype);
+    EXPECT_EQ(cache.nbytes(), KvCache::checked_bytes(config, 8, 16, Device::cpu(), dtype));
+    EXPECT_EQ(cache.key_view(1).dtype(), dtype);
+    EXPECT_EQ(static_cast<const char*>(cache.values(1)) - static_cast<const char*>(cache.keys(1)),
+              int64_t{8} * 16 * cache.kv_width() * 2);
+  }
+  expect_error<InvalidArgument>(
+      [&] { KvCache(config, 8, 16, Device::cpu(), DType::kInt32); },
+      "the KV cache dtype must be float32, float16 or bfloat16, got int32");
+}
+
 TEST(KvCacheTest, ByteCountsThatOverflowAreRefused) {
   // Every field within its limit, the bytes per token not (validate() refuses this config for
   // its weights already; bytes_per_token checks on its own all the same).
@@ -75,7 +92,8 @@ TEST(KvCacheTest, ByteCountsThatOverflowAreRefused) {
   wide.num_kv_heads = wide.head_dim = 1 << 22;
   expect_error<InvalidArgument>(
       [&] { KvCache::bytes_per_token(wide); },
-      "KV cache bytes per token (num_hidden_layers * 2 * num_key_value_heads * head_dim * 4) = "
+      "KV cache bytes per token (num_hidden_layers * 2 * num_key_value_heads * head_dim * dtype "
+      "size) = "
       "65536 * 2 * 4194304 * 4194304 * 4 overflows int64");
   // Per token fits, the pool does not.
   ModelConfig deep = demo_config();

@@ -369,7 +369,8 @@ TEST(LlamaModelPositionsTest, PositionsPastInt32AreRefused) {
       },
       "context_lens[0] = 2147483645 plus 6 token(s) reaches position 2147483651, past "
       "max_position_embeddings = 2147483647");
-  for (size_t i = 0; i < cache.nbytes() / sizeof(float); ++i) ASSERT_EQ(cache.keys(0)[i], 0.0f);
+  for (size_t i = 0; i < cache.nbytes() / sizeof(float); ++i)
+    ASSERT_EQ(static_cast<const float*>(cache.keys(0))[i], 0.0f);
 }
 
 TEST_F(LlamaModelTest, AdapterOfAnotherModelShapeIsRefused) {
@@ -574,7 +575,8 @@ TEST(LlamaModelInvarianceTest, KvAndLogitsAreBitwiseTheSameWhateverTheChunking) 
       r.logits.insert(r.logits.end(), logits.begin() + other.size() * kVocab, logits.end());
     }
     for (int64_t layer = 0; layer < c.num_layers; ++layer) {
-      for (const float* base : {cache.keys(layer), cache.values(layer)}) {
+      for (const void* raw : {cache.keys(layer), cache.values(layer)}) {
+        const auto* base = static_cast<const float*>(raw);
         for (int32_t pos = 0; pos < 30; ++pos) {
           const int64_t slot = int64_t{blocks[pos / kBlockSize]} * kBlockSize + pos % kBlockSize;
           r.kv.insert(r.kv.end(), base + slot * kv_width, base + (slot + 1) * kv_width);

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/buffer.h"
 #include "core/errors.h"
 #include "lora/module_ids.h"
 #include "test_util.h"
@@ -296,6 +297,42 @@ TEST(ModelWeightsTest, ModuleRowsNameEachModulesMatrixAndFirstRow) {
   EXPECT_EQ(0, std::memcmp(qkv.data_as<const float>() + k_row * 32, k_proj->data(), 32 * 4));
   expect_error<LoraError>([&] { w.module_rows(0, 9); },
                           "module_id 9 (cross_attn_q) is not a LoRA module of LlamaForCausalLM");
+}
+
+// Weights for a CUDA device this build or machine lacks are refused as a DeviceError naming it,
+// before anything is uploaded (a complete checkpoint, so only the device is wrong).
+TEST(ModelWeightsTest, AMissingCudaDeviceIsADeviceError) {
+  const ModelConfig c = testing_util::llama_config(32, 8, 16, 1, 2, 1, 4);
+  ModelWeightsBuilder builder(c);
+  std::vector<std::vector<float>> storage;
+  testing_util::for_each_llama_param(c, [&](const std::string& name, std::vector<int64_t> shape,
+                                            float, float) {
+    storage.emplace_back(shape[0] * (shape.size() > 1 ? shape[1] : 1), 0.5f);
+    builder.add(name, shape.size() == 1
+                          ? Tensor(storage.back().data(), DType::kFloat32, {shape[0]})
+                          : Tensor(storage.back().data(), DType::kFloat32, {shape[0], shape[1]}));
+  });
+  const Device missing = Device::cuda(cuda_device_count());
+  expect_error<DeviceError>([&] { ModelWeights(std::move(builder), missing); },
+                            "device " + missing.str());
+}
+
+// On the CPU the weights stay where the builder put them, on the host.
+TEST(ModelWeightsTest, CpuWeightsAreOnTheHost) {
+  const ModelConfig c = testing_util::llama_config(32, 8, 16, 1, 2, 1, 4);
+  ModelWeightsBuilder builder(c);
+  std::vector<std::vector<float>> storage;
+  testing_util::for_each_llama_param(c, [&](const std::string& name, std::vector<int64_t> shape,
+                                            float, float) {
+    storage.emplace_back(shape[0] * (shape.size() > 1 ? shape[1] : 1), 0.5f);
+    builder.add(name, shape.size() == 1
+                          ? Tensor(storage.back().data(), DType::kFloat32, {shape[0]})
+                          : Tensor(storage.back().data(), DType::kFloat32, {shape[0], shape[1]}));
+  });
+  const ModelWeights w(std::move(builder));
+  EXPECT_EQ(w.device(), Device::cpu());
+  EXPECT_EQ(w.embed().device(), Device::cpu());
+  EXPECT_EQ(w.layer(0).qkv.device(), Device::cpu());
 }
 
 }  // namespace
