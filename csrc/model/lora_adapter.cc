@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "core/checked_math.h"
 #include "core/errors.h"
@@ -61,6 +62,23 @@ LoraAdapter LoraAdapter::from_validated(const LoraWeights& weights, const LoraCo
                                         const ModelConfig& config,
                                         const std::vector<float>* dora_scales) {
   return LoraAdapter(weights, lora_config, config, dora_scales);
+}
+
+LoraAdapter LoraAdapter::on_pages(const ModelConfig& config, std::vector<LoraPair> table,
+                                  DType dtype) {
+  return LoraAdapter(config, std::move(table), dtype);
+}
+
+LoraAdapter::LoraAdapter(const ModelConfig& config, std::vector<LoraPair> table, DType dtype)
+    : shape_(validated_shape(config)), table_(std::move(table)), dtype_(dtype) {
+  if (static_cast<int64_t>(table_.size()) != config.num_layers * lora_module::kCount) {
+    raise<InvalidArgument>("LoraAdapter::on_pages: a table of ", table_.size(), " pairs for ",
+                           config.num_layers, " layers of ", lora_module::kCount, " modules");
+  }
+  for (const LoraPair& pair : table_) {
+    max_rank_ = std::max<int64_t>(max_rank_, pair.rank);
+    has_dora_ = has_dora_ || (pair.rank > 0 && pair.dora_scale != nullptr);
+  }
 }
 
 int64_t LoraAdapter::storage_bytes(const LoraWeights& weights, const LoraConfig& lora_config,

@@ -46,6 +46,11 @@ class LoraAdapter {
   static LoraAdapter from_validated(const LoraWeights& weights, const LoraConfig& lora_config,
                                     const ModelConfig& config,
                                     const std::vector<float>* dora_scales = nullptr);
+  // An adapter whose pairs live in memory it does not own: `table` ([num_layers *
+  // lora_module::kCount], as pairs() returns it) points into the LoRA cache's device pages
+  // (stage_lora_pages), which the cache keeps while the adapter is pinned. No embedding-side
+  // parts; nbytes() is 0 (the pages are counted by their owner).
+  static LoraAdapter on_pages(const ModelConfig& config, std::vector<LoraPair> table, DType dtype);
   // Bytes of the pairs a LoraAdapter built from validated rows of this `lora_config` and `dtype`
   // holds (with the DoRA rows' float32 scales). Throws InvalidArgument when the sum overflows.
   static int64_t storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
@@ -84,6 +89,7 @@ class LoraAdapter {
  private:
   LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config,
               const std::vector<float>* dora_scales);
+  LoraAdapter(const ModelConfig& config, std::vector<LoraPair> table, DType dtype);
   void lay_out_embeddings(const LoraEmbeddings& parts);
   // Bytes of the A and B^T values alone.
   static int64_t pair_bytes(const LoraConfig& lora_config, const ModelConfig& config, DType dtype);
