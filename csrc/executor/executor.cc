@@ -105,12 +105,15 @@ Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& conf
                       precision_from_name(config_.precision)},
           kv_cache_dtype(config_.kv_cache)),
       kv_manager_(runner_.kv_cache().num_blocks(), runner_.kv_cache().block_size()),
-      lora_cache_(runner_.config(), config_.lora_cache, config_.max_lora_rank,
-                  // DoRA's row norms against the model's weights, on the enqueuing thread.
-                  [this](const LoraWeights& weights, const LoraConfig& config) {
-                    return dora_scales(runner_.context(), runner_.model().weights(), weights,
-                                       config);
-                  }),
+      lora_cache_(
+          runner_.config(), config_.lora_cache, config_.max_lora_rank,
+          // DoRA's row norms against the model's weights, on the enqueuing thread.
+          [this](const LoraWeights& weights, const LoraConfig& config) {
+            return dora_scales(runner_.context(), runner_.model().weights(), weights, config);
+          },
+          // A CUDA runner's adapters go to pages in one device allocation, which its
+          // LoRA kernels read; the CPU keeps one host LoraAdapter per task.
+          LoraDeviceLevel{runner_.context().device.is_cuda(), runner_.context().device}),
       scheduler_(config_.max_batch_size, config_.max_num_tokens, kv_manager_, lora_cache_),
       lora_table_(runner_.config()) {
   // The per-step scratch at its largest (resolve() bounded each), so steps do not allocate.

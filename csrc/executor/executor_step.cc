@@ -27,6 +27,8 @@ void Executor::step() {
   }
   StepOutput out;
   try {
+    // The step's adapters acquired this time may still be on their way to the device.
+    lora_cache_.make_wait(runner_.context().stream);
     out = runner_.run(build_step(plan));
   } catch (const std::exception& e) {
     // A failed step fails its requests alone; the loop and every other request go on.

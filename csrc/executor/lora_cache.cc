@@ -1,6 +1,8 @@
 #include "executor/lora_cache.h"
 
+#include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "core/errors.h"
 #include "lora/lora_validation.h"
@@ -48,10 +50,31 @@ bool has_dora_rows(const LoraConfig& config) {
   return false;
 }
 
+// What the paged level cannot hold yet: the CUDA forward reads its pairs alone, and DoRA's
+// scales are computed by an op with no CUDA kernel.
+void refuse_on_paged_level(uint64_t task_id, const LoraWeights& weights, const LoraConfig& config) {
+  if (weights.embeddings() != nullptr) {
+    raise<LoraError>("LoRA task ", task_id, " brings embedding-side parts (its own embed_tokens / ",
+                     "lm_head or an embedding / lm_head LoRA): not supported on CUDA yet");
+  }
+  if (has_dora_rows(config)) {
+    raise<LoraError>("LoRA task ", task_id, " has DoRA rows: not supported on CUDA yet");
+  }
+}
+
 }  // namespace
 
+LoraCache::Paged::Paged(const LoraPageLayout& page_layout, int64_t num_pages, Device on)
+    : layout(page_layout),
+      pool(page_layout.page_bytes, num_pages),
+      device(on),
+      // num_pages * page_bytes <= device_cache_bytes: no overflow.
+      pages(Buffer::allocate(static_cast<size_t>(num_pages * page_layout.page_bytes), on,
+                             "the LoRA cache's device pages")),
+      copies(on) {}
+
 LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
-                     DoraScales dora_scales)
+                     DoraScales dora_scales, LoraDeviceLevel level)
     : model_(model),
       config_(config),
       max_lora_rank_(max_lora_rank),
@@ -59,6 +82,18 @@ LoraCache::LoraCache(const ModelConfig& model, const LoraCacheConfig& config, in
   if (config.host_cache_bytes <= 0 || config.device_cache_bytes <= 0) {
     raise<InvalidArgument>("LoraCacheConfig: host_cache_bytes and device_cache_bytes must be > 0, ",
                            "got ", config.host_cache_bytes, " and ", config.device_cache_bytes);
+  }
+  if (level.paged) {
+    const LoraPageLayout layout = LoraPageLayout::for_model(model, max_lora_rank);
+    const int64_t num_pages = config.device_cache_bytes / layout.page_bytes;
+    if (num_pages < 1) {
+      raise<InvalidArgument>(
+          "LoraCacheConfig.device_cache_bytes = ", config.device_cache_bytes,
+          " holds no LoRA page of ", layout.page_bytes, " bytes (a page fits one float32 pair of ",
+          "max_lora_rank = ", max_lora_rank, " for the widest module, with DoRA scales); raise ",
+          "device_cache_bytes to at least ", layout.page_bytes);
+    }
+    paged_ = std::make_unique<Paged>(layout, num_pages, level.device);
   }
 }
 
@@ -115,11 +150,28 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
   LoraWeights copy = weights.copy();
   validate_lora(&copy, &config_copy, model_.lora_target(),
                 LoraLimits{max_lora_rank_, std::nullopt});
-  const int64_t device_bytes = LoraAdapter::storage_bytes(copy, config_copy, model_);
-  if (device_bytes > config_.device_cache_bytes) {
-    raise<LoraError>("LoRA task ", task_id, " needs ", device_bytes,
-                     " bytes on the device level, more than all of it (device_cache_bytes = ",
-                     config_.device_cache_bytes, ")");
+  LoraPagePlan plan;
+  int64_t device_bytes = 0;
+  if (paged_) {
+    refuse_on_paged_level(task_id, copy, config_copy);
+    // The layout and the pool's size are fixed at construction: read without the lock.
+    const int64_t page_bytes = paged_->layout.page_bytes;
+    const int64_t pool_pages = paged_->pool.num_pages();
+    plan = plan_lora_pages(config_copy, model_, copy.dtype(), paged_->layout);
+    if (plan.num_pages > pool_pages) {
+      raise<LoraError>("LoRA task ", task_id, " needs ", plan.num_pages, " pages of ", page_bytes,
+                       " bytes (", plan.num_pages * page_bytes, " bytes) on the device level, ",
+                       "more than all of it (", pool_pages, " pages, ", pool_pages * page_bytes,
+                       " bytes, from device_cache_bytes = ", config_.device_cache_bytes, ")");
+    }
+    device_bytes = plan.num_pages * page_bytes;  // <= the pool's bytes
+  } else {
+    device_bytes = LoraAdapter::storage_bytes(copy, config_copy, model_);
+    if (device_bytes > config_.device_cache_bytes) {
+      raise<LoraError>("LoRA task ", task_id, " needs ", device_bytes,
+                       " bytes on the device level, more than all of it (device_cache_bytes = ",
+                       config_.device_cache_bytes, ")");
+    }
   }
   std::shared_ptr<const std::vector<float>> dora;
   if (has_dora_rows(config_copy)) {
@@ -161,9 +213,9 @@ void LoraCache::put(uint64_t task_id, const LoraWeights& weights, const LoraConf
                      "running requests use; retry when they finish or raise host_cache_bytes");
   }
   host_lru_.push_back(task_id);
-  host_.emplace(task_id,
-                HostEntry{std::move(copy), std::move(config_copy), std::move(dora), host_bytes,
-                          device_bytes, reference ? 1 : 0, std::prev(host_lru_.end())});
+  host_.emplace(task_id, HostEntry{std::move(copy), std::move(config_copy), std::move(dora),
+                                   host_bytes, device_bytes, std::move(plan), reference ? 1 : 0,
+                                   std::prev(host_lru_.end())});
   stats_.host_bytes += host_bytes;
 }
 
@@ -180,6 +232,13 @@ bool LoraCache::make_host_room(int64_t bytes) {
 void LoraCache::erase_device(uint64_t task_id) {
   auto it = device_.find(task_id);
   if (it == device_.end() || it->second.pins > 0) return;
+  if (paged_) paged_->pool.release(task_id);
+  drop_device_entry(task_id);
+}
+
+void LoraCache::drop_device_entry(uint64_t task_id) {
+  auto it = device_.find(task_id);
+  if (it == device_.end()) return;
   stats_.device_bytes -= it->second.bytes;
   ++stats_.device_evictions;
   device_lru_.erase(it->second.lru);
@@ -207,10 +266,12 @@ std::shared_ptr<const LoraAdapter> LoraCache::acquire(uint64_t task_id) {
     ++stats_.hits;
     ++resident->second.pins;
     device_lru_.splice(device_lru_.end(), device_lru_, resident->second.lru);
+    if (paged_) paged_->pool.pin(task_id);
     return resident->second.adapter;
   }
   auto host = host_.find(task_id);
   if (host == host_.end()) not_found(task_id);
+  if (paged_) return acquire_paged(task_id, host->second);
   const int64_t bytes = host->second.device_bytes;
   if (!make_device_room(bytes)) return nullptr;
   ++stats_.misses;
@@ -224,6 +285,79 @@ std::shared_ptr<const LoraAdapter> LoraCache::acquire(uint64_t task_id) {
   return adapter;
 }
 
+std::shared_ptr<const LoraAdapter> LoraCache::acquire_paged(uint64_t task_id,
+                                                            const HostEntry& host) {
+  Paged& p = *paged_;
+  const LoraPagePlan& plan = host.plan;
+  std::vector<uint64_t> evicted;
+  // The pool evicts only when that makes room; the ids it evicted leave the device level.
+  if (!p.pool.allocate(task_id, plan.num_pages, plan.used_bytes, &evicted)) return nullptr;
+  for (uint64_t id : evicted) drop_device_entry(id);
+  ++stats_.misses;
+  std::shared_ptr<const LoraAdapter> adapter;
+  try {
+    const std::vector<int32_t>& pages = p.pool.pages(task_id);
+    const int64_t page_bytes = p.layout.page_bytes;
+    const auto bytes = static_cast<size_t>(plan.num_pages * page_bytes);
+    // The last task's copies read the staging memory: they must be done before it is rewritten.
+    // The pages themselves are free: an evicted task was unpinned, so no sequence of the coming
+    // step reads it, and the runner's previous step has finished (run() waits for its logits).
+    p.copies.wait();
+    if (p.staging.size() < bytes) {
+      const size_t grown = std::min(std::max(bytes, p.staging.size() * 2), p.pages.size());
+      p.staging = StagingBuffer();  // page-locked memory is scarce: free the old one first
+      p.staging = StagingBuffer(grown, p.device);
+    }
+    char* staging = static_cast<char*>(p.staging.data());
+    char* base = static_cast<char*>(p.pages.data());
+    std::vector<char*> device_pages(pages.size());
+    for (size_t j = 0; j < pages.size(); ++j) device_pages[j] = base + p.pool.offset(pages[j]);
+    std::vector<LoraPair> table =
+        stage_lora_pages(host.weights, host.config, model_, host.dora_scales.get(), plan,
+                         page_bytes, staging, device_pages);
+    // Pages the pool handed out in a row (a fresh pool's are) go over in one copy.
+    for (size_t j = 0; j < pages.size();) {
+      size_t end = j + 1;
+      while (end < pages.size() && pages[end] == pages[end - 1] + 1) ++end;
+      p.copies.copy(device_pages[j], staging + j * page_bytes, (end - j) * page_bytes);
+      j = end;
+    }
+    p.copies.record();
+    adapter = std::make_shared<const LoraAdapter>(
+        LoraAdapter::on_pages(model_, std::move(table), host.weights.dtype(), p.device));
+  } catch (...) {
+    p.pool.unpin(task_id);
+    p.pool.release(task_id);
+    throw;
+  }
+  device_lru_.push_back(task_id);
+  device_.emplace(task_id,
+                  DeviceEntry{adapter, host.device_bytes, 1, std::prev(device_lru_.end())});
+  stats_.device_bytes += host.device_bytes;
+  return adapter;
+}
+
+void LoraCache::make_wait(void* compute_stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (paged_) paged_->copies.make_wait(compute_stream);
+}
+
+LoraPagePoolStats LoraCache::page_stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return paged_ ? paged_->pool.stats() : LoraPagePoolStats{};
+}
+
+std::vector<int32_t> LoraCache::task_pages(uint64_t task_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!paged_ || !paged_->pool.contains(task_id)) return {};
+  return paged_->pool.pages(task_id);
+}
+
+const void* LoraCache::page_address(int32_t page) const {
+  if (!paged_ || page < 0 || page >= paged_->pool.num_pages()) return nullptr;
+  return static_cast<const char*>(paged_->pages.data()) + paged_->pool.offset(page);
+}
+
 bool LoraCache::make_device_room(int64_t bytes) {
   return evict_lru(
       device_, device_lru_, stats_.device_bytes, config_.device_cache_bytes, bytes,
@@ -234,7 +368,10 @@ bool LoraCache::make_device_room(int64_t bytes) {
 void LoraCache::unpin(uint64_t task_id) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = device_.find(task_id);
-  if (it != device_.end() && it->second.pins > 0) --it->second.pins;
+  if (it != device_.end() && it->second.pins > 0) {
+    --it->second.pins;
+    if (paged_) paged_->pool.unpin(task_id);
+  }
 }
 
 bool LoraCache::contains(uint64_t task_id) const {

@@ -13,6 +13,16 @@
 //   while a running request uses it; eviction takes the least recently used unpinned task; when
 //   every resident task is pinned, acquire() says "not now" and the request waits. In-use weights
 //   are never evicted.
+// - Paged device level (LoraDeviceLevel::paged; what a CUDA executor uses): one allocation of
+//   device_cache_bytes / page_bytes pages on the device (LoraPagePool, lora_page_pool.h), each
+//   task's pairs packed into its pages, staged in pinned host memory and copied on a copy stream
+//   of the cache's own (CopyStream); make_wait() makes the compute stream wait for those copies
+//   before the step that reads them. The adapter acquire() returns points into the pages (no
+//   storage of its own). A task needing more pages than the pool is refused at put() with both
+//   sizes; when the pages it needs cannot be freed by evicting unpinned tasks, acquire() evicts
+//   nothing and says "not now". Adapters with embedding-side parts or DoRA rows are refused at
+//   put() ("not supported on CUDA yet"). The same level on the CPU (pages in host memory, copies
+//   at once) is the stand-in its CPU tests drive.
 // - Weights sent again under a cached task id: identical ones (dtype, shape and bytes of weights,
 //   embedding-side parts and config) are the same adapter and keep both cached copies; different
 //   ones replace the task on both levels when no request references it, and are refused while
@@ -34,7 +44,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/buffer.h"
+#include "core/copy_stream.h"
+#include "core/device.h"
 #include "executor/lora_cache_config.h"
+#include "executor/lora_page_pool.h"
 #include "lora/lora_tensors.h"
 #include "model/lora_adapter.h"
 #include "model/model_config.h"
@@ -55,14 +69,24 @@ struct LoraCacheStats {
   int64_t pinned_tasks = 0;      // device tasks in use by a running request
 };
 
+// Where and how the device level keeps its adapters.
+struct LoraDeviceLevel {
+  // false: each adapter a LoraAdapter of its own in host memory (the CPU backend); true: pages
+  // of one allocation on `device` (see "Paged device level" above).
+  bool paged = false;
+  Device device = Device::cpu();
+};
+
 class LoraCache {
  public:
   // DoRA's per-row scales of validated rows against the base weights (model/dora.h).
   using DoraScales = std::function<std::vector<float>(const LoraWeights&, const LoraConfig&)>;
 
-  // Without `dora_scales`, adapters with DoRA rows are refused.
+  // Without `dora_scales`, adapters with DoRA rows are refused. A paged `level` allocates its
+  // pages here: throws InvalidArgument when device_cache_bytes holds no page (both sizes named),
+  // DeviceError / Error when the device or the allocation fails.
   LoraCache(const ModelConfig& model, const LoraCacheConfig& config, int64_t max_lora_rank,
-            DoraScales dora_scales = nullptr);
+            DoraScales dora_scales = nullptr, LoraDeviceLevel level = {});
 
   // Validates (every rule of validate_lora) and stores the task on the host level; for a task
   // already cached, see "Weights sent again" above. With `reference`, also ref()s the task in the
@@ -78,8 +102,20 @@ class LoraCache {
 
   // Makes the task resident on the device level and pins it. Returns null when the device level
   // has no room that eviction of unpinned tasks could make (the caller retries later).
+  // Paged: the adapter's pairs are being copied to its pages on the copy stream; the
+  // compute stream must make_wait() before it reads them.
   std::shared_ptr<const LoraAdapter> acquire(uint64_t task_id);
   void unpin(uint64_t task_id);
+  // Paged on CUDA: `compute_stream` (a cudaStream_t; null = the legacy default stream) waits, on
+  // the device, for every page copy acquire() has queued; the host goes on. A no-op otherwise.
+  // Call it before running a step with adapters acquired since the last call.
+  void make_wait(void* compute_stream);
+  // The paged level (all zero when not paged): its pages' size, its pool's counts, a resident
+  // task's pages (empty when not resident) and where page `page` starts on the device.
+  int64_t page_bytes() const { return paged_ ? paged_->layout.page_bytes : 0; }
+  LoraPagePoolStats page_stats() const;
+  std::vector<int32_t> task_pages(uint64_t task_id) const;
+  const void* page_address(int32_t page) const;
 
   bool contains(uint64_t task_id) const;  // host level
   // The vocabulary of a cached task's requests: its adapter's, or 0 when it keeps the model's.
@@ -94,7 +130,8 @@ class LoraCache {
     LoraConfig config;
     std::shared_ptr<const std::vector<float>> dora_scales;  // null without DoRA rows
     int64_t bytes;
-    int64_t device_bytes;  // LoraAdapter::storage_bytes of these rows
+    int64_t device_bytes;  // LoraAdapter::storage_bytes of these rows; paged: of their pages
+    LoraPagePlan plan;     // paged: where the rows' pairs go in the task's pages
     int64_t refs = 0;
     std::list<uint64_t>::iterator lru;
   };
@@ -114,11 +151,25 @@ class LoraCache {
                                          // device copies)
   bool make_device_room(int64_t bytes);  // evicts LRU unpinned device entries
   void erase_device(uint64_t task_id);   // drops an unpinned device copy, if any
+  // acquire() of a task not resident on the paged level.
+  std::shared_ptr<const LoraAdapter> acquire_paged(uint64_t task_id, const HostEntry& host);
+  void drop_device_entry(uint64_t task_id);  // the entry alone (its pages already freed)
+
+  struct Paged {
+    Paged(const LoraPageLayout& layout, int64_t num_pages, Device device);
+    LoraPageLayout layout;
+    LoraPagePool pool;
+    Device device;
+    Buffer pages;           // pool.num_pages() * page_bytes on `device`
+    StagingBuffer staging;  // the task being copied, page by page; grows to the largest one
+    CopyStream copies;
+  };
 
   const ModelConfig model_;
   const LoraCacheConfig config_;
   const int64_t max_lora_rank_;
   const DoraScales dora_scales_;
+  std::unique_ptr<Paged> paged_;  // null unless the level is paged
   mutable std::mutex mutex_;
   std::unordered_map<uint64_t, HostEntry> host_;
   std::unordered_map<uint64_t, DeviceEntry> device_;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "core/checked_math.h"
 #include "core/errors.h"
@@ -61,6 +62,27 @@ LoraAdapter LoraAdapter::from_validated(const LoraWeights& weights, const LoraCo
                                         const ModelConfig& config,
                                         const std::vector<float>* dora_scales) {
   return LoraAdapter(weights, lora_config, config, dora_scales);
+}
+
+LoraAdapter LoraAdapter::on_pages(const ModelConfig& config, std::vector<LoraPair> table,
+                                  DType dtype, Device device) {
+  return LoraAdapter(config, std::move(table), dtype, device);
+}
+
+LoraAdapter::LoraAdapter(const ModelConfig& config, std::vector<LoraPair> table, DType dtype,
+                         Device device)
+    : shape_(validated_shape(config)),
+      table_(std::move(table)),
+      dtype_(dtype),
+      pairs_device_(device) {
+  if (static_cast<int64_t>(table_.size()) != config.num_layers * lora_module::kCount) {
+    raise<InvalidArgument>("LoraAdapter::on_pages: a table of ", table_.size(), " pairs for ",
+                           config.num_layers, " layers of ", lora_module::kCount, " modules");
+  }
+  for (const LoraPair& pair : table_) {
+    max_rank_ = std::max<int64_t>(max_rank_, pair.rank);
+    has_dora_ = has_dora_ || (pair.rank > 0 && pair.dora_scale != nullptr);
+  }
 }
 
 int64_t LoraAdapter::storage_bytes(const LoraWeights& weights, const LoraConfig& lora_config,
@@ -169,6 +191,7 @@ LoraAdapter LoraAdapter::to_device(Device device) const {
   out.shape_ = shape_;
   out.dtype_ = dtype_;
   out.max_rank_ = max_rank_;
+  out.pairs_device_ = device;
   out.storage_ = Buffer::allocate(std::max<size_t>(storage_.size(), 1), device,
                                   "the adapter's LoRA pairs on the device");
   if (storage_.size() > 0) {

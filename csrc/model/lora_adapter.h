@@ -46,6 +46,13 @@ class LoraAdapter {
   static LoraAdapter from_validated(const LoraWeights& weights, const LoraConfig& lora_config,
                                     const ModelConfig& config,
                                     const std::vector<float>* dora_scales = nullptr);
+  // An adapter whose pairs live in memory it does not own: `table` ([num_layers *
+  // lora_module::kCount], as pairs() returns it) points into the LoRA cache's device pages
+  // (stage_lora_pages), which the cache keeps while the adapter is pinned. No embedding-side
+  // parts; nbytes() is 0 (the pages are counted by their owner).
+  // `device`: where the pages are (pairs_device()).
+  static LoraAdapter on_pages(const ModelConfig& config, std::vector<LoraPair> table, DType dtype,
+                              Device device = Device::cpu());
   // Bytes of the pairs a LoraAdapter built from validated rows of this `lora_config` and `dtype`
   // holds (with the DoRA rows' float32 scales). Throws InvalidArgument when the sum overflows.
   static int64_t storage_bytes(const LoraConfig& lora_config, const ModelConfig& config,
@@ -65,7 +72,7 @@ class LoraAdapter {
   bool has_dora() const { return has_dora_; }
   // Where the pairs' A / B^T (and DoRA scales) live: the host for an adapter built from weights;
   // a device for one the LoRA cache's device level placed there (to_device).
-  Device pairs_device() const { return storage_.size() > 0 ? storage_.device() : Device::cpu(); }
+  Device pairs_device() const { return pairs_device_; }
   // A copy whose pairs (A, B^T) are in one allocation on `device`, copied before it returns.
   // Throws LoraError for a DoRA adapter or one with embedding-side parts (no CUDA path reads
   // them yet), DeviceError for a device this build cannot reach.
@@ -92,6 +99,7 @@ class LoraAdapter {
   LoraAdapter(const LoraWeights& weights, const LoraConfig& lora_config, const ModelConfig& config,
               const std::vector<float>* dora_scales);
   LoraAdapter() = default;  // to_device fills it
+  LoraAdapter(const ModelConfig& config, std::vector<LoraPair> table, DType dtype, Device device);
   void lay_out_embeddings(const LoraEmbeddings& parts);
   // Bytes of the A and B^T values alone.
   static int64_t pair_bytes(const LoraConfig& lora_config, const ModelConfig& config, DType dtype);
@@ -101,6 +109,7 @@ class LoraAdapter {
   std::vector<float> dora_;      // DoRA rows' scales, in row order
   std::vector<LoraPair> table_;  // [num_layers * lora_module::kCount]
   DType dtype_ = DType::kFloat32;
+  Device pairs_device_ = Device::cpu();
   int64_t max_rank_ = 0;
   bool has_dora_ = false;
   // The embedding-side parts (each in its own dtype) and views of them.
