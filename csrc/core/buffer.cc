@@ -84,6 +84,17 @@ void check_allocation(size_t bytes, Device device, std::string_view what) {
 #endif
 }
 
+size_t device_free_memory(Device device) {
+  if (device.is_cpu())
+    raise<InvalidArgument>("device_free_memory: the CPU has no free-memory figure");
+#if LORART_WITH_CUDA
+  check_cuda_device(device);
+  return cuda::free_memory(device.index);
+#else
+  no_cuda_backend("CUDA memory");
+#endif
+}
+
 Buffer Buffer::allocate(size_t bytes, Device device, std::string_view what) {
   if (device.is_cpu()) {
     if (bytes == 0) return Buffer(nullptr, 0, device);

@@ -73,6 +73,10 @@ void check_allocation(size_t bytes, Device device, std::string_view what);
 // before they do expensive work (loading weights).
 void require_device(Device device);
 
+// Free memory of a CUDA device now, in bytes (what the KV pool is sized from). Throws DeviceError
+// as require_device does, and InvalidArgument for the CPU (it has no such figure).
+size_t device_free_memory(Device device);
+
 // Number of CUDA devices visible (0 when the build has no CUDA backend or no driver/GPU).
 int cuda_device_count();
 bool cuda_backend_built();

@@ -10,6 +10,8 @@
 #include "core/errors.h"
 #include "lora/lora_validation.h"
 #include "model/dora.h"
+#include "model/kv_cache.h"
+#include "runtime/memory_plan.h"
 
 namespace lorart {
 
@@ -92,15 +94,31 @@ ExecutorConfig checked_config(const ExecutorConfig& config, const LlamaModel* mo
   return out;
 }
 
+// The KV pool's blocks (see kv_blocks_). On CUDA the model (weights and workspace) is already
+// on the device, so free memory excludes it; the LoRA cache's pages come after the pool.
+int64_t kv_pool_blocks(const ExecutorConfig& c, const LlamaModel& model) {
+  const int64_t block_size = c.kv_cache.block_size;
+  const int64_t max_blocks = (c.kv_cache.max_tokens + block_size - 1) / block_size;  // resolved
+  const Device device = parse_device(c.device);
+  if (!device.is_cuda()) return max_blocks;
+  KvPoolSizing sizing;
+  sizing.free_bytes = static_cast<int64_t>(device_free_memory(device));
+  sizing.lora_cache_bytes = c.lora_cache.device_cache_bytes;
+  sizing.fraction = c.kv_cache.free_gpu_memory_fraction;
+  sizing.block_bytes = static_cast<int64_t>(
+      KvCache::checked_bytes(model.config(), 1, block_size, device, kv_cache_dtype(c.kv_cache)));
+  sizing.min_blocks = std::min(max_blocks, (c.max_seq_len + block_size - 1) / block_size);
+  sizing.max_blocks = max_blocks;
+  return plan_kv_pool(sizing).num_blocks;
+}
+
 }  // namespace
 
 Executor::Executor(std::shared_ptr<LlamaModel> model, const ExecutorConfig& config)
     : config_(checked_config(config, model.get())),
+      kv_blocks_(kv_pool_blocks(config_, *model)),
       runner_(
-          std::move(model),
-          (config_.kv_cache.max_tokens + config_.kv_cache.block_size - 1) /
-              config_.kv_cache.block_size,  // resolve() bounded both: no overflow
-          config_.kv_cache.block_size,
+          std::move(model), kv_blocks_, config_.kv_cache.block_size,
           ExecContext{parse_device(config_.device), nullptr, static_cast<int>(config_.num_threads),
                       precision_from_name(config_.precision)},
           kv_cache_dtype(config_.kv_cache)),

@@ -144,6 +144,9 @@ class Executor {
   static bool ends_with_stop(const Sequence& seq, const std::vector<int32_t>& stop);
 
   const ExecutorConfig config_;
+  // KV blocks of the runner's pool: KvCacheConfig.max_tokens' on the CPU; on CUDA also bounded
+  // by free_gpu_memory_fraction of the device memory left after the model and the LoRA pages.
+  const int64_t kv_blocks_;
   ModelRunner runner_;
   KvCacheManager kv_manager_;
   LoraCache lora_cache_;

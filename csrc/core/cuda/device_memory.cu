@@ -59,6 +59,13 @@ size_t total_memory(int device) {
   return total;
 }
 
+size_t free_memory(int device) {
+  DeviceGuard guard(device);
+  size_t free = 0, total = 0;
+  check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return free;
+}
+
 void* malloc_on(int device, size_t bytes) {
   DeviceGuard guard(device);
   void* ptr = nullptr;

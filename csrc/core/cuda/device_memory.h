@@ -14,6 +14,8 @@ int device_count();
 std::string runtime_version();
 // Total memory of the device in bytes (what an allocation can never exceed).
 size_t total_memory(int device);
+// Free memory of the device in bytes now (cudaMemGetInfo).
+size_t free_memory(int device);
 void* malloc_on(int device, size_t bytes);
 void free_on(int device, void* ptr) noexcept;
 void memset_zero(int device, void* ptr, size_t bytes);

@@ -167,6 +167,8 @@ TEST(BufferTest, CudaBackendMatchesTheBuildFlag) {
 // Which branch runs depends on the build and the machine; each is a real path.
 TEST(BufferTest, CudaAllocationFollowsBackendAndDevices) {
   if (!cuda_backend_built()) {
+    expect_error<DeviceError>([] { device_free_memory(Device::cuda()); },
+                              "CUDA memory: this lorart build has no CUDA backend");
     expect_error<DeviceError>([] { Buffer::allocate(16, Device::cuda()); },
                               "CUDA memory: this lorart build has no CUDA backend");
     expect_error<DeviceError>([] { Buffer::allocate(0, Device::cuda()); },
@@ -178,6 +180,12 @@ TEST(BufferTest, CudaAllocationFollowsBackendAndDevices) {
     return;
   }
   const int count = cuda_device_count();
+  expect_error<InvalidArgument>([] { device_free_memory(Device::cpu()); },
+                                "the CPU has no free-memory figure");
+  expect_error<DeviceError>([&] { device_free_memory(Device::cuda(count)); }, "is not available");
+  if (count > 0) {
+    EXPECT_GT(device_free_memory(Device::cuda()), 0u);
+  }
   expect_error<DeviceError>([&] { Buffer::allocate(16, Device::cuda(count)); },
                             "CUDA device " + std::to_string(count) + " is not available (" +
                                 std::to_string(count) + " CUDA device(s) visible)");
