@@ -46,6 +46,14 @@ void synchronize_stream(Device device, void* stream) {
 #endif
 }
 
+void set_current_device(Device device) {
+  if (device.is_cpu()) return;
+  require_device(device);
+#if LORART_WITH_CUDA
+  cuda::set_current_device(device.index);
+#endif
+}
+
 void DeviceStream::release() noexcept {
 #if LORART_WITH_CUDA
   if (stream_ != nullptr) cuda::stream_destroy(device_.index, stream_);

@@ -37,4 +37,9 @@ class DeviceStream {
 // stream); a no-op on the CPU. Throws DeviceError for a fault of a kernel queued on it.
 void synchronize_stream(Device device, void* stream);
 
+// Makes a CUDA `device` the calling thread's current device, so that the kernels it launches
+// go to that device's streams (a thread starts on device 0); a no-op for the CPU. Throws
+// DeviceError as require_device does.
+void set_current_device(Device device);
+
 }  // namespace lorart

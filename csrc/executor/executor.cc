@@ -8,6 +8,7 @@
 #include "core/buffer.h"
 #include "core/checked_math.h"
 #include "core/errors.h"
+#include "kernels/ops.h"
 #include "lora/lora_validation.h"
 #include "model/dora.h"
 #include "model/kv_cache.h"
@@ -104,6 +105,19 @@ int64_t kv_pool_blocks(const ExecutorConfig& c, const LlamaModel& model) {
   KvPoolSizing sizing;
   sizing.free_bytes = static_cast<int64_t>(device_free_memory(device));
   sizing.lora_cache_bytes = c.lora_cache.device_cache_bytes;
+  // Allocated after the pool: the runner's device logits (max_num_tokens rows of the vocabulary)
+  // and attention's split-KV scratch at its largest step (max_batch_size sequences of
+  // max_seq_len); the step's staging upload is small beside them (the fraction's headroom).
+  const ModelConfig& mc = model.config();
+  const ops::AttentionShape shape{
+      static_cast<int32_t>(mc.num_attention_heads), static_cast<int32_t>(mc.num_kv_heads),
+      static_cast<int32_t>(mc.head_dim), static_cast<int32_t>(mc.sliding_window), 1.0f};
+  sizing.workspace_bytes =
+      checked_add(checked_product({model.max_num_tokens(), mc.vocab_size, int64_t{sizeof(float)}},
+                                  "device logits bytes"),
+                  static_cast<int64_t>(ops::paged_attention_workspace_bytes(
+                      ExecContext{device}, c.max_batch_size, c.max_seq_len, shape)),
+                  "KV pool sizing: workspace bytes");
   sizing.fraction = c.kv_cache.free_gpu_memory_fraction;
   sizing.block_bytes = static_cast<int64_t>(
       KvCache::checked_bytes(model.config(), 1, block_size, device, kv_cache_dtype(c.kv_cache)));

@@ -475,7 +475,7 @@ void lora_gemm_slices(const ExecContext& ctx, const Tensor& x, const Tensor& y,
           "scratch must be contiguous float32", scratch);
   // The runs index x's rows and the table's slots; the ranks size the scratch.
   int64_t max_need = 0;  // CPU: the largest slice's sum of tokens * rank (slices reuse it)
-  int32_t max_rank = 0;
+  int32_t max_rank = 0, max_end = 0;
   int32_t previous_end = 0;
   for (int32_t s = 0; s < num_slices; ++s) {
     int64_t need = 0;
@@ -495,7 +495,10 @@ void lora_gemm_slices(const ExecContext& ctx, const Tensor& x, const Tensor& y,
       if (s == 0) previous_end = run.end;
       const LoraPair& pair = lora.pairs[run.slot * lora.pairs_per_slot + slices[s].pair_index];
       need += int64_t{run.end - run.begin} * pair.rank;
-      if (run.end > run.begin) max_rank = std::max(max_rank, pair.rank);
+      if (run.end > run.begin) {
+        max_rank = std::max(max_rank, pair.rank);
+        max_end = std::max(max_end, run.end);
+      }
     }
     max_need = std::max(max_need, need);
   }
@@ -506,8 +509,9 @@ void lora_gemm_slices(const ExecContext& ctx, const Tensor& x, const Tensor& y,
             "a CUDA LoraBatch needs its runs and pairs in device memory (device_runs, "
             "device_pairs)",
             x);
-    require(scratch.numel() >= lora_scratch_floats(ctx, x.size(0), max_rank, x.size(1), num_slices),
-            "lora_gemm", "scratch is smaller than lora_scratch_floats(T, max rank, in, slices)",
+    require(scratch.numel() >= lora_scratch_floats(ctx, max_end, max_rank, x.size(1), num_slices),
+            "lora_gemm",
+            "scratch is smaller than lora_scratch_floats(last run's end, max rank, in, slices)",
             scratch);
     CudaLoraParams p{};
     p.x = x.data_as<const float>();
@@ -523,6 +527,7 @@ void lora_gemm_slices(const ExecContext& ctx, const Tensor& x, const Tensor& y,
     for (int32_t s = 0; s < num_slices; ++s) p.slices[s] = slices[s];
     p.num_slices = num_slices;
     p.rank_stride = max_rank;
+    p.scratch_tokens = max_end;
     p.scratch = scratch.data_as<float>();
     return cuda::lora_gemm(p, ctx.stream);
 #endif

@@ -184,8 +184,9 @@ struct CudaLoraParams {
   int64_t slot_stride;
   LoraSlice slices[kMaxLoraSlices];
   int32_t num_slices;
-  int32_t rank_stride;  // >= every used pair's rank: the scratch's rank axis
-  float* scratch;       // lora_scratch_floats floats (device)
+  int32_t rank_stride;     // >= every used pair's rank: the scratch's rank axis
+  int32_t scratch_tokens;  // >= every run's end: the scratch's token axis
+  float* scratch;          // lora_scratch_floats floats (device)
 };
 
 // DoRA's per-row scale: scales[o] = magnitude[o] / ||w[row_offset + o, :] + b[o, :] @ a|| for o in

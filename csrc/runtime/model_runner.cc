@@ -53,6 +53,7 @@ ModelRunner::ModelRunner(std::shared_ptr<LlamaModel> model, int64_t num_kv_block
 }
 
 int ModelRunner::bind_thread() const {
+  set_current_device(ctx_.device);  // a new thread starts on device 0; cuda:N launches need N
   if (ctx_.num_threads > 0) ops::set_cpu_threads(ctx_.num_threads);
   return ops::cpu_threads();
 }
@@ -98,7 +99,18 @@ StepOutput ModelRunner::run(const StepInput& step) {
       device_logits_ = Buffer::allocate(bytes, ctx_.device, "the step's logits on the device");
     }
     const Tensor on_device(device_logits_.data(), DType::kFloat32, {n_out, vocab}, ctx_.device);
-    model_->forward(ctx_, step.batch, kv_cache_, *step.lora, on_device);
+    set_current_device(ctx_.device);  // whichever thread calls run()
+    try {
+      model_->forward(ctx_, step.batch, kv_cache_, *step.lora, on_device);
+    } catch (...) {
+      // Kernels queued before the failure may still read the step's LoRA pages and KV blocks,
+      // which the caller frees once it sees the error: let them finish first.
+      try {
+        synchronize_stream(ctx_.device, ctx_.stream);
+      } catch (...) {  // a device fault is reported by the next synchronising call
+      }
+      throw;
+    }
     copy_bytes_async(logits_.data(), Device::cpu(), on_device.data(), ctx_.device,
                      static_cast<size_t>(n_out * vocab) * sizeof(float), ctx_.stream);
     synchronize_stream(ctx_.device, ctx_.stream);  // the logits are on the host from here

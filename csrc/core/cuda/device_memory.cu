@@ -59,6 +59,12 @@ size_t total_memory(int device) {
   return total;
 }
 
+void set_current_device(int device) {
+  int current = 0;
+  check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
+}
+
 size_t free_memory(int device) {
   DeviceGuard guard(device);
   size_t free = 0, total = 0;

@@ -31,5 +31,7 @@ void memcpy_async(void* dst, bool dst_on_device, const void* src, bool src_on_de
 void* stream_create(int device);
 void stream_destroy(int device, void* stream) noexcept;
 void stream_synchronize(void* stream);
+// Makes `device` the calling thread's current device (kernel launches go to its streams).
+void set_current_device(int device);
 
 }  // namespace lorart::cuda

@@ -9,11 +9,21 @@ namespace {
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 cudaEvent_t as_event(void* e) { return static_cast<cudaEvent_t>(e); }
 
-void set_device(int device) {
-  int current = 0;
-  LORART_CUDA_CHECK(cudaGetDevice(&current));
-  if (current != device) LORART_CUDA_CHECK(cudaSetDevice(device));
-}
+// Makes `device` current for its scope and restores the caller's device after (creating a
+// stream or an event must not move the calling thread to another device).
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device) {
+    LORART_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) LORART_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~ScopedDevice() { cudaSetDevice(previous_); }
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 }  // namespace
 
 void* host_alloc_pinned(size_t bytes) {
@@ -27,14 +37,14 @@ void host_free_pinned(void* ptr) noexcept {
 }
 
 void* stream_create_nonblocking(int device) {
-  set_device(device);
+  const ScopedDevice scoped(device);
   cudaStream_t s = nullptr;
   LORART_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   return s;
 }
 
 void* event_create(int device) {
-  set_device(device);
+  const ScopedDevice scoped(device);
   cudaEvent_t e = nullptr;
   LORART_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   return e;

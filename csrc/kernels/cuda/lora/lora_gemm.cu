@@ -70,7 +70,8 @@ __device__ int first_run_after(const LoraRun* runs, int num_runs, int token) {
 
 __device__ __forceinline__ int64_t scratch_index(const CudaLoraParams& p, int slice, int chunks,
                                                  int chunk, int token, int rank) {
-  return ((static_cast<int64_t>(slice) * chunks + chunk) * p.num_tokens + token) * p.rank_stride +
+  return ((static_cast<int64_t>(slice) * chunks + chunk) * p.scratch_tokens + token) *
+             p.rank_stride +
          rank;
 }
 
@@ -265,6 +266,7 @@ void launch(const CudaLoraParams& p, cudaStream_t stream) {
   }
   const int64_t tiles = (p.num_tokens + kTile - 1) / kTile;
   const int64_t column_tiles = (column_end - column_begin + kExpandColumns - 1) / kExpandColumns;
+  if (chunks == 0 || column_tiles == 0) return;  // no input or no output columns: nothing to add
   if (chunks > 65535 || column_tiles > 65535 || tiles > 0x7fffffff) {
     raise<InvalidArgument>("lora_gemm: ", p.in, " input columns, ", column_end - column_begin,
                            " output columns or ", p.num_tokens,

@@ -27,7 +27,7 @@ namespace lorart::cuda {
 
 constexpr int64_t kLoraChunk = 256;  // K columns per shrink block (32 lanes x 8)
 
-// Floats of scratch the CUDA kernel needs for `num_tokens` tokens, ranks up to `rank_stride`,
+// Floats of scratch the CUDA kernel needs for tokens [0, num_tokens), ranks up to `rank_stride`,
 // `num_slices` slices of input width `in`.
 inline int64_t lora_scratch_floats(int64_t num_tokens, int64_t rank_stride, int64_t in,
                                    int64_t num_slices) {

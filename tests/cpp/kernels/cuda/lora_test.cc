@@ -195,8 +195,8 @@ TEST(CudaLoraGemm, RefusesHostOnlyTablesAndSmallScratch) {
   LORART_REQUIRE_GPU();
   const Device gpu = Device::cuda(0);
   const ExecContext ctx{gpu};
-  DeviceArray<float> x(std::vector<float>(4 * 64, 1.0f)), y(std::vector<float>(4 * 32, 0.0f));
-  const HostPair hp = make_pair(8, 64, 32, DType::kFloat32, 1);
+  DeviceArray<float> x(std::vector<float>(4 * 600, 1.0f)), y(std::vector<float>(4 * 32, 0.0f));
+  const HostPair hp = make_pair(8, 600, 32, DType::kFloat32, 1);
   DeviceArray<uint8_t> a(hp.a), b(hp.b_t);
   const LoraPair pair{a.data(), b.data(), DType::kFloat32, 8, nullptr};
   const LoraRun runs[] = {{0, 4, 0}};
@@ -206,8 +206,9 @@ TEST(CudaLoraGemm, RefusesHostOnlyTablesAndSmallScratch) {
   batch.pairs = &pair;
   batch.num_slots = 1;
   batch.pairs_per_slot = 1;
-  DeviceArray<float> scratch(std::vector<float>(4 * 8, 0.0f));  // CPU-sized: too small on CUDA
-  const Tensor tx(x.data(), DType::kFloat32, {4, 64}, gpu),
+  DeviceArray<float> scratch(
+      std::vector<float>(4 * 8, 0.0f));  // CPU-sized: CUDA needs 3 chunks' partials
+  const Tensor tx(x.data(), DType::kFloat32, {4, 600}, gpu),
       ty(y.data(), DType::kFloat32, {4, 32}, gpu);
   const Tensor ts(scratch.data(), DType::kFloat32, {scratch.size()}, gpu);
   EXPECT_THROW(ops::lora_gemm(ctx, tx, ty, 32, batch, 0, ts), InvalidArgument);  // no device table
