@@ -79,25 +79,18 @@ void StagingBuffer::release() noexcept {
   data_ = nullptr;
 }
 
-CopyStream::CopyStream(Device device) : CopyStream(device, Borrowed{}) {
-#if LORART_WITH_CUDA
-  if (device.is_cuda()) {
-    // If this throws, the destructor (the delegated constructor finished) frees the event.
-    owns_stream_ = true;
-    stream_ = cuda::stream_create_nonblocking(device.index);
-  }
-#endif
-}
-
-CopyStream::CopyStream(Device device, Borrowed borrowed) : device_(device), owns_stream_(false) {
+CopyStream::CopyStream(Device device) : device_(device) {
   require_backend(device, "LoRA copy stream");
 #if LORART_WITH_CUDA
   if (device.is_cuda()) {
-    stream_ = borrowed.stream;
     event_ = cuda::event_create(device.index);
+    try {
+      stream_ = cuda::stream_create_nonblocking(device.index);
+    } catch (...) {
+      cuda::event_destroy(event_);  // the destructor does not run for a throwing constructor
+      throw;
+    }
   }
-#else
-  (void)borrowed;
 #endif
 }
 
@@ -110,7 +103,7 @@ CopyStream::~CopyStream() {
     } catch (...) {
     }
     cuda::event_destroy(event_);
-    if (owns_stream_) cuda::stream_destroy(device_.index, stream_);
+    cuda::stream_destroy(device_.index, stream_);
   }
 #endif
 }

@@ -40,16 +40,9 @@ class StagingBuffer {
 
 class CopyStream {
  public:
-  // Names a stream the caller owns and keeps alive (a cudaStream_t; null = the legacy default
-  // stream), e.g. the model's compute stream, for copies in order with its kernels.
-  struct Borrowed {
-    void* stream = nullptr;
-  };
   // Throws DeviceError for a CUDA device when this build has no CUDA backend or no such device.
-  // Copies go on a non-blocking stream of its own (overlapping the compute stream's work)...
+  // Copies go on a non-blocking stream of its own, overlapping the compute stream's work.
   explicit CopyStream(Device device);
-  // ... or on the borrowed one.
-  CopyStream(Device device, Borrowed borrowed);
   ~CopyStream();
   CopyStream(const CopyStream&) = delete;
   CopyStream& operator=(const CopyStream&) = delete;
@@ -72,7 +65,6 @@ class CopyStream {
   Device device_;
   void* stream_ = nullptr;
   void* event_ = nullptr;
-  bool owns_stream_ = true;
   bool recorded_ = false;
 };
 

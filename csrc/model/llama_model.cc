@@ -35,6 +35,17 @@ Tensor rows_of(const Tensor& t, int64_t offset, int64_t cols) {
 // Bytes from `offset` rounded up to 16 (each staged array starts 16-byte aligned).
 size_t aligned16(size_t offset) { return (offset + 15) / 16 * 16; }
 
+// Grows `buffer` (on `device`) to hold at least `bytes`: geometrically, so a step a little larger
+// than the last does not reallocate each time. The device may still be reading the old buffer, so
+// `stream` is waited for before it is freed.
+void reserve_device_buffer(Buffer& buffer, size_t bytes, Device device, void* stream,
+                           const char* what) {
+  if (buffer.size() >= bytes) return;
+  const size_t grown = std::max(aligned16(bytes), buffer.size() * 2);
+  if (buffer.size() > 0) synchronize_stream(device, stream);
+  buffer = Buffer::allocate(grown, device, what);
+}
+
 void check_index_tensor(const Tensor& t, const char* name, int dims) {
   if (t.dim() != dims || t.dtype() != DType::kInt32 || !t.is_contiguous() || !t.device().is_cpu()) {
     raise<InvalidArgument>(name, " must be a contiguous host int32 tensor with ", dims,
@@ -397,13 +408,7 @@ const ForwardBatch& LlamaModel::stage(const ExecContext& ctx, const ForwardBatch
                 static_cast<size_t>(lora.num_runs) * sizeof(LoraRun));
   }
   if (num_pairs > 0) std::memcpy(image + offsets[8], lora.pairs, num_pairs * sizeof(LoraPair));
-  if (staging_.size() < bytes) {
-    // Grown geometrically so a step a little larger than the last does not reallocate each time.
-    // The device may still be reading the old buffer: wait for the stream before freeing it.
-    const size_t grown = std::max(bytes, staging_.size() * 2);
-    if (staging_.size() > 0) synchronize_stream(device(), ctx.stream);
-    staging_ = Buffer::allocate(grown, device(), "the step's device staging buffer");
-  }
+  reserve_device_buffer(staging_, bytes, device(), ctx.stream, "the step's device staging buffer");
   copy_bytes_async(staging_.data(), device(), image, Device::cpu(), bytes, ctx.stream);
   unsigned char* base = static_cast<unsigned char*>(staging_.data());
   for (int i = 0; i < 7; ++i) {
@@ -430,12 +435,8 @@ Tensor LlamaModel::attention_workspace(const ExecContext& ctx, int64_t num_seqs,
       static_cast<int32_t>(config_.head_dim), static_cast<int32_t>(config_.sliding_window), 1.0f};
   const size_t need = ops::paged_attention_workspace_bytes(ctx, num_seqs, max_kv_len, shape);
   if (need == 0) return Tensor();
-  if (attention_workspace_.size() < need) {
-    // Grown geometrically; the device may still read the old buffer, so wait before freeing it.
-    const size_t grown = std::max(aligned16(need), attention_workspace_.size() * 2);
-    if (attention_workspace_.size() > 0) synchronize_stream(device(), ctx.stream);
-    attention_workspace_ = Buffer::allocate(grown, device(), "the attention split-KV workspace");
-  }
+  reserve_device_buffer(attention_workspace_, need, device(), ctx.stream,
+                        "the attention split-KV workspace");
   return attention_workspace_.view(DType::kInt32,
                                    {static_cast<int64_t>(attention_workspace_.size() / 4)});
 }

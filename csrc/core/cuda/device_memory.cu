@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include "core/cuda/cuda_check.h"
+#include "core/cuda/device_guard.cuh"
 #include "core/cuda/device_memory.h"
 #include "core/errors.h"
 
@@ -21,23 +22,6 @@ void check_launch(const char* kernel) {
                        cudaGetErrorString(status), ")");
   }
 }
-
-namespace {
-
-// Restores the caller's current device on scope exit.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-
- private:
-  int previous_ = 0;
-};
-
-}  // namespace
 
 int device_count() {
   int count = 0;

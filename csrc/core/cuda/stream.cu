@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include "core/cuda/cuda_check.h"
+#include "core/cuda/device_guard.cuh"
 #include "core/cuda/stream.h"
 
 namespace lorart::cuda {
@@ -8,22 +9,6 @@ namespace lorart::cuda {
 namespace {
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 cudaEvent_t as_event(void* e) { return static_cast<cudaEvent_t>(e); }
-
-// Makes `device` current for its scope and restores the caller's device after (creating a
-// stream or an event must not move the calling thread to another device).
-class ScopedDevice {
- public:
-  explicit ScopedDevice(int device) {
-    LORART_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) LORART_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~ScopedDevice() { cudaSetDevice(previous_); }
-  ScopedDevice(const ScopedDevice&) = delete;
-  ScopedDevice& operator=(const ScopedDevice&) = delete;
-
- private:
-  int previous_ = 0;
-};
 }  // namespace
 
 void* host_alloc_pinned(size_t bytes) {
@@ -37,14 +22,14 @@ void host_free_pinned(void* ptr) noexcept {
 }
 
 void* stream_create_nonblocking(int device) {
-  const ScopedDevice scoped(device);
+  const DeviceGuard guard(device);
   cudaStream_t s = nullptr;
   LORART_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   return s;
 }
 
 void* event_create(int device) {
-  const ScopedDevice scoped(device);
+  const DeviceGuard guard(device);
   cudaEvent_t e = nullptr;
   LORART_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   return e;

@@ -18,7 +18,8 @@ inline ModelConfig executor_model_config() {
 }
 
 inline std::shared_ptr<LlamaModel> random_model(const ModelConfig& c, int64_t max_num_tokens = 64,
-                                                int64_t max_lora_rank = 8, uint32_t seed = 7) {
+                                                int64_t max_lora_rank = 8, uint32_t seed = 7,
+                                                Device device = Device::cpu()) {
   ModelWeightsBuilder builder(c);
   auto add = [&](const std::string& name, std::vector<int64_t> shape, float lo, float hi) {
     std::vector<float> values =
@@ -28,7 +29,7 @@ inline std::shared_ptr<LlamaModel> random_model(const ModelConfig& c, int64_t ma
                           : Tensor(values.data(), DType::kFloat32, {shape[0], shape[1]}));
   };
   for_each_llama_param(c, add);
-  return std::make_shared<LlamaModel>(c, ModelWeights(std::move(builder)), max_num_tokens,
+  return std::make_shared<LlamaModel>(c, ModelWeights(std::move(builder), device), max_num_tokens,
                                       max_lora_rank);
 }
 

@@ -22,19 +22,7 @@ namespace lorart {
 namespace {
 
 std::shared_ptr<LlamaModel> model_on(Device device) {
-  const ModelConfig c = testing_util::executor_model_config();
-  ModelWeightsBuilder builder(c);
-  std::vector<std::vector<float>> storage;
-  uint32_t seed = 7;
-  testing_util::for_each_llama_param(c, [&](const std::string& name, std::vector<int64_t> shape,
-                                            float lo, float hi) {
-    storage.push_back(
-        testing_util::random_floats(shape[0] * (shape.size() > 1 ? shape[1] : 1), seed++, lo, hi));
-    builder.add(name, shape.size() == 1
-                          ? Tensor(storage.back().data(), DType::kFloat32, {shape[0]})
-                          : Tensor(storage.back().data(), DType::kFloat32, {shape[0], shape[1]}));
-  });
-  return std::make_shared<LlamaModel>(c, ModelWeights(std::move(builder), device), 64, 8);
+  return testing_util::random_model(testing_util::executor_model_config(), 64, 8, 7, device);
 }
 
 ExecutorConfig config_on(const char* device) {
