@@ -5,8 +5,8 @@ and a half (so both evict all the time), a KV pool that preempts, streaming and 
 and bad requests (token ids out of the vocabulary, malformed adapters, an adapter that overflows
 float32, unknown task ids, bad lengths). Checks: every request gets exactly one final response;
 every greedy request that finished equals its solo run (a cancelled one is a prefix of it);
-nothing leaks once it drains (KV blocks, LoRA references, pins and bytes); RSS stays flat after
-a warm-up round.
+nothing leaks once it drains (KV blocks, LoRA references, pins and bytes); the memory in use stays
+flat after a warm-up round.
 """
 
 from __future__ import annotations
@@ -61,6 +61,31 @@ class Job:
     responses: list = field(default_factory=list)
     rid: int = -1
     carried_weights: bool = False  # the request brought its adapter's weights
+    result: Result | None = None  # what its responses said, once its round is over
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished job's responses in a few fields, so the rounds' thousands of Response objects
+    are not held while the memory in use is measured."""
+
+    finals: int  # how many responses said is_final
+    last_final: bool
+    reason: str
+    error: str
+    tokens: tuple[int, ...]
+
+
+def settle(job: Job) -> None:
+    last = job.responses[-1]
+    job.result = Result(
+        finals=sum(r.is_final for r in job.responses),
+        last_final=last.is_final,
+        reason=last.finish_reason,
+        error=last.error,
+        tokens=tuple(t for r in job.responses for t in r.output_token_ids),
+    )
+    job.responses = []
 
 
 @pytest.fixture(scope="module")
@@ -193,16 +218,24 @@ class Client:
             self.errors.append(repr(e))
 
 
-def rss_bytes() -> int:
-    """Resident bytes once freed heap memory is handed back: glibc keeps freed chunks in its
-    per-thread arenas, and the clients' threads leave them fragmented by whatever ran before in
-    the process (in the whole suite that is a 1 GB heap), so raw RSS moves by tens of MiB with no
-    leak. malloc_trim(0) returns those free pages; what stays resident is what is still in use."""
+def memory_in_use() -> int:
+    """Bytes the process holds in use, without what allocators keep of freed memory.
+
+    Under AddressSanitizer (CI's sanitized pass preloads its runtime) RSS also counts the
+    quarantine of freed chunks, up to 256 MiB and filled over the rounds, so the sanitizer's own
+    count of live heap bytes is read instead. Otherwise RSS once malloc_trim(0) has returned free
+    heap pages: glibc keeps freed chunks in per-thread arenas, left fragmented by whatever ran
+    before in the process (in the whole suite a 1 GB heap), so raw RSS moves by tens of MiB with
+    no leak."""
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):  # not glibc: raw RSS
-        pass
+    libc = ctypes.CDLL(None)
+    live = getattr(libc, "__sanitizer_get_current_allocated_bytes", None)
+    if live is not None:
+        live.restype = ctypes.c_size_t
+        return int(live())
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:  # not glibc: raw RSS
+        trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
@@ -224,7 +257,7 @@ def test_soak(gqa_llama_dir, model_config, adapters):
     )
     bad = bad_adapters(model_config, adapters)
     all_jobs: list[Job] = []
-    rss = []
+    in_use = []
     with lorart.Executor(gqa_llama_dir, config) as exe:
         for round_ in range(ROUNDS):
             clients = [Client(exe, adapters, bad, seed=round_ * 100 + i) for i in range(THREADS)]
@@ -240,8 +273,10 @@ def test_soak(gqa_llama_dir, model_config, adapters):
                 assert not t.is_alive(), "a client thread is stuck"
             errors = [e for c in clients for e in c.errors]
             assert not errors, errors[:5]
-            all_jobs += [job for j in jobs for job in j]
-            rss.append(rss_bytes())
+            for job in (job for j in jobs for job in j):
+                settle(job)
+                all_jobs.append(job)
+            in_use.append(memory_in_use())
         stats = exe.stats()
         lora = stats["lora_cache"]
         contained = [t for t in adapters if exe.contains_lora_task(t)]
@@ -250,16 +285,16 @@ def test_soak(gqa_llama_dir, model_config, adapters):
     # Exactly one final response each, last.
     assert len(all_jobs) == ROUNDS * THREADS * PER_THREAD
     for job in all_jobs:
-        assert sum(r.is_final for r in job.responses) == 1, job
-        assert job.responses[-1].is_final
+        assert job.result.finals == 1, job
+        assert job.result.last_final, job
 
     # Outcomes.
     solo = solo_runs(gqa_llama_dir, adapters, all_jobs)
     outcomes: Counter = Counter()
     for job in all_jobs:
-        last = job.responses[-1]
-        tokens = [t for r in job.responses for t in r.output_token_ids]
-        reason = last.finish_reason
+        last = job.result
+        tokens = list(job.result.tokens)
+        reason = last.reason
         outcomes[(job.kind.split(":")[0], reason)] += 1
         if job.kind.startswith("bad:"):
             assert reason == "error", (job, reason)
@@ -303,9 +338,9 @@ def test_soak(gqa_llama_dir, model_config, adapters):
     assert lora["device_bytes"] == device_bytes, lora
     assert lora["host_evictions"] > 0 and lora["device_evictions"] > 0, lora
     assert stats["preemptions"] > 0, stats
-    # RSS after the warm-up round against the end: flat within 16 MiB.
-    assert rss[-1] - rss[0] <= 16 * 2**20, [r / 2**20 for r in rss]
-    print(f"outcomes {dict(outcomes)}; lora {lora}; rss MiB {[r / 2**20 for r in rss]}")
+    # The memory in use after the warm-up round against the end: flat within 16 MiB.
+    assert in_use[-1] - in_use[0] <= 16 * 2**20, [r / 2**20 for r in in_use]
+    print(f"outcomes {dict(outcomes)}; lora {lora}; in use MiB {[r / 2**20 for r in in_use]}")
 
 
 def solo_runs(model_dir, adapters, jobs) -> dict:
