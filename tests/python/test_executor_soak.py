@@ -233,8 +233,8 @@ def memory_in_use() -> int:
     if live is not None:
         live.restype = ctypes.c_size_t
         return int(live())
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:  # not glibc: raw RSS
+    trim = getattr(libc, "malloc_trim", None)  # None outside glibc: raw RSS
+    if trim is not None:
         trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -273,9 +273,10 @@ def test_soak(gqa_llama_dir, model_config, adapters):
                 assert not t.is_alive(), "a client thread is stuck"
             errors = [e for c in clients for e in c.errors]
             assert not errors, errors[:5]
-            for job in (job for j in jobs for job in j):
+            round_jobs = [job for j in jobs for job in j]
+            for job in round_jobs:
                 settle(job)
-                all_jobs.append(job)
+            all_jobs += round_jobs
             in_use.append(memory_in_use())
         stats = exe.stats()
         lora = stats["lora_cache"]
@@ -293,8 +294,7 @@ def test_soak(gqa_llama_dir, model_config, adapters):
     outcomes: Counter = Counter()
     for job in all_jobs:
         last = job.result
-        tokens = list(job.result.tokens)
-        reason = last.reason
+        tokens, reason = list(last.tokens), last.reason
         outcomes[(job.kind.split(":")[0], reason)] += 1
         if job.kind.startswith("bad:"):
             assert reason == "error", (job, reason)
